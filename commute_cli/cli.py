@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import typer
 
@@ -42,10 +43,172 @@ def _root(
     _DEBUG = debug
 
 
-def main() -> None:
+@app.command("toy")
+def toy_command(
+    dim: int = typer.Option(100, "--dim", help="Dimension of the quadratic domains (paper: 100)."),
+    samples: int = typer.Option(100, "--samples", help="Random instances (A_k, b_k, theta_0) per cell."),
+    seed: int = typer.Option(0, "--seed", help="Random seed."),
+    fmt: str = typer.Option("table", "--format", help="table, csv or json (csv/json: data only, to stdout)."),
+    out: Path | None = typer.Option(None, "--out", help="Write the output to this file instead of stdout."),
+) -> None:
+    """Check the criterion on quadratic domains with exact flows (the paper's Table 1, constant 1/2).
+
+    Prints observed / predicted excess loss of a full swap (L1 then L2, vs. the mixture); -> 1 as dt -> 0.
+    """
+    from commute_cli import report, toy
+
+    if dim < 2:
+        raise CommuteError(f"--dim must be at least 2, got {dim}")
+    if samples < 1:
+        raise CommuteError(f"--samples must be at least 1, got {samples}")
+    if fmt not in {f.value for f in report.OutputFormat}:
+        raise CommuteError(f"--format must be table, csv or json, got {fmt!r}")
+    df = toy.run_table1(dim=dim, samples=samples, seed=seed)
+    report.emit(df, fmt, report.table1, out)
+
+
+@app.command("analyze")
+def analyze_command(
+    ckpt_dir: Path = typer.Argument(
+        ..., help="Checkpoint folder: checkpoint-N/ subfolders, step-N folders, or one model."
+    ),
+    domains: list[str] = typer.Option(
+        [],
+        "--domains",
+        help="name=source per domain (file, folder, or hub name; c4/mc4 aliases). "
+        "Several may follow one flag. Default: the commute.json manifest next to the checkpoints.",
+    ),
+    weights: list[str] = typer.Option(
+        [], "--weights", help="Constant schedule, e.g. --weights en=0.8 ru=0.2."
+    ),
+    schedule: Path | None = typer.Option(None, "--schedule", help="Piecewise schedule file (CSV or JSON)."),
+    target: list[str] = typer.Option(
+        [],
+        "--target",
+        help="Target loss: a domain, 'mix', or weights en=0.3,ru=0.7. Repeatable. "
+        "Default: every domain and mix.",
+    ),
+    tokenizer: str | None = typer.Option(
+        None, "--tokenizer", help="Tokenizer folder (default: manifest or checkpoint)."
+    ),
+    seq_len: int | None = typer.Option(
+        None, "--seq-len", help="Tokens per block (default: manifest, else <= 256)."
+    ),
+    samples: int = typer.Option(
+        48, "--samples", help="Blocks per domain per checkpoint (same blocks everywhere)."
+    ),
+    blocks: int = typer.Option(8, "--blocks", help="Independent sample blocks for the error bars."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Micro-batch (sequences per forward pass)."),
+    metric: str = typer.Option(
+        "euclid",
+        "--metric",
+        help="euclid (D = I, the paper's) or adam (experimental: Adam's second moments).",
+    ),
+    dw: float | None = typer.Option(
+        None, "--dw", help="Weight shift of the intervention (default: half the smaller weight)."
+    ),
+    horizon: int | None = typer.Option(
+        None,
+        "--horizon",
+        help="Steps each way (default: half the checkpoint spacing, shortened to stay in regime).",
+    ),
+    lr: float | None = typer.Option(None, "--lr", help="Learning rate (default: from trainer_state.json)."),
+    hvp: str = typer.Option(
+        "rr", "--hvp", help="rr (reverse-on-reverse, the paper's) or fr (forward-over-reverse)."
+    ),
+    plan: str = typer.Option("auto", "--plan", help="HVP plan: auto (cheaper), pair, or target."),
+    device: str = typer.Option(
+        "auto",
+        "--device",
+        help="auto, cpu or cuda. Weights are upcast to float32 (bf16/fp16 too); eager attention.",
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed of the sample draw."),
+    confidence: float = typer.Option(0.95, "--confidence", help="Confidence level of the significance test."),
+    steps: str | None = typer.Option(None, "--steps", help="Only these steps, e.g. 2000,8000."),
+    every: int | None = typer.Option(None, "--every", help="Only steps that are multiples of N."),
+    out: Path = typer.Option(
+        Path("commute_out"), "--out", help="Folder for results.csv, losses.csv, run.json, cache."
+    ),
+    fmt: str = typer.Option("table", "--format", help="table, csv or json (csv/json: results to stdout)."),
+    plot: Path | None = typer.Option(None, "--plot", help="Also draw the criterion over steps to this PNG."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Recompute every checkpoint even if cached."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Evaluate the criterion at every checkpoint, with error bars; flag where the order of domains was
+    locally suboptimal and which way to shift weights.
+
+    Results go to --out (results.csv, losses.csv, run.json); finished checkpoints are cached there, so an
+    interrupted run resumes. Example: commute analyze ckpts/ --domains en=data/en.jsonl ru=data/ru/
+    """
+    from commute_cli import analysis, report
+    from commute_cli.progress import AnalysisProgress
+
+    if fmt not in {f.value for f in report.OutputFormat}:
+        raise CommuteError(f"--format must be table, csv or json, got {fmt!r}")
+    opts = analysis.AnalyzeOptions(
+        ckpt_dir=ckpt_dir,
+        domains=domains,
+        tokenizer=tokenizer,
+        seq_len=seq_len,
+        samples=samples,
+        blocks=blocks,
+        batch_size=batch_size,
+        weights=weights,
+        schedule=schedule,
+        targets=target,
+        metric=metric,
+        dw=dw,
+        horizon=horizon,
+        lr=lr,
+        hvp=hvp,
+        plan=plan,
+        device=device,
+        seed=seed,
+        confidence=confidence,
+        out=out,
+        steps=analysis.parse_steps(steps),
+        every=every,
+        use_cache=not no_cache,
+    )
+    with AnalysisProgress(enabled=not quiet and fmt == "table") as progress:
+        result = analysis.run_analysis(opts, on_checkpoint_start=progress.checkpoint, on_block=progress.block)
+    if plot is not None:
+        report.plot_analysis(result.results, result.losses, plot)
+    if fmt == "table":
+        report.print_renderable(report.analysis_tables(result.results, result.losses))
+        where = f"results in {result.out}/ (results.csv, losses.csv, run.json)"
+        typer.echo(where + (f"; plot in {plot}" if plot else ""), err=True)
+    else:
+        report.emit_dataframe(result.results, fmt)
+
+
+#: options that take several values after one flag (``--domains en=a ru=b``), which click lacks
+_MULTI_VALUE_OPTIONS = ("--domains", "--weights", "--eval-domains")
+
+
+def expand_multi_value(argv: list[str]) -> list[str]:
+    """``--domains a=x b=y`` -> ``--domains a=x --domains b=y``: values are the following ``name=...``
+    tokens (a value must contain '=', so a positional path after them is left alone)."""
+    out: list[str] = []
+    current: str | None = None
+    for tok in argv:
+        if tok in _MULTI_VALUE_OPTIONS:
+            current = tok
+            out.append(tok)
+            continue
+        if current is not None and not tok.startswith("-") and "=" in tok and out[-1] != current:
+            out.append(current)
+        elif tok.startswith("-") or "=" not in tok:
+            current = None
+        out.append(tok)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``commute`` console script and ``python -m commute_cli``."""
+    args = expand_multi_value(list(sys.argv[1:] if argv is None else argv))
     try:
-        app(standalone_mode=False)
+        app(args=args, standalone_mode=False, prog_name="commute")
     except CommuteError as err:
         if _DEBUG:
             raise

@@ -1,0 +1,209 @@
+"""Unbiased per-block estimates of the criterion's inner products at one checkpoint.
+
+This is the statistical heart of ``commute analyze`` (MATH.md "Noise" and "Cost"). Every quantity the
+criterion needs is an inner product of the form ``< D g_k, H_a D g_l >`` (and ``< g_k, D g_l >`` for the
+first-order progress used by the regime check). A product of two means taken on the *same* samples is
+biased by ``tr(H Cov)/n``, which is as large as the signal in LLM training, so each domain's sample is
+split into ``B`` design blocks of three disjoint parts:
+
+- part 0: gradients ``g_l^(0)`` that become HVP vectors (pair plan) or target vectors (target plan);
+- part 1: the Hessian-vector products ``H_a^(1) v``;
+- part 2: gradients ``g_k^(2)`` the HVPs are paired with.
+
+Each block gives one estimate made only of its own parts: a product of three independent factors, hence
+unbiased; blocks are independent, so their spread is an honest standard error.
+
+Two HVP plans give the same numbers (MATH.md "Cost"); the cheaper one is used:
+
+- pair plan (``K(K-1)`` HVPs per block): ``Q[k, a, l] = < D g_k^(2), H_a^(1) D g_l^(0) >`` for ``a != l``;
+  any target ``c`` later gives ``M = sum_k c_k Q[k]`` without new HVPs;
+- target plan (``K*T`` HVPs per block): ``M_t[a, l] = < H_a^(1) u_t, D g_l^(2) >`` with
+  ``u_t = D sum_k c_tk g_k^(0)``; only the targets fixed in advance.
+
+Only scalars leave this module: a :class:`CheckpointStats` is a few kilobytes whatever the model size, so it
+is what the cache stores and what every later command reads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from commute_cli import curvature
+from commute_cli.criterion import apply_preconditioner
+
+Tensor = torch.Tensor
+
+# parts of a design block
+VEC, HVP, PAIR = 0, 1, 2
+
+
+@dataclass
+class CheckpointStats:
+    """Per-block scalar estimates at one checkpoint (float64 numpy arrays).
+
+    Attributes:
+        plan: "pair" or "target".
+        losses: ``[B, K]`` mean loss of every domain on each block (all three parts).
+        first: ``[B, K, K]``, ``first[b, k, l] = < g_k^(0), D g_l^(2) >`` (first-order progress terms).
+        Q: ``[B, K, K, K]`` (pair plan) ``Q[b, k, a, l] = < D g_k^(2), H_a^(1) D g_l^(0) >``, zero on a == l.
+        M: ``[B, T, K, K]`` (target plan) interaction matrices of the targets in ``target_coefs``.
+        target_coefs: ``[T, K]`` target weights the target plan was computed for (``None`` for pair).
+        seqs_per_part: sequences per part and domain (the same for all).
+    """
+
+    plan: str
+    losses: np.ndarray
+    first: np.ndarray
+    Q: np.ndarray | None = None
+    M: np.ndarray | None = None
+    target_coefs: np.ndarray | None = None
+    seqs_per_part: int = 0
+
+    @property
+    def n_blocks(self) -> int:
+        return int(self.losses.shape[0])
+
+    @property
+    def n_domains(self) -> int:
+        return int(self.losses.shape[1])
+
+    def interaction(self, coefs: Sequence[float] | np.ndarray) -> np.ndarray:
+        """``[B, K, K]`` interaction matrices ``M[a, l] = < D g_L, H_a D g_l >`` of target ``sum c_k L_k``.
+
+        Pair plan: a linear combination of ``Q`` (any target). Target plan: only a target that was
+        computed, looked up by its weights.
+        """
+        c = np.asarray(coefs, dtype=np.float64)
+        if self.plan == "pair":
+            assert self.Q is not None
+            return np.einsum("k,bkal->bal", c, self.Q)
+        assert self.M is not None and self.target_coefs is not None
+        for t, ct in enumerate(self.target_coefs):
+            if np.allclose(ct, c, rtol=0.0, atol=1e-12):
+                return self.M[:, t]
+        raise KeyError(f"target {c.tolist()} was not computed in the target plan")
+
+    def first_order(
+        self, coefs: Sequence[float] | np.ndarray, wbar: Sequence[float] | np.ndarray
+    ) -> np.ndarray:
+        """``[B]`` estimates of ``< g_L, D gbar >``: the target's first-order decrease rate under ``wbar``."""
+        c = np.asarray(coefs, dtype=np.float64)
+        w = np.asarray(wbar, dtype=np.float64)
+        return np.einsum("k,bkl,l->b", c, self.first, w)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        out = {"losses": self.losses, "first": self.first}
+        if self.Q is not None:
+            out["Q"] = self.Q
+        if self.M is not None:
+            out["M"] = self.M
+        if self.target_coefs is not None:
+            out["target_coefs"] = self.target_coefs
+        return out
+
+    @classmethod
+    def from_arrays(cls, plan: str, arrays: dict[str, np.ndarray], seqs_per_part: int) -> CheckpointStats:
+        return cls(
+            plan=plan,
+            losses=arrays["losses"],
+            first=arrays["first"],
+            Q=arrays.get("Q"),
+            M=arrays.get("M"),
+            target_coefs=arrays.get("target_coefs"),
+            seqs_per_part=seqs_per_part,
+        )
+
+
+def _dots(rows: Tensor, vec: Tensor) -> np.ndarray:
+    """``rows @ vec`` in float64 (dot products of long float32 vectors lose digits otherwise)."""
+    return (rows.double() @ vec.double()).cpu().numpy()
+
+
+def estimate_checkpoint(
+    model: nn.Module,
+    parts: Sequence[Sequence[Sequence[Tensor]]],
+    *,
+    plan: str,
+    target_coefs: np.ndarray | None = None,
+    D: Tensor | None = None,
+    method: str = "rr",
+    micro_batch: int = 8,
+    loss_fn: curvature.LossFn = curvature.causal_lm_loss,
+    on_block: Callable[[int], None] | None = None,
+) -> CheckpointStats:
+    """All per-block inner products of one checkpoint (see the module docstring).
+
+    Args:
+        model: the checkpoint's model (eval mode, eager attention).
+        parts: ``parts[k][b][p]``: token blocks ``[n, T]`` of domain ``k``, design block ``b``, part ``p``.
+        plan: "pair" or "target" (:func:`commute_cli.criterion.choose_plan`).
+        target_coefs: ``[T, K]`` target weights; required for the target plan.
+        D: diagonal preconditioner ``[n]`` or ``None`` (Euclidean metric).
+        method: "rr" or "fr" HVPs.
+        micro_batch: sequences per forward pass.
+        on_block: called with the block index after each block (progress).
+
+    Cost per block: ``2K`` gradient passes over one part each, and ``K`` HVP passes with ``K-1`` (pair)
+    or ``T`` (target) vectors each; the vectors share one forward pass per micro-batch.
+    """
+    K = len(parts)
+    B = len(parts[0])
+    if plan not in ("pair", "target"):
+        raise ValueError(f"unknown plan {plan!r}")
+    if plan == "target" and target_coefs is None:
+        raise ValueError("the target plan needs target_coefs")
+    device = curvature.model_device(model)
+    Dd = None if D is None else D.to(device)
+    losses = np.zeros((B, K))
+    first = np.zeros((B, K, K))
+    Q = np.zeros((B, K, K, K)) if plan == "pair" else None
+    T = 0 if target_coefs is None else int(target_coefs.shape[0])
+    M = np.zeros((B, T, K, K)) if plan == "target" else None
+    seqs = int(parts[0][0][VEC].shape[0])
+
+    for b in range(B):
+        g_vec, g_pair, loss_parts = [], [], np.zeros((K, 3))
+        for k in range(K):
+            loss_parts[k, VEC], g = curvature.loss_and_grad(model, parts[k][b][VEC], micro_batch, loss_fn)
+            g_vec.append(g)
+            loss_parts[k, PAIR], g = curvature.loss_and_grad(model, parts[k][b][PAIR], micro_batch, loss_fn)
+            g_pair.append(g)
+        G0 = torch.stack(g_vec)
+        G2 = torch.stack(g_pair)
+        del g_vec, g_pair
+        DG0 = apply_preconditioner(Dd, G0)
+        DG2 = apply_preconditioner(Dd, G2)
+        first[b] = (G0.double() @ DG2.double().T).cpu().numpy()
+
+        for a in range(K):
+            if plan == "pair":
+                others = [ell for ell in range(K) if ell != a]
+                res = curvature.hvp(model, parts[a][b][HVP], DG0[others], micro_batch, method, loss_fn)
+                for idx, ell in enumerate(others):
+                    Q[b, :, a, ell] = _dots(DG2, res.hvps[idx])  # type: ignore[index]
+            else:
+                coefs = torch.as_tensor(target_coefs, dtype=DG0.dtype, device=DG0.device)
+                U = coefs @ DG0  # u_t = D g_{L_t}^(0)
+                res = curvature.hvp(model, parts[a][b][HVP], U, micro_batch, method, loss_fn)
+                M[b, :, a, :] = (res.hvps.double() @ DG2.double().T).cpu().numpy()  # type: ignore[index]
+                M[b, :, a, a] = 0.0  # type: ignore[index]
+            loss_parts[a, HVP] = res.loss
+            del res
+        losses[b] = loss_parts.mean(axis=1)  # parts have equal sizes
+        del G0, G2, DG0, DG2
+        if on_block is not None:
+            on_block(b)
+    return CheckpointStats(
+        plan=plan,
+        losses=losses,
+        first=first,
+        Q=Q,
+        M=M,
+        target_coefs=None if target_coefs is None else np.asarray(target_coefs, dtype=np.float64),
+        seqs_per_part=seqs,
+    )

@@ -1,0 +1,125 @@
+"""A tiny but real training run for analysis tests: two synthetic 'languages', a byte-level BPE tokenizer
+trained with `tokenizers`, a GPT-2 from a small config, and checkpoints in the HF Trainer layout.
+
+The two domains are generated text with different letter statistics, so their gradients differ and the
+bracket is not zero. Everything is made in the test's temporary folder; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+
+EN_WORDS = "the of and to in is was for on that with as by at from this are be or it an which".split()
+XX_WORDS = "zyx qok vuz jaq xiv kuz zob qiv wux jyz vok zaq xob quv jiz kyx wob zuv qax".split()
+
+
+def make_texts(words: list[str], n_docs: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(20, 60))) + "." for _ in range(n_docs)]
+
+
+def write_jsonl(path: Path, texts: list[str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as fh:
+        for t in texts:
+            fh.write(json.dumps({"text": t}) + "\n")
+    return path
+
+
+def make_tokenizer(texts: list[str], folder: Path, vocab_size: int = 300):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    fast.save_pretrained(str(folder))
+    return fast
+
+
+def tiny_config(vocab_size: int, n_positions: int = 32, n_embd: int = 16, n_layer: int = 1):
+    from transformers import GPT2Config
+
+    return GPT2Config(
+        vocab_size=vocab_size,
+        n_positions=n_positions,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        attn_implementation="eager",
+    )
+
+
+def save_checkpoint(model, folder: Path, step: int, lr: float, tokenizer=None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(folder), safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(folder))
+    state = {"global_step": step, "log_history": [{"step": step, "learning_rate": lr, "loss": 0.0}]}
+    (folder / "trainer_state.json").write_text(json.dumps(state))
+    return folder
+
+
+def make_run(root: Path, steps: tuple[int, ...] = (0, 20, 40), lr: float = 0.05, seq_len: int = 16,
+             seed: int = 0, n_docs: int = 300, weights: dict[str, float] | None = None) -> Path:
+    """A run folder with checkpoint-N/ for each step, data/{en,xx}.jsonl, tokenizer/ and commute.json.
+
+    Training between checkpoints is plain SGD on the weighted mixture (full batches of packed blocks).
+    """
+    from transformers import GPT2LMHeadModel
+
+    from commute_cli.domains import pack_blocks
+
+    weights = weights or {"en": 0.7, "xx": 0.3}
+    root.mkdir(parents=True, exist_ok=True)
+    en = make_texts(EN_WORDS, n_docs, seed)
+    xx = make_texts(XX_WORDS, n_docs, seed + 1)
+    write_jsonl(root / "data" / "en.jsonl", en)
+    write_jsonl(root / "data" / "xx.jsonl", xx)
+    tok = make_tokenizer(en + xx, root / "tokenizer")
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(tiny_config(len(tok), n_positions=max(32, seq_len))).eval()
+    blocks = {"en": pack_blocks(en, tok, seq_len), "xx": pack_blocks(xx, tok, seq_len)}
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    step = 0
+    for target_step in steps:
+        while step < target_step:
+            opt.zero_grad()
+            loss = 0.0
+            for name, w in weights.items():
+                idx = torch.randint(0, blocks[name].shape[0], (16,), generator=gen)
+                x = blocks[name][idx]
+                loss = loss + w * model(x, labels=x).loss
+            loss.backward()
+            opt.step()
+            step += 1
+        save_checkpoint(model, root / f"checkpoint-{step}", step, lr)
+    manifest = {
+        "format": "commute-manifest/1",
+        "domains": {"en": "data/en.jsonl", "xx": "data/xx.jsonl"},
+        "schedule": [{"step": 0, "weights": weights}],
+        "tokenizer": "tokenizer",
+        "seq_len": seq_len,
+        "optimizer": {"name": "sgd", "lr": lr},
+        "lr_schedule": "constant",
+        "batch_size": 16,
+        "seed": seed,
+    }
+    (root / "commute.json").write_text(json.dumps(manifest, indent=2))
+    return root
