@@ -75,8 +75,15 @@ def save_checkpoint(model, folder: Path, step: int, lr: float, tokenizer=None) -
     return folder
 
 
-def make_run(root: Path, steps: tuple[int, ...] = (0, 20, 40), lr: float = 0.05, seq_len: int = 16,
-             seed: int = 0, n_docs: int = 300, weights: dict[str, float] | None = None) -> Path:
+def make_run(
+    root: Path,
+    steps: tuple[int, ...] = (0, 20, 40),
+    lr: float = 0.05,
+    seq_len: int = 16,
+    seed: int = 0,
+    n_docs: int = 300,
+    weights: dict[str, float] | None = None,
+) -> Path:
     """A run folder with checkpoint-N/ for each step, data/{en,xx}.jsonl, tokenizer/ and commute.json.
 
     Training between checkpoints is plain SGD on the weighted mixture (full batches of packed blocks).
