@@ -6,9 +6,9 @@ first-order progress used by the regime check). A product of two means taken on 
 biased by ``tr(H Cov)/n``, which is as large as the signal in LLM training, so each domain's sample is
 split into ``B`` design blocks of three disjoint parts:
 
-- part 0: gradients ``g_l^(0)`` that become HVP vectors (pair plan) or target vectors (target plan);
+- part 0: gradients ``g_l^(0)`` of the domain whose gradient field is differentiated (``D g_l``);
 - part 1: the Hessian-vector products ``H_a^(1) v``;
-- part 2: gradients ``g_k^(2)`` the HVPs are paired with.
+- part 2: gradients ``g_k^(2)`` that make up the target's gradient ``g_L``.
 
 Each block gives one estimate made only of its own parts: a product of three independent factors, hence
 unbiased; blocks are independent, so their spread is an honest standard error.
@@ -17,8 +17,10 @@ Two HVP plans give the same numbers (MATH.md "Cost"); the cheaper one is used:
 
 - pair plan (``K(K-1)`` HVPs per block): ``Q[k, a, l] = < D g_k^(2), H_a^(1) D g_l^(0) >`` for ``a != l``;
   any target ``c`` later gives ``M = sum_k c_k Q[k]`` without new HVPs;
-- target plan (``K*T`` HVPs per block): ``M_t[a, l] = < H_a^(1) u_t, D g_l^(2) >`` with
-  ``u_t = D sum_k c_tk g_k^(0)``; only the targets fixed in advance.
+- target plan (``K*T`` HVPs per block): ``M_t[a, l] = < H_a^(1) u_t, D g_l^(0) >`` with
+  ``u_t = D sum_k c_tk g_k^(2)``; only the targets fixed in advance. The parts play the same roles as in
+  the pair plan, so on the same samples both plans give the same numbers (up to rounding), by symmetry
+  of ``H_a``.
 
 Only scalars leave this module: a :class:`CheckpointStats` is a few kilobytes whatever the model size, so it
 is what the cache stores and what every later command reads.
@@ -187,10 +189,10 @@ def estimate_checkpoint(
                 for idx, ell in enumerate(others):
                     Q[b, :, a, ell] = _dots(DG2, res.hvps[idx])  # type: ignore[index]
             else:
-                coefs = torch.as_tensor(target_coefs, dtype=DG0.dtype, device=DG0.device)
-                U = coefs @ DG0  # u_t = D g_{L_t}^(0)
+                coefs = torch.as_tensor(target_coefs, dtype=DG2.dtype, device=DG2.device)
+                U = coefs @ DG2  # u_t = D g_{L_t}^(2)
                 res = curvature.hvp(model, parts[a][b][HVP], U, micro_batch, method, loss_fn)
-                M[b, :, a, :] = (res.hvps.double() @ DG2.double().T).cpu().numpy()  # type: ignore[index]
+                M[b, :, a, :] = (res.hvps.double() @ DG0.double().T).cpu().numpy()  # type: ignore[index]
                 M[b, :, a, a] = 0.0  # type: ignore[index]
             loss_parts[a, HVP] = res.loss
             del res

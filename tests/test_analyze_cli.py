@@ -1,0 +1,253 @@
+"""`commute analyze` end to end through the real CLI entry point on a tiny real training run.
+
+Numbers themselves are pinned elsewhere (test_criterion: exact flows; test_estimator: unbiasedness and
+coverage against dense Hessians; test_intervention: real interventions). Here: the command's contract —
+files, determinism, cache/resume, formats, and one-line errors with exit code 2.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from commute_cli.cli import main
+from tiny_run import make_run, write_jsonl
+
+FAST = ["--samples", "24", "--blocks", "4", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    return make_run(tmp_path_factory.mktemp("run") / "run", steps=(0, 10, 20))
+
+
+def cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    """Run the real entry point (`commute ...`) in-process; return (exit code, stdout, stderr)."""
+    try:
+        main([str(a) for a in argv])
+        code = 0
+    except SystemExit as ex:
+        code = int(ex.code or 0)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_analyze_manifest_table_files_and_determinism(run_dir, tmp_path, capsys):
+    out1, out2 = tmp_path / "a", tmp_path / "b"
+    code, stdout, stderr = cli(["analyze", run_dir, "--out", out1, *FAST], capsys)
+    assert code == 0, stderr
+    assert "target: en" in stdout and "target: xx" in stdout and "target: mix" in stdout
+    assert "en↔xx" in stdout
+    for name in ("results.csv", "losses.csv", "run.json"):
+        assert (out1 / name).is_file()
+    res = pd.read_csv(out1 / "results.csv")
+    # 3 checkpoints x 3 targets x 1 pair
+    assert len(res) == 9
+    assert set(res["verdict"]) <= {"suboptimal", "consistent", "insufficient signal"}
+    assert (res["el_se"] > 0).all() and res["el_ij"].notna().all()
+    # dt = lr x horizon with the lr from trainer_state.json (0.05) and a horizon <= half the spacing (5)
+    assert ((res["dt"] - 0.05 * res["horizon"]).abs() < 1e-12).all()
+    assert (res["horizon"] <= 5).all()
+    run = json.loads((out1 / "run.json").read_text())
+    assert run["plan"] == "pair" and run["hvps_per_block"] == 2
+    assert run["samples_per_domain"] == 24
+    # the same command twice (no shared cache) gives bit-identical numbers
+    code, _, stderr = cli(["analyze", run_dir, "--out", out2, *FAST], capsys)
+    assert code == 0, stderr
+    assert (out1 / "results.csv").read_bytes() == (out2 / "results.csv").read_bytes()
+    assert (out1 / "losses.csv").read_bytes() == (out2 / "losses.csv").read_bytes()
+
+
+def test_losses_decrease_along_training(run_dir, tmp_path, capsys):
+    code, _, stderr = cli(["analyze", run_dir, "--out", tmp_path, *FAST], capsys)
+    assert code == 0, stderr
+    losses = pd.read_csv(tmp_path / "losses.csv")
+    en = losses[losses.domain == "en"].sort_values("step")["loss"].to_numpy()
+    assert en[0] > en[1] > en[2]
+
+
+def test_csv_format_pipes_only_data(run_dir, tmp_path, capsys):
+    code, stdout, stderr = cli(
+        ["analyze", run_dir, "--out", tmp_path, "--format", "csv", "--target", "xx", *FAST], capsys
+    )
+    assert code == 0, stderr
+    df = pd.read_csv(io.StringIO(stdout))
+    assert list(df["target"].unique()) == ["xx"]
+    assert len(df) == 3
+
+
+def test_resume_uses_cache_and_gives_same_numbers(run_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    # an interrupted run: only the first two checkpoints finished
+    code, _, err = cli(["analyze", run_dir, "--out", out, "--steps", "0,10", *FAST], capsys)
+    assert code == 0, err
+    code, _, err = cli(["analyze", run_dir, "--out", out, *FAST], capsys)
+    assert code == 0, err
+    run = json.loads((out / "run.json").read_text())
+    computed = [c["step"] for c in run["checkpoints"] if "seconds" in c]
+    assert computed == [20], "finished checkpoints must come from the cache"
+    fresh = tmp_path / "fresh"
+    code, _, err = cli(["analyze", run_dir, "--out", fresh, *FAST], capsys)
+    assert code == 0, err
+    assert (out / "results.csv").read_bytes() == (fresh / "results.csv").read_bytes()
+
+
+def test_explicit_domains_weights_and_target_plan(run_dir, tmp_path, capsys):
+    code, _, err = cli(
+        [
+            "analyze",
+            run_dir,
+            "--domains",
+            f"en={run_dir}/data/en.jsonl",
+            f"xx={run_dir}/data/xx.jsonl",
+            "--weights",
+            "en=0.7",
+            "xx=0.3",
+            "--target",
+            "xx",
+            "--plan",
+            "target",
+            "--out",
+            tmp_path / "t",
+            *FAST,
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    code, _, err = cli(
+        ["analyze", run_dir, "--target", "xx", "--plan", "pair", "--out", tmp_path / "p", *FAST], capsys
+    )
+    assert code == 0, err
+    t = pd.read_csv(tmp_path / "t" / "results.csv")
+    p = pd.read_csv(tmp_path / "p" / "results.csv")
+    # the two HVP plans give the same criterion (float32 rounding only)
+    assert (t["el_ij"] - p["el_ij"]).abs().max() <= 1e-4 * p["el_ij"].abs().max()
+    assert (t["verdict"] == p["verdict"]).all()
+
+
+def test_plot_is_written(run_dir, tmp_path, capsys):
+    png = tmp_path / "crit.png"
+    code, _, err = cli(["analyze", run_dir, "--out", tmp_path, "--plot", png, *FAST], capsys)
+    assert code == 0, err
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+
+
+def _assert_one_line_error(code: int, err: str, fragment: str) -> None:
+    assert code == 2, err
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ") and "Traceback" not in err
+    assert fragment.lower() in lines[0].lower(), lines[0]
+
+
+def test_error_missing_folder(tmp_path, capsys):
+    code, _, err = cli(["analyze", tmp_path / "nope", *FAST], capsys)
+    _assert_one_line_error(code, err, "does not exist")
+
+
+def test_error_no_checkpoints(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    code, _, err = cli(["analyze", tmp_path / "empty", *FAST], capsys)
+    _assert_one_line_error(code, err, "checkpoint")
+
+
+def test_error_malformed_domains(run_dir, tmp_path, capsys):
+    code, _, err = cli(["analyze", run_dir, "--domains", "en", "--out", tmp_path, *FAST], capsys)
+    _assert_one_line_error(code, err, "=")
+
+
+def test_error_unknown_target(run_dir, tmp_path, capsys):
+    code, _, err = cli(["analyze", run_dir, "--target", "zz", "--out", tmp_path, *FAST], capsys)
+    _assert_one_line_error(code, err, "unknown target")
+
+
+def test_error_weights_unknown_domain(run_dir, tmp_path, capsys):
+    code, _, err = cli(
+        ["analyze", run_dir, "--weights", "en=0.5", "zz=0.5", "--out", tmp_path, *FAST], capsys
+    )
+    _assert_one_line_error(code, err, "zz")
+
+
+def test_error_empty_data(run_dir, tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    code, _, err = cli(
+        [
+            "analyze",
+            run_dir,
+            "--domains",
+            f"en={empty}",
+            f"xx={run_dir}/data/xx.jsonl",
+            "--out",
+            tmp_path / "o",
+            *FAST,
+        ],
+        capsys,
+    )
+    _assert_one_line_error(code, err, "empty")
+
+
+def test_error_too_short_data(run_dir, tmp_path, capsys):
+    short = write_jsonl(tmp_path / "short.jsonl", ["the of and"] * 3)
+    code, _, err = cli(
+        [
+            "analyze",
+            run_dir,
+            "--domains",
+            f"en={short}",
+            f"xx={run_dir}/data/xx.jsonl",
+            "--out",
+            tmp_path / "o",
+            *FAST,
+        ],
+        capsys,
+    )
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_error_architectures_differ(run_dir, tmp_path, capsys):
+    mixed = tmp_path / "mixed"
+    shutil.copytree(run_dir, mixed)
+    config = json.loads((mixed / "checkpoint-20" / "config.json").read_text())
+    config["n_layer"] = 2
+    (mixed / "checkpoint-20" / "config.json").write_text(json.dumps(config))
+    code, _, err = cli(["analyze", mixed, "--out", tmp_path / "o", *FAST], capsys)
+    _assert_one_line_error(code, err, "differs")
+
+
+def test_error_nan_weights_give_nan_losses(run_dir, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(run_dir, broken)
+    f = broken / "checkpoint-10" / "model.safetensors"
+    tensors = load_file(str(f))
+    name = next(k for k in tensors if "wte" in k)
+    tensors[name] = torch.full_like(tensors[name], float("nan"))
+    save_file(tensors, str(f), metadata={"format": "pt"})
+    code, _, err = cli(["analyze", broken, "--out", tmp_path / "o", *FAST], capsys)
+    assert code == 2, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "nan" in err.lower() or "finite" in err.lower()
+
+
+def test_error_bad_numbers(run_dir, tmp_path, capsys):
+    code, _, err = cli(["analyze", run_dir, "--samples", "5", "--out", tmp_path], capsys)
+    _assert_one_line_error(code, err, "--samples")
+    code, _, err = cli(["analyze", run_dir, "--dw", "0.9", "--out", tmp_path, *FAST], capsys)
+    _assert_one_line_error(code, err, "--dw")
+
+
+def test_help_reads_well(capsys):
+    code, out, _ = cli(["analyze", "--help"], capsys)
+    assert code == 0
+    for option in ("--domains", "--target", "--metric", "--hvp", "--samples", "--format", "--plot"):
+        assert option in out
