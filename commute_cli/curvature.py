@@ -1,0 +1,488 @@
+"""Losses, gradients and Hessian-vector products of a model over token blocks.
+
+This is the only module of the project that runs autograd. Everything the criterion needs
+(MATH.md, ``../shared/MATH.md``: the gradients g_k and the products H_a v) comes from three calls:
+
+- :func:`loss_only` -- mean loss, no graph (evaluation losses);
+- :func:`loss_and_grad` -- mean loss and its gradient;
+- :func:`hvp` -- H v for several vectors v through the same samples, with the loss and gradient on
+  those samples for free.
+
+Conventions (docs/CONVENTIONS.md):
+
+- A parameter vector is a flat 1-D tensor in the order of :func:`param_list` (de-duplicated
+  ``named_parameters()``, tied weights once, ``requires_grad`` only), float32 -- float64 when the
+  model is float64, so that float64 reference tests reach ~1e-12.
+- Every quantity is a mean over all N blocks. It is accumulated as a *sum* of micro-batch
+  contributions (micro-batch mean times micro-batch size), passed through ``reduce`` (the identity
+  here; an all-reduce sum under data parallelism) and divided by the global block count. Adding data
+  parallelism is thus a matter of passing ``reduce`` and giving each process its own blocks.
+- The loss is a hook (:data:`LossFn`), so that other model families plug in: it receives the model
+  and a micro-batch of equal-length token blocks and returns the mean next-token cross-entropy.
+
+Why eval mode and eager attention: dropout makes every loss, gradient and HVP random (the bracket is
+a difference of two HVP-based terms, so noise there is fatal), and fused attention kernels support
+neither double backward (reverse-on-reverse) nor forward-mode AD (forward-over-reverse). Both are
+checked: dropout up front (cheap), attention by translating the autograd error into a
+:class:`~commute_cli.errors.CommuteError` with the fix.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from commute_cli.errors import CommuteError
+
+LossFn = Callable[[nn.Module, Tensor], Tensor]
+"""``loss_fn(model, input_ids[b, T]) -> scalar``: mean next-token cross-entropy over the micro-batch."""
+
+Reduce = Callable[[Tensor], Tensor]
+"""Sums a tensor across processes (data parallelism); ``None`` means a single process."""
+
+HVPMethod = Literal["rr", "fr"]
+
+_DROPOUT_TYPES = (
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Parameter vectors
+# --------------------------------------------------------------------------------------------
+
+
+def param_list(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The parameters every flat vector of the project is laid out over, in order.
+
+    ``named_parameters()`` order, each tensor once (a tied ``lm_head.weight`` is the same tensor as
+    ``transformer.wte.weight`` and appears only under the first name; its gradient then includes
+    both uses), and only those with ``requires_grad`` (frozen parameters are constants of the loss).
+    """
+    seen: set[int] = set()
+    out: list[tuple[str, nn.Parameter]] = []
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen or not p.requires_grad:
+            continue
+        seen.add(id(p))
+        out.append((name, p))
+    return out
+
+
+def num_params(model: nn.Module) -> int:
+    """Length of a flat parameter vector of ``model`` (see :func:`param_list`)."""
+    return sum(p.numel() for _, p in param_list(model))
+
+
+def flatten(tensors: Sequence[Tensor]) -> Tensor:
+    """Concatenate tensors (one per parameter, :func:`param_list` order) into one flat vector."""
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def unflatten(vec: Tensor, model: nn.Module) -> dict[str, Tensor]:
+    """Split a flat vector into ``{name: tensor shaped like the parameter}`` (views of ``vec``).
+
+    A leading batch dimension is kept: a ``[m, n]`` matrix gives ``[m, *shape]`` tensors.
+    """
+    plist = param_list(model)
+    n = sum(p.numel() for _, p in plist)
+    if vec.shape[-1] != n:
+        raise CommuteError(
+            f"a parameter vector has {vec.shape[-1]} entries but the model has {n} trainable parameters",
+            hint="vectors must be laid out in curvature.param_list(model) order",
+        )
+    lead = tuple(vec.shape[:-1])
+    pieces = vec.split([p.numel() for _, p in plist], dim=-1)
+    return {name: piece.reshape(*lead, *p.shape) for (name, p), piece in zip(plist, pieces, strict=True)}
+
+
+def flat_params(model: nn.Module) -> Tensor:
+    """The current parameters as one flat vector (a detached copy), in :func:`param_list` order."""
+    return flatten([p.detach() for _, p in param_list(model)])
+
+
+def accumulation_dtype(model: nn.Module) -> torch.dtype:
+    """float64 for a float64 model (reference tests), float32 otherwise (also for half precision)."""
+    for _, p in param_list(model):
+        if p.is_floating_point():
+            return torch.float64 if p.dtype == torch.float64 else torch.float32
+    return torch.float32
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+# --------------------------------------------------------------------------------------------
+# Loss hook
+# --------------------------------------------------------------------------------------------
+
+
+def causal_lm_loss(model: nn.Module, input_ids: Tensor) -> Tensor:
+    """Mean next-token cross-entropy of a causal LM over a micro-batch of blocks ``[b, T]``.
+
+    Computed here rather than with ``labels=``: the built-in loss casts logits to float32, which
+    would cap float64 reference tests at float32 accuracy. Logits are upcast to float32 (kept
+    float64 for a float64 model). Works for Hugging Face causal LMs (``.logits``) and for any
+    module returning the logits tensor ``[b, T, V]`` itself.
+    """
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "use_cache"):
+        out = model(input_ids, use_cache=False)  # no key/value cache: nothing to generate
+    else:
+        out = model(input_ids)
+    logits = out if isinstance(out, Tensor) else out.logits
+    if logits.dtype != torch.float64:
+        logits = logits.float()
+    shift_logits = logits[:, :-1, :]
+    labels = input_ids[:, 1:]
+    return F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), labels.reshape(-1))
+
+
+# --------------------------------------------------------------------------------------------
+# Checks and error translation
+# --------------------------------------------------------------------------------------------
+
+
+def check_model(model: nn.Module) -> None:
+    """Refuse a model whose losses would be random: train mode with active dropout.
+
+    Cheap (walks the modules once). Looks at dropout modules and at float attributes named
+    ``*dropout*`` (some attention implementations pass ``p=self.attention_dropout`` to a functional
+    dropout when ``self.training``). A model in train mode with all dropout at 0 is accepted.
+    """
+    if not model.training:
+        return
+    active: list[str] = []
+    for name, module in model.named_modules():
+        if not module.training:
+            continue
+        if isinstance(module, _DROPOUT_TYPES) and module.p > 0:
+            active.append(f"{name or 'model'} (p={module.p:g})")
+            continue
+        for attr, value in vars(module).items():
+            if "dropout" in attr and isinstance(value, float) and value > 0:
+                active.append(f"{name or 'model'}.{attr} (p={value:g})")
+    if active:
+        shown = ", ".join(active[:3]) + (f" and {len(active) - 3} more" if len(active) > 3 else "")
+        raise CommuteError(
+            f"the model is in train mode with dropout active ({shown}), so losses, gradients and "
+            "Hessian-vector products would be random",
+            hint="call model.eval() before computing curvature",
+        )
+
+
+def _trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    plist = param_list(model)
+    if not plist:
+        raise CommuteError(
+            "the model has no trainable parameters (all have requires_grad=False)",
+            hint="gradients and curvature are taken with respect to parameters with requires_grad=True",
+        )
+    return plist
+
+
+def _check_blocks(blocks: Tensor, micro_batch: int) -> None:
+    if blocks.dim() != 2 or blocks.dtype not in (torch.int64, torch.int32):
+        raise CommuteError(
+            f"token blocks must be an integer tensor [N, T], got {tuple(blocks.shape)} {blocks.dtype}",
+            hint="pass a LongTensor of equal-length token blocks",
+        )
+    if blocks.shape[0] == 0 or blocks.shape[1] < 2:
+        raise CommuteError(
+            f"need at least one block of at least 2 tokens, got shape {tuple(blocks.shape)}",
+            hint="sample more data or use a longer sequence length",
+        )
+    if micro_batch < 1:
+        raise CommuteError(f"micro_batch must be >= 1, got {micro_batch}")
+
+
+_AD_UNSUPPORTED = re.compile(
+    r"derivative for .* is not implemented|forward AD with .* does not support|"
+    r"does not support forward|not implemented for forward|double backward",
+    re.IGNORECASE,
+)
+
+
+def _translate_ad_error(err: BaseException, model: nn.Module, method: str) -> CommuteError | None:
+    """Turn "this op has no double backward / forward AD" into an actionable error, else None."""
+    msg = str(err)
+    if not _AD_UNSUPPORTED.search(msg):
+        return None
+    what = "double backward" if method == "rr" else "forward-mode AD"
+    attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    first_line = msg.strip().splitlines()[0] if msg.strip() else type(err).__name__
+    attn_note = f" (attention implementation: {attn!r})" if attn is not None else ""
+    return CommuteError(
+        f"Hessian-vector products ({method}) need {what} through every operation of the model, and "
+        f"one does not support it{attn_note}: {first_line}",
+        hint='load the model with attn_implementation="eager" (fused attention kernels such as SDPA '
+        "and flash attention have no double backward or forward-mode AD)",
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Accumulation
+# --------------------------------------------------------------------------------------------
+
+
+def _micro_batches(blocks: Tensor, micro_batch: int, device: torch.device) -> Iterator[Tensor]:
+    for mb in blocks.split(micro_batch):
+        yield mb.to(device=device, dtype=torch.long, non_blocking=True)
+
+
+def _finish(sums: list[Tensor], count: int, acc_dtype: torch.dtype, reduce: Reduce | None) -> list[Tensor]:
+    """Sum across processes (``reduce``) and divide by the global number of blocks."""
+    total = torch.tensor(float(count), dtype=acc_dtype, device=sums[0].device)
+    if reduce is not None:
+        sums = [reduce(s) for s in sums]
+        total = reduce(total)
+    return [s / total for s in sums]
+
+
+def _grads_or_zeros(grads: Sequence[Tensor | None], params: Sequence[Tensor]) -> list[Tensor]:
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params, strict=True)]
+
+
+# --------------------------------------------------------------------------------------------
+# Public computations
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def loss_only(
+    model: nn.Module,
+    blocks: Tensor,
+    micro_batch: int,
+    loss_fn: LossFn = causal_lm_loss,
+    reduce: Reduce | None = None,
+) -> float:
+    """Mean loss over all blocks, without building a graph (evaluation losses)."""
+    check_model(model)
+    _check_blocks(blocks, micro_batch)
+    device, acc = model_device(model), accumulation_dtype(model)
+    loss_sum = torch.zeros((), dtype=acc, device=device)
+    for mb in _micro_batches(blocks, micro_batch, device):
+        loss_sum += loss_fn(model, mb).detach().to(acc) * mb.shape[0]
+    (loss,) = _finish([loss_sum], blocks.shape[0], acc, reduce)
+    return float(loss)
+
+
+def loss_and_grad(
+    model: nn.Module,
+    blocks: Tensor,
+    micro_batch: int,
+    loss_fn: LossFn = causal_lm_loss,
+    reduce: Reduce | None = None,
+) -> tuple[float, Tensor]:
+    """Mean loss over all N blocks and its gradient (flat, :func:`param_list` order).
+
+    Uses ``torch.autograd.grad``, so the model's ``.grad`` fields are left untouched.
+    """
+    check_model(model)
+    _check_blocks(blocks, micro_batch)
+    plist = _trainable(model)
+    params = [p for _, p in plist]
+    device, acc = model_device(model), accumulation_dtype(model)
+    loss_sum = torch.zeros((), dtype=acc, device=device)
+    grad_sum = torch.zeros(sum(p.numel() for p in params), dtype=acc, device=device)
+    for mb in _micro_batches(blocks, micro_batch, device):
+        with torch.enable_grad():
+            loss = loss_fn(model, mb)
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+        b = mb.shape[0]
+        loss_sum += loss.detach().to(acc) * b
+        grad_sum += flatten(_grads_or_zeros(grads, params)).to(acc) * b
+    loss_mean, grad_mean = _finish([loss_sum, grad_sum], blocks.shape[0], acc, reduce)
+    return float(loss_mean), grad_mean
+
+
+@dataclass
+class HVPResult:
+    """H v for each input vector, plus the loss and gradient on the same samples (free by-products).
+
+    ``hvps[i] = H vectors[i]`` with H the Hessian of the mean loss over all blocks.
+    """
+
+    hvps: Tensor
+    loss: float
+    grad: Tensor
+
+
+def hvp(
+    model: nn.Module,
+    blocks: Tensor,
+    vectors: Tensor,
+    micro_batch: int,
+    method: HVPMethod = "rr",
+    loss_fn: LossFn = causal_lm_loss,
+    reduce: Reduce | None = None,
+    fr_chunk: int | None = None,
+) -> HVPResult:
+    """Exact Hessian-vector products of the mean loss over ``blocks`` for ``m`` vectors at once.
+
+    ``vectors`` is ``[m, n]`` (a single ``[n]`` vector is treated as ``m = 1``; the result is always
+    ``[m, n]``); it is moved to the model's device and dtype. Both methods share one forward pass per
+    micro-batch among all vectors (MATH.md, "Cost": several vectors through the same samples):
+
+    - ``"rr"`` (reverse-on-reverse, the paper's): one gradient with ``create_graph=True`` per
+      micro-batch, then one double backward ``d<g, v_i>/dtheta`` per vector on the retained graph.
+    - ``"fr"`` (forward-over-reverse): ``torch.func.jvp`` of the gradient, the tangents batched with
+      ``vmap`` (``fr_chunk`` vectors per call, all by default) so the primal forward and backward are
+      computed once per chunk. Its memory grows with the chunk; ``"rr"``'s hardly grows with m.
+
+    Measured (benchmarks/bench_hvp.py, 14M GPT-2, batch 4 x 256, 1 thread, noisy shared CPU): time per
+    vector / gradient time rr 3.1, 2.6, 2.6 and fr 5.4, 4.3, 2.9 for m = 1, 2, 4; peak memory above
+    baseline gradient 0.7 GB, rr 2.1 GB (m=1) / 2.6 GB (m=4), fr 2.5 GB / 6.8 GB. Hence "rr" by default.
+
+    In float64 both agree with a dense Hessian to ~1e-12; in float32 with each other to ~1e-6.
+    """
+    if method not in ("rr", "fr"):
+        raise CommuteError(f"unknown HVP method {method!r}", hint='use "rr" or "fr"')
+    check_model(model)
+    _check_blocks(blocks, micro_batch)
+    plist = _trainable(model)
+    params = [p for _, p in plist]
+    n = sum(p.numel() for p in params)
+    if vectors.dim() == 1:
+        vectors = vectors.unsqueeze(0)
+    if vectors.dim() != 2 or vectors.shape[1] != n:
+        raise CommuteError(
+            f"HVP vectors must be [m, {n}] (the model's trainable parameters), got {tuple(vectors.shape)}",
+            hint="lay vectors out in curvature.param_list(model) order",
+        )
+    if vectors.shape[0] == 0:
+        raise CommuteError("no vectors given for Hessian-vector products")
+    if fr_chunk is not None and fr_chunk < 1:
+        raise CommuteError(f"fr_chunk must be >= 1, got {fr_chunk}")
+    device, acc = model_device(model), accumulation_dtype(model)
+    compute_dtype = params[0].dtype
+    vecs = vectors.detach().to(device=device, dtype=compute_dtype)
+    m = vecs.shape[0]
+
+    loss_sum = torch.zeros((), dtype=acc, device=device)
+    grad_sum = torch.zeros(n, dtype=acc, device=device)
+    hvp_sum = torch.zeros(m, n, dtype=acc, device=device)
+    step = _rr_micro_batch if method == "rr" else _fr_micro_batch
+    try:
+        for mb in _micro_batches(blocks, micro_batch, device):
+            loss, grad, hv = step(model, plist, mb, vecs, loss_fn, fr_chunk)
+            b = mb.shape[0]
+            loss_sum += loss.to(acc) * b
+            grad_sum += grad.to(acc) * b
+            hvp_sum += hv.to(acc) * b
+    except (RuntimeError, NotImplementedError) as err:
+        translated = _translate_ad_error(err, model, method)
+        if translated is None:
+            raise
+        raise translated from err
+    loss_mean, grad_mean, hvp_mean = _finish([loss_sum, grad_sum, hvp_sum], blocks.shape[0], acc, reduce)
+    return HVPResult(hvps=hvp_mean, loss=float(loss_mean), grad=grad_mean)
+
+
+def _rr_micro_batch(
+    model: nn.Module,
+    plist: list[tuple[str, nn.Parameter]],
+    mb: Tensor,
+    vecs: Tensor,
+    loss_fn: LossFn,
+    fr_chunk: int | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Micro-batch mean loss, gradient and H v_i by reverse-on-reverse, one forward for all v_i.
+
+    ``autograd.grad(grads, params, grad_outputs=v)`` is d<g, v>/dtheta without building the dot
+    product; gradient entries that do not depend on the parameters (no graph) contribute nothing.
+    """
+    params = [p for _, p in plist]
+    with torch.enable_grad():
+        loss = loss_fn(model, mb)
+        grads = _grads_or_zeros(
+            torch.autograd.grad(loss, params, create_graph=True, allow_unused=True), params
+        )
+    live = [i for i, g in enumerate(grads) if g.requires_grad]
+    hvs = torch.zeros(vecs.shape, dtype=vecs.dtype, device=vecs.device)
+    if live:
+        sizes = [p.numel() for p in params]
+        offsets = [0]
+        for s in sizes:
+            offsets.append(offsets[-1] + s)
+        for k in range(vecs.shape[0]):
+            v_pieces = vecs[k].split(sizes)
+            outs = [v_pieces[i].view_as(grads[i]) for i in live]
+            hv = torch.autograd.grad(
+                [grads[i] for i in live],
+                params,
+                grad_outputs=outs,
+                retain_graph=k < vecs.shape[0] - 1,
+                allow_unused=True,
+            )
+            for j, h in enumerate(hv):
+                if h is not None:
+                    hvs[k, offsets[j] : offsets[j + 1]] = h.reshape(-1)
+    return loss.detach(), flatten([g.detach() for g in grads]), hvs
+
+
+class _BoundLoss(nn.Module):
+    """``loss_fn(model, x)`` as a module, so ``functional_call`` can swap the model's parameters.
+
+    Registering the model as a submodule makes its tied weights visible to ``functional_call``
+    (``tie_weights=True``), which then feeds the one de-duplicated tensor to every use -- passing
+    both tied names raises, and ``tie_weights=False`` gives a wrong embedding gradient (FACTS.md).
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
+        super().__init__()
+        self.model = model
+        self._loss_fn = loss_fn
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        return self._loss_fn(self.model, input_ids)
+
+
+def _fr_micro_batch(
+    model: nn.Module,
+    plist: list[tuple[str, nn.Parameter]],
+    mb: Tensor,
+    vecs: Tensor,
+    loss_fn: LossFn,
+    fr_chunk: int | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Micro-batch mean loss, gradient and H v_i by forward-over-reverse (``torch.func``)."""
+    from torch.func import functional_call, grad_and_value, jvp, vmap
+
+    bound = _BoundLoss(model, loss_fn)
+    names = [f"model.{name}" for name, _ in plist]
+    primals = {key: p.detach() for key, (_, p) in zip(names, plist, strict=True)}
+    sizes = [p.numel() for _, p in plist]
+    shapes = [p.shape for _, p in plist]
+
+    def loss_of(pdict: dict[str, Tensor]) -> Tensor:
+        return functional_call(bound, pdict, (mb,))
+
+    grad_value = grad_and_value(loss_of)
+
+    def one(tangent_flat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        pieces = tangent_flat.split(sizes)
+        tangents = {key: t.view(s) for key, t, s in zip(names, pieces, shapes, strict=True)}
+        (g, loss), (hv, _) = jvp(grad_value, (primals,), (tangents,))
+        return loss, flatten([g[k] for k in names]), flatten([hv[k] for k in names])
+
+    with torch.enable_grad():
+        if vecs.shape[0] == 1:
+            loss, grad, hv = one(vecs[0])
+            return loss.detach(), grad.detach(), hv.detach().unsqueeze(0)
+        losses, grads, hvs = vmap(one, chunk_size=fr_chunk)(vecs)
+    return losses[0].detach(), grads[0].detach(), hvs.detach()
