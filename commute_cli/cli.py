@@ -182,6 +182,86 @@ def analyze_command(
         report.emit_dataframe(result.results, fmt)
 
 
+@app.command("train")
+def train_command(
+    out_dir: Path = typer.Argument(
+        ..., help="Folder for checkpoint-N/ subfolders and the commute.json manifest."
+    ),
+    domains: list[str] = typer.Option(
+        [], "--domains", help="name=source per training domain (several may follow one flag)."
+    ),
+    eval_domains: list[str] = typer.Option(
+        [], "--eval-domains", help="name=source of validation data, evaluated at every save."
+    ),
+    manifest: Path | None = typer.Option(
+        None, "--manifest", help="Reuse domains, eval domains and tokenizer of this commute.json (or folder)."
+    ),
+    tokenizer: str | None = typer.Option(
+        None, "--tokenizer", help="Tokenizer folder (AutoTokenizer, offline)."
+    ),
+    weights: list[str] = typer.Option(
+        [], "--weights", help="Constant weights, e.g. --weights en=0.8 ru=0.2."
+    ),
+    schedule: Path | None = typer.Option(None, "--schedule", help="Piecewise schedule file (CSV or JSON)."),
+    steps: int = typer.Option(1000, "--steps", help="Final global step (like the HF Trainer's max_steps)."),
+    save_every: int = typer.Option(
+        200, "--save-every", help="Save a checkpoint every N steps (and at the end)."
+    ),
+    batch_size: int = typer.Option(16, "--batch-size", help="Sequences per step, split by the weights."),
+    seq_len: int = typer.Option(128, "--seq-len", help="Tokens per sequence."),
+    lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate."),
+    optimizer: str = typer.Option("adamw", "--optimizer", help="adamw or sgd."),
+    weight_decay: float = typer.Option(0.0, "--weight-decay", help="Decoupled weight decay (AdamW)."),
+    lr_schedule: str = typer.Option("constant", "--lr-schedule", help="constant or cosine."),
+    warmup: int = typer.Option(0, "--warmup", help="Linear warmup steps."),
+    init: str | None = typer.Option(
+        None, "--init", help="Model config JSON, or a checkpoint to continue (weights, optimizer, step)."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed of the initialization and the data streams."),
+    threads: int | None = typer.Option(None, "--threads", help="torch.set_num_threads (default: torch's)."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace checkpoints of another run in OUT_DIR."
+    ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or messages."),
+) -> None:
+    """Train a small causal LM (a tiny GPT-2 by default) on a weighted mixture of domains.
+
+    Saves checkpoints in the Hugging Face Trainer layout and a commute.json manifest, so that 'commute
+    analyze OUT_DIR' needs no flags.
+
+    Example: commute train run/ --domains en=en.jsonl ru=ru.jsonl --tokenizer tok/ --weights en=0.8 ru=0.2
+    """
+    from commute_cli import train
+    from commute_cli.domains import parse_domain_specs
+
+    config = train.TrainConfig(
+        out_dir=out_dir,
+        domains=parse_domain_specs(domains) if domains else {},
+        eval_domains=parse_domain_specs(eval_domains) if eval_domains else None,
+        manifest=manifest,
+        tokenizer=tokenizer,
+        weights=weights or None,
+        schedule=schedule,
+        steps=steps,
+        save_every=save_every,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        lr=lr,
+        optimizer=optimizer,
+        weight_decay=weight_decay,
+        lr_schedule=lr_schedule,
+        warmup=warmup,
+        init=init,
+        seed=seed,
+        threads=threads,
+        overwrite=overwrite,
+        quiet=quiet,
+    )
+    out = train.train(config)
+    if not quiet:
+        typer.echo(f"checkpoints and commute.json in {out}/", err=True)
+
+
 #: options that take several values after one flag (``--domains en=a ru=b``), which click lacks
 _MULTI_VALUE_OPTIONS = ("--domains", "--weights", "--eval-domains")
 
