@@ -338,6 +338,7 @@ def _stats_key(
         str(ref.path.resolve()),
         files,
         sample_digest,
+        opts.blocks,  # the same sample split into a different number of design blocks gives other statistics
         opts.metric,
         opts.hvp,
         plan,
