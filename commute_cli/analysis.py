@@ -42,9 +42,9 @@ from commute_cli.schedule import Schedule, load_schedule, parse_weights
 CACHE_FORMAT = "commute-stats/1"
 
 # Regime of validity (MATH.md): the prediction is a second-order expansion in dt. Its size relative to the
-# first-order progress of the target over the same window is ~ dt x (curvature along the directions
+# first-order progress of training over the same window is ~ dt x (curvature along the directions
 # involved); when that ratio is not small, or when the first-order progress alone would exceed half the
-# loss, the number of nats is meaningless (the sign is kept as a weaker hint).
+# loss, the number of nats is meaningless (the sign is kept as a weaker hint). See analysis.regime.
 REGIME_MAX_RATIO = 0.25
 REGIME_MAX_PROGRESS = 0.5
 
@@ -60,7 +60,7 @@ class AnalyzeOptions:
     domains: list[str] = field(default_factory=list)
     tokenizer: str | None = None
     seq_len: int | None = None
-    samples: int = 48
+    samples: int = 96
     blocks: int = 8
     batch_size: int = 8
     weights: list[str] = field(default_factory=list)
@@ -407,26 +407,47 @@ def regime_horizon(
 ) -> int:
     """The longest horizon <= ``horizon`` at which every (target, pair) prediction is inside the regime.
 
-    Both regime quantities scale exactly with the horizon h: ``|EL| / first-order progress`` ~ h and the
-    progress ~ h, so the bound is solved in closed form (one horizon per checkpoint keeps the targets'
-    numbers comparable). Never below 1 step; a prediction still outside at 1 step is flagged, not hidden.
+    Both regime quantities scale exactly with the horizon h (see :func:`regime`: the ratio ~ h, the
+    progress ~ h), so the bound is solved in closed form; one horizon per checkpoint keeps the targets'
+    numbers comparable. Never below 1 step; a prediction still outside at 1 step is flagged, not hidden.
     """
     best = horizon
+    mix_rate = float(stats.first_order(wbar, wbar).mean())
+    mix_loss = float((stats.losses @ wbar).mean())
+    dt = lr * horizon
     for target in targets:
-        c = target.coefs_at(wbar)
-        Mb = stats.interaction(c)
-        rate = float(stats.first_order(c, wbar).mean())
-        loss = float((stats.losses @ c).mean())
+        Mb = stats.interaction(target.coefs_at(wbar))
         for i, j, pair_dw in pairs:
-            el_rate = float(_el_unit(Mb, wbar, i, j, pair_dw).mean())  # EL = el_rate * dt^2
-            dt = lr * horizon
-            ratio = _regime_ratio(el_rate * dt * dt, 2 * dt * rate)
-            if ratio > REGIME_MAX_RATIO and math.isfinite(ratio):
+            el = float(_el_unit(Mb, wbar, i, j, pair_dw).mean()) * dt * dt
+            ratio, progress, _ = regime(el, mix_rate, mix_loss, dt)
+            if math.isinf(ratio):
+                return 1
+            if ratio > REGIME_MAX_RATIO:
                 best = min(best, math.floor(horizon * REGIME_MAX_RATIO / ratio))
-            progress = abs(2 * dt * rate)
-            if progress > REGIME_MAX_PROGRESS * loss > 0:
-                best = min(best, math.floor(horizon * REGIME_MAX_PROGRESS * loss / progress))
+            if progress > REGIME_MAX_PROGRESS * mix_loss:
+                best = min(best, math.floor(horizon * REGIME_MAX_PROGRESS * mix_loss / progress))
     return max(1, best)
+
+
+def regime(el: float, mix_rate: float, mix_loss: float, dt: float) -> tuple[float, float, bool]:
+    """Is a prediction inside the local regime? Returns ``(ratio, progress, inside)``.
+
+    The prediction is the second-order term of an expansion in dt (MATH.md "Regime of validity"). Its
+    size against the first-order progress of training in the same window,
+    ``ratio = |EL| / (2 dt <gbar, D gbar>)``, is ~ dt x (curvature along the directions involved): when it
+    is not small, higher orders matter and the nats are meaningless. The denominator is the training
+    mixture's own first-order decrease rate ``<gbar, D gbar> >= 0``, well estimated and never near zero
+    while training makes progress (a target's own progress can cross zero and would make the ratio
+    noise). Also outside: a first-order progress ``2 dt <gbar, D gbar>`` above ``REGIME_MAX_PROGRESS`` of
+    the mixture loss (a linear prediction that eats half the loss cannot be local). A non-positive
+    progress rate (converged or noise) leaves no scale to compare with: outside.
+    """
+    progress = 2.0 * dt * mix_rate
+    if progress <= 0.0:
+        return math.inf, progress, False
+    ratio = abs(el) / progress
+    inside = ratio <= REGIME_MAX_RATIO and progress <= REGIME_MAX_PROGRESS * mix_loss
+    return ratio, progress, inside
 
 
 def _el_unit(Mb: np.ndarray, wbar: np.ndarray, i: int, j: int, dw: float) -> np.ndarray:
@@ -471,25 +492,21 @@ def summarize_checkpoint(
     (negative: moving i earlier and j later lowers the target), ``bracket`` the (preconditioned) bracket
     ``< D g_L, H_j D g_i - H_i D g_j >``. Significance is tested on ``el_ij``'s per-block estimates.
 
-    Regime of validity: ``regime_ratio = |EL| / (2 dt <g_L, D gbar>)``, the second-order effect over the
-    first-order progress of the target in the same window (~ dt x curvature along the directions
-    involved); ``in_regime`` also needs that progress to be at most ``REGIME_MAX_PROGRESS`` of the loss.
+    Regime of validity: see :func:`regime` (``regime_ratio``, ``first_order`` = the mixture's first-order
+    progress ``2 dt <gbar, D gbar>`` over the window, ``in_regime``).
     """
     rows: list[dict[str, Any]] = []
     dt = lr * horizon
+    mix_rate = float(stats.first_order(wbar, wbar).mean())  # <gbar, D gbar>: training's own progress rate
+    mix_loss = float((stats.losses @ wbar).mean())
     for target in targets:
         c = target.coefs_at(wbar)
         Mb = stats.interaction(c)  # [B, K, K]
-        rate = stats.first_order(c, wbar)  # [B]: <g_L, D gbar>
         target_loss = float((stats.losses @ c).mean())
-        progress = 2 * dt * float(rate.mean())
         for i, j, pair_dw in pair_list(wbar, dw):
             el = criterion.summarize_blocks(_el_unit(Mb, wbar, i, j, pair_dw) * dt * dt, confidence)
             br = criterion.summarize_blocks(Mb[:, j, i] - Mb[:, i, j], confidence)
-            ratio = _regime_ratio(el.mean, progress)
-            inside = ratio <= REGIME_MAX_RATIO and abs(progress) <= REGIME_MAX_PROGRESS * max(
-                target_loss, 1e-12
-            )
+            ratio, progress, inside = regime(el.mean, mix_rate, mix_loss, dt)
             wi, wj = float(wbar[i]), float(wbar[j])
             rows.append(
                 {
@@ -522,12 +539,6 @@ def summarize_checkpoint(
                 }
             )
     return rows
-
-
-def _regime_ratio(second: float, first: float) -> float:
-    if first == 0.0:
-        return math.inf if second != 0.0 else 0.0
-    return abs(second) / abs(first)
 
 
 def loss_rows(

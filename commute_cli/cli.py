@@ -95,7 +95,7 @@ def analyze_command(
         None, "--seq-len", help="Tokens per block (default: manifest, else <= 256)."
     ),
     samples: int = typer.Option(
-        48, "--samples", help="Blocks per domain per checkpoint (same blocks everywhere)."
+        96, "--samples", help="Blocks per domain per checkpoint (same blocks everywhere)."
     ),
     blocks: int = typer.Option(8, "--blocks", help="Independent sample blocks for the error bars."),
     batch_size: int = typer.Option(8, "--batch-size", help="Micro-batch (sequences per forward pass)."),
