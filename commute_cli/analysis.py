@@ -349,6 +349,19 @@ def _stats_key(
     return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:24]
 
 
+def weights_digest(folder: Path) -> str:
+    """SHA-256 over a checkpoint's weight files (names and contents), recorded in ``run.json`` so a result
+    can be traced to the exact weights. Streams the files: I/O-bound, ~1 s per GB."""
+    h = hashlib.sha256()
+    for file in sorted(folder.iterdir()):
+        if file.is_file() and file.name.startswith(("model", "pytorch_model")):
+            h.update(file.name.encode() + b"\0")
+            with file.open("rb") as fh:
+                for chunk in iter(lambda fh=fh: fh.read(1 << 22), b""):
+                    h.update(chunk)
+    return h.hexdigest()
+
+
 def _load_cached(file: Path) -> CheckpointStats | None:
     from safetensors import safe_open
     from safetensors.numpy import load_file
@@ -675,7 +688,16 @@ def run_analysis(
             confidence=opts.confidence,
         )
         loss_table += loss_rows(stats, ref.step, inputs.names, opts.confidence)
-        per_ckpt.append({"name": ref.name, "step": ref.step, "lr": lr, "cache": entry.name, **extra})
+        per_ckpt.append(
+            {
+                "name": ref.name,
+                "step": ref.step,
+                "lr": lr,
+                "cache": entry.name,
+                "weights_sha256": weights_digest(ref.path),
+                **extra,
+            }
+        )
 
     results = pd.DataFrame(result_rows)
     losses = pd.DataFrame(loss_table)
@@ -687,6 +709,10 @@ def run_analysis(
         "versions": _versions(),
         "domains": {n: inputs.sources[n] for n in inputs.names},
         "data_base_dir": None if inputs.base_dir is None else str(inputs.base_dir),
+        "data_sha256": {
+            n: domains.source_fingerprint(inputs.sources[n], domain=n, base_dir=inputs.base_dir)
+            for n in inputs.names
+        },
         "tokenizer": inputs.tokenizer_path,
         "seq_len": inputs.seq_len,
         "targets": [{"name": t.name, "kind": t.kind} for t in inputs.targets],

@@ -170,8 +170,18 @@ def analyze_command(
         every=every,
         use_cache=not no_cache,
     )
-    with AnalysisProgress(enabled=not quiet and fmt == "table") as progress:
-        result = analysis.run_analysis(opts, on_checkpoint_start=progress.checkpoint, on_block=progress.block)
+    try:
+        with AnalysisProgress(enabled=not quiet and fmt == "table") as progress:
+            result = analysis.run_analysis(
+                opts, on_checkpoint_start=progress.checkpoint, on_block=progress.block
+            )
+    except KeyboardInterrupt:
+        typer.echo(
+            f"interrupted: finished checkpoints are cached in {out}/cache; "
+            "run the same command again to resume where it stopped",
+            err=True,
+        )
+        sys.exit(130)
     if plot is not None:
         report.plot_analysis(result.results, result.losses, plot)
     if fmt == "table":

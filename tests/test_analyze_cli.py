@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from commute_cli.cli import main
+
 from tiny_run import make_run, write_jsonl
 
 FAST = ["--samples", "24", "--blocks", "4", "--quiet"]

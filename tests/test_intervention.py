@@ -33,11 +33,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from tiny_run import make_run
 from torch import Tensor, nn
 
 from commute_cli import checkpoints, criterion, domains
 from commute_cli.analysis import AnalyzeOptions, run_analysis
+
+from tiny_run import make_run
 
 STEP = 30  # checkpoint reached by SGD (lr 0.05, 16 blocks per domain per step) from the random init
 SEED = 1  # of the run's texts, init and SGD batches

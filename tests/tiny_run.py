@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-EN_WORDS = "the of and to in is was for on that with as by at from this are be or it an which".split()
-XX_WORDS = "zyx qok vuz jaq xiv kuz zob qiv wux jyz vok zaq xob quv jiz kyx wob zuv qax".split()
+EN_WORDS = "the of and to in is was for on that with as by at from this are be or it an which".split()  # noqa: SIM905 (reads as text)
+XX_WORDS = "zyx qok vuz jaq xiv kuz zob qiv wux jyz vok zaq xob quv jiz kyx wob zuv qax".split()  # noqa: SIM905
 
 
 def make_texts(words: list[str], n_docs: int, seed: int) -> list[str]:
