@@ -131,6 +131,15 @@ def is_hub_source(source: str) -> bool:
     )
 
 
+def _silence_datasets_logging() -> None:
+    """datasets logs a parse failure at ERROR level before raising it; we turn the exception into one
+    CommuteError line, so its log line would only print the same problem twice (and a traceback-like
+    'Logging error' when stderr is captured)."""
+    import logging
+
+    logging.getLogger("datasets").setLevel(logging.CRITICAL)
+
+
 def load_texts(
     source: str,
     *,
@@ -146,6 +155,7 @@ def load_texts(
     read hold at least ``max_chars`` characters (a hub stream defaults to ``HUB_DEFAULT_MAX_CHARS``).
     Empty documents are dropped.
     """
+    _silence_datasets_logging()
     path = _resolve_local(source, base_dir)
     if path.exists():
         texts = _collect(_iter_local(path), max_chars)

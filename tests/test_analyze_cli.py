@@ -252,3 +252,70 @@ def test_help_reads_well(capsys):
     assert code == 0
     for option in ("--domains", "--target", "--metric", "--hvp", "--samples", "--format", "--plot"):
         assert option in out
+
+
+# More bad inputs, each caught before any long work: (extra args, fragment expected in the one-line error).
+def _bad_cases(run_dir: Path, tmp: Path) -> list[tuple[list[str], str]]:
+    en, xx = f"{run_dir}/data/en.jsonl", f"{run_dir}/data/xx.jsonl"
+    latin1 = tmp / "latin1.txt"
+    latin1.write_bytes("caf\xe9 na\xefve ".encode("latin-1") * 200)
+    notjson = tmp / "bad.jsonl"
+    notjson.write_text("{not json\n")
+    notext = tmp / "notext.jsonl"
+    notext.write_text('{"body": "hello"}\n')
+    unsorted = tmp / "unsorted.csv"
+    unsorted.write_text("step,en,xx\n0,0.7,0.3\n20,0.5,0.5\n10,0.6,0.4\n")
+    dup = tmp / "dup.csv"
+    dup.write_text("step,en,xx\n0,0.7,0.3\n0,0.5,0.5\n")
+    return [
+        (["--domains", f"en={en}", f"en={xx}"], "twice"),
+        (["--weights", "en=-0.2", "xx=1.2"], "negative"),
+        (["--weights", "en=0.5", "xx=0.6"], "sum"),
+        (["--weights", "en=nan", "xx=0.5"], "nan"),
+        (["--schedule", unsorted], "increasing"),
+        (["--schedule", dup], "twice"),
+        (["--schedule", tmp / "missing.csv"], "missing.csv"),
+        (["--domains", f"en={latin1}", f"xx={xx}"], "utf-8"),
+        (["--domains", f"en={notjson}", f"xx={xx}"], "json"),
+        (["--domains", f"en={notext}", f"xx={xx}"], "text"),
+        (["--domains", f"en={tmp / 'nope.jsonl'}", f"xx={xx}"], "nope.jsonl"),
+        (["--domains", "en=c4", f"xx={xx}"], "hub"),
+        (["--domains", f"en={en}"], "two domains"),
+        (["--seq-len", "1"], "--seq-len"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--steps", "5"], "5"),
+        (["--metric", "fisher"], "--metric"),
+        (["--hvp", "fd"], "--hvp"),
+        (["--confidence", "1.5"], "--confidence"),
+        (["--lr", "-1"], "--lr"),
+        (["--device", "tpu"], "device"),
+        (["--format", "xml"], "--format"),
+        (["--blocks", "1"], "--blocks"),
+        (["--horizon", "0"], "--horizon"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(24))
+def test_bad_input_one_line_exit_2(run_dir, tmp_path, capsys, case):
+    args, fragment = _bad_cases(run_dir, tmp_path)[case]
+    code, _, err = cli(["analyze", run_dir, "--out", tmp_path / "o", *FAST, *args], capsys)
+    _assert_one_line_error(code, err, fragment)
+    assert not (tmp_path / "o" / "results.csv").exists()
+
+
+def test_error_truncated_safetensors(run_dir, tmp_path, capsys):
+    broken = tmp_path / "trunc"
+    shutil.copytree(run_dir, broken)
+    f = broken / "checkpoint-10" / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    code, _, err = cli(["analyze", broken, "--out", tmp_path / "o", *FAST], capsys)
+    _assert_one_line_error(code, err, "model.safetensors")
+
+
+def test_error_tokenizer_larger_than_model_vocab(run_dir, tmp_path, capsys):
+    from tiny_run import make_tokenizer
+
+    big = tmp_path / "bigtok"
+    make_tokenizer([f"w{i} x{i} y{i}" for i in range(3000)], big, vocab_size=2000)
+    code, _, err = cli(["analyze", run_dir, "--tokenizer", big, "--out", tmp_path / "o", *FAST], capsys)
+    _assert_one_line_error(code, err, "vocab")
