@@ -134,17 +134,20 @@ def analyze_command(
     no_cache: bool = typer.Option(False, "--no-cache", help="Recompute every checkpoint even if cached."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
-    """Evaluate the criterion at every checkpoint, with error bars; flag where the order of domains was
-    locally suboptimal and which way to shift weights.
+    """Evaluate the criterion at every checkpoint, with error bars.
+
+    Flags where the order of domains was locally suboptimal and which way to shift weights.
 
     Results go to --out (results.csv, losses.csv, run.json); finished checkpoints are cached there, so an
     interrupted run resumes. Example: commute analyze ckpts/ --domains en=data/en.jsonl ru=data/ru/
     """
     from commute_cli import analysis, report
+    from commute_cli.distributed import is_main_process
     from commute_cli.progress import AnalysisProgress
 
     if fmt not in {f.value for f in report.OutputFormat}:
         raise CommuteError(f"--format must be table, csv or json, got {fmt!r}")
+    main_rank = is_main_process()  # under torchrun only rank 0 draws, prints and writes
     opts = analysis.AnalyzeOptions(
         ckpt_dir=ckpt_dir,
         domains=domains,
@@ -171,7 +174,7 @@ def analyze_command(
         use_cache=not no_cache,
     )
     try:
-        with AnalysisProgress(enabled=not quiet and fmt == "table") as progress:
+        with AnalysisProgress(enabled=not quiet and fmt == "table" and main_rank) as progress:
             result = analysis.run_analysis(
                 opts, on_checkpoint_start=progress.checkpoint, on_block=progress.block
             )
@@ -182,6 +185,8 @@ def analyze_command(
             err=True,
         )
         sys.exit(130)
+    if not main_rank:
+        return
     if plot is not None:
         report.plot_analysis(result.results, result.losses, plot)
     if fmt == "table":
@@ -272,6 +277,181 @@ def train_command(
         typer.echo(f"checkpoints and commute.json in {out}/", err=True)
 
 
+@app.command("validate")
+def validate_command(
+    checkpoint: Path = typer.Argument(..., help="One checkpoint folder (with optimizer.pt when saved)."),
+    domains: list[str] = typer.Option(
+        [], "--domains", help="name=source training domains (default: the run's commute.json)."
+    ),
+    eval_domains: list[str] = typer.Option(
+        [], "--eval-domains", help="name=source held-out data (default: the manifest's eval_domains)."
+    ),
+    weights: list[str] = typer.Option(
+        [], "--weights", help="Base schedule, e.g. en=0.8 ru=0.2 (default: the checkpoint's)."
+    ),
+    dw: float = typer.Option(0.15, "--dw", help="Weight shift of the intervention (the paper's 0.15)."),
+    steps: int = typer.Option(100, "--steps", help="N: steps of each half (branches train 2N steps)."),
+    repeats: int = typer.Option(2, "--repeats", help="Stream seeds (the SE of the observed excess loss)."),
+    pair: str | None = typer.Option(
+        None, "--pair", help="i,j: domain i up first in '12' (default with two domains: their order)."
+    ),
+    eval_samples: int = typer.Option(256, "--eval-samples", help="Held-out blocks per domain (at most)."),
+    from_dir: Path | None = typer.Option(
+        None, "--from", help="Read the prediction from this analyze output when it has matching rows."
+    ),
+    metric: str = typer.Option("euclid", "--metric", help="euclid or adam (experimental): the prediction's."),
+    lr: float | None = typer.Option(None, "--lr", help="Learning rate (default: the run's schedule or log)."),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Rows per step (default: the run's)."),
+    seed: int | None = typer.Option(None, "--seed", help="Stream seed of repeat 0 (default: the run's)."),
+    samples: int = typer.Option(48, "--samples", help="Blocks per domain for the prediction."),
+    threads: int | None = typer.Option(None, "--threads", help="torch.set_num_threads (default: torch's)."),
+    out: Path = typer.Option(
+        Path("commute_out"), "--out", help="Folder for validate.csv, validate.json and the cache."
+    ),
+    fmt: str = typer.Option("table", "--format", help="table, csv or json (csv/json: rows to stdout)."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Retrain the branches even if cached."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or notes."),
+) -> None:
+    """Check the criterion against real training (the paper's sections 4.2-4.3): from CKPT, train the base
+    schedule, '12' (domain 1 +dw for N steps, then -dw) and '21' on the same data, and print the observed
+    excess losses beside the predicted ones.
+
+    Example: commute validate sample_checkpoints/checkpoint-1000 --dw 0.15 --steps 100 --repeats 2
+    """
+    from commute_cli import report, validate
+
+    if fmt not in {f.value for f in report.OutputFormat}:
+        raise CommuteError(f"--format must be table, csv or json, got {fmt!r}")
+    if threads is not None:
+        if threads < 1:
+            raise CommuteError(f"--threads must be at least 1, got {threads}")
+        import torch
+
+        torch.set_num_threads(threads)
+    opts = validate.ValidateOptions(
+        checkpoint=checkpoint,
+        domains=domains,
+        eval_domains=eval_domains,
+        weights=weights,
+        dw=dw,
+        steps=steps,
+        repeats=repeats,
+        pair=pair,
+        eval_samples=eval_samples,
+        from_dir=from_dir,
+        metric=metric,
+        lr=lr,
+        batch_size=batch_size,
+        seed=seed,
+        samples=samples,
+        out=out,
+        use_cache=not no_cache,
+    )
+    note = (lambda _text: None) if quiet else (lambda text: typer.echo(text, err=True))
+    with validate.ValidateProgress(enabled=not quiet and fmt == "table") as progress:
+        result = validate.run_validate(opts, note=note, on_step=progress.step, on_start=progress.start)
+    if fmt == "table":
+        report.print_renderable(validate.validate_table(result))
+        note(f"results in {result.out}/ (validate.csv, validate.json)")
+    else:
+        report.emit_dataframe(result.table, fmt)
+
+
+@app.command("recommend")
+def recommend_command(
+    target: str = typer.Option(..., "--target", help="The loss to improve: a target of the analysis."),
+    from_dir: Path = typer.Option(Path("commute_out"), "--from", help="Folder of `commute analyze` results."),
+    max_shift: float = typer.Option(0.1, "--max-shift", help="Largest change of a domain's weight."),
+    out: Path | None = typer.Option(
+        None, "--out", help="Folder for schedule.json, schedule.csv, recommend.json (default: --from)."
+    ),
+    batch_size: int | None = typer.Option(
+        None,
+        "--batch-size",
+        help="Shifts in whole rows of a batch of B (default: the run's commute.json when found).",
+    ),
+    until: int | None = typer.Option(
+        None, "--until", help="The run's last step (default: the last analysed checkpoint)."
+    ),
+    fmt: str = typer.Option("table", "--format", help="table, csv or json (csv/json: data to stdout)."),
+) -> None:
+    """Turn suboptimal verdicts into one schedule with the same data per domain, and predict its effect.
+
+    Around each checkpoint where the target's verdict is 'suboptimal', raise one domain before it and lower
+    it after (the other domain the reverse), within --max-shift; prints each shift, its predicted effect on
+    every target, and writes schedule.json/.csv for `commute train --schedule`.
+    Example: commute recommend --target ru --from commute_out/
+    """
+    import json
+
+    from commute_cli import recommend, report
+
+    if fmt not in {f.value for f in report.OutputFormat}:
+        raise CommuteError(f"--format must be table, csv or json, got {fmt!r}")
+    result = recommend.load_analysis(from_dir)
+    batch = batch_size if batch_size is not None else recommend.run_batch_size(result)
+    rec = recommend.recommend(
+        result.results,
+        result.schedule,
+        result.checkpoint_steps,
+        target,
+        max_shift=max_shift,
+        last_step=until,
+        grid=recommend.shift_grid(batch),
+        regime=result.regime,
+    )
+    folder = out if out is not None else from_dir
+    files = recommend.write_recommendation(rec, folder)
+    stale = recommend.earlier_recommendation(folder) if not files else None
+    if stale:
+        typer.echo(
+            f"note: the files in {folder}/ are from an earlier recommend ({stale}); left unchanged", err=True
+        )
+    if fmt == "table":
+        report.print_renderable(report.recommend_report(rec))
+        if files:
+            where = ", ".join(str(f) for f in files)
+            typer.echo(f"wrote {where}; rerun with: commute train RUN --schedule {files[0]}", err=True)
+    elif fmt == "csv":
+        report.emit_dataframe(rec.table(), fmt)
+    else:
+        typer.echo(json.dumps(rec.to_dict(), indent=2, ensure_ascii=False, default=str))
+
+
+@app.command("plot")
+def plot_command(
+    output: Path = typer.Option(..., "-o", "--output", help="PNG file to write."),
+    from_dir: Path = typer.Option(Path("commute_out"), "--from", help="Folder of `commute analyze` results."),
+    validate_csv: Path | None = typer.Option(
+        None, "--validate", help="validate.csv for the loss plane (default: FROM/validate.csv if present)."
+    ),
+) -> None:
+    """Draw the criterion over steps (± SE, verdicts shaded) per target and pair, the per-domain losses,
+    and, with `commute validate` results, the loss plane of the paper's Figures 3-4.
+
+    Example: commute plot --from commute_out/ -o criterion.png
+    """
+    import pandas as pd
+
+    from commute_cli import recommend, report
+
+    result = recommend.load_analysis(from_dir)
+    losses = recommend.load_losses(from_dir)
+    vfile = validate_csv if validate_csv is not None else from_dir / "validate.csv"
+    validate = None
+    if vfile.is_file():
+        try:
+            validate = report.check_validate_table(pd.read_csv(vfile), str(vfile))
+        except CommuteError as err:
+            if validate_csv is not None:
+                raise
+            typer.echo(f"note: {err.one_line()[7:]}; plotting without the loss plane", err=True)
+    elif validate_csv is not None:
+        raise CommuteError(f"{vfile} does not exist", hint="run `commute validate` or leave out --validate")
+    path = report.plot_report(result.results, losses, output, validate)
+    typer.echo(f"wrote {path}", err=True)
+
+
 #: options that take several values after one flag (``--domains en=a ru=b``), which click lacks
 _MULTI_VALUE_OPTIONS = ("--domains", "--weights", "--eval-domains")
 
@@ -302,7 +482,8 @@ def main(argv: list[str] | None = None) -> None:
     except CommuteError as err:
         if _DEBUG:
             raise
-        typer.echo(err.one_line(), err=True)
+        if not getattr(err, "silent", False):  # data parallel: another rank already printed it
+            typer.echo(err.one_line(), err=True)
         sys.exit(err.exit_code)
     except typer.Exit as ex:
         sys.exit(ex.exit_code)
