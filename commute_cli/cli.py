@@ -303,7 +303,9 @@ def validate_command(
     lr: float | None = typer.Option(None, "--lr", help="Learning rate (default: the run's schedule or log)."),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Rows per step (default: the run's)."),
     seed: int | None = typer.Option(None, "--seed", help="Stream seed of repeat 0 (default: the run's)."),
-    samples: int = typer.Option(48, "--samples", help="Blocks per domain for the prediction."),
+    samples: int | None = typer.Option(
+        None, "--samples", help="Blocks per domain for the prediction (default: analyze's)."
+    ),
     threads: int | None = typer.Option(None, "--threads", help="torch.set_num_threads (default: torch's)."),
     out: Path = typer.Option(
         Path("commute_out"), "--out", help="Folder for validate.csv, validate.json and the cache."
@@ -377,9 +379,10 @@ def recommend_command(
 ) -> None:
     """Turn suboptimal verdicts into one schedule with the same data per domain, and predict its effect.
 
-    Around each checkpoint where the target's verdict is 'suboptimal', raise one domain before it and lower
-    it after (the other domain the reverse), within --max-shift; prints each shift, its predicted effect on
-    every target, and writes schedule.json/.csv for `commute train --schedule`.
+    Around each checkpoint where the target is 'suboptimal', one domain goes up before it and down after.
+
+    Prints each shift with its predicted effect on every target; writes schedule.json/.csv (--schedule).
+
     Example: commute recommend --target ru --from commute_out/
     """
     import json
@@ -426,8 +429,9 @@ def plot_command(
         None, "--validate", help="validate.csv for the loss plane (default: FROM/validate.csv if present)."
     ),
 ) -> None:
-    """Draw the criterion over steps (± SE, verdicts shaded) per target and pair, the per-domain losses,
-    and, with `commute validate` results, the loss plane of the paper's Figures 3-4.
+    """Draw the criterion over steps (± SE, verdicts shaded) per target and pair, and the losses.
+
+    With `commute validate` results (validate.csv), also the loss plane of the paper's Figures 3-4.
 
     Example: commute plot --from commute_out/ -o criterion.png
     """
