@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from commute_cli import atomic
 from commute_cli.errors import CommuteError
 
 WEIGHT_FILES = (
@@ -695,8 +696,6 @@ def _load_adam_safetensors(file: Path, model: torch.nn.Module) -> AdamState:
 
 def save_adam_state(state: AdamState, file: Path) -> None:
     """Write ``state`` as ``optimizer.safetensors`` (format in the module docstring), atomically."""
-    import os
-    import tempfile
 
     from safetensors.torch import save_file
 
@@ -710,14 +709,8 @@ def save_adam_state(state: AdamState, file: Path) -> None:
         "eps": repr(float(state.eps)),
         "lr": "" if state.lr is None else repr(float(state.lr)),
     }
-    fd, tmp = tempfile.mkstemp(prefix=".optimizer-", suffix=".tmp", dir=file.parent)
-    os.close(fd)
-    try:
+    with atomic.replacing(file) as tmp:
         save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, file)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def flat_exp_avg_sq(state: AdamState, names: Sequence[str]) -> torch.Tensor:

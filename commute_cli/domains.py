@@ -30,13 +30,13 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from commute_cli import atomic
 from commute_cli.errors import CommuteError
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -523,16 +523,10 @@ def cached_blocks(
     texts = load_texts(source, domain=domain, base_dir=base_dir, max_chars=max_chars)
     blocks = pack_blocks(texts, tokenizer, seq_len)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".blocks-", suffix=".tmp", dir=cache_dir)
-    os.close(fd)
-    try:
+    with atomic.replacing(entry) as tmp:
         save_file(
             {"blocks": blocks.contiguous()},
             tmp,
             metadata={"format": _CACHE_FORMAT, "source": source, "seq_len": str(seq_len)},
         )
-        os.replace(tmp, entry)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return blocks

@@ -48,7 +48,6 @@ import itertools
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -57,6 +56,7 @@ from typing import Any
 
 import pandas as pd
 
+from commute_cli import atomic
 from commute_cli.errors import CommuteError
 from commute_cli.schedule import Schedule, save_schedule
 
@@ -595,6 +595,9 @@ def recommend(
                 source=source,
             )
             gain = effects[target].change
+            if not gain < 0.0:  # e.g. a tiny effect that rounds to 0 at this window: nothing to gain
+                reasons.append(Skipped(s, pair, "the predicted gain at the admissible shift rounds to 0"))
+                continue
             if best is None or gain < best[0]:
                 best = (gain, shift)
         if best is None:
@@ -631,18 +634,6 @@ def recommend(
 # ------------------------------------------------------------------------------------------------ files
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def write_recommendation(rec: Recommendation, out: str | os.PathLike[str]) -> list[Path]:
     """``schedule.json``, ``schedule.csv`` (the forms ``commute train --schedule`` reads) and
     ``recommend.json``, each atomically. Writes nothing when nothing is proposed."""
@@ -658,7 +649,7 @@ def write_recommendation(rec: Recommendation, out: str | os.PathLike[str]) -> li
         save_schedule(rec.schedule, out / "schedule.csv"),
     ]
     target = out / "recommend.json"
-    _atomic_write_text(target, json.dumps(rec.to_dict(), indent=2, ensure_ascii=False, default=str) + "\n")
+    atomic.write_text(target, json.dumps(rec.to_dict(), indent=2, ensure_ascii=False, default=str) + "\n")
     return [*files, target]
 
 

@@ -24,6 +24,7 @@ from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from commute_cli import atomic
 from commute_cli.errors import CommuteError
 
 __all__ = [
@@ -323,22 +324,16 @@ def _draw_losses(ax: Any, losses: pd.DataFrame) -> None:
 
 def _save_figure(fig: Any, path: Path | str, dpi: int = 110) -> Path:
     """Write ``fig`` as PNG atomically (temp file + os.replace) and close it."""
-    import os
-    import tempfile
 
     import matplotlib.pyplot as plt
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=dpi)
-        os.replace(tmp, path)
+        with atomic.replacing(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=dpi)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

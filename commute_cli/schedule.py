@@ -21,13 +21,13 @@ import math
 import numbers
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
+from commute_cli import atomic
 from commute_cli.errors import CommuteError
 
 SUM_TOL = 1e-6
@@ -322,15 +322,4 @@ def save_schedule(schedule: Schedule, path: str | os.PathLike[str]) -> Path:
     p = Path(path)
     text = schedule.to_csv() if p.suffix.lower() == ".csv" else schedule.to_json()
     p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600; give the file the usual permissions
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return p
+    return atomic.write_text(p, text)

@@ -62,7 +62,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from commute_cli import __version__
+from commute_cli import __version__, atomic
 from commute_cli.errors import CommuteError
 from commute_cli.schedule import Schedule
 
@@ -483,16 +483,7 @@ def _umask() -> int:
 
 def _write_json(path: Path, obj: Any) -> None:
     """Atomic JSON write (temp file in the same folder + os.replace), with the usual file permissions."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic.write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 def copy_tokenizer_files(src: Path, dst: Path) -> None:
