@@ -1,0 +1,990 @@
+"""``commute validate``: the paper's intervention experiment (sections 4.2-4.3) on a user's checkpoint.
+
+From one checkpoint (with its optimizer state when saved) three branches of ``2N`` steps are trained on the
+same per-domain sample streams:
+
+- ``base``: the run's own schedule ``w(t)``;
+- ``12``: ``w + d`` for N steps, then ``w - d`` for N steps, ``d = +dw`` on the pair's first domain and
+  ``-dw`` on its second (MATH.md "Two domains": "12" means domain 1 up first);
+- ``21``: the reverse.
+
+Every domain's loss is then evaluated on the same held-out blocks, and the observed excess losses
+``EL_k^12 = L_k(theta_12) - L_k(theta_base)`` and ``EL_k^21`` (mean and SE over ``R`` repeats that differ
+only in the stream seed) are put next to the criterion's prediction at the checkpoint (``commute analyze``
+with target k, ``--dw dw``, ``--horizon N``, ``dt = lr N``; MATH.md: ``EL^21 = -EL^12`` to second order).
+
+Decisions (see docs/DECISIONS.md, "commute validate"):
+
+- Same data in every branch. Each domain has its own stream (``train.DomainStream``), so a branch reads
+  the same blocks of a domain in the same order whatever its weights; what differs is only *when* they are
+  read. This holds only if every branch takes exactly the same number of rows of every domain over the
+  window, so the weights are realized exactly: per-step row counts come from error diffusion of
+  ``batch_size * w`` (cumulative largest-remainder rounding), e.g. 0.95 of a batch of 10 alternates 10 and
+  9 rows. A fixed per-step rounding (``train.batch_counts``) would turn 0.8 +- 0.15 with 10 rows into
+  +0.2 / -0.1, which is neither the intervention asked for nor data-conserving.
+- Repeats differ only in the stream seed (repeat r uses ``seed + r``, repeat 0 the checkpoint's own seed,
+  i.e. the data the original run would have read next). Each finished repeat is cached in ``OUT/cache``,
+  so a rerun with another ``--metric`` or more ``--repeats`` does not train again.
+- Without saved optimizer state the branches use plain SGD, the dynamics the criterion is derived for (a
+  fresh Adam's first steps are not the run's dynamics); the learning rate then comes from
+  ``trainer_state.json`` or ``--lr``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from commute_cli import __version__
+from commute_cli.errors import CommuteError
+from commute_cli.schedule import Schedule
+
+VALIDATE_FORMAT = "commute-validate/1"
+BRANCHES = ("base", "12", "21")
+PREDICT_DIR = "validate-predict"
+"""Sub-folder of ``--out`` where the on-the-fly ``analyze`` run (and its cache) lives, so that validate never
+overwrites the ``results.csv`` of a user's own ``commute analyze``."""
+
+Note = Callable[[str], None]
+
+
+# ------------------------------------------------------------------------------------------------ options
+
+
+@dataclass
+class ValidateOptions:
+    """Everything ``commute validate`` takes; saved in ``validate.json``."""
+
+    checkpoint: Path
+    domains: list[str] = field(default_factory=list)
+    """Training domains ``name=source`` (default: the run's manifest)."""
+    eval_domains: list[str] = field(default_factory=list)
+    """Held-out domains ``name=source`` (default: the manifest's ``eval_domains``, else the training data)."""
+    weights: list[str] = field(default_factory=list)
+    """Constant base schedule (default: the checkpoint's ``commute_state.json``, else the manifest)."""
+    dw: float = 0.15
+    steps: int = 100
+    """N: steps of each half of the intervention (the prediction's horizon)."""
+    repeats: int = 2
+    pair: str | None = None
+    eval_samples: int = 256
+    from_dir: Path | None = None
+    metric: str = "euclid"
+    lr: float | None = None
+    batch_size: int | None = None
+    seed: int | None = None
+    samples: int | None = None
+    """Blocks per domain for the prediction (default: ``commute analyze``'s)."""
+    blocks: int = 8
+    confidence: float = 0.95
+    out: Path = Path("commute_out")
+    use_cache: bool = True
+
+    def validate(self) -> None:
+        if not (isinstance(self.dw, (int, float)) and math.isfinite(self.dw) and 0.0 < self.dw <= 0.5):
+            raise CommuteError(f"--dw must be in (0, 0.5], got {self.dw}")
+        if self.steps < 1:
+            raise CommuteError(f"--steps must be a positive number of steps, got {self.steps}")
+        if self.repeats < 1:
+            raise CommuteError(
+                f"--repeats must be at least 1, got {self.repeats}", hint="2 or more for an SE"
+            )
+        if self.eval_samples < 1:
+            raise CommuteError(f"--eval-samples must be positive, got {self.eval_samples}")
+        if self.metric not in ("euclid", "adam"):
+            raise CommuteError(f"--metric must be euclid or adam, got {self.metric!r}")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0.0):
+            raise CommuteError(f"--lr must be a positive number, got {self.lr}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise CommuteError(f"--batch-size must be positive, got {self.batch_size}")
+        if not (0.5 <= self.confidence < 1.0):
+            raise CommuteError(f"--confidence must be in [0.5, 1), got {self.confidence}")
+
+
+# ------------------------------------------------------------------------------------------------ schedules
+
+
+def realize_counts(weights: Sequence[Sequence[float]], batch_size: int) -> list[list[int]]:
+    """Per-step row counts whose running totals track ``batch_size * cumsum(weights)`` within one row.
+
+    Error diffusion: at each step the rows still owed to each domain (target cumulative minus rows given)
+    are rounded by largest remainder to a batch of exactly ``batch_size`` (ties to the earlier domain).
+    Whole-number weights (``batch_size * w`` integral) give the plain per-step counts; fractional ones
+    alternate, so that any window whose total ``batch_size * sum w`` is whole gets exactly that many rows.
+    """
+    if batch_size < 1:
+        raise CommuteError(f"batch size must be positive, got {batch_size}")
+    K = len(weights[0]) if weights else 0
+    given = [0] * K
+    target = [0.0] * K
+    out: list[list[int]] = []
+    for w in weights:
+        for k in range(K):
+            target[k] += batch_size * float(w[k])
+        owed = [round(target[k] - given[k], 9) for k in range(K)]
+        counts = [max(0, math.floor(x)) for x in owed]
+        left = batch_size - sum(counts)
+        rema = [owed[k] - math.floor(owed[k]) if owed[k] >= 0 else -1.0 for k in range(K)]
+        order = sorted(range(K), key=lambda k: (-rema[k], k))
+        for k in order[: max(left, 0)]:
+            counts[k] += 1
+        while sum(counts) > batch_size:  # defensive: only if rounding left a domain owed a negative amount
+            k = min((k for k in range(K) if counts[k] > 0), key=lambda k: (rema[k], -k))
+            counts[k] -= 1
+        for k in range(K):
+            given[k] += counts[k]
+        out.append(counts)
+    return out
+
+
+def branch_schedules(
+    schedule: Schedule,
+    start: int,
+    n: int,
+    pair: tuple[int, int],
+    dw: float,
+    batch_size: int,
+) -> dict[str, Schedule]:
+    """The three branches' schedules over global steps ``[start, start + 2n)``, realized exactly.
+
+    ``base`` follows ``schedule``; ``12`` adds ``+dw`` to ``pair[0]`` and ``-dw`` to ``pair[1]`` for the first
+    ``n`` steps and the opposite for the next ``n``; ``21`` is the reverse. Every entry holds weights
+    ``rows / batch_size`` (see :func:`realize_counts`), so ``train.batch_counts`` reproduces the rows.
+    Raises when the shifted weights leave [0, 1] somewhere in the window.
+    """
+    names = list(schedule.domains)
+    i, j = pair
+    out: dict[str, Schedule] = {}
+    for label, sign in (("base", 0.0), ("12", 1.0), ("21", -1.0)):
+        rows = []
+        for t in range(2 * n):
+            w = [schedule.weights_at(start + t)[name] for name in names]
+            s = sign * (1.0 if t < n else -1.0) * dw
+            w[i] += s
+            w[j] -= s
+            if min(w) < -1e-12 or max(w) > 1.0 + 1e-12:
+                base = schedule.weights_at(start + t)
+                raise CommuteError(
+                    f"--dw {dw:g} is too large for the weights {names[i]}={base[names[i]]:g}, "
+                    f"{names[j]}={base[names[j]]:g} at step {start + t}: a weight would leave [0, 1]",
+                    hint=f"use --dw <= {max_dw(schedule, start, n, pair):g}",
+                )
+            rows.append([min(max(x, 0.0), 1.0) for x in w])
+        counts = realize_counts(rows, batch_size)
+        entries: list[tuple[int, dict[str, float]]] = []
+        prev: list[int] | None = None
+        for t, c in enumerate(counts):
+            if c != prev:
+                entries.append(
+                    (
+                        0 if not entries else start + t,
+                        {m: x / batch_size for m, x in zip(names, c, strict=True)},
+                    )
+                )
+                prev = c
+        out[label] = Schedule.from_entries(entries, names)
+    return out
+
+
+def max_dw(schedule: Schedule, start: int, n: int, pair: tuple[int, int]) -> float:
+    """The largest ``dw`` that keeps both weights of the pair in [0, 1] over the window (both orders)."""
+    names = list(schedule.domains)
+    i, j = pair
+    best = 1.0
+    for t in range(2 * n):
+        w = schedule.weights_at(start + t)
+        wi, wj = w[names[i]], w[names[j]]
+        best = min(best, wi, wj, 1.0 - wi, 1.0 - wj)
+    return max(best, 0.0)
+
+
+def rows_per_domain(schedule: Schedule, start: int, n_steps: int, batch_size: int) -> list[list[int]]:
+    """Rows of each domain at each step of ``[start, start + n_steps)`` (``train.batch_counts``)."""
+    from commute_cli.train import batch_counts
+
+    return [
+        batch_counts([schedule.weights_at(s)[d] for d in schedule.domains], batch_size)
+        for s in range(start, start + n_steps)
+    ]
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+
+
+@dataclass
+class Setup:
+    """Resolved inputs of one validation (everything checked before any training)."""
+
+    checkpoint: Path
+    step: int
+    names: list[str]
+    pair: tuple[int, int]
+    schedule: Schedule
+    lrs: list[float]
+    lr_source: str
+    has_optimizer_state: bool
+    batch_size: int | None
+    seed: int
+    train_sources: dict[str, str]
+    eval_sources: dict[str, str]
+    eval_held_out: bool
+    tokenizer_path: str
+    seq_len: int | None
+
+    @property
+    def lr_mean(self) -> float:
+        return float(np.mean(self.lrs))
+
+
+def _read_json(file: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CommuteError(f"could not read {file}: {err}", hint="the file is damaged") from err
+    return data if isinstance(data, dict) else {}
+
+
+def parse_pair(text: str | None, names: Sequence[str]) -> tuple[int, int]:
+    """``--pair en,ru`` -> indices; the default for two domains is their order (domain 1 = the first)."""
+    if text is None:
+        if len(names) == 2:
+            return (0, 1)
+        raise CommuteError(
+            f"{len(names)} domains: say which pair to intervene on",
+            hint=f"pass --pair {names[0]},{names[1]} (the first one goes up first in '12')",
+        )
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) != 2 or not all(parts):
+        raise CommuteError(f"--pair must be two domain names like en,ru, got {text!r}")
+    unknown = [p for p in parts if p not in names]
+    if unknown:
+        raise CommuteError(
+            f"unknown domain {unknown[0]!r} in --pair {text}", hint=f"the domains are {', '.join(names)}"
+        )
+    if parts[0] == parts[1]:
+        raise CommuteError(f"--pair needs two different domains, got {text!r}")
+    return (list(names).index(parts[0]), list(names).index(parts[1]))
+
+
+def resolve_setup(opts: ValidateOptions, note: Note) -> Setup:
+    """Checkpoint, domains, schedule, pair, learning rates: all checked before any long work."""
+    from commute_cli import checkpoints, domains
+    from commute_cli.schedule import parse_weights
+    from commute_cli.train import STATE_NAME, lr_at
+
+    opts.validate()
+    pending: list[str] = []  # notes are shown only once every input is known to be good
+    emit, note = note, pending.append
+    folder = Path(opts.checkpoint).expanduser()
+    if not folder.exists():
+        raise CommuteError(f"checkpoint {folder} does not exist", hint="pass a checkpoint-N folder")
+    if not checkpoints.is_checkpoint_dir(folder):
+        raise CommuteError(
+            f"{folder} is not a model checkpoint (config.json and model weights)",
+            hint="pass one checkpoint folder, e.g. sample_checkpoints/checkpoint-1000",
+        )
+    manifest = checkpoints.read_manifest(folder)
+    saved = _read_json(folder / STATE_NAME) if (folder / STATE_NAME).is_file() else {}
+    step = checkpoints.discover(folder)[0].step or 0
+
+    if opts.domains:
+        train_sources = domains.parse_domain_specs(opts.domains)
+    elif manifest is not None and manifest.domains:
+        train_sources = dict(manifest.domains)
+    else:
+        raise CommuteError(
+            f"no training domains for {folder}: no --domains and no commute.json next to it",
+            hint="pass --domains name=source ... (the data the run trained on)",
+        )
+    names = list(train_sources)
+    if len(names) < 2:
+        raise CommuteError(f"need at least two domains, got {names}", hint="pass --domains a=... b=...")
+
+    if opts.eval_domains:
+        eval_sources, held_out = domains.parse_domain_specs(opts.eval_domains), True
+    elif not opts.domains and manifest is not None and set(names) <= set(manifest.eval_domains):
+        eval_sources, held_out = {n: manifest.eval_domains[n] for n in names}, True
+    else:
+        eval_sources, held_out = dict(train_sources), False
+        note(
+            "note: no held-out data (--eval-domains or the manifest's eval_domains): "
+            + "evaluating on training data"
+        )
+    if sorted(eval_sources) != sorted(names):
+        raise CommuteError(
+            f"--eval-domains names ({', '.join(eval_sources)}) differ from the training domains "
+            f"({', '.join(names)})",
+            hint="give held-out data for exactly the training domains",
+        )
+    eval_sources = {n: eval_sources[n] for n in names}
+
+    if opts.weights:
+        schedule = Schedule.constant(parse_weights(opts.weights, names), names)
+    elif saved.get("schedule"):
+        schedule = Schedule.from_records(saved["schedule"], names, context=str(folder / STATE_NAME))
+    elif manifest is not None and manifest.schedule:
+        schedule = Schedule.from_records(manifest.schedule, names, context=str(manifest.path))
+    else:
+        raise CommuteError(
+            f"no weight schedule for {folder}",
+            hint="pass --weights " + " ".join(f"{n}={1 / len(names):.2g}" for n in names),
+        )
+    pair = parse_pair(opts.pair, names)
+    limit = max_dw(schedule, step, opts.steps, pair)
+    if opts.dw > limit + 1e-12:
+        w = schedule.weights_at(step)
+        raise CommuteError(
+            f"--dw {opts.dw:g} is too large for the weights {names[pair[0]]}={w[names[pair[0]]]:g}, "
+            f"{names[pair[1]]}={w[names[pair[1]]]:g}: a weight would leave [0, 1]",
+            hint=f"use --dw <= {limit:g}"
+            if limit > 0
+            else "pick a pair whose weights are both inside (0, 1)",
+        )
+
+    has_state = (folder / "optimizer.pt").is_file()
+    n_total = 2 * opts.steps
+    window = range(step, step + n_total)
+    logged = checkpoints.learning_rate(checkpoints.CheckpointRef(folder, step, folder.name))
+    raw = manifest.raw if manifest is not None else {}
+    opt = manifest.optimizer if manifest is not None and manifest.optimizer else {}
+    if opts.lr is not None:
+        lrs, source = [float(opts.lr)] * n_total, "--lr"
+    elif has_state and isinstance(opt.get("lr"), (int, float)) and isinstance(raw.get("max_steps"), int):
+        kind = (manifest.lr_schedule if manifest is not None else None) or "constant"
+        warm = int(raw.get("warmup_steps") or 0)
+        lrs = [lr_at(s, float(opt["lr"]), kind, int(raw["max_steps"]), warm) for s in window]
+        source = f"manifest ({kind}, base {float(opt['lr']):g})"
+    elif logged is not None:
+        lrs, source = [float(logged)] * n_total, "trainer_state.json"
+    else:
+        what = "no optimizer state, and no learning rate" if not has_state else "no learning rate"
+        raise CommuteError(
+            f"{folder} has {what} (no trainer_state.json log or manifest)",
+            hint="pass --lr (the learning rate to continue training with)",
+        )
+    if not has_state:
+        note(f"note: {folder} has no optimizer state: the branches use plain SGD at lr {lrs[0]:g}")
+
+    seed = opts.seed if opts.seed is not None else int(saved.get("seed", 0) or 0)
+    if opts.metric == "adam":
+        note(
+            "warning: --metric adam is experimental (MATH.md 'Regime of validity'): Adam's frozen second "
+            "moments, clipped at 100x their median, as the metric"
+        )
+    tok = str(folder) if (folder / "tokenizer.json").is_file() else None
+    if tok is None and manifest is not None and manifest.tokenizer is not None:
+        tok = str(manifest.tokenizer)
+    if tok is None:
+        raise CommuteError(f"no tokenizer for {folder}", hint="save the tokenizer with the checkpoint")
+    seq_len = saved.get("seq_len") or (manifest.seq_len if manifest is not None else None)
+    for text in pending:
+        emit(text)
+    return Setup(
+        checkpoint=folder,
+        step=int(step),
+        names=names,
+        pair=pair,
+        schedule=schedule,
+        lrs=lrs,
+        lr_source=source,
+        has_optimizer_state=has_state,
+        batch_size=opts.batch_size,
+        seed=seed,
+        train_sources=train_sources,
+        eval_sources=eval_sources,
+        eval_held_out=held_out,
+        tokenizer_path=tok,
+        seq_len=int(seq_len) if seq_len else None,
+    )
+
+
+# ------------------------------------------------------------------------------------------------ branches
+
+
+@dataclass
+class Branches:
+    """What the branches need: the loaded training state, schedules, eval blocks and the cache key."""
+
+    state: Any  # train.TrainingState
+    schedules: dict[str, Schedule]
+    eval_blocks: dict[str, torch.Tensor]
+    loss_at_checkpoint: dict[str, float]
+    realized_dw: float
+    key: str
+
+
+def _eval_blocks(setup: Setup, seq_len: int, n: int) -> dict[str, torch.Tensor]:
+    """The held-out blocks (at most ``n`` per domain, a fixed seeded sample): the same for every branch."""
+    from commute_cli import domains
+    from commute_cli.train import load_tokenizer
+
+    tokenizer = load_tokenizer(setup.tokenizer_path)
+    out = {}
+    for name, src in setup.eval_sources.items():
+        blocks = domains.pack_blocks(domains.load_texts(src, domain=name), tokenizer, seq_len)
+        if blocks.shape[0] > n:
+            blocks = domains.sample_blocks(blocks, n, 0)
+        out[name] = blocks
+    return out
+
+
+def _file_sig(path: Path) -> list[Any]:
+    return [path.name, path.stat().st_size, path.stat().st_mtime_ns] if path.is_file() else [path.name, None]
+
+
+def prepare_branches(setup: Setup, opts: ValidateOptions) -> Branches:
+    """Load the training state (model, optimizer, positioned streams), build the schedules, eval once."""
+    from commute_cli import domains
+    from commute_cli.train import build_optimizer, evaluate, load_training_state
+
+    state = load_training_state(
+        setup.checkpoint,
+        setup.train_sources,
+        tokenizer=setup.tokenizer_path,
+        seq_len=setup.seq_len,
+        batch_size=setup.batch_size,
+        seed=setup.seed,
+    )
+    if not setup.has_optimizer_state:
+        state.optimizer = build_optimizer(state.model, "sgd", setup.lrs[0])
+    seq_len = int(state.streams[0].blocks.shape[1])
+    schedules = branch_schedules(
+        setup.schedule, setup.step, opts.steps, setup.pair, opts.dw, state.batch_size
+    )
+    n = opts.steps
+    rows = {
+        b: np.array(rows_per_domain(s, setup.step, 2 * n, state.batch_size)) for b, s in schedules.items()
+    }
+    totals = {b: r.sum(axis=0).tolist() for b, r in rows.items()}
+    if len({tuple(t) for t in totals.values()}) != 1:
+        raise CommuteError(
+            f"cannot give every branch the same data: rows per domain {totals}",
+            hint="choose --steps and --dw so that steps x batch size x dw is a whole number",
+            exit_code=1,
+        )
+    i = setup.pair[0]
+    realized = float((rows["12"][:n, i].sum() - rows["base"][:n, i].sum()) / (n * state.batch_size))
+    eval_blocks = _eval_blocks(setup, seq_len, opts.eval_samples)
+    loss0 = evaluate(state.model, eval_blocks)
+    for name, value in loss0.items():
+        if not math.isfinite(value):
+            raise CommuteError(f"non-finite {name} loss at {setup.checkpoint}: the weights are broken")
+    payload = [
+        VALIDATE_FORMAT,
+        str(setup.checkpoint.resolve()),
+        [_file_sig(setup.checkpoint / f) for f in ("model.safetensors", "pytorch_model.bin", "optimizer.pt")],
+        {n: domains.source_fingerprint(s, domain=n) for n, s in setup.train_sources.items()},
+        {n: domains.source_fingerprint(s, domain=n) for n, s in setup.eval_sources.items()},
+        opts.eval_samples,
+        seq_len,
+        state.batch_size,
+        [s.position for s in state.streams],
+        {b: s.to_records() for b, s in schedules.items()},
+        setup.lrs,
+        type(state.optimizer).__name__,
+        torch.__version__,
+    ]
+    key = hashlib.sha256(json.dumps(payload, default=str).encode()).hexdigest()[:20]
+    return Branches(state, schedules, eval_blocks, loss0, realized, key)
+
+
+def run_branches(
+    state: Any,
+    schedules: Mapping[str, Schedule],
+    n_steps: int,
+    lr_fn: Callable[[int], float],
+    eval_blocks: Mapping[str, torch.Tensor],
+    seed: int,
+    on_step: Callable[[], None] | None = None,
+) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, int]]]:
+    """Train one fork of ``state`` per schedule for ``n_steps`` with streams re-seeded to ``seed`` (same
+    positions), and evaluate each. Returns (losses per branch per domain, final stream positions)."""
+    from commute_cli.train import DomainStream, evaluate
+
+    losses: dict[str, dict[str, float]] = {}
+    positions: dict[str, dict[str, int]] = {}
+    for label, schedule in schedules.items():
+        branch = state.fork()
+        branch.streams = [DomainStream(s.name, s.blocks, seed, s.position) for s in branch.streams]
+        branch.run(schedule, n_steps, lr_fn, on_step=(lambda _r: on_step()) if on_step else None)
+        losses[label] = evaluate(branch.model, eval_blocks)
+        positions[label] = {s.name: s.position for s in branch.streams}
+        del branch
+    return losses, positions
+
+
+def observe(
+    setup: Setup,
+    opts: ValidateOptions,
+    prepared: Branches,
+    on_step: Callable[[], None] | None = None,
+    on_repeat: Callable[[int, bool], None] | None = None,
+) -> list[dict[str, Any]]:
+    """All repeats (cached per repeat in ``OUT/cache``): ``[{"seed", "losses": {branch: {domain: L}}}]``."""
+    from commute_cli.analysis import _atomic_write_text
+
+    cache = Path(opts.out) / "cache"
+    lr_of = {setup.step + t: lr for t, lr in enumerate(setup.lrs)}
+    out = []
+    for r in range(opts.repeats):
+        seed = setup.seed + r
+        file = cache / f"validate-{setup.checkpoint.name}-{prepared.key}-seed{seed}.json"
+        entry = None
+        if opts.use_cache and file.is_file():
+            try:
+                entry = json.loads(file.read_text(encoding="utf-8"))
+                if set(entry["losses"]) != set(BRANCHES):
+                    entry = None
+            except (OSError, ValueError, KeyError, TypeError):
+                entry = None  # a damaged entry is recomputed
+        if on_repeat is not None:
+            on_repeat(r, entry is not None)
+        if entry is None:
+            t0 = time.perf_counter()
+            losses, positions = run_branches(
+                prepared.state,
+                prepared.schedules,
+                2 * opts.steps,
+                lambda s: lr_of[s],
+                prepared.eval_blocks,
+                seed,
+                on_step,
+            )
+            entry = {
+                "seed": seed,
+                "losses": losses,
+                "positions": positions,
+                "seconds": time.perf_counter() - t0,
+            }
+            _atomic_write_text(file, json.dumps(entry, indent=1) + "\n")
+        for label, values in entry["losses"].items():
+            if not all(math.isfinite(v) for v in values.values()):
+                raise CommuteError(
+                    f"branch {label} diverged (non-finite loss) with stream seed {seed}",
+                    hint="use a smaller --dw or --steps, or a smaller --lr",
+                    exit_code=1,
+                )
+        out.append(entry)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ predictions
+
+
+PREDICTION_COLUMNS = (
+    "el_ij",
+    "el_se",
+    "t",
+    "significant",
+    "in_regime",
+    "regime_ratio",
+    "bracket",
+    "dt",
+    "lr",
+)
+
+
+def _prediction_rows(
+    results: pd.DataFrame, setup: Setup, dw: float, horizon: int, lr: float
+) -> dict[str, dict[str, Any]] | None:
+    """Rows of an analyze ``results.csv`` for this step, pair, dw, horizon and lr, by target (or None)."""
+    i, j = (setup.names[k] for k in setup.pair)
+    need = {"step", "target", "domain_i", "domain_j", "dw", "horizon", "lr", *PREDICTION_COLUMNS} - set(
+        results.columns
+    )
+    if need:
+        return None
+    found = {}
+    for target in setup.names:
+        match = results[
+            (results["step"] == setup.step)
+            & (results["target"] == target)
+            & (
+                ((results["domain_i"] == i) & (results["domain_j"] == j))
+                | ((results["domain_i"] == j) & (results["domain_j"] == i))
+            )
+            & ((results["dw"] - dw).abs() <= 1e-9)
+            & (results["horizon"] == horizon)
+            & ((results["lr"] - lr).abs() <= 1e-9 * max(lr, 1e-30))
+        ]
+        if match.empty:
+            return None
+        row = match.iloc[-1].to_dict()
+        sign = (
+            1.0 if row["domain_i"] == i else -1.0
+        )  # the formula is linear in d: reversing the pair flips it
+        found[target] = {
+            "pred_el12": sign * float(row["el_ij"]),
+            "pred_el12_se": float(row["el_se"]),
+            "pred_t": sign * float(row["t"]),
+            "pred_significant": bool(row["significant"]),
+            "in_regime": bool(row["in_regime"]),
+            "regime_ratio": float(row["regime_ratio"]),
+            "pred_bracket": sign * float(row["bracket"]),
+            "dt": float(row["dt"]),
+        }
+    return found
+
+
+def predict(setup: Setup, opts: ValidateOptions, dw: float, note: Note) -> tuple[dict[str, dict], str]:
+    """The criterion's predicted ``EL_k^12`` for every target domain k: from ``--from`` when it has matching
+    rows (same step, pair, dw, horizon, lr and metric), else computed now by ``analysis.run_analysis`` into
+    ``OUT/validate-predict`` (cached there)."""
+    from commute_cli.analysis import AnalyzeOptions, run_analysis
+
+    lr = setup.lr_mean
+    if opts.from_dir is not None:
+        folder = Path(opts.from_dir)
+        results_file, run_file = folder / "results.csv", folder / "run.json"
+        if not results_file.is_file():
+            raise CommuteError(
+                f"no results.csv in {folder}",
+                hint=f"run: commute analyze {setup.checkpoint.parent} --out {folder}",
+            )
+        metric = (
+            _read_json(run_file).get("options", {}).get("metric", "euclid") if run_file.is_file() else None
+        )
+        found = None
+        if metric == opts.metric:
+            found = _prediction_rows(pd.read_csv(results_file), setup, dw, opts.steps, lr)
+        if found is not None:
+            return found, f"{results_file}"
+        note(
+            f"note: {results_file} has no rows for step {setup.step}, dw {dw:g}, horizon {opts.steps}, "
+            f"lr {lr:g}, metric {opts.metric}: computing the prediction now"
+        )
+    w = setup.schedule.weights_at(setup.step)
+    sized = {} if opts.samples is None else {"samples": opts.samples}
+    aopts = AnalyzeOptions(
+        **sized,
+        ckpt_dir=setup.checkpoint,
+        domains=[f"{n}={s}" for n, s in setup.eval_sources.items()],
+        tokenizer=setup.tokenizer_path,
+        seq_len=setup.seq_len,
+        blocks=opts.blocks,
+        weights=[f"{n}={w[n]!r}" for n in setup.names],
+        targets=list(setup.names),
+        metric=opts.metric,
+        dw=dw,
+        horizon=opts.steps,
+        lr=lr,
+        seed=0,
+        confidence=opts.confidence,
+        out=Path(opts.out) / PREDICT_DIR,
+        use_cache=opts.use_cache,
+    )
+    result = run_analysis(aopts)
+    found = _prediction_rows(result.results, setup, dw, opts.steps, lr)
+    if found is None:  # pragma: no cover - run_analysis writes exactly these rows
+        raise CommuteError("the analysis produced no prediction rows", exit_code=1)
+    return found, f"computed ({Path(opts.out) / PREDICT_DIR}/results.csv)"
+
+
+# ------------------------------------------------------------------------------------------------ table
+
+
+def _summary(values: Sequence[float], confidence: float) -> tuple[float, float, bool]:
+    """Mean, SE over repeats and a t test (SE is nan and nothing is significant with one repeat)."""
+    from commute_cli.criterion import summarize_blocks
+
+    x = np.asarray(values, dtype=np.float64)
+    if x.size < 2:
+        return float(x.mean()), math.nan, False
+    s = summarize_blocks(x, confidence)
+    return s.mean, s.se, s.significant
+
+
+def _agree(pred: float, obs: float) -> bool | None:
+    if pred == 0.0 or obs == 0.0 or not (math.isfinite(pred) and math.isfinite(obs)):
+        return None
+    return (pred > 0.0) == (obs > 0.0)
+
+
+def combine(
+    setup: Setup,
+    opts: ValidateOptions,
+    repeats: Sequence[Mapping[str, Any]],
+    predicted: Mapping[str, Mapping[str, Any]],
+    loss0: Mapping[str, float],
+    dw: float,
+) -> pd.DataFrame:
+    """One row per target domain k: observed EL^12, EL^21 (mean, SE over repeats) beside the prediction.
+
+    ``obs_sym = (EL^12 + EL^21) / 2`` is the part of the observed effect that the second-order theory says
+    is zero (``EL^21 = -EL^12``): large against ``obs_el12`` means higher-order terms or noise dominate.
+    """
+    i, j = (setup.names[k] for k in setup.pair)
+    rows = []
+    for k in setup.names:
+        el12 = [r["losses"]["12"][k] - r["losses"]["base"][k] for r in repeats]
+        el21 = [r["losses"]["21"][k] - r["losses"]["base"][k] for r in repeats]
+        m12, se12, sig12 = _summary(el12, opts.confidence)
+        m21, se21, sig21 = _summary(el21, opts.confidence)
+        msym, sesym, _ = _summary([(a + b) / 2 for a, b in zip(el12, el21, strict=True)], opts.confidence)
+        p = predicted[k]
+        pred12 = float(p["pred_el12"])
+        rows.append(
+            {
+                "step": setup.step,
+                "target": k,
+                "domain_1": i,
+                "domain_2": j,
+                "dw": dw,
+                "horizon": opts.steps,
+                "lr": setup.lr_mean,
+                "dt": float(p["dt"]),
+                "metric": opts.metric,
+                "repeats": len(repeats),
+                "loss_ckpt": float(loss0[k]),
+                "loss_base": float(np.mean([r["losses"]["base"][k] for r in repeats])),
+                "obs_el12": m12,
+                "obs_el12_se": se12,
+                "obs_el12_significant": sig12,
+                "obs_el21": m21,
+                "obs_el21_se": se21,
+                "obs_el21_significant": sig21,
+                "obs_sym": msym,
+                "obs_sym_se": sesym,
+                "pred_el12": pred12,
+                "pred_el12_se": float(p["pred_el12_se"]),
+                "pred_el21": -pred12,
+                "pred_significant": bool(p["pred_significant"]),
+                "pred_bracket": float(p["pred_bracket"]),
+                "sign_agree_12": _agree(pred12, m12),
+                "sign_agree_21": _agree(-pred12, m21),
+                "ratio_obs_pred": m12 / pred12 if pred12 != 0.0 else math.nan,
+                "regime_ratio": float(p["regime_ratio"]),
+                "in_regime": bool(p["in_regime"]),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------------------------------------------ run
+
+
+@dataclass
+class ValidateResult:
+    table: pd.DataFrame
+    run: dict[str, Any]
+    repeats: list[dict[str, Any]]
+    out: Path
+
+
+def _stderr_note(text: str) -> None:
+    print(text, file=sys.stderr)
+
+
+def run_validate(
+    opts: ValidateOptions,
+    *,
+    note: Note = _stderr_note,
+    on_step: Callable[[], None] | None = None,
+    on_start: Callable[[int], None] | None = None,
+) -> ValidateResult:
+    """The whole ``validate`` job: resolve, train the branches (cached), predict, combine, write files.
+
+    ``on_start(total_steps)`` is called once with the number of training steps still to run.
+    """
+    from commute_cli.analysis import _atomic_write_text, _check_writable, quiet_libraries
+
+    t0 = time.perf_counter()
+    quiet_libraries()
+    setup = resolve_setup(opts, note)
+    out = Path(opts.out)
+    _check_writable(out)
+    prepared = prepare_branches(setup, opts)
+    dw = prepared.realized_dw
+    if abs(dw - opts.dw) > 1e-9:
+        note(
+            f"note: with batch size {prepared.state.batch_size} and {opts.steps} steps the shift realized is "
+            f"dw = {dw:.6g} (asked {opts.dw:g}); predicting for the realized one"
+        )
+
+    def on_repeat(r: int, cached: bool) -> None:
+        if r == 0 and on_start is not None:
+            on_start(len(BRANCHES) * 2 * opts.steps * opts.repeats)
+        if cached and on_step is not None:
+            for _ in range(len(BRANCHES) * 2 * opts.steps):
+                on_step()
+
+    repeats = observe(setup, opts, prepared, on_step=on_step, on_repeat=on_repeat)
+    predicted, source = predict(setup, opts, dw, note)
+    table = combine(setup, opts, repeats, predicted, prepared.loss_at_checkpoint, dw)
+    run = {
+        "command": "validate",
+        "format": VALIDATE_FORMAT,
+        "commute_version": __version__,
+        "argv": sys.argv,
+        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()},
+        "checkpoint": str(setup.checkpoint),
+        "step": setup.step,
+        "domains": setup.train_sources,
+        "eval_domains": setup.eval_sources,
+        "eval_held_out": setup.eval_held_out,
+        "eval_blocks": {n: int(b.shape[0]) for n, b in prepared.eval_blocks.items()},
+        "pair": [setup.names[k] for k in setup.pair],
+        "dw_asked": opts.dw,
+        "dw_realized": dw,
+        "batch_size": prepared.state.batch_size,
+        "optimizer": type(prepared.state.optimizer).__name__
+        + ("" if setup.has_optimizer_state else " (no saved state)"),
+        "lr_source": setup.lr_source,
+        "lr_mean": setup.lr_mean,
+        "lr_first_last": [setup.lrs[0], setup.lrs[-1]],
+        "stream_seeds": [r["seed"] for r in repeats],
+        "schedules": {b: s.to_records() for b, s in prepared.schedules.items()},
+        "prediction": source,
+        "cache_key": prepared.key,
+        "elapsed_seconds": time.perf_counter() - t0,
+    }
+    payload = {"run": run, "rows": json.loads(table.to_json(orient="records")), "repeats": repeats}
+    _atomic_write_text(out / "validate.csv", table.to_csv(index=False))
+    _atomic_write_text(out / "validate.json", json.dumps(payload, indent=2, default=str) + "\n")
+    return ValidateResult(table, run, list(repeats), out)
+
+
+# ------------------------------------------------------------------------------------------------ rendering
+
+
+def _num(x: float) -> str:
+    """Four decimals (nats); two significant digits in scientific notation below 1e-3 (tiny lr, short N)."""
+    if not math.isfinite(x):
+        return str(x)
+    return f"{x:.4f}" if x == 0.0 or abs(x) >= 1e-3 else f"{x:.1e}"
+
+
+def _pm(mean: float, se: float, significant: bool | None = None) -> str:
+    text = _num(mean)
+    if math.isfinite(se):
+        text += f"±{_num(se)}"
+    return text + ("*" if significant else "")
+
+
+def validate_table(result: ValidateResult) -> Any:
+    """The paper's Table 2 layout: per target domain k, L_k at the checkpoint, observed and predicted
+    EL_k^12 and EL_k^21, whether the signs agree, obs/pred and the prediction's regime."""
+    from rich.console import Group
+    from rich.text import Text
+
+    from commute_cli.report import make_table
+
+    df = result.table
+    run = result.run
+    yes_no = {True: "yes", False: "NO", None: "-"}
+    rows = []
+    for r in df.itertuples(index=False):
+        agree12 = None if pd.isna(r.sign_agree_12) else bool(r.sign_agree_12)
+        agree21 = None if pd.isna(r.sign_agree_21) else bool(r.sign_agree_21)
+        regime = "in" if r.in_regime else "OUT"
+        rows.append(
+            [
+                r.target,
+                f"{r.loss_ckpt:.4f}",
+                _pm(r.obs_el12, r.obs_el12_se, r.obs_el12_significant),
+                _pm(r.pred_el12, r.pred_el12_se, r.pred_significant),
+                yes_no[agree12],
+                _pm(r.obs_el21, r.obs_el21_se, r.obs_el21_significant),
+                _pm(r.pred_el21, r.pred_el12_se, r.pred_significant),
+                yes_no[agree21],
+                _pm(r.obs_sym, r.obs_sym_se),
+                f"{r.ratio_obs_pred:.2g}" if math.isfinite(r.ratio_obs_pred) else "-",
+                f"{regime} ({r.regime_ratio:.2g})",
+            ]
+        )
+    one, two = run["pair"]
+    first = df.iloc[0].to_dict()
+    title = (
+        f"validate {Path(run['checkpoint']).name} (step {run['step']}): '12' = {one} +{first['dw']:g} for "
+        f"{int(first['horizon'])} steps then -{first['dw']:g}; '21' the reverse; dt = {first['dt']:g}, "
+        f"metric {first['metric']}, {int(first['repeats'])} repeats"
+    )
+    columns = [
+        "target k",
+        "L_k (ckpt)",
+        "EL_k^12 obs",
+        "EL_k^12 pred",
+        "sign",
+        "EL_k^21 obs",
+        "EL_k^21 pred",
+        "sign",
+        "obs (12+21)/2",
+        "obs/pred",
+        "regime",
+    ]
+    caption = (
+        f"EL_k^12 = L_k(theta_12) - L_k(theta_base) in nats on "
+        f"{'held-out blocks' if run['eval_held_out'] else 'TRAINING blocks (no held-out data given)'}; "
+        "obs: mean ± SE over stream seeds; pred: the criterion at the checkpoint (MATH.md; EL^21 = -EL^12), "
+        f"± SE over sample blocks; * significant at {result.run['options']['confidence']:g}; "
+        "(12+21)/2: the observed part that is even in dw, zero to second order (Adam's nonlinearity, "
+        "higher orders, noise); "
+        f"regime: the prediction's second-order/first-order ratio ('OUT': its nats are meaningless, the sign "
+        f"is a weaker hint). Pair {one}/{two}, batch {run['batch_size']}, {run['optimizer']}, "
+        f"lr {run['lr_mean']:g} ({run['lr_source']}); prediction: {run['prediction']}."
+    )
+    table = make_table(title, columns, rows)
+    return Group(table, Text(caption, style="dim"))
+
+
+class ValidateProgress:
+    """One rich bar over all training steps of all branches and repeats (stderr, terminals only)."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        console = Console(file=sys.stderr)
+        self.enabled = enabled and console.is_terminal
+        self._progress = Progress(
+            TextColumn("validate: branches"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+            disable=not self.enabled,
+        )
+        self._task: Any = None
+
+    def __enter__(self) -> ValidateProgress:
+        self._progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.__exit__(None, None, None)
+
+    def start(self, total: int) -> None:
+        self._task = self._progress.add_task("branches", total=total)
+
+    def step(self) -> None:
+        if self._task is not None:
+            self._progress.advance(self._task)
+
+
+__all__ = [
+    "BRANCHES",
+    "ValidateOptions",
+    "ValidateProgress",
+    "ValidateResult",
+    "branch_schedules",
+    "combine",
+    "max_dw",
+    "observe",
+    "predict",
+    "realize_counts",
+    "run_branches",
+    "run_validate",
+    "validate_table",
+]
