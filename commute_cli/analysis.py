@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from commute_cli import __version__, checkpoints, criterion, domains
+from commute_cli import __version__, checkpoints, criterion, distributed, domains
 from commute_cli.errors import CommuteError
 from commute_cli.estimator import CheckpointStats, estimate_checkpoint
 from commute_cli.schedule import Schedule, load_schedule, parse_weights
@@ -63,6 +63,7 @@ class AnalyzeOptions:
     samples: int = 96
     blocks: int = 8
     batch_size: int = 8
+    hvp_batch_size: int | None = None  # None: half of batch_size (see hvp_micro_batch)
     weights: list[str] = field(default_factory=list)
     schedule: Path | None = None
     targets: list[str] = field(default_factory=list)
@@ -90,6 +91,8 @@ class AnalyzeOptions:
             raise CommuteError(f"--blocks must be at least 2 for an error bar, got {self.blocks}")
         if self.batch_size < 1:
             raise CommuteError(f"--batch-size must be positive, got {self.batch_size}")
+        if self.hvp_batch_size is not None and self.hvp_batch_size < 1:
+            raise CommuteError(f"--hvp-batch-size must be positive, got {self.hvp_batch_size}")
         if self.seq_len is not None and self.seq_len < 2:
             raise CommuteError(f"--seq-len must be at least 2, got {self.seq_len}")
         if (self.dw is not None and not (0.0 < self.dw <= 0.5)) or (
@@ -321,6 +324,17 @@ def preconditioner(
 # ------------------------------------------------------------------------------------------------ cache
 
 
+def hvp_micro_batch(opts: AnalyzeOptions) -> int:
+    """Sequences per forward pass of the HVPs: ``--hvp-batch-size``, by default half of ``--batch-size``.
+
+    A reverse-on-reverse HVP keeps ~3x the autograd memory of a gradient at the same micro-batch
+    (benchmarks/bench_analysis.py: 12M GPT-2, 4 x 256 tokens: gradient +650 MB, HVP +1980 MB, HVP at 2
+    sequences +1130 MB), so at half the micro-batch the whole analysis stays within ~2x the memory of a
+    gradient pass at ``--batch-size``; on CPU the HVP is as fast per sequence at half the micro-batch.
+    """
+    return opts.hvp_batch_size if opts.hvp_batch_size is not None else max(1, opts.batch_size // 2)
+
+
 def _stats_key(
     ref: checkpoints.CheckpointRef,
     opts: AnalyzeOptions,
@@ -328,6 +342,7 @@ def _stats_key(
     sample_digest: str,
     target_coefs: np.ndarray | None,
     device: torch.device,
+    world: int = 1,
 ) -> str:
     weights = sorted(p for p in ref.path.iterdir() if p.name.startswith(("model", "pytorch_model")))
     files = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in weights]
@@ -343,9 +358,12 @@ def _stats_key(
         opts.hvp,
         plan,
         opts.batch_size,
+        hvp_micro_batch(opts),
         None if target_coefs is None else np.round(target_coefs, 12).tolist(),
         device.type,
     ]
+    if world > 1:  # other summation order: equal to float32 rounding, not bit for bit
+        payload.append(f"world={world}")
     return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:24]
 
 
@@ -610,15 +628,41 @@ def run_analysis(
     on_checkpoint_start: Callable[[int, checkpoints.CheckpointRef, int, bool], None] | None = None,
     on_block: Callable[[int], None] | None = None,
 ) -> AnalysisResult:
-    """The whole ``analyze`` job. Progress callbacks let the CLI draw bars without this module knowing."""
+    """The whole ``analyze`` job. Progress callbacks let the CLI draw bars without this module knowing.
+
+    Under torchrun (``WORLD_SIZE > 1``) every rank runs this with the same options: each takes a slice
+    of every part and sums through ``torch.distributed`` (:mod:`commute_cli.distributed`); rank 0 alone
+    reads the data, reads and writes the cache and the outputs, and calls the progress callbacks.
+    """
     t0 = time.perf_counter()
     quiet_libraries()
-    inputs = resolve_inputs(opts)
+    ctx, device = distributed.setup(_resolve_device(opts.device))
+    try:
+        return _run_analysis(opts, ctx, device, t0, on_checkpoint_start, on_block)
+    finally:
+        ctx.close()
+
+
+def _run_analysis(
+    opts: AnalyzeOptions,
+    ctx: distributed.DistContext,
+    device: torch.device,
+    t0: float,
+    on_checkpoint_start: Callable[[int, checkpoints.CheckpointRef, int, bool], None] | None,
+    on_block: Callable[[int], None] | None,
+) -> AnalysisResult:
+    if not ctx.is_main:
+        on_checkpoint_start = on_block = None
+    inputs = ctx.agree(lambda: resolve_inputs(opts))
+    assert inputs is not None
     out = Path(opts.out)
-    _check_writable(out)
-    device = _resolve_device(opts.device)
+    ctx.agree(lambda: _check_writable(out), main_only=True)
     cache_dir = out / "cache"
-    parts, sample_digest = prepare_samples(inputs, opts, cache_dir)
+    # Tokenized once per run (and cached across runs) by rank 0; the sample goes to the other ranks.
+    prepared = ctx.broadcast(ctx.agree(lambda: prepare_samples(inputs, opts, cache_dir), main_only=True))
+    assert prepared is not None
+    parts, sample_digest = prepared
+    local_parts = [[[ctx.shard(p) for p in blk] for blk in dom] for dom in parts]
     K, T = len(inputs.names), len(inputs.targets)
     plan = criterion.choose_plan(K, T) if opts.plan == "auto" else opts.plan
     steps = [r.step for r in inputs.refs]
@@ -636,29 +680,37 @@ def run_analysis(
                 f"no learning rate for {ref.name}: trainer_state.json has none logged",
                 hint="pass --lr (the learning rate around these checkpoints)",
             )
-        key = _stats_key(ref, opts, plan, sample_digest, coefs, device)
+        key = _stats_key(ref, opts, plan, sample_digest, coefs, device, ctx.world)
         entry = cache_dir / f"stats-{ref.name}-{key}.safetensors"
-        stats = _load_cached(entry) if opts.use_cache else None
+        stats = ctx.broadcast(_load_cached(entry) if opts.use_cache and ctx.is_main else None)
         if on_checkpoint_start is not None:
             on_checkpoint_start(idx, ref, opts.blocks, stats is not None)
         extra: dict[str, Any] = {}
         if stats is None:
             tc = time.perf_counter()
-            model = checkpoints.load_model(ref, device=device)
-            D, extra = preconditioner(ref, model, opts.metric)
+            # every rank loads its own copy; a failure on any rank stops all of them
+            model = ctx.agree(lambda ref=ref: checkpoints.load_model(ref, device=device))
+            metric = ctx.agree(lambda ref=ref, model=model: preconditioner(ref, model, opts.metric))
+            assert model is not None and metric is not None
+            D, extra = metric
             stats = estimate_checkpoint(
                 model,
-                parts,
+                local_parts,
                 plan=plan,
                 target_coefs=coefs,
                 D=D,
                 method=opts.hvp,
                 micro_batch=opts.batch_size,
+                hvp_micro_batch=hvp_micro_batch(opts),
                 on_block=on_block,
+                reduce=ctx.reduce_fn(),
             )
             del model, D
             extra["seconds"] = time.perf_counter() - tc
-            _save_cached(entry, stats, {"checkpoint": str(ref.path), "format": CACHE_FORMAT})
+            meta = {"checkpoint": str(ref.path), "format": CACHE_FORMAT}
+            ctx.agree(
+                lambda entry=entry, stats=stats, meta=meta: _save_cached(entry, stats, meta), main_only=True
+            )
         if not np.all(np.isfinite(stats.losses)):
             raise CommuteError(
                 f"non-finite loss at {ref.name} (nan or inf): the checkpoint's weights are broken",
@@ -722,14 +774,21 @@ def run_analysis(
         "samples_per_domain": int(sum(p.shape[0] for blk in parts[0] for p in blk)),
         "sample_digest": sample_digest,
         "device": str(device),
+        "world_size": ctx.world,
+        "hvp_batch_size": hvp_micro_batch(opts),
+        "peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         "checkpoints": per_ckpt,
         "elapsed_seconds": time.perf_counter() - t0,
         "peak_rss_mb": _peak_rss_mb(),
         "regime": {"max_ratio": REGIME_MAX_RATIO, "max_progress_fraction": REGIME_MAX_PROGRESS},
     }
-    _atomic_write_text(out / "results.csv", results.to_csv(index=False))
-    _atomic_write_text(out / "losses.csv", losses.to_csv(index=False))
-    _atomic_write_text(out / "run.json", json.dumps(run, indent=2, default=str) + "\n")
+
+    def write_outputs() -> None:
+        _atomic_write_text(out / "results.csv", results.to_csv(index=False))
+        _atomic_write_text(out / "losses.csv", losses.to_csv(index=False))
+        _atomic_write_text(out / "run.json", json.dumps(run, indent=2, default=str) + "\n")
+
+    ctx.agree(write_outputs, main_only=True)
     return AnalysisResult(results, losses, run, out)
 
 

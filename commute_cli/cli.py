@@ -99,6 +99,12 @@ def analyze_command(
     ),
     blocks: int = typer.Option(8, "--blocks", help="Independent sample blocks for the error bars."),
     batch_size: int = typer.Option(8, "--batch-size", help="Micro-batch (sequences per forward pass)."),
+    hvp_batch_size: int | None = typer.Option(
+        None,
+        "--hvp-batch-size",
+        help="Micro-batch of the Hessian-vector products (default: half of --batch-size; an HVP needs "
+        "~3x the memory of a gradient).",
+    ),
     metric: str = typer.Option(
         "euclid",
         "--metric",
@@ -156,6 +162,7 @@ def analyze_command(
         samples=samples,
         blocks=blocks,
         batch_size=batch_size,
+        hvp_batch_size=hvp_batch_size,
         weights=weights,
         schedule=schedule,
         targets=target,

@@ -44,7 +44,7 @@ LossFn = Callable[[nn.Module, Tensor], Tensor]
 """``loss_fn(model, input_ids[b, T]) -> scalar``: mean next-token cross-entropy over the micro-batch."""
 
 Reduce = Callable[[Tensor], Tensor]
-"""Sums a tensor across processes (data parallelism); ``None`` means a single process."""
+"""Sums a tensor across processes (data parallelism; may reduce in place); ``None`` means a single process."""
 
 HVPMethod = Literal["rr", "fr"]
 
@@ -138,6 +138,11 @@ def causal_lm_loss(model: nn.Module, input_ids: Tensor) -> Tensor:
     would cap float64 reference tests at float32 accuracy. Logits are upcast to float32 (kept
     float64 for a float64 model). Works for Hugging Face causal LMs (``.logits``) and for any
     module returning the logits tensor ``[b, T, V]`` itself.
+
+    The per-token losses are averaged in float64 (the result is a float64 scalar; gradients flow back
+    in the parameters' dtype): a float32 mean rounds differently for every grouping of the sequences
+    into micro-batches or processes (~1e-7 relative), and the standard error of the loss over design
+    blocks, a small difference of such means, would inherit that as ~1e-5 relative noise.
     """
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "use_cache"):
@@ -149,7 +154,10 @@ def causal_lm_loss(model: nn.Module, input_ids: Tensor) -> Tensor:
         logits = logits.float()
     shift_logits = logits[:, :-1, :]
     labels = input_ids[:, 1:]
-    return F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), labels.reshape(-1))
+    per_token = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]), labels.reshape(-1), reduction="none"
+    )
+    return per_token.double().mean()
 
 
 # --------------------------------------------------------------------------------------------
@@ -195,13 +203,15 @@ def _trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return plist
 
 
-def _check_blocks(blocks: Tensor, micro_batch: int) -> None:
+def _check_blocks(blocks: Tensor, micro_batch: int, allow_empty: bool = False) -> None:
+    """``allow_empty``: under data parallelism (a ``reduce`` hook) a process may hold no block of a small
+    part; it then contributes zero sums and a zero count, and the reduced count is still positive."""
     if blocks.dim() != 2 or blocks.dtype not in (torch.int64, torch.int32):
         raise CommuteError(
             f"token blocks must be an integer tensor [N, T], got {tuple(blocks.shape)} {blocks.dtype}",
             hint="pass a LongTensor of equal-length token blocks",
         )
-    if blocks.shape[0] == 0 or blocks.shape[1] < 2:
+    if (blocks.shape[0] == 0 and not allow_empty) or blocks.shape[1] < 2:
         raise CommuteError(
             f"need at least one block of at least 2 tokens, got shape {tuple(blocks.shape)}",
             hint="sample more data or use a longer sequence length",
@@ -241,12 +251,18 @@ def _translate_ad_error(err: BaseException, model: nn.Module, method: str) -> Co
 
 def _micro_batches(blocks: Tensor, micro_batch: int, device: torch.device) -> Iterator[Tensor]:
     for mb in blocks.split(micro_batch):
+        if mb.shape[0] == 0:  # split() of an empty tensor yields one empty chunk
+            continue
         yield mb.to(device=device, dtype=torch.long, non_blocking=True)
 
 
 def _finish(sums: list[Tensor], count: int, acc_dtype: torch.dtype, reduce: Reduce | None) -> list[Tensor]:
-    """Sum across processes (``reduce``) and divide by the global number of blocks."""
-    total = torch.tensor(float(count), dtype=acc_dtype, device=sums[0].device)
+    """Sum across processes (``reduce``) and divide by the global number of blocks.
+
+    Loss sums are float64 scalars whatever ``acc_dtype`` (see :func:`causal_lm_loss`); vectors keep
+    their dtype (a float64 0-dim count does not promote them).
+    """
+    total = torch.tensor(float(count), dtype=torch.float64, device=sums[0].device)
     if reduce is not None:
         sums = [reduce(s) for s in sums]
         total = reduce(total)
@@ -272,11 +288,11 @@ def loss_only(
 ) -> float:
     """Mean loss over all blocks, without building a graph (evaluation losses)."""
     check_model(model)
-    _check_blocks(blocks, micro_batch)
+    _check_blocks(blocks, micro_batch, allow_empty=reduce is not None)
     device, acc = model_device(model), accumulation_dtype(model)
-    loss_sum = torch.zeros((), dtype=acc, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # see causal_lm_loss
     for mb in _micro_batches(blocks, micro_batch, device):
-        loss_sum += loss_fn(model, mb).detach().to(acc) * mb.shape[0]
+        loss_sum += loss_fn(model, mb).detach().double() * mb.shape[0]
     (loss,) = _finish([loss_sum], blocks.shape[0], acc, reduce)
     return float(loss)
 
@@ -293,19 +309,19 @@ def loss_and_grad(
     Uses ``torch.autograd.grad``, so the model's ``.grad`` fields are left untouched.
     """
     check_model(model)
-    _check_blocks(blocks, micro_batch)
+    _check_blocks(blocks, micro_batch, allow_empty=reduce is not None)
     plist = _trainable(model)
     params = [p for _, p in plist]
     device, acc = model_device(model), accumulation_dtype(model)
-    loss_sum = torch.zeros((), dtype=acc, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # see causal_lm_loss
     grad_sum = torch.zeros(sum(p.numel() for p in params), dtype=acc, device=device)
     for mb in _micro_batches(blocks, micro_batch, device):
         with torch.enable_grad():
             loss = loss_fn(model, mb)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
         b = mb.shape[0]
-        loss_sum += loss.detach().to(acc) * b
-        grad_sum += flatten(_grads_or_zeros(grads, params)).to(acc) * b
+        loss_sum += loss.detach().double() * b
+        grad_sum.add_(flatten(_grads_or_zeros(grads, params)).to(acc), alpha=b)  # no [n] temporary
     loss_mean, grad_mean = _finish([loss_sum, grad_sum], blocks.shape[0], acc, reduce)
     return float(loss_mean), grad_mean
 
@@ -353,7 +369,7 @@ def hvp(
     if method not in ("rr", "fr"):
         raise CommuteError(f"unknown HVP method {method!r}", hint='use "rr" or "fr"')
     check_model(model)
-    _check_blocks(blocks, micro_batch)
+    _check_blocks(blocks, micro_batch, allow_empty=reduce is not None)
     plist = _trainable(model)
     params = [p for _, p in plist]
     n = sum(p.numel() for p in params)
@@ -373,7 +389,7 @@ def hvp(
     vecs = vectors.detach().to(device=device, dtype=compute_dtype)
     m = vecs.shape[0]
 
-    loss_sum = torch.zeros((), dtype=acc, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # see causal_lm_loss
     grad_sum = torch.zeros(n, dtype=acc, device=device)
     hvp_sum = torch.zeros(m, n, dtype=acc, device=device)
     step = _rr_micro_batch if method == "rr" else _fr_micro_batch
@@ -381,9 +397,9 @@ def hvp(
         for mb in _micro_batches(blocks, micro_batch, device):
             loss, grad, hv = step(model, plist, mb, vecs, loss_fn, fr_chunk)
             b = mb.shape[0]
-            loss_sum += loss.to(acc) * b
-            grad_sum += grad.to(acc) * b
-            hvp_sum += hv.to(acc) * b
+            loss_sum += loss.double() * b
+            grad_sum.add_(grad.to(acc), alpha=b)
+            hvp_sum.add_(hv.to(acc), alpha=b)  # no [m, n] temporary
     except (RuntimeError, NotImplementedError) as err:
         translated = _translate_ad_error(err, model, method)
         if translated is None:

@@ -121,9 +121,23 @@ class CheckpointStats:
         )
 
 
-def _dots(rows: Tensor, vec: Tensor) -> np.ndarray:
-    """``rows @ vec`` in float64 (dot products of long float32 vectors lose digits otherwise)."""
-    return (rows.double() @ vec.double()).cpu().numpy()
+#: entries of the parameter axis per float64 chunk in :func:`_gram` (8 MB per row and chunk on CUDA, 2 on CPU)
+_GRAM_CHUNK_CPU = 1 << 18
+_GRAM_CHUNK_CUDA = 1 << 20
+
+
+def _gram(A: Tensor, B: Tensor) -> np.ndarray:
+    """``A @ B.T`` accumulated in float64 (dot products of long float32 vectors lose digits otherwise).
+
+    Chunked over the parameter axis: float64 copies of whole ``[K, n]`` stacks would cost ``16 K n`` bytes,
+    more than the gradients themselves (1.5 GB for K = 8 and a 12M-parameter model).
+    """
+    out = torch.zeros(A.shape[0], B.shape[0], dtype=torch.float64, device=A.device)
+    n = A.shape[-1]
+    step = _GRAM_CHUNK_CUDA if A.device.type == "cuda" else _GRAM_CHUNK_CPU
+    for start in range(0, n, step):
+        out += A[:, start : start + step].double() @ B[:, start : start + step].double().T
+    return out.cpu().numpy()
 
 
 def estimate_checkpoint(
@@ -137,6 +151,8 @@ def estimate_checkpoint(
     micro_batch: int = 8,
     loss_fn: curvature.LossFn = curvature.causal_lm_loss,
     on_block: Callable[[int], None] | None = None,
+    reduce: curvature.Reduce | None = None,
+    hvp_micro_batch: int | None = None,
 ) -> CheckpointStats:
     """All per-block inner products of one checkpoint (see the module docstring).
 
@@ -149,9 +165,18 @@ def estimate_checkpoint(
         method: "rr" or "fr" HVPs.
         micro_batch: sequences per forward pass.
         on_block: called with the block index after each block (progress).
+        reduce: data parallelism (:mod:`commute_cli.distributed`): ``parts`` hold this process's slice of
+            every part and ``reduce`` sums across processes; every mean is then over all processes' sequences.
+        hvp_micro_batch: sequences per forward pass of the HVPs (default ``micro_batch``). A
+            reverse-on-reverse HVP keeps ~3x the autograd memory of a gradient at the same micro-batch.
 
     Cost per block: ``2K`` gradient passes over one part each, and ``K`` HVP passes with ``K-1`` (pair)
     or ``T`` (target) vectors each; the vectors share one forward pass per micro-batch.
+
+    Memory: ``D g^(0)`` as a ``[K, n]`` stack (``g^(0)`` itself is never needed once preconditioned, since
+    ``<g0, D g2> = <D g0, g2>``), ``g^(2)`` as a second ``[K, n]`` stack in the pair plan but streamed into
+    ``u_t`` in the target plan, the HVP outputs, and chunked float64 dot products (:func:`_gram`); nothing
+    depends on the number of samples.
     """
     K = len(parts)
     B = len(parts[0])
@@ -167,37 +192,63 @@ def estimate_checkpoint(
     T = 0 if target_coefs is None else int(target_coefs.shape[0])
     M = np.zeros((B, T, K, K)) if plan == "target" else None
     seqs = int(parts[0][0][VEC].shape[0])
+    if reduce is not None:  # this process holds a slice of each part: count every process's sequences
+        seqs = round(float(reduce(torch.tensor(float(seqs), dtype=torch.float64, device=device))))
+
+    hvp_mb = micro_batch if hvp_micro_batch is None else hvp_micro_batch
 
     for b in range(B):
-        g_vec, g_pair, loss_parts = [], [], np.zeros((K, 3))
+        DG0: Tensor | None = None  # D g_k^(0): the HVP vectors of the pair plan
+        G2: Tensor | None = None  # g_k^(2) (pair plan)
+        U: Tensor | None = None  # u_t = D sum_k c_tk g_k^(2) (target plan)
+        loss_parts = np.zeros((K, 3))
         for k in range(K):
-            loss_parts[k, VEC], g = curvature.loss_and_grad(model, parts[k][b][VEC], micro_batch, loss_fn)
-            g_vec.append(g)
-            loss_parts[k, PAIR], g = curvature.loss_and_grad(model, parts[k][b][PAIR], micro_batch, loss_fn)
-            g_pair.append(g)
-        G0 = torch.stack(g_vec)
-        G2 = torch.stack(g_pair)
-        del g_vec, g_pair
-        DG0 = apply_preconditioner(Dd, G0)
-        DG2 = apply_preconditioner(Dd, G2)
-        first[b] = (G0.double() @ DG2.double().T).cpu().numpy()
+            loss_parts[k, VEC], g = curvature.loss_and_grad(
+                model, parts[k][b][VEC], micro_batch, loss_fn, reduce
+            )
+            if DG0 is None:
+                DG0 = g.new_empty((K, g.shape[0]))
+            DG0[k] = g if Dd is None else apply_preconditioner(Dd, g)
+            del g
+        assert DG0 is not None
+        for ell in range(K):
+            loss_parts[ell, PAIR], g = curvature.loss_and_grad(
+                model, parts[ell][b][PAIR], micro_batch, loss_fn, reduce
+            )
+            first[b, :, ell] = _gram(DG0, g.unsqueeze(0))[:, 0]  # <D g_k^(0), g_l^(2)> = <g_k^(0), D g_l^(2)>
+            if plan == "pair":
+                if G2 is None:
+                    G2 = g.new_empty((K, g.shape[0]))
+                G2[ell] = g
+            else:
+                if U is None:
+                    U = g.new_zeros((T, g.shape[0]))
+                for t in range(T):
+                    if target_coefs[t, ell] != 0.0:  # type: ignore[index]
+                        U[t].add_(g, alpha=float(target_coefs[t, ell]))  # type: ignore[index]
+            del g
+        if plan == "target":
+            assert U is not None
+            U = apply_preconditioner(Dd, U)
 
         for a in range(K):
             if plan == "pair":
+                assert G2 is not None
                 others = [ell for ell in range(K) if ell != a]
-                res = curvature.hvp(model, parts[a][b][HVP], DG0[others], micro_batch, method, loss_fn)
+                res = curvature.hvp(model, parts[a][b][HVP], DG0[others], hvp_mb, method, loss_fn, reduce)
+                # <D g_k^(2), H_a D g_l^(0)> = <g_k^(2), D H_a D g_l^(0)>
+                dots = _gram(G2, apply_preconditioner(Dd, res.hvps))  # [K, K-1]
                 for idx, ell in enumerate(others):
-                    Q[b, :, a, ell] = _dots(DG2, res.hvps[idx])  # type: ignore[index]
+                    Q[b, :, a, ell] = dots[:, idx]  # type: ignore[index]
             else:
-                coefs = torch.as_tensor(target_coefs, dtype=DG2.dtype, device=DG2.device)
-                U = coefs @ DG2  # u_t = D g_{L_t}^(2)
-                res = curvature.hvp(model, parts[a][b][HVP], U, micro_batch, method, loss_fn)
-                M[b, :, a, :] = (res.hvps.double() @ DG0.double().T).cpu().numpy()  # type: ignore[index]
+                assert U is not None
+                res = curvature.hvp(model, parts[a][b][HVP], U, hvp_mb, method, loss_fn, reduce)
+                M[b, :, a, :] = _gram(res.hvps, DG0)  # type: ignore[index]
                 M[b, :, a, a] = 0.0  # type: ignore[index]
             loss_parts[a, HVP] = res.loss
             del res
         losses[b] = loss_parts.mean(axis=1)  # parts have equal sizes
-        del G0, G2, DG0, DG2
+        del DG0, G2, U
         if on_block is not None:
             on_block(b)
     return CheckpointStats(

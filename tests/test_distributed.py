@@ -1,0 +1,190 @@
+"""Data parallelism: 2 real gloo processes on CPU give the single-process numbers.
+
+- ``torchrun --nproc_per_node=2 -m commute_cli analyze`` on the tiny run against the same command in one
+  process (relative difference <= 1e-5 in float32; parts of 3 sequences, so the ranks hold 2 and 1);
+- the ``reduce`` hook of ``curvature`` with two processes, one of which holds no sequence at all;
+- a failure on rank 0 only (an output folder that is a file) ends both ranks, printed once.
+
+Loopback only: torchrun ``--standalone`` and a ``file://`` rendezvous.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from commute_cli.cli import main
+
+from tiny_run import make_run
+
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo needed"
+)
+
+ARGS = ["--samples", "36", "--blocks", "4", "--quiet"]
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    return make_run(tmp_path_factory.mktemp("drun") / "run", steps=(0, 20))
+
+
+def torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += ["-m", "commute_cli", "analyze", *[str(a) for a in args]]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600, check=False)
+
+
+def assert_same_numbers(a: pd.DataFrame, b: pd.DataFrame, rtol: float) -> None:
+    assert list(a.columns) == list(b.columns) and len(a) == len(b)
+    for col in a.columns:
+        x, y = a[col], b[col]
+        if x.dtype.kind == "f":
+            xv, yv = x.to_numpy(), y.to_numpy()
+            assert np.array_equal(np.isnan(xv), np.isnan(yv)), col
+            ok = ~np.isnan(xv)
+            rel = np.abs(xv[ok] - yv[ok]) / np.maximum(np.abs(xv[ok]), 1e-30)
+            assert rel.max(initial=0.0) <= rtol, (col, rel.max())
+        else:
+            assert x.fillna("").astype(str).tolist() == y.fillna("").astype(str).tolist(), col
+
+
+def test_torchrun_two_ranks_equal_single_process(run_dir, tmp_path, capsys):
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    try:
+        main(["analyze", str(run_dir), "--out", str(single), *ARGS])
+    except SystemExit as ex:  # pragma: no cover - only on failure
+        assert not ex.code, capsys.readouterr().err
+    capsys.readouterr()
+
+    proc = torchrun([run_dir, "--out", multi, *ARGS], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # rank 0 alone prints the table; the other rank stays quiet
+    assert proc.stdout.count("target: en") == 1, proc.stdout[-2000:]
+    assert proc.stderr.count("results in") == 1
+
+    for name in ("results.csv", "losses.csv"):
+        assert_same_numbers(pd.read_csv(single / name), pd.read_csv(multi / name), rtol=1e-5)
+    run = json.loads((multi / "run.json").read_text())
+    assert run["world_size"] == 2 and run["samples_per_domain"] == 36
+    assert run["sample_digest"] == json.loads((single / "run.json").read_text())["sample_digest"]
+    # the cache entries of a 2-process run are its own (other summation order)
+    assert {p.name for p in (multi / "cache").glob("stats-*")}.isdisjoint(
+        p.name for p in (single / "cache").glob("stats-*")
+    )
+
+
+def test_failure_on_rank_zero_ends_both_ranks(run_dir, tmp_path):
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("x")
+    proc = torchrun([run_dir, "--out", not_a_folder, *ARGS], cwd=tmp_path)
+    assert proc.returncode != 0
+    assert proc.stderr.count("error: output folder") == 1, proc.stderr[-3000:]
+
+
+# ------------------------------------------------------------------------------------ curvature reduce
+
+
+def _tiny_model():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=50,
+        n_positions=16,
+        n_embd=16,
+        n_layer=1,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        attn_implementation="eager",
+    )
+    return GPT2LMHeadModel(config).eval()
+
+
+def _blocks() -> torch.Tensor:
+    return torch.randint(0, 50, (3, 12), generator=torch.Generator().manual_seed(1))
+
+
+def _reduce_worker(rank: int, init_file: str, out_dir: str) -> None:
+    from commute_cli import curvature as C
+    from commute_cli.distributed import DistContext
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        ctx = DistContext(rank=rank, world=2)
+        model = _tiny_model()
+        blocks = _blocks()[:1]  # one sequence: rank 0 holds it, rank 1 holds none
+        mine = ctx.shard(blocks)
+        assert mine.shape[0] == (1 if rank == 0 else 0)
+        vecs = torch.randn(2, C.num_params(model), generator=torch.Generator().manual_seed(2))
+        loss, grad = C.loss_and_grad(model, mine, 2, reduce=ctx.reduce_fn())
+        res = C.hvp(model, mine, vecs, 2, reduce=ctx.reduce_fn())
+        # three sequences split 2 / 1
+        part = ctx.shard(_blocks())
+        loss3, grad3 = C.loss_and_grad(model, part, 1, reduce=ctx.reduce_fn())
+        res3 = C.hvp(model, part, vecs, 1, reduce=ctx.reduce_fn())
+        torch.save(
+            {
+                "loss": loss,
+                "grad": grad,
+                "hvps": res.hvps,
+                "loss3": loss3,
+                "grad3": grad3,
+                "hvps3": res3.hvps,
+                "hvp_loss3": res3.loss,
+            },
+            os.path.join(out_dir, f"rank{rank}.pt"),
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative error of a vector (entries of an HVP cancel, so entrywise tolerances mislead)."""
+    return float((a - b).norm() / b.norm())
+
+
+def test_reduce_hook_with_an_empty_rank(tmp_path):
+    from commute_cli import curvature as C
+
+    mp.spawn(_reduce_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    model = _tiny_model()
+    vecs = torch.randn(2, C.num_params(model), generator=torch.Generator().manual_seed(2))
+    loss, grad = C.loss_and_grad(model, _blocks()[:1], 2)
+    hv = C.hvp(model, _blocks()[:1], vecs, 2).hvps
+    loss3, grad3 = C.loss_and_grad(model, _blocks(), 3)
+    hv3 = C.hvp(model, _blocks(), vecs, 3)
+    for rank in (0, 1):  # every rank ends with the same global means
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert got["loss"] == pytest.approx(loss, rel=1e-6)
+        assert rel_err(got["grad"], grad) < 1e-6
+        assert rel_err(got["hvps"], hv) < 1e-6
+        assert got["loss3"] == pytest.approx(loss3, rel=1e-6)
+        assert got["hvp_loss3"] == pytest.approx(loss3, rel=1e-6)
+        assert rel_err(got["grad3"], grad3) < 1e-6
+        assert rel_err(got["hvps3"], hv3.hvps) < 1e-6
