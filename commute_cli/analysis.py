@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from commute_cli import __version__, checkpoints, criterion, distributed, domains
+from commute_cli import __version__, atomic, checkpoints, criterion, distributed, domains
 from commute_cli.errors import CommuteError
 from commute_cli.estimator import CheckpointStats, estimate_checkpoint
 from commute_cli.schedule import Schedule, load_schedule, parse_weights
@@ -398,18 +398,11 @@ def _load_cached(file: Path) -> CheckpointStats | None:
 def _save_cached(file: Path, stats: CheckpointStats, meta: dict[str, str]) -> None:
     from safetensors.numpy import save_file
 
-    file.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".stats-", suffix=".tmp", dir=file.parent)
-    os.close(fd)
-    try:
-        arrays = {k: np.ascontiguousarray(v) for k, v in stats.to_arrays().items()}
+    arrays = {k: np.ascontiguousarray(v) for k, v in stats.to_arrays().items()}
+    with atomic.replacing(file) as tmp:
         save_file(
             arrays, tmp, metadata={**meta, "plan": stats.plan, "seqs_per_part": str(stats.seqs_per_part)}
         )
-        os.replace(tmp, file)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 # ------------------------------------------------------------------------------------------------ rows
@@ -593,18 +586,6 @@ class AnalysisResult:
     out: Path
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _check_writable(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -784,9 +765,9 @@ def _run_analysis(
     }
 
     def write_outputs() -> None:
-        _atomic_write_text(out / "results.csv", results.to_csv(index=False))
-        _atomic_write_text(out / "losses.csv", losses.to_csv(index=False))
-        _atomic_write_text(out / "run.json", json.dumps(run, indent=2, default=str) + "\n")
+        atomic.write_text(out / "results.csv", results.to_csv(index=False))
+        atomic.write_text(out / "losses.csv", losses.to_csv(index=False))
+        atomic.write_text(out / "run.json", json.dumps(run, indent=2, default=str) + "\n")
 
     ctx.agree(write_outputs, main_only=True)
     return AnalysisResult(results, losses, run, out)

@@ -46,7 +46,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from commute_cli import __version__
+from commute_cli import __version__, atomic
 from commute_cli.errors import CommuteError
 from commute_cli.schedule import Schedule
 
@@ -532,7 +532,6 @@ def observe(
     on_repeat: Callable[[int, bool], None] | None = None,
 ) -> list[dict[str, Any]]:
     """All repeats (cached per repeat in ``OUT/cache``): ``[{"seed", "losses": {branch: {domain: L}}}]``."""
-    from commute_cli.analysis import _atomic_write_text
 
     cache = Path(opts.out) / "cache"
     lr_of = {setup.step + t: lr for t, lr in enumerate(setup.lrs)}
@@ -567,7 +566,7 @@ def observe(
                 "positions": positions,
                 "seconds": time.perf_counter() - t0,
             }
-            _atomic_write_text(file, json.dumps(entry, indent=1) + "\n")
+            atomic.write_text(file, json.dumps(entry, indent=1) + "\n")
         for label, values in entry["losses"].items():
             if not all(math.isfinite(v) for v in values.values()):
                 raise CommuteError(
@@ -797,7 +796,7 @@ def run_validate(
 
     ``on_start(total_steps)`` is called once with the number of training steps still to run.
     """
-    from commute_cli.analysis import _atomic_write_text, _check_writable, quiet_libraries
+    from commute_cli.analysis import _check_writable, quiet_libraries
 
     t0 = time.perf_counter()
     quiet_libraries()
@@ -850,8 +849,8 @@ def run_validate(
         "elapsed_seconds": time.perf_counter() - t0,
     }
     payload = {"run": run, "rows": json.loads(table.to_json(orient="records")), "repeats": repeats}
-    _atomic_write_text(out / "validate.csv", table.to_csv(index=False))
-    _atomic_write_text(out / "validate.json", json.dumps(payload, indent=2, default=str) + "\n")
+    atomic.write_text(out / "validate.csv", table.to_csv(index=False))
+    atomic.write_text(out / "validate.json", json.dumps(payload, indent=2, default=str) + "\n")
     return ValidateResult(table, run, list(repeats), out)
 
 
