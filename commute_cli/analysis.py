@@ -200,6 +200,8 @@ def resolve_inputs(opts: AnalyzeOptions) -> Inputs:
         raise CommuteError(f"checkpoint folder {ckpt_dir} does not exist", hint="check the path")
     refs = checkpoints.select(checkpoints.discover(ckpt_dir), steps=opts.steps, every=opts.every)
     checkpoints.check_compatible(refs)
+    for ref in refs:  # preflight: a truncated or corrupt weight file fails now, not hours into the run
+        checkpoints.validate_weights(ref.path)
     manifest = checkpoints.read_manifest(ckpt_dir)
 
     if opts.domains:

@@ -196,6 +196,12 @@ def analyze_command(
         return
     if plot is not None:
         report.plot_analysis(result.results, result.losses, plot)
+    if metric == "adam":
+        typer.echo(
+            "warning: --metric adam is experimental: on the shipped AdamW run its predictions were ~100x too "
+            "large and right in sign 10/20 times, against 16/20 for euclid (docs/DECISIONS.md)",
+            err=True,
+        )
     if fmt == "table":
         report.print_renderable(report.analysis_tables(result.results, result.losses))
         where = f"results in {result.out}/ (results.csv, losses.csv, run.json)"

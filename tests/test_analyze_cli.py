@@ -12,6 +12,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -319,3 +320,16 @@ def test_error_tokenizer_larger_than_model_vocab(run_dir, tmp_path, capsys):
     make_tokenizer([f"w{i} x{i} y{i}" for i in range(3000)], big, vocab_size=2000)
     code, _, err = cli(["analyze", run_dir, "--tokenizer", big, "--out", tmp_path / "o", *FAST], capsys)
     _assert_one_line_error(code, err, "vocab")
+
+
+def test_adam_metric_on_the_shipped_adamw_run_warns_and_records_its_safeguard(tmp_path, capsys):
+    samples = Path(__file__).resolve().parent.parent / "sample_checkpoints"
+    args = ["analyze", samples, "--steps", "500", "--metric", "adam", "--target", "ru", "--out", tmp_path]
+    code, _, err = cli([*args, *FAST], capsys)
+    assert code == 0, err
+    assert "warning: --metric adam is experimental" in err
+    run = json.loads((tmp_path / "run.json").read_text())
+    extra = run["checkpoints"][0]
+    assert extra["adam_step"] == 500 and extra["clip_cap"] > 0 and 0 <= extra["clipped_fraction"] < 1
+    res = pd.read_csv(tmp_path / "results.csv")
+    assert len(res) == 1 and np.isfinite(res["el_ij"]).all()
