@@ -18,8 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from commute_cli.cli import main
-
+from cli_runner import cli
 from tiny_run import make_run, write_jsonl
 
 FAST = ["--samples", "24", "--blocks", "4", "--quiet"]
@@ -28,17 +27,6 @@ FAST = ["--samples", "24", "--blocks", "4", "--quiet"]
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     return make_run(tmp_path_factory.mktemp("run") / "run", steps=(0, 10, 20))
-
-
-def cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    """Run the real entry point (`commute ...`) in-process; return (exit code, stdout, stderr)."""
-    try:
-        main([str(a) for a in argv])
-        code = 0
-    except SystemExit as ex:
-        code = int(ex.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_analyze_manifest_table_files_and_determinism(run_dir, tmp_path, capsys):

@@ -16,21 +16,11 @@ import pytest
 from PIL import Image
 
 from commute_cli import report
-from commute_cli.cli import main
 
+from cli_runner import cli
 from tiny_run import make_run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def cli(argv: list, capsys) -> tuple[int, str, str]:
-    try:
-        main([str(a) for a in argv])
-        code = 0
-    except SystemExit as ex:
-        code = int(ex.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def results_table(names=("en", "ru"), steps=(500, 1000, 1500, 2000)) -> pd.DataFrame:

@@ -32,26 +32,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from commute_cli import recommend as rc
-from commute_cli.cli import main
 from commute_cli.errors import CommuteError
 from commute_cli.schedule import Schedule, load_schedule, parse_schedule_text
 
+from cli_runner import cli
 from tiny_run import make_run, save_checkpoint
 
 REGIME = {"max_ratio": 0.25, "max_progress_fraction": 0.5}
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-
-
-def cli(argv: list, capsys) -> tuple[int, str, str]:
-    try:
-        main([str(a) for a in argv])
-        code = 0
-    except SystemExit as ex:
-        code = int(ex.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def make_row(step: int, target: str, i: str, j: str, w: dict, **kw) -> dict:
