@@ -135,3 +135,26 @@ def test_unwritable_output_folder(run_dir, tmp_path):
     res = _commute("analyze", run_dir, "--out", target, *FAST)
     assert res.returncode == 2, res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and "not writable" in res.stderr
+
+
+def test_ctrl_c_says_where_the_results_are_and_how_to_resume(run_dir, tmp_path):
+    out = tmp_path / "interrupted"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "commute_cli", "analyze", str(run_dir), "--out", str(out), *FAST],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    )
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if list((out / "cache").glob("stats-*.safetensors")):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the analysis finished before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert str(out) in err and "resume" in err
+    assert not (out / "results.csv").exists()
