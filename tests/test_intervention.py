@@ -31,14 +31,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from commute_cli import checkpoints, criterion, domains
 from commute_cli.analysis import AnalyzeOptions, run_analysis
 
-from tiny_run import make_run
+from tiny_run import POOL_CHUNK, lm_loss, make_run, pool_grad, pool_loss
 
 STEP = 30  # checkpoint reached by SGD (lr 0.05, 16 blocks per domain per step) from the random init
 SEED = 1  # of the run's texts, init and SGD batches
@@ -48,32 +47,10 @@ DW = 0.05
 N = 5  # steps per half of the intervention (the analysis's --horizon)
 DTS = (0.02, 0.01, 0.005)  # dt = lr * N
 TARGETS = {"en": np.array([1.0, 0.0]), "xx": np.array([0.0, 1.0]), "mix": WBAR}
-CHUNK = 256  # blocks per forward pass (keeps float64 activations small)
+CHUNK = POOL_CHUNK
 
 
 # ---------------------------------------------------------------------------------------------- the run
-
-
-def lm_loss(model: nn.Module, ids: Tensor) -> Tensor:
-    """Mean next-token cross-entropy of a block batch, in the model's dtype (float64 here)."""
-    logits = model(ids, use_cache=False).logits
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
-
-
-def pool_loss(model: nn.Module, pool: Tensor) -> float:
-    with torch.no_grad():
-        return float(sum(lm_loss(model, x) * x.shape[0] for x in pool.split(CHUNK)) / pool.shape[0])
-
-
-def pool_grad(model: nn.Module, pool: Tensor) -> list[Tensor]:
-    """Gradient of the pool-mean loss (list over ``model.parameters()``, tied weights once)."""
-    params = list(model.parameters())
-    total = [torch.zeros_like(p) for p in params]
-    for x in pool.split(CHUNK):
-        g = torch.autograd.grad(lm_loss(model, x) * (x.shape[0] / pool.shape[0]), params)
-        for t, gi in zip(total, g, strict=True):
-            t.add_(gi)
-    return total
 
 
 def pool_hvps(model: nn.Module, pool: Tensor, vectors: list[list[Tensor]]) -> list[list[Tensor]]:

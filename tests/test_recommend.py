@@ -27,7 +27,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -36,7 +35,7 @@ from commute_cli.errors import CommuteError
 from commute_cli.schedule import Schedule, load_schedule, parse_schedule_text
 
 from cli_runner import cli
-from tiny_run import make_run, save_checkpoint
+from tiny_run import make_run, pool_grad, pool_loss, save_checkpoint
 
 REGIME = {"max_ratio": 0.25, "max_progress_fraction": 0.5}
 
@@ -430,27 +429,6 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 
 LR = 1e-3  # full-batch GD; dt = LR x window = 0.005: in the regime where test_intervention finds ratios ~1
 WBAR = {"en": 0.7, "xx": 0.3}
-CHUNK = 256
-
-
-def lm_loss(model, ids):
-    logits = model(ids, use_cache=False).logits
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
-
-
-def pool_loss(model, pool) -> float:
-    with torch.no_grad():
-        return float(sum(lm_loss(model, x) * x.shape[0] for x in pool.split(CHUNK)) / pool.shape[0])
-
-
-def pool_grad(model, pool):
-    params = list(model.parameters())
-    total = [torch.zeros_like(p) for p in params]
-    for x in pool.split(CHUNK):
-        g = torch.autograd.grad(lm_loss(model, x) * (x.shape[0] / pool.shape[0]), params)
-        for t, gi in zip(total, g, strict=True):
-            t.add_(gi)
-    return total
 
 
 def gd(model, pools: dict, schedule: Schedule, start: int, n: int, record=()) -> tuple:

@@ -130,3 +130,35 @@ def make_run(
     }
     (root / "commute.json").write_text(json.dumps(manifest, indent=2))
     return root
+
+
+# ------------------------------------------------------------------------------------------------ full-pool
+# Exact references on a whole pool of blocks (no sampling), written directly on the model and independent of
+# commute_cli.curvature: what real full-batch gradient descent optimises.
+
+POOL_CHUNK = 256  # blocks per forward pass (keeps float64 activations small)
+
+
+def lm_loss(model, ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of a block batch, in the model's dtype (float64 in reference tests)."""
+    import torch.nn.functional as F
+
+    logits = model(ids, use_cache=False).logits
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+def pool_loss(model, pool: torch.Tensor) -> float:
+    """Mean loss over every block of ``pool``."""
+    with torch.no_grad():
+        return float(sum(lm_loss(model, x) * x.shape[0] for x in pool.split(POOL_CHUNK)) / pool.shape[0])
+
+
+def pool_grad(model, pool: torch.Tensor) -> list[torch.Tensor]:
+    """Gradient of the pool-mean loss (list over ``model.parameters()``, tied weights once)."""
+    params = list(model.parameters())
+    total = [torch.zeros_like(p) for p in params]
+    for x in pool.split(POOL_CHUNK):
+        g = torch.autograd.grad(lm_loss(model, x) * (x.shape[0] / pool.shape[0]), params)
+        for t, gi in zip(total, g, strict=True):
+            t.add_(gi)
+    return total
