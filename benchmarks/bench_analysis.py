@@ -31,7 +31,13 @@ What is printed, each with its method:
     process) in a run over several checkpoints, with a cold and then a warm cache, and the time of
     ``domains.cached_blocks`` cold versus warm.
 
-Usage: ``python benchmarks/bench_analysis.py [--quick] [--threads 1] [--repeats 1] [--keep DIR]``.
+GPU (``--device cuda``): every analysis and the floor run on the GPU, timings synchronize; memory in (d) is
+``torch.cuda.max_memory_allocated`` of each fresh process (tensors on the GPU, counted from zero) instead of
+the resident set. The "medium" config (12 layers, d=768, seq 512, ~90M parameters with the 4096-token
+sample vocabulary) is for the GPU.
+
+Usage: ``python benchmarks/bench_analysis.py [--quick] [--threads 1] [--repeats 1] [--keep DIR]
+[--device cuda]``.
 ``--quick`` (about a minute) runs the tiny config only; the full run (tiny + small) takes ~10 minutes on
 a 2-core CPU. Timings on a shared machine are noisy: ratios are taken within one run, interleaved.
 """
@@ -78,6 +84,9 @@ class Case:
 CASES = {
     "tiny": Case("tiny", n_layer=2, n_embd=64, n_head=4, seq=128, micro_batch=8, blocks=2, checkpoints=2),
     "small": Case("small", n_layer=6, n_embd=384, n_head=6, seq=256, micro_batch=4, blocks=2, checkpoints=1),
+    "medium": Case(
+        "medium", n_layer=12, n_embd=768, n_head=12, seq=512, micro_batch=8, blocks=2, checkpoints=1
+    ),
 }
 
 
@@ -179,7 +188,8 @@ def analyze_options(spec: dict):
         targets=spec["targets"],
         lr=1e-3,
         hvp=spec.get("hvp", "rr"),
-        device="cpu",
+        hvp_batch_size=spec.get("hvp_batch_size"),
+        device=spec.get("device", "cpu"),
         out=Path(spec["out"]),
         steps=spec.get("steps"),
         use_cache=False,  # statistics recomputed; the token cache in out/cache stays warm
@@ -221,7 +231,14 @@ def child_analysis(spec: dict) -> dict:
         "base_kib": base,
         "exact_peak": exact,
         **calls,
-    }
+    } | gpu_peak(spec)  # on CUDA the GPU's peak replaces the RSS
+
+
+def gpu_peak(spec: dict) -> dict:
+    """On CUDA, (d) compares tensors on the GPU: the process's peak allocation, counted from zero."""
+    if spec.get("device", "cpu") != "cuda":
+        return {}
+    return {"peak_kib": torch.cuda.max_memory_allocated() / 1024, "base_kib": 0, "exact_peak": True}
 
 
 def child_grad(spec: dict) -> dict:
@@ -233,19 +250,20 @@ def child_grad(spec: dict) -> dict:
     base = proc_kib("VmRSS")
     exact = reset_peak()
     inputs = resolve_inputs(opts)  # after the reset, as inside run_analysis
-    model = checkpoints.load_model(inputs.refs[0])
+    device = torch.device(spec.get("device", "cpu"))
+    model = checkpoints.load_model(inputs.refs[0], device=device)
     name = inputs.names[0]
     blocks = domains.cached_blocks(
         inputs.sources[name], inputs.tokenizer, inputs.seq_len, Path(spec["out"]) / "cache", domain=name
     )
     t0 = time.perf_counter()
     curvature.loss_and_grad(model, blocks[: spec["micro_batch"]], spec["micro_batch"])
-    return {
-        "wall": time.perf_counter() - t0,
-        "peak_kib": proc_kib("VmHWM"),
-        "base_kib": base,
-        "exact_peak": exact,
-    }
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    return {"wall": wall, "peak_kib": proc_kib("VmHWM"), "base_kib": base, "exact_peak": exact} | gpu_peak(
+        spec
+    )
 
 
 def run_child(mode: str, spec: dict, threads: int) -> dict:
@@ -281,7 +299,9 @@ def time_ops(model, part: torch.Tensor, mb: int, rounds: int) -> dict[str, list[
     from commute_cli import curvature as C
 
     n = C.num_params(model)
-    vecs = torch.randn(2, n, generator=torch.Generator().manual_seed(1))
+    device = C.model_device(model)
+    vecs = torch.randn(2, n, generator=torch.Generator().manual_seed(1)).to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     ops = {
         "grad": lambda: C.loss_and_grad(model, part, mb),
         "rr1": lambda: C.hvp(model, part, vecs[:1], mb, "rr"),
@@ -291,10 +311,12 @@ def time_ops(model, part: torch.Tensor, mb: int, rounds: int) -> dict[str, list[
     times: dict[str, list[float]] = {k: [] for k in ops}
     for fn in ops.values():
         fn()
+    sync()
     for _ in range(rounds):
         for key, fn in ops.items():
             t = time.perf_counter()
             fn()
+            sync()
             times[key].append(time.perf_counter() - t)
     return times
 
@@ -303,7 +325,16 @@ def mib(kib: float) -> str:
     return f"{kib / 1024:7.0f} MiB"
 
 
-def bench(case: Case, root: Path, data: dict[str, Path], threads: int, repeats: int, quick: bool) -> None:
+def bench(
+    case: Case,
+    root: Path,
+    data: dict[str, Path],
+    threads: int,
+    repeats: int,
+    quick: bool,
+    device: str,
+    hvp_batch: int | None = None,
+) -> None:
     from commute_cli import checkpoints, criterion, curvature, domains
 
     tok_dir = SAMPLE / "tokenizer"
@@ -321,18 +352,22 @@ def bench(case: Case, root: Path, data: dict[str, Path], threads: int, repeats: 
         "blocks": case.blocks,
         "micro_batch": case.micro_batch,
         "out": str(out),
+        "device": device,
+        "hvp_batch_size": hvp_batch,
     }
     k2 = {**base_spec, "domains": ["en0", "ru0"], "targets": []}  # every target: en0, ru0, mix
     first_step = [100]  # the long runs (K=8, twice the samples) on one checkpoint only
     k8 = {**base_spec, "domains": names, "targets": ["en0"], "steps": first_step}
-    model = checkpoints.load_model(checkpoints.discover(ckpt_dir)[0])
+    model = checkpoints.load_model(checkpoints.discover(ckpt_dir)[0], device=torch.device(device))
     n = curvature.num_params(model)
+    hvp_mb = hvp_batch or max(1, case.micro_batch // 2)
+    hvp_how = "--hvp-batch-size" if hvp_batch else "--hvp-batch-size default"
     print(
         f"\n== {case.name}: GPT-2 {case.n_layer} layers, d={case.n_embd}, vocab {len(tokenizer)}, "
         f"{n / 1e6:.2f}M params, seq {case.seq}, micro-batch {case.micro_batch}, {case.blocks} design blocks "
         f"x 3 parts of {case.micro_batch} -> --samples {case.samples} per domain, {case.checkpoints} "
-        f"checkpoint(s) per run; the analysis runs its HVPs at micro-batch {max(1, case.micro_batch // 2)} "
-        "(--hvp-batch-size default), the floor is measured at the full micro-batch",
+        f"checkpoint(s) per run; the analysis runs its HVPs at micro-batch {hvp_mb} "
+        f"({hvp_how}), the floor is measured at the full micro-batch",
         flush=True,
     )
 
@@ -370,7 +405,8 @@ def bench(case: Case, root: Path, data: dict[str, Path], threads: int, repeats: 
             op_times[key] += vals
 
     floor_round()
-    runs["k2_one"].append(run_child("analysis", k2_one, threads))
+    if not quick:  # quick: K=2 after each K=8 run only
+        runs["k2_one"].append(run_child("analysis", k2_one, threads))
     for _ in range(repeats):
         runs["k8"].append(run_child("analysis", k8, threads))
         runs["k2_one"].append(run_child("analysis", k2_one, threads))
@@ -453,8 +489,11 @@ def bench(case: Case, root: Path, data: dict[str, Path], threads: int, repeats: 
     mem_k8 = max(x["peak_kib"] for x in runs["k8"])
     base = statistics.median([grad["base_kib"], *(x["base_kib"] for x in runs["k2"])])
     exact = grad["exact_peak"] and all(x["exact_peak"] for x in runs["k2"])
+    mem_kind = "RSS (VmHWM)" if exact else "RSS (VmHWM, upper bound: not reset)"
+    if device == "cuda":
+        mem_kind = "CUDA memory (max_memory_allocated)"
     print(
-        f"(d) peak RSS (VmHWM{'' if exact else ', upper bound: not reset'}), each in a fresh process after "
+        f"(d) peak {mem_kind}, each in a fresh process after "
         f"the same imports (baseline RSS {mib(base).strip()}): gradient pass at micro-batch "
         f"{case.micro_batch} {mib(grad['peak_kib'])}; analysis K=2 {mib(mem_k2)} -> "
         f"{mem_k2 / grad['peak_kib']:.2f}x (goal <= 2.5); K=8 {mib(mem_k8)} -> "
@@ -480,6 +519,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="K=8 runs, each bracketed by K=2 runs")
     parser.add_argument("--configs", nargs="*", choices=sorted(CASES), default=None)
     parser.add_argument("--keep", type=Path, default=None, help="build the workspace here and keep it")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument(
+        "--hvp-full-batch",
+        action="store_true",
+        help="run the analysis's HVPs at the full micro-batch (--hvp-batch-size = --batch-size), not half",
+    )
     parser.add_argument("--_child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._child:
@@ -490,10 +535,12 @@ def main() -> None:
     from commute_cli.analysis import quiet_libraries
 
     quiet_libraries()
-    names = args.configs or (["tiny"] if args.quick else ["tiny", "small"])
+    cpu_default = ["tiny"] if args.quick else ["tiny", "small"]
+    names = args.configs or (cpu_default if args.device == "cpu" else ["tiny", "small", "medium"])
     print(
         f"bench_analysis: torch {torch.__version__}, torch.set_num_threads({args.threads}) in every "
-        f"process, CPU, float32, eager attention; {'quick' if args.quick else 'full'} run. Timings on a "
+        f"process, {args.device}, float32, eager attention; {'quick' if args.quick else 'full'} run. "
+        "Timings on a "
         "shared machine are noisy: ratios are within this run, interleaved.",
         flush=True,
     )
@@ -502,7 +549,9 @@ def main() -> None:
     try:
         data = build_data(root)
         for name in names:
-            bench(CASES[name], root, data, args.threads, args.repeats, args.quick)
+            case = CASES[name]
+            hvp_batch = case.micro_batch if args.hvp_full_batch else None
+            bench(case, root, data, args.threads, args.repeats, args.quick, args.device, hvp_batch)
     finally:
         if args.keep is None:
             shutil.rmtree(root, ignore_errors=True)

@@ -15,7 +15,19 @@ before the call and reports ``VmHWM`` after it minus ``VmRSS`` before it: the pe
 of the call, counting everything it allocates (autograd graph, activations, outputs), not only torch
 tensors. (``ru_maxrss`` is no use here: it survives fork/exec, so a child reports its parent's peak.)
 
-Usage: ``python benchmarks/bench_hvp.py [--quick] [--threads 1] [--repeats N] [--no-memory]``.
+Arithmetic floor: the matrix-multiply FLOPs of each call (``torch.utils.flop_counter.FlopCounterMode``,
+one untimed call each) over those of the gradient. For a network made of matrix products the exact HVP
+needs 3x a gradient's FLOPs for one vector and ``(1 + 2m) / m`` per vector for m vectors sharing the
+forward pass (gradient: 1 forward + 2 backward products per weight matrix; the second-order pass adds 2
+tangent-forward and 4 tangent-backward products; see docs/DECISIONS.md), so the "/ flops" column says how
+close the time ratio is to what any exact method must do.
+
+GPU (``--device cuda``): timings with ``torch.cuda.synchronize`` around every call; peak memory is
+``torch.cuda.max_memory_allocated`` during the call minus the memory allocated before it (in-process, after
+``reset_peak_memory_stats``), i.e. tensors only. The "gpt2" config (124M parameters, seq 1024, the
+published curvlinops comparison point) is for the GPU.
+
+Usage: ``python benchmarks/bench_hvp.py [--quick] [--threads 1] [--repeats N] [--no-memory] [--device cuda]``.
 ``--quick`` (about a minute on 1 thread) runs only the tiny config, memory for 1 vector only.
 The "small" config runs at batch 4 by default, not 8: forward-over-reverse with 4 vmapped tangents
 at batch 8 peaks above 10 GB, which this shared machine cannot spare (``--small-batch 8`` to try).
@@ -42,6 +54,8 @@ CONFIGS: dict[str, dict[str, int]] = {
     "tiny": {"n_layer": 2, "n_embd": 64, "n_head": 4, "vocab_size": 4096, "seq": 128, "batch": 8},
     # ~14M parameters (FACTS.md "Cost" measured batch 8)
     "small": {"n_layer": 6, "n_embd": 384, "n_head": 6, "vocab_size": 8192, "seq": 256, "batch": 4},
+    # GPT-2 124M (GPU only: curvlinops' nanoGPT comparison point)
+    "gpt2": {"n_layer": 12, "n_embd": 768, "n_head": 12, "vocab_size": 50257, "seq": 1024, "batch": 4},
 }
 VECTOR_COUNTS = (1, 2, 4)
 
@@ -57,7 +71,7 @@ class Case:
     batch: int
 
 
-def build(case: Case, seed: int = 0) -> tuple[torch.nn.Module, torch.Tensor]:
+def build(case: Case, seed: int = 0, device: str = "cpu") -> tuple[torch.nn.Module, torch.Tensor]:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
@@ -67,13 +81,16 @@ def build(case: Case, seed: int = 0) -> tuple[torch.nn.Module, torch.Tensor]:
         n_head=case.n_head,
         vocab_size=case.vocab_size,
         n_positions=max(case.seq, 128),
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
         bos_token_id=0,
         eos_token_id=0,
         attn_implementation="eager",
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = GPT2LMHeadModel(config).eval()
+        model = GPT2LMHeadModel(config).eval().to(device)
     blocks = torch.randint(0, case.vocab_size, (case.batch, case.seq))
     return model, blocks
 
@@ -84,6 +101,30 @@ def run_op(model: torch.nn.Module, blocks: torch.Tensor, op: str, vectors: torch
     else:
         assert vectors is not None
         C.hvp(model, blocks, vectors, micro_batch=blocks.shape[0], method=op)  # type: ignore[arg-type]
+    if blocks.device.type == "cuda" or C.model_device(model).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def flop_ratios(model: torch.nn.Module, blocks: torch.Tensor, vectors: torch.Tensor, ops) -> dict:
+    """Matrix-multiply FLOPs of each op over the gradient's (one untimed call each)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    flops = {}
+    for op in ops:
+        with FlopCounterMode(display=False) as counter:
+            run_op(model, blocks, op[0], vectors[: op[1]] if op[1] else None)
+        flops[op] = counter.get_total_flops()
+    return {op: flops[op] / flops[("grad", 0)] for op in ops}
+
+
+def gpu_memory(model: torch.nn.Module, blocks: torch.Tensor, op: str, vectors: torch.Tensor | None) -> str:
+    """Peak CUDA memory allocated during one call, above what was allocated before it."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    run_op(model, blocks, op, vectors)
+    return f"{(torch.cuda.max_memory_allocated() - before) / 2**20:8.0f} MiB"
 
 
 def proc_status_kib(field: str) -> int:
@@ -124,26 +165,41 @@ def measure_memory(case: Case, op: str, m: int, threads: int) -> str:
     return text if out["exact"] else text + " (upper bound: VmHWM could not be reset)"
 
 
-def bench_case(case: Case, repeats: int, threads: int, memory_counts: tuple[int, ...]) -> None:
+def bench_case(
+    case: Case, repeats: int, threads: int, memory_counts: tuple[int, ...], device: str = "cpu"
+) -> None:
     model, blocks = build(case)
     n = C.num_params(model)
     del model
     print(
         f"\n== {case.name}: GPT-2 n_layer={case.n_layer} n_embd={case.n_embd} n_head={case.n_head} "
         f"vocab={case.vocab_size}, {n / 1e6:.2f}M params, batch {case.batch} x {case.seq} tokens, "
-        "one micro-batch, float32, eager attention",
+        f"one micro-batch, float32, eager attention, {device}",
         flush=True,
     )
-    if memory_counts:
+    if memory_counts and device == "cuda":
+        model, blocks = build(case, device=device)
+        vectors = torch.randn(max(memory_counts), n, device=device)
+        print("peak CUDA memory above what was allocated before the call (max_memory_allocated):")
+        print(f"  gradient         : {gpu_memory(model, blocks, 'grad', None)}", flush=True)
+        for method in ("rr", "fr"):
+            for m in memory_counts:
+                print(
+                    f"  {method} {m} vector(s)   : {gpu_memory(model, blocks, method, vectors[:m])}",
+                    flush=True,
+                )
+        del model, vectors
+    elif memory_counts:
         print("peak memory above baseline (VmHWM after minus VmRSS before, a fresh process per call):")
         print(f"  gradient         : {measure_memory(case, 'grad', 0, threads)}", flush=True)
         for method in ("rr", "fr"):
             for m in memory_counts:
                 print(f"  {method} {m} vector(s)   : {measure_memory(case, method, m, threads)}", flush=True)
 
-    model, blocks = build(case)
-    vectors = torch.randn(max(VECTOR_COUNTS), n, generator=torch.Generator().manual_seed(1))
+    model, blocks = build(case, device=device)
+    vectors = torch.randn(max(VECTOR_COUNTS), n, generator=torch.Generator().manual_seed(1)).to(device)
     ops = [("grad", 0)] + [(method, m) for method in ("rr", "fr") for m in VECTOR_COUNTS]
+    floor = flop_ratios(model, blocks, vectors, ops)
     times: dict[tuple[str, int], list[float]] = {op: [] for op in ops}
     for op in ops:  # warm-up
         run_op(model, blocks, op[0], vectors[: op[1]] if op[1] else None)
@@ -155,12 +211,19 @@ def bench_case(case: Case, repeats: int, threads: int, memory_counts: tuple[int,
     grad_times = times[("grad", 0)]
     print(f"timing: median over {repeats} interleaved rounds after 1 warm-up each")
     print(f"gradient: {statistics.median(grad_times):.3f} s (min {min(grad_times):.3f})")
-    print(f"{'method':6} {'vectors':>7} {'time s':>8} {'/ grad':>7} {'per vector / grad':>18}")
+    print(
+        f"{'method':6} {'vectors':>7} {'time s':>8} {'/ grad':>7} {'per vector / grad':>18} "
+        f"{'flops / grad per vector':>24} {'time / flops':>13}"
+    )
     for op in ops[1:]:
         ratio = statistics.median(t / g for t, g in zip(times[op], grad_times, strict=True))
         method, m = op
         t = statistics.median(times[op])
-        print(f"{method:6} {m:7d} {t:8.3f} {ratio:7.2f} {ratio / m:18.2f}", flush=True)
+        print(
+            f"{method:6} {m:7d} {t:8.3f} {ratio:7.2f} {ratio / m:18.2f} {floor[op] / m:24.2f} "
+            f"{ratio / floor[op]:13.2f}",
+            flush=True,
+        )
 
 
 def main() -> None:
@@ -171,6 +234,7 @@ def main() -> None:
     parser.add_argument("--configs", nargs="*", choices=sorted(CONFIGS), default=None)
     parser.add_argument("--small-batch", type=int, default=None, help="batch of the small config (4)")
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--_memory-child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -180,10 +244,12 @@ def main() -> None:
         return
 
     torch.set_num_threads(args.threads)
-    names = args.configs or (["tiny"] if args.quick else list(CONFIGS))
+    cpu_default = ["tiny"] if args.quick else ["tiny", "small"]
+    names = args.configs or (cpu_default if args.device == "cpu" else ["tiny", "small", "gpt2"])
     print(
         f"bench_hvp: torch {torch.__version__}, torch.set_num_threads({args.threads}) "
-        f"(timings on a shared CPU are noisy), {'quick' if args.quick else 'full'} run",
+        f"(timings on a shared CPU are noisy), {'quick' if args.quick else 'full'} run, device {args.device}"
+        + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else ""),
     )
     for name in names:
         spec = dict(CONFIGS[name])
@@ -191,7 +257,7 @@ def main() -> None:
             spec["batch"] = args.small_batch
         repeats = args.repeats or (3 if args.quick or name != "tiny" else 5)
         memory_counts: tuple[int, ...] = () if args.no_memory else ((1,) if args.quick else (1, 4))
-        bench_case(Case(name=name, **spec), repeats, args.threads, memory_counts)
+        bench_case(Case(name=name, **spec), repeats, args.threads, memory_counts, args.device)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from commute_cli import __version__, atomic, checkpoints, criterion, distributed, domains
+from commute_cli import __version__, atomic, checkpoints, criterion, curvature, distributed, domains
 from commute_cli.errors import CommuteError
 from commute_cli.estimator import CheckpointStats, estimate_checkpoint
 from commute_cli.schedule import Schedule, load_schedule, parse_weights
@@ -74,12 +74,23 @@ class AnalyzeOptions:
     hvp: str = "rr"
     plan: str = "auto"
     device: str = "auto"
+    offload: str = "auto"  # auto, on, off: vector stacks in host memory (see offload_stacks)
     seed: int = 0
     confidence: float = 0.95
     out: Path = Path("commute_out")
     steps: list[int] | None = None
     every: int | None = None
     use_cache: bool = True
+    dist_timeout: float = distributed.DEFAULT_TIMEOUT_S  # seconds; only under torchrun (WORLD_SIZE > 1)
+
+    def check_dist_timeout(self) -> None:
+        """``--dist-timeout``; :func:`run_analysis` checks it before creating the process group."""
+        if not (0.0 < self.dist_timeout <= 1e9):  # nan fails too
+            raise CommuteError(
+                f"--dist-timeout must be a positive number of seconds (at most 1e9), "
+                f"got {self.dist_timeout:g}",
+                hint="the default is 1800 (30 minutes); it only matters under torchrun",
+            )
 
     def validate(self) -> None:
         if self.samples < 3 * self.blocks:
@@ -109,10 +120,13 @@ class AnalyzeOptions:
             raise CommuteError(f"--metric must be euclid or adam, got {self.metric!r}")
         if self.hvp not in ("rr", "fr"):
             raise CommuteError(f"--hvp must be rr or fr, got {self.hvp!r}")
+        if self.offload not in ("auto", "on", "off"):
+            raise CommuteError(f"--offload must be auto, on or off, got {self.offload!r}")
         if self.plan not in ("auto", "pair", "target"):
             raise CommuteError(f"--plan must be auto, pair or target, got {self.plan!r}")
         if self.weights and self.schedule is not None:
             raise CommuteError("give either --weights or --schedule, not both")
+        self.check_dist_timeout()
 
 
 @dataclass
@@ -335,6 +349,30 @@ def hvp_micro_batch(opts: AnalyzeOptions) -> int:
     gradient pass at ``--batch-size``; on CPU the HVP is as fast per sequence at half the micro-batch.
     """
     return opts.hvp_batch_size if opts.hvp_batch_size is not None else max(1, opts.batch_size // 2)
+
+
+OFFLOAD_FRACTION = 0.25
+
+
+def offload_stacks(opts: AnalyzeOptions, model: torch.nn.Module, K: int, T: int, plan: str) -> bool:
+    """Whether the estimator keeps its per-block vector stacks in host memory (``--offload``).
+
+    ``auto`` offloads on a GPU when the stacks -- ``2K`` parameter-sized float32 vectors in the pair plan,
+    ``K + T`` in the target plan (:func:`commute_cli.estimator.estimate_checkpoint`) -- would take more than
+    a quarter of the GPU memory still free after loading the model: the rest is needed by the autograd
+    graph of an HVP (~3x a gradient's). A 1.2B-parameter model with K = 2 has 19 GB of stacks, so on a
+    40 GB card they go to host memory; the tiny and small models never do. Offloading changes no number
+    (dot products still run on the GPU, in the same chunks) and costs two host-device copies per vector.
+    """
+    if opts.offload != "auto":
+        return opts.offload == "on"
+    device = curvature.model_device(model)
+    if device.type != "cuda":
+        return False
+    n = curvature.num_params(model)
+    stacks = (2 * K if plan == "pair" else K + T) * n * 4
+    free, _total = torch.cuda.mem_get_info(device)
+    return stacks > OFFLOAD_FRACTION * free
 
 
 def _stats_key(
@@ -619,7 +657,12 @@ def run_analysis(
     """
     t0 = time.perf_counter()
     quiet_libraries()
-    ctx, device = distributed.setup(_resolve_device(opts.device))
+    try:
+        opts.check_dist_timeout()
+    except CommuteError as err:  # every rank has the same options: print it once
+        err.silent = not distributed.is_main_process()  # type: ignore[attr-defined]
+        raise
+    ctx, device = distributed.setup(_resolve_device(opts.device), timeout_s=opts.dist_timeout)
     try:
         return _run_analysis(opts, ctx, device, t0, on_checkpoint_start, on_block)
     finally:
@@ -676,6 +719,8 @@ def _run_analysis(
             metric = ctx.agree(lambda ref=ref, model=model: preconditioner(ref, model, opts.metric))
             assert model is not None and metric is not None
             D, extra = metric
+            offload = offload_stacks(opts, model, K, T, plan)
+            extra["offload"] = offload
             stats = estimate_checkpoint(
                 model,
                 local_parts,
@@ -685,6 +730,7 @@ def _run_analysis(
                 method=opts.hvp,
                 micro_batch=opts.batch_size,
                 hvp_micro_batch=hvp_micro_batch(opts),
+                offload=offload,
                 on_block=on_block,
                 reduce=ctx.reduce_fn(),
             )

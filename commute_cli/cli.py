@@ -128,6 +128,13 @@ def analyze_command(
         "--device",
         help="auto, cpu or cuda. Weights are upcast to float32 (bf16/fp16 too); eager attention.",
     ),
+    offload: str = typer.Option(
+        "auto",
+        "--offload",
+        help="auto, on or off: keep the per-block gradient stacks (2K parameter-sized vectors) in host "
+        "memory, for models near 1B parameters on one GPU. auto: only when they would take over a quarter "
+        "of the free GPU memory. Same results.",
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed of the sample draw."),
     confidence: float = typer.Option(0.95, "--confidence", help="Confidence level of the significance test."),
     steps: str | None = typer.Option(None, "--steps", help="Only these steps, e.g. 2000,8000."),
@@ -139,6 +146,13 @@ def analyze_command(
     plot: Path | None = typer.Option(None, "--plot", help="Also draw the criterion over steps to this PNG."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Recompute every checkpoint even if cached."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    dist_timeout: float = typer.Option(
+        1800.0,
+        "--dist-timeout",
+        metavar="SECONDS",
+        help="Under torchrun: how long a rank waits for the others in one collective before giving up "
+        "(default 30 minutes). Ignored for a single process.",
+    ),
 ) -> None:
     """Evaluate the criterion at every checkpoint, with error bars.
 
@@ -173,12 +187,14 @@ def analyze_command(
         hvp=hvp,
         plan=plan,
         device=device,
+        offload=offload,
         seed=seed,
         confidence=confidence,
         out=out,
         steps=analysis.parse_steps(steps),
         every=every,
         use_cache=not no_cache,
+        dist_timeout=dist_timeout,
     )
     try:
         with AnalysisProgress(enabled=not quiet and fmt == "table" and main_rank) as progress:

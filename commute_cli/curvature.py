@@ -363,6 +363,9 @@ def hvp(
     Measured (benchmarks/bench_hvp.py, 14M GPT-2, batch 4 x 256, 1 thread, noisy shared CPU): time per
     vector / gradient time rr 3.1, 2.6, 2.6 and fr 5.4, 4.3, 2.9 for m = 1, 2, 4; peak memory above
     baseline gradient 0.7 GB, rr 2.1 GB (m=1) / 2.6 GB (m=4), fr 2.5 GB / 6.8 GB. Hence "rr" by default.
+    On an H200 (124M GPT-2, 4 x 1024): rr 3.17, 2.67, 2.43 and fr 3.35, 2.87, 2.43 per vector. The floor in
+    matrix-multiply FLOPs is 3.0, 2.5, 2.25 for any exact method (docs/DECISIONS.md), so both methods run
+    within ~10% of the arithmetic they must do.
 
     In float64 both agree with a dense Hessian to ~1e-12; in float32 with each other to ~1e-6.
     """

@@ -15,13 +15,22 @@ Errors: steps that can fail before or between collectives (inputs, data, model l
 through :meth:`DistContext.agree`: every rank learns whether any rank failed and raises, so all ranks stop
 with the same exit code and the message is printed once (by the first failing rank; the copies raised on
 the other ranks carry ``silent = True``, which the CLI honours). A failure *inside* a collective phase (an
-out-of-memory error in the middle of an HVP pass, say) leaves the other ranks waiting in an all-reduce;
-torchrun then stops them when the failed rank exits.
+out-of-memory error in the middle of an HVP pass, say) leaves the other ranks waiting in an all-reduce.
+The process group is created with ``--dist-timeout`` seconds (default 1800): a collective in which a rank
+does not take part within that time fails, and one whose peer has exited fails at once. The collectives
+here (:meth:`DistContext.reduce_fn`, ``broadcast``, ``all_gather``, ``barrier``) turn that failure into
+one line, ``rank R: another rank did not join a collective within T s or left the run (...)``, exit code
+1, instead of a long traceback, so the first error (printed by the rank that had it) stands out; torchrun
+also stops the other ranks when a rank exits with an error. With gloo (CPU) the error is raised where the
+collective waits; with nccl the collectives are asynchronous, and a timeout is usually caught by torch's
+watchdog, which ends the process with its own message after the same time.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
+import re
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +42,11 @@ import torch.distributed as dist
 from commute_cli.errors import CommuteError
 
 R = TypeVar("R")
+
+DEFAULT_TIMEOUT_S = 1800.0  # --dist-timeout: seconds a rank waits for the others in one collective
+
+# what a collective raises when it times out or loses a peer (DistBackendError, DistNetworkError, ...)
+_COLLECTIVE_ERRORS: tuple[type[BaseException], ...] = (RuntimeError, getattr(dist, "DistError", RuntimeError))
 
 
 def env_world_size() -> int:
@@ -65,6 +79,7 @@ class DistContext:
     rank: int = 0
     world: int = 1
     owns_group: bool = False
+    timeout_s: float | None = None  # the process group's timeout (None: a group someone else created)
 
     @property
     def enabled(self) -> bool:
@@ -76,6 +91,20 @@ class DistContext:
 
     # -------------------------------------------------------------------------------- collectives
 
+    def _lost_peer(self, err: BaseException) -> CommuteError:
+        """The one-line error for a collective that timed out or lost a peer (``err``: what torch raised)."""
+        lines = str(err).strip().splitlines()
+        # gloo starts its messages with the C++ source location: "[.../pair.cc:553] Connection closed ..."
+        first = re.sub(r"^\[[^\]]*\]\s*", "", lines[0]) if lines else type(err).__name__
+        within = f"{self.timeout_s:g} s" if self.timeout_s is not None else "the process group's timeout"
+        return CommuteError(
+            f"rank {self.rank}: another rank did not join a collective within {within} or left the run "
+            f"({first})",
+            hint="see the other ranks' output for the first error; raise --dist-timeout if a rank is just "
+            "slow (large model, slow disk)",
+            exit_code=1,
+        )
+
     def reduce_fn(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """``curvature``'s ``reduce`` hook: an all-reduce SUM (``None`` for a single process)."""
         if not self.enabled:
@@ -85,7 +114,10 @@ class DistContext:
             # in place when possible: curvature passes fresh sums it never reads again, and an [m, n]
             # copy of the HVP sums would cost GPU memory
             out = t if t.is_contiguous() else t.contiguous()
-            dist.all_reduce(out, op=dist.ReduceOp.SUM)
+            try:
+                dist.all_reduce(out, op=dist.ReduceOp.SUM)
+            except _COLLECTIVE_ERRORS as err:
+                raise self._lost_peer(err) from err
             return out
 
         return all_reduce_sum
@@ -101,14 +133,20 @@ class DistContext:
         if not self.enabled:
             return obj
         box = [obj]
-        dist.broadcast_object_list(box, src=0)
+        try:
+            dist.broadcast_object_list(box, src=0)
+        except _COLLECTIVE_ERRORS as err:
+            raise self._lost_peer(err) from err
         return box[0]
 
     def all_gather(self, obj: Any) -> list[Any]:
         if not self.enabled:
             return [obj]
         out: list[Any] = [None] * self.world
-        dist.all_gather_object(out, obj)
+        try:
+            dist.all_gather_object(out, obj)
+        except _COLLECTIVE_ERRORS as err:
+            raise self._lost_peer(err) from err
         return out
 
     def agree(self, fn: Callable[[], R], *, main_only: bool = False) -> R | None:
@@ -146,7 +184,10 @@ class DistContext:
 
     def barrier(self) -> None:
         if self.enabled:
-            dist.barrier()
+            try:
+                dist.barrier()
+            except _COLLECTIVE_ERRORS as err:
+                raise self._lost_peer(err) from err
 
     def close(self) -> None:
         """Destroy the process group if this context created it."""
@@ -166,11 +207,12 @@ def _error_payload(err: BaseException, rank: int) -> dict[str, Any]:
     }
 
 
-def setup(device: torch.device) -> tuple[DistContext, torch.device]:
+def setup(device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[DistContext, torch.device]:
     """Join (or create) the process group when ``WORLD_SIZE > 1``; return the context and this rank's device.
 
     On CUDA each rank uses ``cuda:LOCAL_RANK`` (one GPU per process, the torchrun convention) and the nccl
-    backend; otherwise gloo. An existing process group (a caller that initialized it) is used as is and
+    backend; otherwise gloo. ``timeout_s`` (``--dist-timeout``): how long a collective waits for the other
+    ranks. An existing process group (a caller that initialized it) is used as is, with its own timeout, and
     left open.
     """
     world = env_world_size()
@@ -201,7 +243,7 @@ def setup(device: torch.device) -> tuple[DistContext, torch.device]:
             hint="start several processes with torchrun --nproc_per_node=N -m commute_cli analyze ...",
         )
     backend = "nccl" if device.type == "cuda" else "gloo"
-    kwargs: dict[str, Any] = {"backend": backend}
+    kwargs: dict[str, Any] = {"backend": backend, "timeout": datetime.timedelta(seconds=timeout_s)}
     if backend == "nccl":
         kwargs["device_id"] = device
     try:
@@ -209,4 +251,5 @@ def setup(device: torch.device) -> tuple[DistContext, torch.device]:
     except TypeError:  # torch without device_id
         kwargs.pop("device_id", None)
         dist.init_process_group(**kwargs)
-    return DistContext(rank=dist.get_rank(), world=dist.get_world_size(), owns_group=True), device
+    ctx = DistContext(rank=dist.get_rank(), world=dist.get_world_size(), owns_group=True, timeout_s=timeout_s)
+    return ctx, device

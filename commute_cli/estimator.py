@@ -126,17 +126,23 @@ _GRAM_CHUNK_CPU = 1 << 18
 _GRAM_CHUNK_CUDA = 1 << 20
 
 
-def _gram(A: Tensor, B: Tensor) -> np.ndarray:
+def _gram(A: Tensor, B: Tensor, compute: torch.device | None = None) -> np.ndarray:
     """``A @ B.T`` accumulated in float64 (dot products of long float32 vectors lose digits otherwise).
 
     Chunked over the parameter axis: float64 copies of whole ``[K, n]`` stacks would cost ``16 K n`` bytes,
-    more than the gradients themselves (1.5 GB for K = 8 and a 12M-parameter model).
+    more than the gradients themselves (1.5 GB for K = 8 and a 12M-parameter model). ``A`` and ``B`` may
+    live on different devices (a stack offloaded to host memory against HVPs on the GPU): each chunk is
+    moved to ``compute`` (default ``A``'s device), so offloading changes where vectors wait, not the
+    arithmetic -- the same chunks are summed in the same order on the same device.
     """
-    out = torch.zeros(A.shape[0], B.shape[0], dtype=torch.float64, device=A.device)
+    dev = A.device if compute is None else compute
+    out = torch.zeros(A.shape[0], B.shape[0], dtype=torch.float64, device=dev)
     n = A.shape[-1]
-    step = _GRAM_CHUNK_CUDA if A.device.type == "cuda" else _GRAM_CHUNK_CPU
+    step = _GRAM_CHUNK_CUDA if dev.type == "cuda" else _GRAM_CHUNK_CPU
     for start in range(0, n, step):
-        out += A[:, start : start + step].double() @ B[:, start : start + step].double().T
+        a = A[:, start : start + step].to(dev, non_blocking=True).double()
+        b = B[:, start : start + step].to(dev, non_blocking=True).double()
+        out += a @ b.T
     return out.cpu().numpy()
 
 
@@ -153,6 +159,7 @@ def estimate_checkpoint(
     on_block: Callable[[int], None] | None = None,
     reduce: curvature.Reduce | None = None,
     hvp_micro_batch: int | None = None,
+    offload: bool = False,
 ) -> CheckpointStats:
     """All per-block inner products of one checkpoint (see the module docstring).
 
@@ -169,6 +176,10 @@ def estimate_checkpoint(
             every part and ``reduce`` sums across processes; every mean is then over all processes' sequences.
         hvp_micro_batch: sequences per forward pass of the HVPs (default ``micro_batch``). A
             reverse-on-reverse HVP keeps ~3x the autograd memory of a gradient at the same micro-batch.
+        offload: keep the per-block vector stacks (``D g^(0)``, ``g^(2)`` or ``u``) in host memory instead of
+            on the model's device; only the vectors of the HVP pass in progress and one gradient are on the
+            device. For models whose ``2K`` parameter-sized stacks do not fit next to the model and its
+            autograd graph (``--offload``). Same numbers: dot products still run on the model's device.
 
     Cost per block: ``2K`` gradient passes over one part each, and ``K`` HVP passes with ``K-1`` (pair)
     or ``T`` (target) vectors each; the vectors share one forward pass per micro-batch.
@@ -185,7 +196,9 @@ def estimate_checkpoint(
     if plan == "target" and target_coefs is None:
         raise ValueError("the target plan needs target_coefs")
     device = curvature.model_device(model)
+    store = torch.device("cpu") if offload else device  # where the [K, n] stacks live
     Dd = None if D is None else D.to(device)
+    Ds = None if D is None else D.to(store)
     losses = np.zeros((B, K))
     first = np.zeros((B, K, K))
     Q = np.zeros((B, K, K, K)) if plan == "pair" else None
@@ -207,29 +220,32 @@ def estimate_checkpoint(
                 model, parts[k][b][VEC], micro_batch, loss_fn, reduce
             )
             if DG0 is None:
-                DG0 = g.new_empty((K, g.shape[0]))
-            DG0[k] = g if Dd is None else apply_preconditioner(Dd, g)
+                DG0 = g.new_empty((K, g.shape[0]), device=store)
+            DG0[k] = g if Dd is None else apply_preconditioner(Dd, g)  # copies to ``store``
             del g
         assert DG0 is not None
         for ell in range(K):
             loss_parts[ell, PAIR], g = curvature.loss_and_grad(
                 model, parts[ell][b][PAIR], micro_batch, loss_fn, reduce
             )
-            first[b, :, ell] = _gram(DG0, g.unsqueeze(0))[:, 0]  # <D g_k^(0), g_l^(2)> = <g_k^(0), D g_l^(2)>
+            # <D g_k^(0), g_l^(2)> = <g_k^(0), D g_l^(2)>
+            first[b, :, ell] = _gram(DG0, g.unsqueeze(0), compute=device)[:, 0]
             if plan == "pair":
                 if G2 is None:
-                    G2 = g.new_empty((K, g.shape[0]))
+                    G2 = g.new_empty((K, g.shape[0]), device=store)
                 G2[ell] = g
             else:
                 if U is None:
-                    U = g.new_zeros((T, g.shape[0]))
+                    U = g.new_zeros((T, g.shape[0]), device=store)
+                g_s = g.to(store)
                 for t in range(T):
                     if target_coefs[t, ell] != 0.0:  # type: ignore[index]
-                        U[t].add_(g, alpha=float(target_coefs[t, ell]))  # type: ignore[index]
+                        U[t].add_(g_s, alpha=float(target_coefs[t, ell]))  # type: ignore[index]
+                del g_s
             del g
         if plan == "target":
             assert U is not None
-            U = apply_preconditioner(Dd, U)
+            U = apply_preconditioner(Ds, U)
 
         for a in range(K):
             if plan == "pair":
@@ -237,13 +253,13 @@ def estimate_checkpoint(
                 others = [ell for ell in range(K) if ell != a]
                 res = curvature.hvp(model, parts[a][b][HVP], DG0[others], hvp_mb, method, loss_fn, reduce)
                 # <D g_k^(2), H_a D g_l^(0)> = <g_k^(2), D H_a D g_l^(0)>
-                dots = _gram(G2, apply_preconditioner(Dd, res.hvps))  # [K, K-1]
+                dots = _gram(G2, apply_preconditioner(Dd, res.hvps), compute=device)  # [K, K-1]
                 for idx, ell in enumerate(others):
                     Q[b, :, a, ell] = dots[:, idx]  # type: ignore[index]
             else:
                 assert U is not None
                 res = curvature.hvp(model, parts[a][b][HVP], U, hvp_mb, method, loss_fn, reduce)
-                M[b, :, a, :] = _gram(res.hvps, DG0)  # type: ignore[index]
+                M[b, :, a, :] = _gram(res.hvps, DG0, compute=device)  # type: ignore[index]
                 M[b, :, a, a] = 0.0  # type: ignore[index]
             loss_parts[a, HVP] = res.loss
             del res

@@ -3,17 +3,21 @@
 - ``torchrun --nproc_per_node=2 -m commute_cli analyze`` on the tiny run against the same command in one
   process (relative difference <= 1e-5 in float32; parts of 3 sequences, so the ranks hold 2 and 1);
 - the ``reduce`` hook of ``curvature`` with two processes, one of which holds no sequence at all;
-- a failure on rank 0 only (an output folder that is a file) ends both ranks, printed once.
+- a failure on rank 0 only (an output folder that is a file) ends both ranks, printed once;
+- ``--dist-timeout``: a rank that stops taking part in a collective (sleeps past the timeout, or exits)
+  ends the other rank's all-reduce with a one-line error, after the timeout or at once; 0 is refused.
 
-Loopback only: torchrun ``--standalone`` and a ``file://`` rendezvous.
+Loopback only: torchrun ``--standalone``, a ``file://`` rendezvous, and ``env://`` on 127.0.0.1.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +29,7 @@ import torch.multiprocessing as mp
 
 from commute_cli.cli import main
 
+from cli_runner import cli
 from tiny_run import make_run
 
 pytestmark = pytest.mark.skipif(
@@ -188,3 +193,111 @@ def test_reduce_hook_with_an_empty_rank(tmp_path):
         assert got["hvp_loss3"] == pytest.approx(loss3, rel=1e-6)
         assert rel_err(got["grad3"], grad3) < 1e-6
         assert rel_err(got["hvps3"], hv3.hvps) < 1e-6
+
+
+# ------------------------------------------------------------------------------------ --dist-timeout
+
+TIMEOUT_S = 5.0
+
+
+def _wait_for(path: Path, limit_s: float = 60.0) -> None:
+    deadline = time.monotonic() + limit_s
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def _timeout_worker(rank: int, port: int, out_dir: str, mode: str) -> None:
+    """Rank 1 takes part in one all-reduce, then sleeps through the next (``sleeps``) or exits (``exits``)."""
+    from commute_cli import distributed
+    from commute_cli.errors import CommuteError
+
+    torch.set_num_threads(1)
+    out = Path(out_dir)
+    # start the rendezvous together: a slow import on a loaded machine must not eat the short timeout
+    (out / f"ready{rank}").touch()
+    _wait_for(out / f"ready{1 - rank}")
+    os.environ.update(
+        {"WORLD_SIZE": "2", "RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    )
+    ctx, _device = distributed.setup(torch.device("cpu"), timeout_s=TIMEOUT_S)
+    try:
+        assert ctx.owns_group and ctx.timeout_s == TIMEOUT_S
+        reduce = ctx.reduce_fn()
+        assert reduce is not None
+        assert reduce(torch.ones(3)).tolist() == [2.0, 2.0, 2.0]  # both ranks take part once
+        if rank == 1:
+            _wait_for(out / "entering")
+            if mode == "exits":
+                os._exit(0)  # gone without a word, like a killed process
+            _wait_for(out / "rank0.json")  # asleep until rank 0 has given up
+            return
+        (out / "entering").touch()
+        result: dict = {}
+        t0 = time.perf_counter()
+        try:
+            reduce(torch.ones(3))
+        except CommuteError as err:
+            result = {
+                "line": err.one_line(),
+                "exit_code": err.exit_code,
+                "cause": type(err.__cause__).__name__,
+                "seconds": time.perf_counter() - t0,
+            }
+            try:  # the other collectives say the same
+                ctx.broadcast(1)
+            except CommuteError as err2:
+                result["broadcast"] = err2.message
+        tmp = out / "rank0.tmp"
+        tmp.write_text(json.dumps(result))
+        tmp.replace(out / "rank0.json")
+    finally:
+        ctx.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _spawn_bounded(fn, args: tuple, limit_s: float) -> None:
+    """``mp.spawn`` of 2 ranks that fails the test (and kills them) instead of hanging past ``limit_s``."""
+    procs = mp.spawn(fn, args=args, nprocs=2, join=False)
+    deadline = time.monotonic() + limit_s
+    try:
+        while not procs.join(timeout=0.5):
+            if time.monotonic() > deadline:
+                pytest.fail(f"the ranks did not finish within {limit_s} s")
+    finally:
+        for proc in procs.processes:
+            if proc.is_alive():
+                proc.kill()
+
+
+@pytest.mark.parametrize("mode", ["sleeps", "exits"])
+def test_lost_rank_ends_all_reduce_with_one_line(tmp_path, mode):
+    _spawn_bounded(_timeout_worker, (_free_port(), str(tmp_path), mode), limit_s=60.0)
+    got = json.loads((tmp_path / "rank0.json").read_text())
+    assert got, "rank 0's all-reduce returned although rank 1 never took part"
+    line = got["line"]
+    assert line.startswith(
+        "error: rank 0: another rank did not join a collective within 5 s or left the run ("
+    )
+    assert "raise --dist-timeout" in line and "\n" not in line
+    assert got["exit_code"] == 1
+    assert got["cause"] in {"RuntimeError", "DistError", "DistBackendError", "DistNetworkError"}
+    assert got["broadcast"].startswith("rank 0: another rank did not join a collective within 5 s")
+    if mode == "sleeps":  # the short timeout was applied: not before it, and not torch's 30 minutes
+        assert TIMEOUT_S - 0.5 <= got["seconds"] < 30.0, got
+    else:  # a peer that has gone is noticed at once, without waiting for the timeout
+        assert got["seconds"] < TIMEOUT_S, got
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "nan"])
+def test_dist_timeout_must_be_positive(run_dir, tmp_path, capsys, value):
+    out = tmp_path / "out"
+    code, stdout, err = cli(["analyze", run_dir, "--out", out, *ARGS, "--dist-timeout", value], capsys)
+    assert code == 2, err
+    assert err.startswith("error: --dist-timeout must be a positive number of seconds") and "hint:" in err
+    assert err.count("\n") == 1 and stdout == ""
+    assert not out.exists()

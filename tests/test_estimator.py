@@ -26,6 +26,7 @@ is a count-weighted sum over the few hundred distinct ones.
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from dataclasses import dataclass
@@ -284,13 +285,20 @@ def tiny_gpt2(seed: int = 0) -> nn.Module:
     return model.eval().double()
 
 
-def test_block_values_match_dense_reference_gpt2() -> None:
+@pytest.mark.parametrize("offload", [False, True])
+def test_block_values_match_dense_reference_gpt2(offload: bool) -> None:
     """Each block's numbers are the documented products of its own parts, on a real GPT-2 (tied weights),
     K = 3 domains, a random diagonal D, both plans:
     ``Q[k, a, l] = < D g_k(part 2), H_a(part 1) D g_l(part 0) >``,
     ``first[k, l] = < g_k(part 0), D g_l(part 2) >``, losses the mean over the three parts -- with ``g`` and
     ``H`` from dense float64 autograd. This pins which part plays which role (the unbiasedness argument needs
-    the three factors of every product on three different parts)."""
+    the three factors of every product on three different parts). ``offload``: the vector stacks in host
+    memory (here the model's own device; tests/test_cuda.py runs the model on a GPU)."""
+    check_block_values_dense(torch.device("cpu"), offload)
+
+
+def check_block_values_dense(device: torch.device, offload: bool) -> None:
+    """The dense-reference check above with the model on ``device`` (references always on the CPU)."""
     model = tiny_gpt2()
     K, Bb, m = 3, 2, 2
     gen = torch.Generator().manual_seed(3)
@@ -300,8 +308,11 @@ def test_block_values_match_dense_reference_gpt2() -> None:
     n = C.num_params(model)
     D = random_diag(n, seed=4)
     coefs = np.array([[1.0, 0.0, 0.0], [0.2, 0.5, 0.3], [0.0, 0.0, 1.0]])
-    pair = estimate_checkpoint(model, parts, plan="pair", D=D, micro_batch=1)
-    target = estimate_checkpoint(model, parts, plan="target", target_coefs=coefs, D=D, micro_batch=2)
+    on_device = copy.deepcopy(model).to(device)
+    pair = estimate_checkpoint(on_device, parts, plan="pair", D=D, micro_batch=1, offload=offload)
+    target = estimate_checkpoint(
+        on_device, parts, plan="target", target_coefs=coefs, D=D, micro_batch=2, offload=offload
+    )
     for b in range(Bb):
         g0 = torch.stack([dense_grad(model, parts[k][b][VEC]) for k in range(K)])
         g2 = torch.stack([dense_grad(model, parts[k][b][PAIR]) for k in range(K)])
