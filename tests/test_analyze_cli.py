@@ -281,10 +281,11 @@ def _bad_cases(run_dir: Path, tmp: Path) -> list[tuple[list[str], str]]:
         (["--format", "xml"], "--format"),
         (["--blocks", "1"], "--blocks"),
         (["--horizon", "0"], "--horizon"),
+        (["--offload", "maybe"], "--offload"),
     ]
 
 
-@pytest.mark.parametrize("case", range(24))
+@pytest.mark.parametrize("case", range(25))
 def test_bad_input_one_line_exit_2(run_dir, tmp_path, capsys, case):
     args, fragment = _bad_cases(run_dir, tmp_path)[case]
     code, _, err = cli(["analyze", run_dir, "--out", tmp_path / "o", *FAST, *args], capsys)
@@ -321,3 +322,19 @@ def test_adam_metric_on_the_shipped_adamw_run_warns_and_records_its_safeguard(tm
     assert extra["adam_step"] == 500 and extra["clip_cap"] > 0 and 0 <= extra["clipped_fraction"] < 1
     res = pd.read_csv(tmp_path / "results.csv")
     assert len(res) == 1 and np.isfinite(res["el_ij"]).all()
+
+
+def test_offload_on_cpu_same_numbers_and_recorded(run_dir, tmp_path, capsys):
+    """``--offload on`` runs the host-memory code path (here the model is on the CPU too, so only the path,
+    not the transfer, is exercised; tests/test_cuda.py covers the GPU) and changes no number; run.json says
+    which checkpoints were offloaded, and ``auto`` never offloads on a CPU."""
+    base = [*FAST, "--steps", "10", "--device", "cpu"]
+    code, _, stderr = cli(["analyze", run_dir, "--out", tmp_path / "on", *base, "--offload", "on"], capsys)
+    assert code == 0, stderr
+    code, _, stderr = cli(["analyze", run_dir, "--out", tmp_path / "auto", *base], capsys)
+    assert code == 0, stderr
+    on, auto = (pd.read_csv(tmp_path / d / "results.csv") for d in ("on", "auto"))
+    pd.testing.assert_frame_equal(on, auto)
+    for folder, expected in (("on", True), ("auto", False)):
+        run = json.loads((tmp_path / folder / "run.json").read_text())
+        assert [c["offload"] for c in run["checkpoints"]] == [expected]
