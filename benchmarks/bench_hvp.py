@@ -101,7 +101,7 @@ def run_op(model: torch.nn.Module, blocks: torch.Tensor, op: str, vectors: torch
     else:
         assert vectors is not None
         C.hvp(model, blocks, vectors, micro_batch=blocks.shape[0], method=op)  # type: ignore[arg-type]
-    if blocks.device.type == "cuda" or C.model_device(model).type == "cuda":
+    if C.model_device(model).type == "cuda":  # blocks stay on the CPU; hvp moves each micro-batch
         torch.cuda.synchronize()
 
 

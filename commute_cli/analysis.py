@@ -326,9 +326,7 @@ def preconditioner(
             f"--metric adam needs Adam's second moments, but {ref.path} has no optimizer state",
             hint="use --metric euclid, or save optimizer.pt with the checkpoints",
         )
-    from commute_cli.curvature import param_list
-
-    names = [n for n, _ in param_list(model)]
+    names = [n for n, _ in curvature.param_list(model)]
     v = checkpoints.flat_exp_avg_sq(state, names)
     D = criterion.adam_preconditioner(v, state.step or 1, state.betas[1], state.eps)
     cap = 100.0 * float(D.median())

@@ -22,7 +22,7 @@ from commute_cli import curvature as C
 
 from cli_runner import cli
 from test_estimator import check_block_values_dense
-from tiny_run import make_run
+from tiny_run import make_run, tiny_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -38,25 +38,12 @@ def test_estimator_on_gpu_matches_dense_cpu_reference(offload: bool) -> None:
 
 
 def small_gpt2() -> torch.nn.Module:
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2LMHeadModel
 
-    config = GPT2Config(
-        n_layer=2,
-        n_embd=64,
-        n_head=4,
-        vocab_size=512,
-        n_positions=64,
-        bos_token_id=0,
-        eos_token_id=0,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        attn_implementation="eager",
-    )
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return GPT2LMHeadModel(config).eval()
+        return GPT2LMHeadModel(tiny_config(512, n_positions=64, n_embd=64, n_layer=2)).eval()
 
 
 @pytest.mark.parametrize("method", ["rr", "fr"])
