@@ -443,3 +443,33 @@ def test_bad_inputs() -> None:
     frozen = tiny_gpt2().requires_grad_(False)
     with pytest.raises(CommuteError, match="no trainable"):
         C.loss_and_grad(frozen, blocks(2), 1)
+
+
+@pytest.mark.parametrize("method", ["rr", "fr"])
+def test_hvp_flops_are_three_gradients_and_shared_per_vector(method: str) -> None:
+    """The FLOP floor derived in docs/DECISIONS.md and printed by benchmarks/bench_hvp.py: an exact
+    HVP costs 3 gradients in matrix-multiply FLOPs for one vector, and ``(1 + 2m) / m`` gradients per vector
+    when m vectors share one forward and backward pass. Counted independently by torch's FLOP counter on a
+    real GPT-2 (tied weights, eager attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config = GPT2Config(
+        n_layer=2, n_embd=32, n_head=4, vocab_size=128, n_positions=16, attn_implementation="eager"
+    )
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = GPT2LMHeadModel(config).eval()
+    blocks = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(1))
+    vecs = torch.randn(4, C.num_params(model), generator=torch.Generator().manual_seed(2))
+
+    def flops(fn) -> int:
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        return counter.get_total_flops()
+
+    grad = flops(lambda: C.loss_and_grad(model, blocks, micro_batch=4))
+    assert grad > 0
+    for m in (1, 2, 4):
+        total = flops(lambda m=m: C.hvp(model, blocks, vecs[:m], micro_batch=4, method=method))
+        assert total / grad / m == pytest.approx((1 + 2 * m) / m, rel=1e-3), (m, total / grad)
