@@ -174,11 +174,11 @@ def child_imports() -> None:
     import transformers  # noqa: F401
     from transformers import GPT2LMHeadModel  # noqa: F401
 
-    from commute_cli import analysis, checkpoints, curvature, domains  # noqa: F401
+    from commute_cli.commands import analyze as analysis  # noqa: F401
 
 
 def analyze_options(spec: dict):
-    from commute_cli.analysis import AnalyzeOptions
+    from commute_cli.commands.analyze import AnalyzeOptions
 
     names = spec["domains"]
     return AnalyzeOptions(
@@ -202,7 +202,8 @@ def analyze_options(spec: dict):
 
 
 def child_analysis(spec: dict) -> dict:
-    from commute_cli import analysis, domains
+    from commute_cli.commands import analyze as analysis
+    from commute_cli.io import data as domains
 
     calls = {"pack_blocks": 0, "prepare_seconds": 0.0}
     pack, prepare = domains.pack_blocks, analysis.prepare_samples
@@ -248,8 +249,10 @@ def gpu_peak(spec: dict) -> dict:
 
 def child_grad(spec: dict) -> dict:
     """One gradient pass over one micro-batch: model load + data + loss_and_grad, like the analysis."""
-    from commute_cli import checkpoints, curvature, domains
-    from commute_cli.analysis import resolve_inputs
+    from commute_cli.commands.analyze import resolve_inputs
+    from commute_cli.engine import curvature
+    from commute_cli.io import checkpoints
+    from commute_cli.io import data as domains
 
     opts = analyze_options(spec)
     base = proc_kib("VmRSS")
@@ -301,7 +304,7 @@ def child_main(payload: str) -> None:
 
 def time_ops(model, part: torch.Tensor, mb: int, rounds: int) -> dict[str, list[float]]:
     """Interleaved timings of grad / rr 1 / rr 2 / fr 1 on one part (after one warm-up each)."""
-    from commute_cli import curvature as C
+    from commute_cli.engine import curvature as C
 
     n = C.num_params(model)
     device = C.model_device(model)
@@ -340,7 +343,10 @@ def bench(
     device: str,
     hvp_batch: int | None = None,
 ) -> None:
-    from commute_cli import checkpoints, criterion, curvature, domains
+    from commute_cli.core import criterion
+    from commute_cli.engine import curvature
+    from commute_cli.io import checkpoints
+    from commute_cli.io import data as domains
 
     tok_dir = SAMPLE / "tokenizer"
     from transformers import AutoTokenizer
@@ -537,7 +543,7 @@ def main() -> None:
         return
 
     torch.set_num_threads(args.threads)
-    from commute_cli.analysis import quiet_libraries
+    from commute_cli.commands.analyze import quiet_libraries
 
     quiet_libraries()
     cpu_default = ["tiny"] if args.quick else ["tiny", "small"]

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 
 import torch
 
-from commute_cli import curvature as C
+from commute_cli.engine import curvature as C
 
 CONFIGS: dict[str, dict[str, int]] = {
     # the tiny model of the sample checkpoints

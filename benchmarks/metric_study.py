@@ -44,10 +44,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from commute_cli import analysis, checkpoints, criterion
-from commute_cli.curvature import param_list
-from commute_cli.estimator import estimate_checkpoint
-from commute_cli.validate import PREDICT_DIR, ValidateOptions, run_validate
+from commute_cli.commands import analyze as analysis
+from commute_cli.commands.validate import PREDICT_DIR, ValidateOptions, run_validate
+from commute_cli.core import criterion
+from commute_cli.engine.curvature import param_list
+from commute_cli.engine.estimator import estimate_checkpoint
+from commute_cli.io import checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "sample_checkpoints"

@@ -33,8 +33,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from commute_cli import checkpoints
-from commute_cli.validate import ValidateOptions, run_validate
+from commute_cli.commands.validate import ValidateOptions, run_validate
+from commute_cli.io import checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "sample_checkpoints"

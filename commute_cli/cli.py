@@ -55,7 +55,8 @@ def toy_command(
 
     Prints observed / predicted excess loss of a full swap (L1 then L2, vs. the mixture); -> 1 as dt -> 0.
     """
-    from commute_cli import report, toy
+    from commute_cli.commands import toy
+    from commute_cli.render import report
 
     if dim < 2:
         raise CommuteError(f"--dim must be at least 2, got {dim}")
@@ -161,9 +162,10 @@ def analyze_command(
     Results go to --out (results.csv, losses.csv, run.json); finished checkpoints are cached there, so an
     interrupted run resumes. Example: commute analyze ckpts/ --domains en=data/en.jsonl ru=data/ru/
     """
-    from commute_cli import analysis, report
-    from commute_cli.distributed import is_main_process
-    from commute_cli.progress import AnalysisProgress
+    from commute_cli.commands import analyze as analysis
+    from commute_cli.engine.distributed import is_main_process
+    from commute_cli.render import report
+    from commute_cli.render.progress import AnalysisProgress
 
     if fmt not in {f.value for f in report.OutputFormat}:
         raise CommuteError(f"--format must be table, csv or json, got {fmt!r}")
@@ -275,8 +277,8 @@ def train_command(
 
     Example: commute train run/ --domains en=en.jsonl ru=ru.jsonl --tokenizer tok/ --weights en=0.8 ru=0.2
     """
-    from commute_cli import train
-    from commute_cli.domains import parse_domain_specs
+    from commute_cli.commands import train
+    from commute_cli.io.data import parse_domain_specs
 
     config = train.TrainConfig(
         out_dir=out_dir,
@@ -349,7 +351,8 @@ def validate_command(
 
     Example: commute validate sample_checkpoints/checkpoint-1000 --dw 0.15 --steps 100 --repeats 2
     """
-    from commute_cli import report, validate
+    from commute_cli.commands import validate
+    from commute_cli.render import report
 
     if fmt not in {f.value for f in report.OutputFormat}:
         raise CommuteError(f"--format must be table, csv or json, got {fmt!r}")
@@ -416,7 +419,8 @@ def recommend_command(
     """
     import json
 
-    from commute_cli import recommend, report
+    from commute_cli.commands import recommend
+    from commute_cli.render import report
 
     if fmt not in {f.value for f in report.OutputFormat}:
         raise CommuteError(f"--format must be table, csv or json, got {fmt!r}")
@@ -466,7 +470,8 @@ def plot_command(
     """
     import pandas as pd
 
-    from commute_cli import recommend, report
+    from commute_cli.commands import recommend
+    from commute_cli.render import report
 
     result = recommend.load_analysis(from_dir)
     losses = recommend.load_losses(from_dir)

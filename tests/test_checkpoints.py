@@ -11,8 +11,8 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from commute_cli import checkpoints as ck
 from commute_cli.errors import CommuteError
+from commute_cli.io import checkpoints as ck
 
 VOCAB = 300
 

@@ -15,7 +15,7 @@ import scipy.linalg
 import scipy.stats
 import torch
 
-from commute_cli import criterion
+from commute_cli.core import criterion
 from commute_cli.errors import CommuteError
 
 # --------------------------------------------------------------------------------------------------

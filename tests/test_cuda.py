@@ -17,8 +17,8 @@ import pandas as pd
 import pytest
 import torch
 
-from commute_cli import checkpoints as ck
-from commute_cli import curvature as C
+from commute_cli.engine import curvature as C
+from commute_cli.io import checkpoints as ck
 
 from cli_runner import cli
 from test_estimator import check_block_values_dense

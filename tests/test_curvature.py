@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from commute_cli import curvature as C
+from commute_cli.engine import curvature as C
 from commute_cli.errors import CommuteError
 
 transformers = pytest.importorskip("transformers")

@@ -135,8 +135,8 @@ def _blocks() -> torch.Tensor:
 
 
 def _reduce_worker(rank: int, init_file: str, out_dir: str) -> None:
-    from commute_cli import curvature as C
-    from commute_cli.distributed import DistContext
+    from commute_cli.engine import curvature as C
+    from commute_cli.engine.distributed import DistContext
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
@@ -175,7 +175,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_reduce_hook_with_an_empty_rank(tmp_path):
-    from commute_cli import curvature as C
+    from commute_cli.engine import curvature as C
 
     mp.spawn(_reduce_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     model = _tiny_model()
@@ -208,7 +208,7 @@ def _wait_for(path: Path, limit_s: float = 60.0) -> None:
 
 def _timeout_worker(rank: int, port: int, out_dir: str, mode: str) -> None:
     """Rank 1 takes part in one all-reduce, then sleeps through the next (``sleeps``) or exits (``exits``)."""
-    from commute_cli import distributed
+    from commute_cli.engine import distributed
     from commute_cli.errors import CommuteError
 
     torch.set_num_threads(1)

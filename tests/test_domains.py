@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from commute_cli import domains as dm
 from commute_cli.errors import CommuteError
+from commute_cli.io import data as dm
 
 DOCS = [
     "The quick brown fox jumps over the lazy dog.",

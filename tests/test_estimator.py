@@ -4,7 +4,7 @@ Reference values come from a population whose criterion is computable exactly: t
 pool of ``P`` short token sequences drawn from its own random Markov chain, and a tiny causal LM in float64.
 The population quantities are dense: ``g_k`` is the pool-mean gradient and ``H_k`` the dense Hessian of the
 pool-mean loss, both from ``torch.autograd.functional`` over a loss of the flat parameter vector built with
-``torch.func.functional_call`` -- no code of ``commute_cli.curvature`` is involved. Then:
+``torch.func.functional_call`` -- no code of ``commute_cli.engine.curvature`` is involved. Then:
 
 - ``M[a, l] = < D g_L, H_a D g_l >``, ``EL^{12} = dt^2 sum C o M`` (``criterion.predicted_change``, checked
   against the direct formula ``dt^2 < D g_L, Hbar D g_d - H_d D gbar >``) and ``< g_L, D gbar >`` are exact;
@@ -38,10 +38,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from commute_cli import criterion
-from commute_cli import curvature as C
-from commute_cli.analysis import Target, summarize_checkpoint
-from commute_cli.estimator import HVP, PAIR, VEC, CheckpointStats, estimate_checkpoint
+from commute_cli.commands.analyze import Target, summarize_checkpoint
+from commute_cli.core import criterion
+from commute_cli.engine import curvature as C
+from commute_cli.engine.estimator import HVP, PAIR, VEC, CheckpointStats, estimate_checkpoint
 
 V, T = 8, 5  # vocabulary, sequence length
 P = 20_000  # sequences per domain pool

@@ -34,8 +34,10 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from commute_cli import checkpoints, criterion, domains
-from commute_cli.analysis import AnalyzeOptions, run_analysis
+from commute_cli.commands.analyze import AnalyzeOptions, run_analysis
+from commute_cli.core import criterion
+from commute_cli.io import checkpoints
+from commute_cli.io import data as domains
 
 from tiny_run import POOL_CHUNK, lm_loss, make_run, pool_grad, pool_loss
 

@@ -11,11 +11,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from commute_cli.analysis import parse_targets
 from commute_cli.cli import expand_multi_value
-from commute_cli.domains import parse_domain_specs
+from commute_cli.commands.analyze import parse_targets
+from commute_cli.core.schedule import parse_weights
 from commute_cli.errors import CommuteError
-from commute_cli.schedule import parse_weights
+from commute_cli.io.data import parse_domain_specs
 
 names = st.from_regex(r"[A-Za-z][A-Za-z0-9_.-]{0,8}", fullmatch=True)
 sources = st.from_regex(r"[A-Za-z0-9_./-]{1,20}", fullmatch=True)

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from commute_cli import report
+from commute_cli.render import report
 
 from cli_runner import cli
 from tiny_run import make_run
@@ -162,7 +162,7 @@ def test_loss_plane_from_validate_results(tmp_path):
 @pytest.fixture(scope="module")
 def analyzed(tmp_path_factory) -> Path:
     """A real ``commute analyze`` output folder (tiny run, 3 checkpoints)."""
-    from commute_cli.analysis import AnalyzeOptions, run_analysis
+    from commute_cli.commands.analyze import AnalyzeOptions, run_analysis
 
     root = tmp_path_factory.mktemp("plot")
     run = make_run(root / "run", steps=(0, 10, 20))

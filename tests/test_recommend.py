@@ -30,9 +30,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from commute_cli import recommend as rc
+from commute_cli.commands import recommend as rc
+from commute_cli.core.schedule import Schedule, load_schedule, parse_schedule_text
 from commute_cli.errors import CommuteError
-from commute_cli.schedule import Schedule, load_schedule, parse_schedule_text
 
 from cli_runner import cli
 from tiny_run import make_run, pool_grad, pool_loss, save_checkpoint
@@ -454,8 +454,9 @@ def test_recommended_schedule_lowers_the_target_by_the_predicted_amount(tiny, tm
     with the recommended schedule and with the original one (full-batch GD on the same pools, float64), the
     observed change of L_xx at step 45 is negative and within a factor 2 of the prediction, and so is the
     trade-off on the other targets that are significant."""
-    from commute_cli import checkpoints, domains
-    from commute_cli.analysis import AnalyzeOptions, run_analysis
+    from commute_cli.commands.analyze import AnalyzeOptions, run_analysis
+    from commute_cli.io import checkpoints
+    from commute_cli.io import data as domains
 
     run = tmp_path / "gd-run"
     run.mkdir()

@@ -9,8 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from commute_cli.errors import CommuteError
-from commute_cli.schedule import (
+from commute_cli.core.schedule import (
     Schedule,
     check_weights,
     load_schedule,
@@ -19,6 +18,7 @@ from commute_cli.schedule import (
     parse_weights,
     save_schedule,
 )
+from commute_cli.errors import CommuteError
 
 # ----------------------------------------------------------------------------------------------- weights
 

@@ -17,8 +17,10 @@ import torch
 from scipy.integrate import solve_ivp
 from typer.testing import CliRunner
 
-from commute_cli import criterion, report, toy
 from commute_cli.cli import app, main
+from commute_cli.commands import toy
+from commute_cli.core import criterion
+from commute_cli.render import report
 
 F64 = torch.float64
 

@@ -21,10 +21,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from commute_cli import train as tr
 from commute_cli.cli import main
+from commute_cli.commands import train as tr
+from commute_cli.core.schedule import Schedule
 from commute_cli.errors import CommuteError
-from commute_cli.schedule import Schedule
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "sample_checkpoints"
@@ -292,7 +292,7 @@ def test_checkpoint_files_and_manifest(data, tmp_path):
     assert set(manifest["external_sources"]["domains"]) == {"en", "ru"}
 
     # the analyzer's readers accept what we wrote
-    from commute_cli import checkpoints
+    from commute_cli.io import checkpoints
 
     adam = checkpoints.load_adam_state(ck, tr.load_model(ck))
     assert adam is not None and adam.layout == "param_names" and adam.step == 8
@@ -466,7 +466,7 @@ def test_sample_validation_loss_decreases():
         losses = [evals[s][f"eval_{lang}_loss"] for s in steps]
         assert all(b < a for a, b in itertools.pairwise(losses)), (lang, losses)
 
-    from commute_cli.domains import load_texts, pack_blocks
+    from commute_cli.io.data import load_texts, pack_blocks
 
     tok = tr.load_tokenizer(TOKENIZER)
     model = tr.load_model(ckpts[-1])

@@ -22,11 +22,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from commute_cli import validate as V
 from commute_cli.cli import main
+from commute_cli.commands import validate as V
+from commute_cli.commands.train import build_optimizer, load_training_state
+from commute_cli.core.schedule import Schedule
 from commute_cli.errors import CommuteError
-from commute_cli.schedule import Schedule
-from commute_cli.train import build_optimizer, load_training_state
 
 from tiny_run import make_run
 
@@ -207,7 +207,7 @@ def test_adam_metric_predictions_are_far_too_large_on_a_real_adamw_run(run, tmp_
     (median over targets of ``|log10(|pred| / |obs|)|``). Measured for training seeds 0, 1, 2 when this was
     written: euclid 0.88 / 0.50 / 0.34, adam 2.70 / 2.83 / 2.78 decades. Signs are not pinned: at this
     size both metrics agree with the observed signs about half the time (noise), as in the benchmark."""
-    from commute_cli import train as tr
+    from commute_cli.commands import train as tr
 
     (tmp_path / "tiny.json").write_text(json.dumps({"n_layer": 1, "n_embd": 16, "n_head": 2}))
     data = {"en": str(run / "data" / "en.jsonl"), "xx": str(run / "data" / "xx.jsonl")}

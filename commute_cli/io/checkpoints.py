@@ -37,8 +37,8 @@ from typing import Any
 
 import torch
 
-from commute_cli import atomic
 from commute_cli.errors import CommuteError
+from commute_cli.io import atomic
 
 WEIGHT_FILES = (
     "model.safetensors",
@@ -740,7 +740,7 @@ def _inside(root: Path, value: str, what: str) -> Path:
 
 
 def _domain_paths(root: Path, value: Any, key: str) -> dict[str, str]:
-    from commute_cli.domains import is_hub_source
+    from commute_cli.io.data import is_hub_source
 
     if value is None:
         return {}

@@ -36,8 +36,8 @@ from typing import Any
 
 import torch
 
-from commute_cli import atomic
 from commute_cli.errors import CommuteError
+from commute_cli.io import atomic
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 _HUB_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*(:[A-Za-z0-9_.-]+)?$")

@@ -56,9 +56,9 @@ from typing import Any
 
 import pandas as pd
 
-from commute_cli import atomic
+from commute_cli.core.schedule import Schedule, save_schedule
 from commute_cli.errors import CommuteError
-from commute_cli.schedule import Schedule, save_schedule
+from commute_cli.io import atomic
 
 __all__ = [
     "DEFAULT_GRID",

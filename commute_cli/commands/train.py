@@ -62,9 +62,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from commute_cli import __version__, atomic
+from commute_cli import __version__
+from commute_cli.core.schedule import Schedule
 from commute_cli.errors import CommuteError
-from commute_cli.schedule import Schedule
+from commute_cli.io import atomic
 
 MANIFEST_NAME = "commute.json"
 MANIFEST_FORMAT = "commute-manifest/1"
@@ -102,7 +103,7 @@ class TrainConfig:
     """Everything ``train`` needs; the CLI builds one from its flags.
 
     ``domains`` and ``eval_domains`` map names to sources (paths relative to ``base_dir`` or the working
-    directory, or hub names; see ``commute_cli.domains.load_texts``). Without ``schedule`` or ``weights``
+    directory, or hub names; see ``commute_cli.io.data.load_texts``). Without ``schedule`` or ``weights``
     the weights are uniform.
     ``init`` is a model config JSON, a model folder, or a checkpoint to continue (weights, optimizer state,
     step and stream positions).
@@ -354,7 +355,7 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """AdamW or SGD over two groups, decay then no-decay, each in ``named_parameters()`` order (the HF
     Trainer's layout). The groups carry ``param_names``, so ``optimizer.pt`` names its own positions."""
-    from commute_cli.checkpoints import decay_parameter_names  # the Trainer's rule, shared with the reader
+    from commute_cli.io.checkpoints import decay_parameter_names  # the Trainer's rule, shared with the reader
 
     decay = decay_parameter_names(model)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -668,7 +669,7 @@ def manifest_dict(config: TrainConfig, schedule: Schedule, tokenizer_rel: str) -
 
 
 def _load_blocks(sources: Mapping[str, str], tokenizer: Any, seq_len: int, base_dir: Path | None) -> dict:
-    from commute_cli.domains import load_texts, pack_blocks
+    from commute_cli.io.data import load_texts, pack_blocks
 
     return {
         name: pack_blocks(load_texts(src, domain=name, base_dir=base_dir), tokenizer, seq_len)
@@ -683,7 +684,7 @@ def resolve_schedule(
 ) -> Schedule:
     """The run's schedule from a ``Schedule``, a schedule file or constant weights (uniform when none),
     validated against the training domains."""
-    from commute_cli.schedule import check_weights, load_schedule, parse_weights
+    from commute_cli.core.schedule import check_weights, load_schedule, parse_weights
 
     if schedule is not None and weights:
         raise CommuteError("both weights and a schedule given", "pass --weights or --schedule, not both")
@@ -708,7 +709,7 @@ def _with_manifest(config: TrainConfig) -> TrainConfig:
     """A copy of ``config`` with the domains, eval domains and tokenizer it lacks from ``config.manifest``."""
     if config.manifest is None:
         return config
-    from commute_cli.checkpoints import read_manifest
+    from commute_cli.io.checkpoints import read_manifest
 
     path = Path(config.manifest)
     manifest = read_manifest(path.parent if path.is_file() else path)
@@ -920,7 +921,7 @@ def train(config: TrainConfig) -> Path:
 
 
 def _sample(blocks: torch.Tensor, n: int, seed: int) -> torch.Tensor:
-    from commute_cli.domains import sample_blocks
+    from commute_cli.io.data import sample_blocks
 
     return sample_blocks(blocks, n, seed)
 
@@ -1114,7 +1115,7 @@ def load_training_state(
     optimizer is AdamW when the saved state has second moments, SGD otherwise; its hyperparameters are
     those saved in ``optimizer.pt``. Without saved optimizer state a fresh AdamW starts.
     """
-    from commute_cli.checkpoints import read_manifest
+    from commute_cli.io.checkpoints import read_manifest
 
     folder = Path(checkpoint)
     resumed = read_training_state(folder)

@@ -35,8 +35,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from commute_cli import curvature
-from commute_cli.criterion import apply_preconditioner
+from commute_cli.core.criterion import apply_preconditioner
+from commute_cli.engine import curvature
 
 Tensor = torch.Tensor
 
@@ -166,13 +166,13 @@ def estimate_checkpoint(
     Args:
         model: the checkpoint's model (eval mode, eager attention).
         parts: ``parts[k][b][p]``: token blocks ``[n, T]`` of domain ``k``, design block ``b``, part ``p``.
-        plan: "pair" or "target" (:func:`commute_cli.criterion.choose_plan`).
+        plan: "pair" or "target" (:func:`commute_cli.core.criterion.choose_plan`).
         target_coefs: ``[T, K]`` target weights; required for the target plan.
         D: diagonal preconditioner ``[n]`` or ``None`` (Euclidean metric).
         method: "rr" or "fr" HVPs.
         micro_batch: sequences per forward pass.
         on_block: called with the block index after each block (progress).
-        reduce: data parallelism (:mod:`commute_cli.distributed`): ``parts`` hold this process's slice of
+        reduce: data parallelism (engine.distributed): ``parts`` hold this process's slice of
             every part and ``reduce`` sums across processes; every mean is then over all processes' sequences.
         hvp_micro_batch: sequences per forward pass of the HVPs (default ``micro_batch``). A
             reverse-on-reverse HVP keeps ~3x the autograd memory of a gradient at the same micro-batch.

@@ -8,7 +8,7 @@ affine, so it is solved exactly by the matrix exponential of the augmented syste
 
 which never inverts ``A_w`` (its eigenvalues go down to 0.7^99 ~ 1e-15, hopeless to invert).
 
-Predictions are computed through :mod:`commute_cli.criterion` (the same code that runs on real models),
+Predictions are computed through :mod:`commute_cli.core.criterion` (the same code that runs on real models),
 so this module is an end-to-end check of that code's signs and constants against exact flows.
 """
 
@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from commute_cli import criterion
+from commute_cli.core import criterion
 
 Tensor = torch.Tensor
 Weights = Sequence[float] | Tensor

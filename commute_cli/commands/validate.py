@@ -46,9 +46,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from commute_cli import __version__, atomic
+from commute_cli import __version__
+from commute_cli.core.schedule import Schedule
 from commute_cli.errors import CommuteError
-from commute_cli.schedule import Schedule
+from commute_cli.io import atomic
 
 VALIDATE_FORMAT = "commute-validate/1"
 BRANCHES = ("base", "12", "21")
@@ -211,7 +212,7 @@ def max_dw(schedule: Schedule, start: int, n: int, pair: tuple[int, int]) -> flo
 
 def rows_per_domain(schedule: Schedule, start: int, n_steps: int, batch_size: int) -> list[list[int]]:
     """Rows of each domain at each step of ``[start, start + n_steps)`` (``train.batch_counts``)."""
-    from commute_cli.train import batch_counts
+    from commute_cli.commands.train import batch_counts
 
     return [
         batch_counts([schedule.weights_at(s)[d] for d in schedule.domains], batch_size)
@@ -279,9 +280,10 @@ def parse_pair(text: str | None, names: Sequence[str]) -> tuple[int, int]:
 
 def resolve_setup(opts: ValidateOptions, note: Note) -> Setup:
     """Checkpoint, domains, schedule, pair, learning rates: all checked before any long work."""
-    from commute_cli import checkpoints, domains
-    from commute_cli.schedule import parse_weights
-    from commute_cli.train import STATE_NAME, lr_at
+    from commute_cli.commands.train import STATE_NAME, lr_at
+    from commute_cli.core.schedule import parse_weights
+    from commute_cli.io import checkpoints
+    from commute_cli.io import data as domains
 
     opts.validate()
     pending: list[str] = []  # notes are shown only once every input is known to be good
@@ -426,8 +428,8 @@ class Branches:
 
 def _eval_blocks(setup: Setup, seq_len: int, n: int) -> dict[str, torch.Tensor]:
     """The held-out blocks (at most ``n`` per domain, a fixed seeded sample): the same for every branch."""
-    from commute_cli import domains
-    from commute_cli.train import load_tokenizer
+    from commute_cli.commands.train import load_tokenizer
+    from commute_cli.io import data as domains
 
     tokenizer = load_tokenizer(setup.tokenizer_path)
     out = {}
@@ -445,8 +447,8 @@ def _file_sig(path: Path) -> list[Any]:
 
 def prepare_branches(setup: Setup, opts: ValidateOptions) -> Branches:
     """Load the training state (model, optimizer, positioned streams), build the schedules, eval once."""
-    from commute_cli import domains
-    from commute_cli.train import build_optimizer, evaluate, load_training_state
+    from commute_cli.commands.train import build_optimizer, evaluate, load_training_state
+    from commute_cli.io import data as domains
 
     state = load_training_state(
         setup.checkpoint,
@@ -510,7 +512,7 @@ def run_branches(
 ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, int]]]:
     """Train one fork of ``state`` per schedule for ``n_steps`` with streams re-seeded to ``seed`` (same
     positions), and evaluate each. Returns (losses per branch per domain, final stream positions)."""
-    from commute_cli.train import DomainStream, evaluate
+    from commute_cli.commands.train import DomainStream, evaluate
 
     losses: dict[str, dict[str, float]] = {}
     positions: dict[str, dict[str, int]] = {}
@@ -640,7 +642,7 @@ def predict(setup: Setup, opts: ValidateOptions, dw: float, note: Note) -> tuple
     """The criterion's predicted ``EL_k^12`` for every target domain k: from ``--from`` when it has matching
     rows (same step, pair, dw, horizon, lr and metric), else computed now by ``analysis.run_analysis`` into
     ``OUT/validate-predict`` (cached there)."""
-    from commute_cli.analysis import AnalyzeOptions, run_analysis
+    from commute_cli.commands.analyze import AnalyzeOptions, run_analysis
 
     lr = setup.lr_mean
     if opts.from_dir is not None:
@@ -695,7 +697,7 @@ def predict(setup: Setup, opts: ValidateOptions, dw: float, note: Note) -> tuple
 
 def _summary(values: Sequence[float], confidence: float) -> tuple[float, float, bool]:
     """Mean, SE over repeats and a t test (SE is nan and nothing is significant with one repeat)."""
-    from commute_cli.criterion import summarize_blocks
+    from commute_cli.core.criterion import summarize_blocks
 
     x = np.asarray(values, dtype=np.float64)
     if x.size < 2:
@@ -796,7 +798,7 @@ def run_validate(
 
     ``on_start(total_steps)`` is called once with the number of training steps still to run.
     """
-    from commute_cli.analysis import _check_writable, quiet_libraries
+    from commute_cli.commands.analyze import _check_writable, quiet_libraries
 
     t0 = time.perf_counter()
     quiet_libraries()
@@ -877,7 +879,7 @@ def validate_table(result: ValidateResult) -> Any:
     from rich.console import Group
     from rich.text import Text
 
-    from commute_cli.report import make_table
+    from commute_cli.render.report import make_table
 
     df = result.table
     run = result.run

@@ -24,8 +24,8 @@ from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from commute_cli import atomic
 from commute_cli.errors import CommuteError
+from commute_cli.io import atomic
 
 __all__ = [
     "OutputFormat",
@@ -179,7 +179,7 @@ def emit(
 
 
 def table1(df: pd.DataFrame, title: str | None = None, caption: str | None = None, digits: int = 4) -> Group:
-    """The paper's Table 1 layout for :func:`commute_cli.toy.run_table1`: rows t, columns dt, and a
+    """The paper's Table 1 layout for :func:`commute_cli.commands.toy.run_table1`: rows t, columns dt, and a
     one-line caption below saying what the ratio is.
 
     Each cell is ``median [p10, p90]`` of the ratio observed / predicted excess loss.
@@ -608,7 +608,7 @@ def _effect_cell(change: float, se: float, in_regime: bool = True) -> str:
 
 
 def recommend_report(rec: Any) -> Group:
-    """``commute recommend``'s human output for a :class:`commute_cli.recommend.Recommendation`: the
+    """``commute recommend``'s human output for a :class:`commute_cli.commands.recommend.Recommendation`: the
     shifts in words and numbers, a table of predicted changes per target (the chosen target and the
     trade-off on every other one), the totals, the skipped checkpoints and the conservation check."""
     parts: list[RenderableType] = [Text(rec.summary(), style="bold")]

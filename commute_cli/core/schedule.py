@@ -27,8 +27,8 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-from commute_cli import atomic
 from commute_cli.errors import CommuteError
+from commute_cli.io import atomic
 
 SUM_TOL = 1e-6
 """How far from 1 the weights of one entry may sum (absolute)."""

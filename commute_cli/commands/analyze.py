@@ -6,7 +6,7 @@ The pipeline reads top to bottom:
    domains, tokenizer, schedule and targets, and checks them before any long work (preflight);
 2. :func:`prepare_samples` tokenizes each domain once (cached), draws the same sample at every checkpoint
    and splits it into design blocks of three disjoint parts (MATH.md "Noise");
-3. :func:`run_analysis` estimates every checkpoint (:mod:`commute_cli.estimator`), caching each finished
+3. :func:`run_analysis` estimates every checkpoint (engine.estimator), caching each finished
    checkpoint's scalars so that an interrupted run resumes where it stopped;
 4. :func:`summarize_checkpoint` turns the scalars into rows: bracket, predicted loss change of the stated
    intervention with its standard error, regime check and verdict (pure post-processing, no autograd).
@@ -34,10 +34,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from commute_cli import __version__, atomic, checkpoints, criterion, curvature, distributed, domains
+from commute_cli import __version__
+from commute_cli.core import criterion
+from commute_cli.core.schedule import Schedule, load_schedule, parse_weights
+from commute_cli.engine import curvature, distributed
+from commute_cli.engine.estimator import CheckpointStats, estimate_checkpoint
 from commute_cli.errors import CommuteError
-from commute_cli.estimator import CheckpointStats, estimate_checkpoint
-from commute_cli.schedule import Schedule, load_schedule, parse_weights
+from commute_cli.io import atomic, checkpoints
+from commute_cli.io import data as domains
 
 CACHE_FORMAT = "commute-stats/1"
 
@@ -356,7 +360,7 @@ def offload_stacks(opts: AnalyzeOptions, model: torch.nn.Module, K: int, T: int,
     """Whether the estimator keeps its per-block vector stacks in host memory (``--offload``).
 
     ``auto`` offloads on a GPU when the stacks -- ``2K`` parameter-sized float32 vectors in the pair plan,
-    ``K + T`` in the target plan (:func:`commute_cli.estimator.estimate_checkpoint`) -- would take more than
+    ``K + T`` in the target plan (:func:`estimate_checkpoint`) -- would take more than
     a quarter of the GPU memory still free after loading the model: the rest is needed by the autograd
     graph of an HVP (~3x a gradient's). A 1.2B-parameter model with K = 2 has 19 GB of stacks, so on a
     40 GB card they go to host memory; the tiny and small models never do. Offloading changes no number
@@ -650,7 +654,7 @@ def run_analysis(
     """The whole ``analyze`` job. Progress callbacks let the CLI draw bars without this module knowing.
 
     Under torchrun (``WORLD_SIZE > 1``) every rank runs this with the same options: each takes a slice
-    of every part and sums through ``torch.distributed`` (:mod:`commute_cli.distributed`); rank 0 alone
+    of every part and sums through ``torch.distributed`` (:mod:`commute_cli.engine.distributed`); rank 0 alone
     reads the data, reads and writes the cache and the outputs, and calls the progress callbacks.
     """
     t0 = time.perf_counter()

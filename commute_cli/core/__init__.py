@@ -1,0 +1,1 @@
+"""core layer of commute (see docs/ARCHITECTURE.md)."""

@@ -1,0 +1,1 @@
+"""engine layer of commute (see docs/ARCHITECTURE.md)."""

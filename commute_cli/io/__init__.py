@@ -1,0 +1,1 @@
+"""io layer of commute (see docs/ARCHITECTURE.md)."""

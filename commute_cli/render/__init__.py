@@ -1,0 +1,1 @@
+"""render layer of commute (see docs/ARCHITECTURE.md)."""
