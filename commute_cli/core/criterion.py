@@ -1,8 +1,8 @@
 """The Lie-bracket criterion as pure functions over vectors.
 
 Everything here works on flat 1-D torch tensors (any float dtype, any device) and small ``[K, K]``
-matrices; nothing loads a model or a file. Signs and constants follow ``../shared/MATH.md``, which
-corrects the paper (``../shared/paper.md``): eq. (6) and eq. (7) disagree in sign, and section 4.1
+matrices; nothing loads a model or a file. Signs and constants follow ``docs/MATH.md``, which
+corrects the paper (summarised there): eq. (6) and eq. (7) disagree in sign, and section 4.1
 prints 1/8 where the exact flows give 1/2.
 
 Notation (MATH.md "Notation"):

@@ -1,7 +1,7 @@
 """Losses, gradients and Hessian-vector products of a model over token blocks.
 
 This is the only module of the project that runs autograd. Everything the criterion needs
-(MATH.md, ``../shared/MATH.md``: the gradients g_k and the products H_a v) comes from three calls:
+(``docs/MATH.md``: the gradients g_k and the products H_a v) comes from three calls:
 
 - :func:`loss_only` -- mean loss, no graph (evaluation losses);
 - :func:`loss_and_grad` -- mean loss and its gradient;
