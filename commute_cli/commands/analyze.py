@@ -714,8 +714,8 @@ def _run_analysis(
     for ref in skipped:  # end of a decay to 0, first step of a warmup from 0: not an ordinary row
         if ctx.is_main:  # shown under -q too: a checkpoint the user asked for is missing from the table
             print(
-                f"note: skipping {ref.name}: lr = 0 there ({lr_found[ref.name].describe()}), so no update "
-                "follows it and the predicted change is 0 by construction (pass --lr to analyze it anyway)",
+                f"note: skipping {ref.name}: lr = {lr_found[ref.name].describe()}: no update follows it, so "
+                "the predicted change is 0 by construction (pass --lr to analyze it anyway)",
                 file=sys.stderr,
             )
     for idx, ref in enumerate(inputs.refs):
