@@ -118,7 +118,7 @@ def _linear_schedule_lrs(base: float, warmup: int, total: int, steps: int) -> li
         out.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
-    return out + [opt.param_groups[0]["lr"]]  # the last entry: the rate of the update after `steps`
+    return [*out, opt.param_groups[0]["lr"]]  # the last entry: the rate of the update after `steps`
 
 
 def test_trainer_run_discovered_with_steps_and_learning_rates(trainer_run):
