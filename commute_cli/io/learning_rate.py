@@ -32,7 +32,7 @@ from typing import Any
 
 from commute_cli.errors import CommuteError
 from commute_cli.io import nanogpt
-from commute_cli.io.checkpoints import CheckpointRef, trainer_state
+from commute_cli.io.discovery import CheckpointRef, trainer_state
 from commute_cli.io.safefiles import torch_load
 
 
