@@ -161,3 +161,18 @@ def test_zero_lr_checkpoint_skipped_with_a_note(run_dir, tmp_path, capsys):
     assert (
         code == 2 and "learning rate is 0 at every checkpoint" in err and len(err.strip().splitlines()) == 1
     )
+
+
+def test_scheduler_pickle_payload_never_runs(cosine_run, tmp_path):
+    root, used = cosine_run
+    folder = _without(root / "checkpoint-6", "scheduler.pt", tmp=tmp_path / "a")
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (exec, (f"open({str(marker)!r}, 'w').close()",))
+
+    torch.save({"_last_lr": [1.0], "payload": Evil()}, folder / "scheduler.pt")
+    lr = find_learning_rate(ck.discover(folder)[0])  # refused by weights_only: the next record is used
+    assert lr.source == "optimizer.pt param_groups" and lr.value == pytest.approx(used[6], rel=1e-12)
+    assert not marker.exists()

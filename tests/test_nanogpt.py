@@ -96,6 +96,10 @@ def save_nanogpt(
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": 0.1}, {"params": nodecay, "weight_decay": 0.0}]
     )
+    g = torch.Generator().manual_seed(iter_num)
+    for p in params.values():  # one real AdamW step on random gradients: distinct second moments
+        p.grad = torch.randn(p.shape, generator=g)
+    opt.step()
     for group in opt.param_groups:
         group["lr"] = lr if lr is not None else 1e-3
     ckpt = {
@@ -210,3 +214,24 @@ def test_nanogpt_run_analyzed_like_its_transformers_copy(tmp_path, capsys):
     no_tok = [a for i, a in enumerate(common) if i not in (6, 7)]
     code, _, err = cli(["analyze", tmp_path / "nano", "--out", tmp_path / "o3", *no_tok], capsys)
     assert code == 2 and "--tokenizer" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_nanogpt_adam_state_mapped_to_the_transformers_names(tmp_path, bias):
+    args = dict(ARGS, bias=bias)
+    sd = nanogpt_state(args, seed=2)
+    file = save_nanogpt(tmp_path / "ckpt.pt", args, sd, iter_num=30, lr=1e-3, prefix="_orig_mod.")
+    model = ck.load_model(file)
+    state = ck.load_adam_state(ck.discover(file)[0], model)
+    saved = torch.load(file, weights_only=True)["optimizer"]
+    # nanoGPT's own layout, written out: decay group = dim >= 2, then the rest, named_parameters order
+    names = [k for k in sd if not k.endswith(".attn.bias") and k != "lm_head.weight"]
+    layout = [n for n in names if sd[n].dim() >= 2] + [n for n in names if sd[n].dim() < 2]
+    ids = [i for group in saved["param_groups"] for i in group["params"]]
+    for name, i in zip(layout, ids, strict=True):
+        want = saved["state"][i]["exp_avg_sq"]
+        if name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+            want = want.t()
+        assert torch.equal(state.exp_avg_sq[name], want), name
+    assert state.layout == "nanogpt" and state.lr == 1e-3 and state.step == 1 and not state.missing
+    assert set(state.exp_avg_sq) == set(names)  # frozen zero biases of bias=False carry no state

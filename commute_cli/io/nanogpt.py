@@ -35,7 +35,7 @@ import torch
 from commute_cli.errors import CommuteError
 from commute_cli.io.safefiles import torch_load
 
-_PROJECTIONS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+PROJECTIONS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 _BIASED = ("ln_1", "ln_2", "attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 WRAPPER_PREFIXES = ("_orig_mod.", "module.")
 
@@ -126,7 +126,7 @@ def gpt2_state_dict(ckpt: dict[str, Any], config: Any) -> tuple[dict[str, torch.
     for key, value in sd.items():
         if key == "lm_head.weight" and config.tie_word_embeddings:
             continue
-        out[key] = value.t().contiguous() if key.endswith(_PROJECTIONS) else value
+        out[key] = value.t().contiguous() if key.endswith(PROJECTIONS) else value
     frozen: set[str] = set()
     modules = [f"transformer.h.{i}.{m}" for i in range(config.n_layer) for m in _BIASED] + [
         "transformer.ln_f"

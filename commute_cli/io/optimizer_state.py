@@ -159,10 +159,13 @@ def _group_hyper(
 def load_adam_state(ref: Any, model: torch.nn.Module) -> AdamState | None:
     """Adam second moments saved with the checkpoint, by parameter name; None when no optimizer file exists.
 
-    Reads ``optimizer.safetensors`` (preferred) or ``optimizer.pt`` (``weights_only=True`` only). See the
-    module docstring for how positions are mapped to names; an unexplained layout is refused.
+    Reads ``optimizer.safetensors`` (preferred) or ``optimizer.pt`` (``weights_only=True`` only), or the
+    ``optimizer`` entry of a nanoGPT ``ckpt.pt``. See the module docstring for how positions are mapped to
+    names; an unexplained layout is refused.
     """
-    folder = Path(getattr(ref, "path", ref))  # a CheckpointRef or a folder
+    folder = Path(getattr(ref, "path", ref))  # a CheckpointRef, a folder, or a nanoGPT .pt file
+    if folder.is_file():
+        return _load_adam_nanogpt(folder, model)
     if (folder / "optimizer.safetensors").is_file():
         return _load_adam_safetensors(folder / "optimizer.safetensors", model)
     file = folder / "optimizer.pt"
@@ -237,6 +240,70 @@ def load_adam_state(ref: Any, model: torch.nn.Module) -> AdamState | None:
         layout=label,
         source=file,
         missing=tuple(n for n in names if n in missing),
+    )
+
+
+def _step_of(entry: Mapping[str, Any]) -> int | None:
+    step = entry.get("step")
+    if isinstance(step, torch.Tensor):
+        return int(step.item())
+    return int(step) if isinstance(step, (int, float)) else None
+
+
+def _load_adam_nanogpt(file: Path, model: torch.nn.Module) -> AdamState | None:
+    """nanoGPT's ``configure_optimizers`` layout: group 0 = parameters with ``dim() >= 2``, group 1 = the
+    rest, each in ``named_parameters()`` order (tied ``lm_head`` once); projection moments transposed like
+    their weights (:mod:`commute_cli.io.nanogpt`)."""
+    from commute_cli.io import nanogpt
+
+    ckpt = nanogpt.read(file)
+    saved = ckpt.get("optimizer")
+    if not isinstance(saved, dict) or not isinstance(saved.get("param_groups"), list):
+        return None
+    if not saved.get("state"):
+        return None
+    sd = nanogpt.state_dict(ckpt)
+    aliases = _aliases(model)
+    tied = aliases.get("lm_head.weight") != "lm_head.weight"
+    order = [n for n in sd if not (tied and n == "lm_head.weight")]
+    layout = [n for n in order if sd[n].dim() >= 2] + [n for n in order if sd[n].dim() < 2]
+    groups = saved["param_groups"]
+    ids = [i for g in groups for i in g["params"]]
+    if len(groups) != 2 or len(ids) != len(layout):
+        raise CommuteError(
+            f"the optimizer state in {file} has groups of {[len(g['params']) for g in groups]} parameters; "
+            f"nanoGPT's layout has {len(layout)} in two groups",
+            hint="it was written by another optimizer setup; run without the Adam metric",
+        )
+    by_name: dict[str, torch.Tensor] = {}
+    steps: list[int] = []
+    for name, i in zip(layout, ids, strict=True):
+        entry = saved["state"].get(i)
+        if entry is None:
+            continue
+        sq = entry.get("exp_avg_sq")
+        if not isinstance(sq, torch.Tensor) or tuple(sq.shape) != tuple(sd[name].shape):
+            raise CommuteError(
+                f"the optimizer state in {file} does not match parameter {name} at position {i}",
+                hint="run without the Adam metric",
+            )
+        sq = sq.detach().to("cpu", torch.float32)
+        by_name[aliases.get(name, name)] = sq.t().contiguous() if name.endswith(nanogpt.PROJECTIONS) else sq
+        if (step := _step_of(entry)) is not None:
+            steps.append(step)
+    shapes = {n: p.shape for n, p in model.named_parameters() if p.requires_grad}
+    names = param_names(model)
+    missing = tuple(n for n in names if n not in by_name)
+    betas, eps, lr = _group_hyper(groups, file)
+    return AdamState(
+        exp_avg_sq={n: by_name.get(n, torch.zeros(shapes[n])) for n in names},
+        step=max(steps) if steps else None,
+        betas=betas,
+        eps=eps,
+        lr=lr,
+        layout="nanogpt",
+        source=file,
+        missing=missing,
     )
 
 
