@@ -47,6 +47,7 @@ def test_links_aliases_and_copies_are_one_checkpoint(run_dir, tmp_path, capsys):
     (run / "best").symlink_to("checkpoint-10", target_is_directory=True)  # Trainer-style extra entries
     (run / "last").symlink_to(run / "checkpoint-10", target_is_directory=True)
     (run / "latest").write_text("global_step10")  # DeepSpeed's pointer file
+    torch.save({"x": torch.zeros(1)}, run / "model_3.pt")  # a stray .pt beside a Trainer run: not read
     shutil.copytree(run / "checkpoint-0", run / "copy-of-first")  # a copy: same step, no step in its name
     elsewhere = tmp_path / "moved" / "final"
     shutil.copytree(run / "checkpoint-10", elsewhere)

@@ -180,27 +180,28 @@ def _dedupe(entries: list[CheckpointRef]) -> list[CheckpointRef]:
 
 
 def _entries(path: Path) -> list[CheckpointRef]:
-    """The checkpoints directly inside ``path`` (subfolders and nanoGPT files) that have a step."""
+    """The checkpoints directly inside ``path`` that have a step: transformers folders; only when there are
+    none, nanoGPT files and folders (so a stray ``model_3.pt`` beside a Trainer run is not read)."""
+    entries = sorted(p for p in path.iterdir() if not p.name.startswith("."))
     out: list[CheckpointRef] = []
-    for entry in sorted(p for p in path.iterdir() if not p.name.startswith(".")):
-        if entry.is_file():
-            if _STEP_FILE_RE.match(entry.name):
-                out.append(_nanogpt_ref(entry, entry.stem))
-            continue
-        if not entry.is_dir():
-            continue
-        if is_checkpoint_dir(entry):
+    for entry in entries:
+        if entry.is_dir() and is_checkpoint_dir(entry):
             step = _step_of(entry)
             if step is not None:
                 out.append(CheckpointRef(path=entry, step=step, name=entry.name))
-        elif (entry / NANOGPT_FILE).is_file():
+        elif entry.is_dir() and _name_step(entry.name) is not None and not (entry / NANOGPT_FILE).is_file():
+            problem = None if entry.name.lower().startswith("global_step") else foreign_layout(entry)
+            if problem:
+                raise CommuteError(problem)
+    if out:
+        return out
+    for entry in entries:
+        if entry.is_file() and _STEP_FILE_RE.match(entry.name):
+            out.append(_nanogpt_ref(entry, entry.stem))
+        elif entry.is_dir() and (entry / NANOGPT_FILE).is_file():
             ref = _nanogpt_ref(entry / NANOGPT_FILE, entry.name)
             if ref.step is not None:
                 out.append(ref)
-        elif _name_step(entry.name) is not None and not entry.name.lower().startswith("global_step"):
-            problem = foreign_layout(entry)
-            if problem:
-                raise CommuteError(problem)
     return out
 
 

@@ -17,6 +17,17 @@ wanted is the one of the update that *starts* from the saved weights. Sources, i
 6. nanoGPT ``ckpt.pt``: its optimizer's ``param_groups`` (nanoGPT sets ``get_lr(iter_num)`` before it
    saves: the next update's rate), else its ``config`` (:func:`commute_cli.io.nanogpt.learning_rate`).
 
+**A rate that changes inside the prediction window** (warmup, cosine): the prediction uses the rate at the
+checkpoint, the one of the update that starts from these weights, for the whole horizon: ``dt = lr * N``.
+Why: the criterion is a first-order statement at these weights (its error is already ``O(dt^2)``), the
+horizon is kept inside the local regime, and the rate at the checkpoint is the one number every trainer
+records exactly; the future of an arbitrary schedule (a ``LambdaLR`` closure) is not in any file. The relative
+error of ``dt`` is about half the relative change of the rate over the window: for a cosine decay to 0 over
+``T`` steps the rate changes by ``(pi / T) * tan(pi s / (2T))`` of itself per step, i.e. ``pi N / T`` over
+``N`` steps mid-run and ``2 N / (T - s)`` near the end; for a linear warmup from 0 at step ``s < w``, ``dt``
+is low by a factor ``1 + N / (2 s)``. Where that matters,
+pass ``--lr`` with the window's mean rate (``run.json`` records which rate each checkpoint used and why).
+
 An lr of exactly 0 (the end of a decay to 0, the first step of a warmup from 0) is returned as it is, with its
 source: no update follows such a checkpoint, so the predicted change is 0 by construction and the criterion
 says nothing. Callers must not report it as an ordinary row (``analyze`` skips it with a note). A negative or
