@@ -107,15 +107,56 @@ def _live_state(trainer) -> dict[str, torch.Tensor]:
     return {n: opt.state[p]["exp_avg_sq"] for n, p in trainer.model.named_parameters()}
 
 
+def _linear_schedule_lrs(base: float, warmup: int, total: int, steps: int) -> list[float]:
+    """The rate of each update 1..steps under transformers' own linear schedule, stepped like the Trainer."""
+    from transformers import get_linear_schedule_with_warmup
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=base)
+    sched = get_linear_schedule_with_warmup(opt, warmup, total)
+    out = []
+    for _ in range(steps):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return [*out, opt.param_groups[0]["lr"]]  # the last entry: the rate of the update after `steps`
+
+
 def test_trainer_run_discovered_with_steps_and_learning_rates(trainer_run):
+    from commute_cli.io.learning_rate import find_learning_rate
+
     out, _ = trainer_run
     refs = ck.discover(out)
     assert [(r.step, r.name) for r in refs] == [(2, "checkpoint-2"), (4, "checkpoint-4")]
-    log = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
-    lr_at = {e["step"]: e["learning_rate"] for e in log if "learning_rate" in e}
-    assert ck.learning_rate(refs[0]) == pytest.approx(lr_at[2])
-    assert ck.learning_rate(refs[1]) == pytest.approx(lr_at[4])
-    assert lr_at[2] != lr_at[4]  # linear decay: the lookup must pick the right entry
+    used = _linear_schedule_lrs(1e-2, warmup=1, total=4, steps=4)  # used[k]: rate of update k+1
+    at2, at4 = find_learning_rate(refs[0]), find_learning_rate(refs[1])
+    # the rate of the update that starts from the saved weights (update 3 after checkpoint-2)
+    assert at2.value == pytest.approx(used[2], rel=1e-12) and at2.source == "scheduler.pt _last_lr"
+    assert at2.step == 2 and ck.learning_rate(refs[0]) == at2.value
+    assert at4.value == 0.0 and at4.is_zero  # end of the decay: no update follows checkpoint-4
+    # without scheduler.pt: the Trainer's own log entry at that step, then optimizer.pt
+    log = {e["step"]: e["learning_rate"] for e in trainer_state_log(out / "checkpoint-2")}
+    for name in ("scheduler.pt",):
+        (out / "checkpoint-2" / name).rename(out / f"{name}.bak")
+    try:
+        logged = find_learning_rate(refs[0])
+        assert logged.source == "trainer_state.json log_history" and logged.value == pytest.approx(log[2])
+        state = (out / "checkpoint-2" / "trainer_state.json").read_text()
+        (out / "checkpoint-2" / "trainer_state.json").write_text(
+            json.dumps({**json.loads(state), "log_history": []})
+        )
+        try:
+            from_opt = find_learning_rate(refs[0])
+            assert from_opt.source == "optimizer.pt param_groups"
+            assert from_opt.value == pytest.approx(used[2], rel=1e-12)
+        finally:
+            (out / "checkpoint-2" / "trainer_state.json").write_text(state)
+    finally:
+        (out / "scheduler.pt.bak").rename(out / "checkpoint-2" / "scheduler.pt")
+
+
+def trainer_state_log(folder: Path) -> list[dict]:
+    log = json.loads((folder / "trainer_state.json").read_text())["log_history"]
+    return [e for e in log if "learning_rate" in e]
 
 
 def test_trainer_optimizer_mapped_to_parameter_names(trainer_run):
@@ -293,8 +334,10 @@ def test_discover_trainer_state_single_folder_and_errors(tmp_path):
     with pytest.raises(CommuteError, match="does not exist"):
         ck.discover(tmp_path / "nope")
     save_ckpt(model, tmp_path / "dup" / "step-5")
-    save_ckpt(model, tmp_path / "dup" / "checkpoint-5")
-    with pytest.raises(CommuteError, match="two checkpoints for step 5"):
+    save_ckpt(model, tmp_path / "dup" / "checkpoint-5")  # a byte-identical copy: the same checkpoint
+    assert [r.name for r in ck.discover(tmp_path / "dup")] == ["checkpoint-5"]
+    save_ckpt(tiny_model(9), tmp_path / "dup" / "step-5")  # now different weights for one step
+    with pytest.raises(CommuteError, match="two different checkpoints for step 5"):
         ck.discover(tmp_path / "dup")
     (tmp_path / "noweights" / "step-1").mkdir(parents=True)
     tiny_config().save_pretrained(tmp_path / "noweights" / "step-1")

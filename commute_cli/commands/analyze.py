@@ -42,6 +42,7 @@ from commute_cli.engine.estimator import CheckpointStats, estimate_checkpoint
 from commute_cli.errors import CommuteError
 from commute_cli.io import atomic, checkpoints
 from commute_cli.io import data as domains
+from commute_cli.io.learning_rate import find_learning_rate
 
 CACHE_FORMAT = "commute-stats/1"
 
@@ -386,9 +387,9 @@ def _stats_key(
     device: torch.device,
     world: int = 1,
 ) -> str:
-    weights = sorted(p for p in ref.path.iterdir() if p.name.startswith(("model", "pytorch_model")))
+    weights = checkpoints.weight_files(ref)
     files = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in weights]
-    if opts.metric == "adam":
+    if opts.metric == "adam" and ref.path.is_dir():
         files += [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in ref.path.glob("optimizer*")]
     payload = [
         CACHE_FORMAT,
@@ -413,12 +414,11 @@ def weights_digest(folder: Path) -> str:
     """SHA-256 over a checkpoint's weight files (names and contents), recorded in ``run.json`` so a result
     can be traced to the exact weights. Streams the files: I/O-bound, ~1 s per GB."""
     h = hashlib.sha256()
-    for file in sorted(folder.iterdir()):
-        if file.is_file() and file.name.startswith(("model", "pytorch_model")):
-            h.update(file.name.encode() + b"\0")
-            with file.open("rb") as fh:
-                for chunk in iter(lambda fh=fh: fh.read(1 << 22), b""):
-                    h.update(chunk)
+    for file in checkpoints.weight_files(folder):
+        h.update(file.name.encode() + b"\0")
+        with file.open("rb") as fh:
+            for chunk in iter(lambda fh=fh: fh.read(1 << 22), b""):
+                h.update(chunk)
     return h.hexdigest()
 
 
@@ -698,16 +698,33 @@ def _run_analysis(
     result_rows: list[dict] = []
     loss_table: list[dict] = []
     per_ckpt: list[dict] = []
+    lr_found = {ref.name: find_learning_rate(ref, opts.lr) for ref in inputs.refs}  # before any long work
+    for ref in inputs.refs:
+        if lr_found[ref.name].value is None:
+            raise CommuteError(
+                f"no learning rate for {ref.name}: no scheduler.pt, trainer_state.json or optimizer lr",
+                hint="pass --lr (the learning rate around these checkpoints)",
+            )
+    skipped = [ref for ref in inputs.refs if lr_found[ref.name].is_zero]
+    if len(skipped) == len(inputs.refs):
+        raise CommuteError(
+            "the learning rate is 0 at every checkpoint: no update follows them, nothing to predict",
+            hint="pass --lr with the rate of the window around them, or choose other checkpoints",
+        )
+    for ref in skipped:  # end of a decay to 0, first step of a warmup from 0: not an ordinary row
+        if ctx.is_main:  # shown under -q too: a checkpoint the user asked for is missing from the table
+            print(
+                f"note: skipping {ref.name}: lr = {lr_found[ref.name].describe()}: no update follows it, so "
+                "the predicted change is 0 by construction (pass --lr to analyze it anyway)",
+                file=sys.stderr,
+            )
     for idx, ref in enumerate(inputs.refs):
+        if lr_found[ref.name].is_zero:
+            continue
         step = ref.step if ref.step is not None else 0
         wbar = np.array([inputs.schedule.weights_at(step)[n] for n in inputs.names], dtype=np.float64)
         coefs = np.stack([t.coefs_at(wbar) for t in inputs.targets]) if plan == "target" else None
-        lr = opts.lr if opts.lr is not None else checkpoints.learning_rate(ref)
-        if lr is None:
-            raise CommuteError(
-                f"no learning rate for {ref.name}: trainer_state.json has none logged",
-                hint="pass --lr (the learning rate around these checkpoints)",
-            )
+        lr = lr_found[ref.name].value
         key = _stats_key(ref, opts, plan, sample_digest, coefs, device, ctx.world)
         entry = cache_dir / f"stats-{ref.name}-{key}.safetensors"
         stats = ctx.broadcast(_load_cached(entry) if opts.use_cache and ctx.is_main else None)
@@ -776,6 +793,7 @@ def _run_analysis(
                 "name": ref.name,
                 "step": ref.step,
                 "lr": lr,
+                "lr_source": lr_found[ref.name].as_dict(),
                 "cache": entry.name,
                 "weights_sha256": weights_digest(ref.path),
                 **extra,
@@ -809,6 +827,10 @@ def _run_analysis(
         "hvp_batch_size": hvp_micro_batch(opts),
         "peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         "checkpoints": per_ckpt,
+        "skipped_checkpoints": [
+            {"name": r.name, "step": r.step, "reason": "lr = 0", "lr_source": lr_found[r.name].as_dict()}
+            for r in skipped
+        ],
         "elapsed_seconds": time.perf_counter() - t0,
         "peak_rss_mb": _peak_rss_mb(),
         "regime": {"max_ratio": REGIME_MAX_RATIO, "max_progress_fraction": REGIME_MAX_PROGRESS},

@@ -1,0 +1,72 @@
+"""Reading files a trainer wrote, safely: JSON, safetensors headers, and pickles through ``weights_only``.
+
+Every reader of checkpoint files goes through these three functions, so the safety rules live in one place:
+
+- a ``.pt``/``.bin`` pickle is only ever read with ``torch.load(weights_only=True)``, which admits tensors,
+  plain containers and numbers and refuses any other global (no code runs);
+- a safetensors file is opened with ``safetensors.safe_open``, which checks the header, the tensor offsets
+  and the file size without reading the tensor data;
+- a JSON file that does not parse is one line naming the file, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from commute_cli.errors import CommuteError
+
+
+def _one_line(err: BaseException, limit: int = 200) -> str:
+    return f"{type(err).__name__}: {' '.join(str(err).split())[:limit]}"
+
+
+def read_json(file: Path, what: str) -> Any:
+    """The parsed JSON of ``file``; CommuteError naming ``what`` and the file when it does not parse."""
+    try:
+        return json.loads(Path(file).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CommuteError(
+            f"could not read {what} {file}: {err}", hint="the file is damaged; re-save it"
+        ) from err
+
+
+def safetensors_shapes(file: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape of a safetensors file, from its header only (``safe_open``).
+
+    ``safe_open`` refuses a header that does not parse, offsets that overlap or leave gaps, and a file whose
+    size differs from what the header indexes (truncated or with trailing bytes). Raises CommuteError.
+    """
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as fh:
+            return {key: tuple(fh.get_slice(key).get_shape()) for key in fh.keys()}  # noqa: SIM118
+    except Exception as err:
+        raise CommuteError(
+            f"weights file {file} is truncated or not a safetensors file ({_one_line(err)})",
+            hint="re-copy or re-save the checkpoint",
+        ) from err
+
+
+def torch_load(file: Path, what: str = "file", hint: str | None = None, mmap: bool | None = None) -> Any:
+    """``torch.load(file, weights_only=True)`` on the CPU; anything else in the pickle is refused.
+
+    ``mmap`` (default: when the file is a zip archive) keeps the tensor data on disk until it is used, so a
+    check or a metadata read costs little memory. Raises CommuteError naming the file.
+    """
+    import torch
+
+    file = Path(file)
+    use_mmap = zipfile.is_zipfile(file) if mmap is None else mmap
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=use_mmap)
+    except Exception as err:
+        raise CommuteError(
+            f"refusing to load {what} {file}: it does not load with torch.load(weights_only=True) "
+            f"({_one_line(err, 160)})",
+            hint=hint
+            or "it may contain code; convert the checkpoint to safetensors from a trusted environment",
+        ) from err
