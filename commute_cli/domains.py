@@ -23,11 +23,13 @@ Decisions worth knowing (also why):
   The JSON and text readers are given a 1 MB chunk size (``READ_CHUNK_BYTES``) and Parquet/CSV a batch of
   ``READ_ROWS`` rows, so stopping early really stops reading.
 - The bounded draw (:func:`sample_domain`): a seeded permutation of the shards; the first
-  ``min(shards, MAX_SHARDS)`` of it each contribute an equal share of the sample's tokens, read from the
-  start of the shard in file order (later shards in the permutation only fill in for shards that run out).
-  A shard is read from its start because a compressed stream cannot seek, and a ``.json.gz`` shard must give
-  the same sample as the same ``.jsonl``. The sample's blocks are then shuffled with the same seed, so every
-  design block mixes all the shards read. Same files, tokenizer, size and seed: the same token ids.
+  ``min(shards, MAX_SHARDS)`` of it each contribute an equal share of a pool of ``POOL_FACTOR`` times the
+  sample's tokens, read from the start of the shard in file order (later shards in the permutation only fill
+  in for shards that run out). The sample's blocks are drawn from the pool without replacement, in a seeded
+  random order, so every design block mixes all the shards read, and a source smaller than the pool is
+  sampled over its whole length. A shard is read from its start because a compressed stream cannot seek,
+  and a ``.json.gz`` shard must give the same sample as the same ``.jsonl``. Same files, tokenizer, size and
+  seed: the same token ids.
 - The text column is ``text`` unless named per domain (``text_field``; CLI ``--text-field code=content``).
   A source without it is refused with its columns listed, not guessed: corpora hold several string columns
   (``url``, ``path``, ``title``, ...), and a silently wrong column makes a plausible-looking analysis.
@@ -118,6 +120,8 @@ READ_CHUNK_BYTES = 1 << 20
 READ_ROWS = 256
 #: a .txt paragraph longer than this many characters is cut into documents of about this size
 MAX_DOC_CHARS = 1_000_000
+#: the draw reads this many times the sample's tokens and picks the sample's blocks among them
+POOL_FACTOR = 4
 #: shards of a save_to_disk dataset in the bounded draw (contiguous row ranges)
 SAVED_SHARDS = 64
 #: a tokenizer giving fewer content tokens per character than this is refused. Real tokenizers give
@@ -672,11 +676,12 @@ def sample_domain(
     """Draw ``n`` blocks of ``seq_len`` tokens from a domain, reading only what they need.
 
     The draw (module docstring): shards in a permutation seeded by ``seed``; the first
-    ``m = min(shards, max_shards)`` each give ``ceil(n * seq_len / m)`` tokens of documents read from the
-    shard's start (documents tokenized without special tokens, each followed by EOS, the last one cut where
-    the share ends); later shards fill in for shards that run out. The token stream is cut into ``n`` blocks
-    whose order is then shuffled by the same seed. Cost: at most ``m`` (plus fill-in) shard opens and about
-    ``n * seq_len`` tokens of text, whatever the size of the corpus.
+    ``m = min(shards, max_shards)`` each give ``ceil(POOL_FACTOR * n * seq_len / m)`` tokens of documents read
+    from the shard's start (documents tokenized without special tokens, each followed by EOS, the last one
+    cut where the share ends); later shards fill in for shards that run out. The token stream is cut into a
+    pool of blocks of ``seq_len``, of which ``n`` are drawn without replacement by the same seeded generator
+    (``torch.randperm``). Cost: at most ``m`` (plus fill-in) shard opens and about
+    ``POOL_FACTOR * n * seq_len`` tokens of text, whatever the size of the corpus.
 
     Raises ``CommuteError`` when the whole source has fewer than ``n * seq_len`` tokens, for the reading
     errors of :func:`load_texts`, and when the tokenizer maps the text to almost nothing
@@ -692,7 +697,8 @@ def sample_domain(
     order = torch.randperm(total_shards, generator=gen).tolist()
     m = max(1, min(total_shards, max_shards))
     need = n * seq_len
-    share = -(-need // m)
+    pool = POOL_FACTOR * need
+    share = -(-pool // m)
     eos = getattr(tokenizer, "eos_token_id", None)
     label = f"domain {domain}" if domain else repr(src.label)
     ids: list[int] = []
@@ -700,11 +706,11 @@ def sample_domain(
     shards: list[dict[str, Any]] = []
     n_docs = n_chars = n_content = 0
     for index in order:
-        if len(ids) >= need:
+        if len(ids) >= pool:
             break
         got = docs = rows = 0
         for rows, doc in _shard_documents(src, stream, index, column, domain):  # noqa: B007
-            want = min(share - got, need - len(ids))
+            want = min(share - got, pool - len(ids))
             encoded, keep, complete, chars = _encode_prefix(tokenizer, doc, want)
             n_chars += chars
             n_content += _content_count(tokenizer, encoded)
@@ -715,7 +721,7 @@ def sample_domain(
             got += len(piece)
             docs += 1
             text_hash.update(doc[:chars].encode("utf-8", "surrogatepass") + b"\0")
-            if got >= share or len(ids) >= need:
+            if got >= share or len(ids) >= pool:
                 break
         shards.append(
             {"name": src.shard_name(index, total_shards), "rows_read": rows, "documents": docs, "tokens": got}
@@ -730,8 +736,9 @@ def sample_domain(
             f"fewer than the {n} blocks the sample needs",
             hint="add data, lower --samples, or shorten --seq-len",
         )
-    blocks = torch.tensor(ids[:need], dtype=torch.long).view(n, seq_len)
-    blocks = blocks[torch.randperm(n, generator=gen)]
+    n_pool = min(len(ids), pool) // seq_len
+    chosen = torch.randperm(n_pool, generator=gen)[:n]
+    blocks = torch.tensor(ids[: n_pool * seq_len], dtype=torch.long).view(n_pool, seq_len)[chosen]
     provenance = {
         "source": src.label,
         "kind": src.kind,
@@ -741,6 +748,8 @@ def sample_domain(
         "documents": n_docs,
         "characters": n_chars,
         "tokens_per_character": n_content / n_chars if n_chars else None,
+        "pool_blocks": n_pool,
+        "blocks": chosen.tolist(),  # the sample's blocks as positions in the pool (shards in read order)
         "text_sha256": text_hash.hexdigest(),
     }
     if src.kind == "hub" and src.hub is not None:
