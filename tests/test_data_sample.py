@@ -416,3 +416,21 @@ def test_tokenizer_mapping_the_data_to_nothing_is_refused(tmp_path, tokenizer):
     dm.check_tokenizer_output(1000 // 40, 1000, "x")
     with pytest.raises(CommuteError):
         dm.check_tokenizer_output(1000 // 60, 1000, "x")
+
+
+# --------------------------------------------------------------------------------- hub sources
+
+
+def test_hub_sources_take_the_same_draw_and_fail_fast_offline(monkeypatch, tmp_path, tokenizer):
+    import time
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    assert dm.is_hub_source("allenai/c4") and dm.is_hub_source("mc4") and dm.is_hub_source("o/n:cfg")
+    assert not dm.is_hub_source("data/en.json.gz") and not dm.is_hub_source("shards/x.jsonl.zst")
+    for source, domain in (("c4", "en"), ("mc4", "ru"), ("someone/corpus:sub", "x")):
+        start = time.monotonic()
+        with pytest.raises(CommuteError) as err:
+            dm.sample_domain(source, tokenizer, 16, 12, seed=0, domain=domain)
+        assert time.monotonic() - start < 3.0
+        assert "can't reach" in _msg(err) and "offline" in _msg(err)
