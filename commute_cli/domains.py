@@ -20,8 +20,10 @@ Decisions worth knowing (also why):
 - Everything is read through ``datasets.load_dataset(..., streaming=True)``, local files and hub datasets
   alike: one ``IterableDataset`` whose shards are the files, read lazily shard by shard (``.shard()``).
   Nothing is copied into the ``datasets`` Arrow cache (no multi-GB copy of the user's data in ``~/.cache``).
-  The JSON and text readers are given a 1 MB chunk size (``READ_CHUNK_BYTES``) and Parquet/CSV a batch of
-  ``READ_ROWS`` rows, so stopping early really stops reading.
+  The JSON and text readers are given a 256 KB chunk size (``READ_CHUNK_BYTES``) and Parquet/CSV a batch
+  of ``READ_ROWS`` rows, so stopping early really stops reading. For local files the bounded draw opens a
+  stream over the selected shards only (``MAX_SHARDS`` at a time), so that ``datasets``' per-file work does
+  not grow with the number of files in the folder.
 - The bounded draw (:func:`sample_domain`): a seeded permutation of the shards; the first
   ``min(shards, MAX_SHARDS)`` of it each contribute an equal share of a pool of ``POOL_FACTOR`` times the
   sample's tokens, read from the start of the shard in file order (later shards in the permutation only fill
@@ -115,11 +117,11 @@ HUB_PROBE_TIMEOUT_S = 10.0
 #: the bounded draw spreads a sample over at most this many shards (each costs one open and one chunk)
 MAX_SHARDS = 16
 #: bytes the JSON and text readers take per read (``datasets``' default is 10 MB)
-READ_CHUNK_BYTES = 1 << 20
+READ_CHUNK_BYTES = 256 << 10
 #: rows per batch of the Parquet and CSV readers
 READ_ROWS = 256
 #: a .txt paragraph longer than this many characters is cut into documents of about this size
-MAX_DOC_CHARS = 1_000_000
+MAX_DOC_CHARS = 100_000
 #: the draw reads this many times the sample's tokens and picks the sample's blocks among them
 POOL_FACTOR = 4
 #: shards of a save_to_disk dataset in the bounded draw (contiguous row ranges)
@@ -661,6 +663,23 @@ def _content_count(tokenizer: Any, ids: Iterable[int]) -> int:
     return sum(1 for i in ids if i not in special)
 
 
+def _local_shards(src: Source, order: list[int], batch: int) -> Iterator[tuple[Source, Any, int]]:
+    """``(source, stream, index)`` of local files in ``order``: one stream per ``batch`` files, opened lazily,
+    so that only the files read are handed to ``datasets`` (its setup costs ~1 ms per file)."""
+    for start in range(0, len(order), batch):
+        picked = order[start : start + batch]
+        sub = Source(
+            src.label, "files", builder=src.builder, files=[src.files[i] for i in picked], root=src.root
+        )
+        stream = open_stream(sub)
+        if int(stream.num_shards) != len(
+            picked
+        ):  # pragma: no cover - a builder that splits files differently
+            raise RuntimeError(f"datasets made {stream.num_shards} shards of {len(picked)} files")
+        for index in range(len(picked)):
+            yield sub, stream, index
+
+
 def sample_domain(
     source: str,
     tokenizer: Any,
@@ -691,10 +710,16 @@ def sample_domain(
         raise CommuteError(f"need a positive number of blocks and seq_len, got {n} x {seq_len}")
     src = resolve_source(source, domain=domain, base_dir=base_dir)
     column = _text_column(src, text_field)
-    stream = open_stream(src)
-    total_shards = int(stream.num_shards)
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
-    order = torch.randperm(total_shards, generator=gen).tolist()
+    if src.kind == "files":
+        total_shards = len(src.files)
+        order = torch.randperm(total_shards, generator=gen).tolist()
+        shard_iter = _local_shards(src, order, max(1, max_shards))
+    else:
+        stream = open_stream(src)
+        total_shards = int(stream.num_shards)
+        order = torch.randperm(total_shards, generator=gen).tolist()
+        shard_iter = ((src, stream, index) for index in order)
     m = max(1, min(total_shards, max_shards))
     need = n * seq_len
     pool = POOL_FACTOR * need
@@ -705,11 +730,11 @@ def sample_domain(
     text_hash = hashlib.sha256()
     shards: list[dict[str, Any]] = []
     n_docs = n_chars = n_content = 0
-    for index in order:
+    for shard_src, stream, index in shard_iter:
         if len(ids) >= pool:
             break
         got = docs = rows = 0
-        for rows, doc in _shard_documents(src, stream, index, column, domain):  # noqa: B007
+        for rows, doc in _shard_documents(shard_src, stream, index, column, domain):  # noqa: B007
             want = min(share - got, pool - len(ids))
             encoded, keep, complete, chars = _encode_prefix(tokenizer, doc, want)
             n_chars += chars
@@ -724,7 +749,12 @@ def sample_domain(
             if got >= share or len(ids) >= pool:
                 break
         shards.append(
-            {"name": src.shard_name(index, total_shards), "rows_read": rows, "documents": docs, "tokens": got}
+            {
+                "name": shard_src.shard_name(index, total_shards),
+                "rows_read": rows,
+                "documents": docs,
+                "tokens": got,
+            }
         )
         n_docs += docs
     if n_docs == 0:
