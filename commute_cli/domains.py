@@ -227,7 +227,8 @@ def file_kind(path: Path) -> tuple[str, str | None] | None:
         if name.endswith(suffix):
             compression, name = kind, name[: -len(suffix)]
             break
-    builder = SUPPORTED_SUFFIXES.get(Path(name).suffix)
+    dot = name.rfind(".")
+    builder = SUPPORTED_SUFFIXES.get(name[dot:]) if dot > 0 else None
     if builder is None or (compression is not None and builder not in _COMPRESSIBLE):
         return None
     return builder, compression
@@ -304,11 +305,6 @@ def resolve_source(source: str, *, domain: str | None = None, base_dir: Path | N
             )
         for compression in {k[1] for k in kinds if k is not None} - {None}:
             _check_compression(compression, files[0])
-        for f in files:
-            if f.stat().st_size == 0:
-                raise CommuteError(
-                    f"data file {f} is empty", hint="remove it or point the domain at real data"
-                )
         return Source(source, "files", builder=kinds[0][0], files=files, root=path)
     target = _hub_target(source, domain)
     if target is None:
@@ -331,18 +327,21 @@ def _check_compression(compression: str, example: Path) -> None:
 
 
 def _data_files_in(folder: Path) -> list[Path]:
-    """The data files in a folder (recursively, hidden entries skipped), sorted by relative path."""
-    found = sorted(
-        (
-            p
-            for p in folder.rglob("*")
-            if p.is_file() and not any(s.startswith(".") for s in p.relative_to(folder).parts)
-        ),
-        key=lambda p: p.relative_to(folder).as_posix(),
-    )
-    data = [p for p in found if file_kind(p) is not None]
+    """The data files in a folder (recursively, hidden entries skipped), sorted by relative path.
+
+    ``os.walk`` (``scandir``) and names only, no ``stat`` per file: listing stays ~10 us per file.
+    """
+    found: list[tuple[str, Path]] = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        rel = Path(dirpath).relative_to(folder).as_posix()
+        prefix = "" if rel == "." else rel + "/"
+        found += [(prefix + f, Path(dirpath) / f) for f in filenames if not f.startswith(".")]
+    found.sort(key=lambda item: item[0])
+    found_paths = [p for _, p in found]
+    data = [p for p in found_paths if file_kind(p) is not None]
     if not data:
-        seen = ", ".join(sorted({p.suffix or p.name for p in found})[:8]) or "nothing"
+        seen = ", ".join(sorted({p.suffix or p.name for p in found_paths})[:8]) or "nothing"
         raise CommuteError(
             f"no data files in folder {folder} (found: {seen})",
             hint=f"put data files there ({SUPPORTED_FORMATS_TEXT})",
@@ -374,6 +373,9 @@ def open_stream(src: Source) -> Any:
         assert src.root is not None
         loaded = _load_saved(src.root)
         return loaded.to_iterable_dataset(num_shards=max(1, min(len(loaded), SAVED_SHARDS)))
+    for f in src.files:  # only the files handed to datasets: a draw stats its selected shards alone
+        if f.stat().st_size == 0:
+            raise CommuteError(f"data file {f} is empty", hint="remove it or point the domain at real data")
     kwargs: dict[str, Any] = {
         "json": {"chunksize": READ_CHUNK_BYTES},
         "text": {"chunksize": READ_CHUNK_BYTES, "sample_by": "line"},
