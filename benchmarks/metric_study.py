@@ -73,7 +73,7 @@ def extra_predictions(ckpt: Path, run: dict, n: int, dw: float, out: Path) -> di
         **({} if run["options"]["samples"] is None else {"samples": run["options"]["samples"]}),
     )
     inputs = analysis.resolve_inputs(aopts)
-    parts, _ = analysis.prepare_samples(inputs, aopts, out / PREDICT_DIR / "cache")
+    parts, _, _ = analysis.prepare_samples(inputs, aopts, out / PREDICT_DIR / "cache")
     ref = inputs.refs[0]
     model = checkpoints.load_model(ref)
     state = checkpoints.load_adam_state(ref, model)

@@ -77,7 +77,16 @@ def analyze_command(
         [],
         "--domains",
         help="name=source per domain (file, folder, or hub name; c4/mc4 aliases). "
-        "Several may follow one flag. Default: the commute.json manifest next to the checkpoints.",
+        "Several may follow one flag. Default: the commute.json manifest next to the checkpoints. "
+        "Read: .jsonl/.ndjson/.json, .txt, .csv (each also as .gz, .bz2, .xz, .zst, .lz4), .parquet, "
+        ".arrow, save_to_disk folders, folders of shards (nested too), hub datasets. Only the documents "
+        "the sample needs are read, spread over up to 16 shards.",
+    ),
+    text_field: list[str] = typer.Option(
+        [],
+        "--text-field",
+        help="name=column: the column holding a domain's text when it is not 'text', e.g. "
+        "--text-field code=content. Several may follow one flag.",
     ),
     weights: list[str] = typer.Option(
         [], "--weights", help="Constant schedule, e.g. --weights en=0.8 ru=0.2."
@@ -173,6 +182,7 @@ def analyze_command(
     opts = analysis.AnalyzeOptions(
         ckpt_dir=ckpt_dir,
         domains=domains,
+        text_fields=text_field,
         tokenizer=tokenizer,
         seq_len=seq_len,
         samples=samples,
@@ -491,7 +501,7 @@ def plot_command(
 
 
 #: options that take several values after one flag (``--domains en=a ru=b``), which click lacks
-_MULTI_VALUE_OPTIONS = ("--domains", "--weights", "--eval-domains")
+_MULTI_VALUE_OPTIONS = ("--domains", "--weights", "--eval-domains", "--text-field")
 
 
 def expand_multi_value(argv: list[str]) -> list[str]:

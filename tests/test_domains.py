@@ -172,10 +172,10 @@ def test_load_texts_errors(tmp_path):
     with pytest.raises(CommuteError, match="no text"):
         dm.load_texts(str(blank))
 
-    csv = tmp_path / "d.csv"
-    csv.write_text("text\nhello\n")
-    with pytest.raises(CommuteError, match="unsupported"):
-        dm.load_texts(str(csv))
+    for name in ("d.docx", "d.parquet.gz", "d.json.zip"):
+        (tmp_path / name).write_bytes(b"PK\x03\x04 not a supported data file")
+        with pytest.raises(CommuteError, match="unsupported"):
+            dm.load_texts(str(tmp_path / name))
 
     with pytest.raises(CommuteError, match="does not exist"):
         dm.load_texts(str(tmp_path / "missing.jsonl"))

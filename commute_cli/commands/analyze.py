@@ -4,8 +4,10 @@ The pipeline reads top to bottom:
 
 1. :func:`resolve_inputs` turns arguments (or the manifest next to the checkpoints) into checkpoints,
    domains, tokenizer, schedule and targets, and checks them before any long work (preflight);
-2. :func:`prepare_samples` tokenizes each domain once (cached), draws the same sample at every checkpoint
-   and splits it into design blocks of three disjoint parts (MATH.md "Noise");
+2. :func:`prepare_samples` draws each domain's sample once per run with a bounded read
+   (:func:`commute_cli.io.data.sample_domain`: only the documents the sample needs, spread over the shards),
+   uses the same sample at every checkpoint and splits it into design blocks of three disjoint parts
+   (MATH.md "Noise");
 3. :func:`run_analysis` estimates every checkpoint (engine.estimator), caching each finished
    checkpoint's scalars so that an interrupted run resumes where it stopped;
 4. :func:`summarize_checkpoint` turns the scalars into rows: bracket, predicted loss change of the stated
@@ -63,6 +65,7 @@ class AnalyzeOptions:
 
     ckpt_dir: Path
     domains: list[str] = field(default_factory=list)
+    text_fields: list[str] = field(default_factory=list)  # NAME=COLUMN: the text column of a domain
     tokenizer: str | None = None
     seq_len: int | None = None
     samples: int = 96
@@ -160,6 +163,7 @@ class Inputs:
     schedule: Schedule
     targets: list[Target]
     manifest: checkpoints.Manifest | None
+    text_fields: dict[str, str] = field(default_factory=dict)  # domain -> text column (default "text")
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -238,6 +242,7 @@ def resolve_inputs(opts: AnalyzeOptions) -> Inputs:
     names = list(sources)
     if len(names) < 2:
         raise CommuteError(f"need at least two domains, got {names}", hint="pass --domains a=... b=...")
+    text_fields = domains.parse_text_fields(opts.text_fields, names)
 
     if opts.tokenizer:
         tok_path = opts.tokenizer
@@ -270,7 +275,17 @@ def resolve_inputs(opts: AnalyzeOptions) -> Inputs:
         )
     targets = parse_targets(opts.targets, names)
     return Inputs(
-        refs, names, sources, base_dir, tokenizer, tok_path, int(seq_len), schedule, targets, manifest
+        refs,
+        names,
+        sources,
+        base_dir,
+        tokenizer,
+        tok_path,
+        int(seq_len),
+        schedule,
+        targets,
+        manifest,
+        text_fields,
     )
 
 
@@ -279,34 +294,39 @@ def domain_seed(seed: int, name: str) -> int:
     return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
 
 
-def prepare_samples(inputs: Inputs, opts: AnalyzeOptions, cache_dir: Path) -> tuple[list, str]:
-    """Per domain: tokenized blocks (cached), a fixed sample, and its split into design blocks x 3 parts.
+def prepare_samples(
+    inputs: Inputs, opts: AnalyzeOptions, cache_dir: Path | None = None
+) -> tuple[list, str, dict[str, dict]]:
+    """Per domain: a fixed sample of ``--samples`` blocks and its split into design blocks x 3 parts.
 
-    Returns ``parts[k][b][p]`` and a digest of all sampled token ids (part of every cache key).
+    Each sample is drawn by :func:`commute_cli.domains.sample_domain` with the domain's seed
+    (:func:`domain_seed`): a bounded read whose cost does not grow with the corpus, deterministic for the
+    same files, tokenizer and seed, so a resumed run gets the same sample. Returns ``parts[k][b][p]``, a
+    digest of all sampled token ids (part of every statistics cache key) and each domain's provenance (which
+    shards and rows the sample came from; written to ``run.json``). ``cache_dir`` is unused: the sample is
+    cheaper to draw than a cache of whole tokenized domains was to check.
     """
+    del cache_dir
     parts = []
+    provenance: dict[str, dict] = {}
     h = hashlib.sha256()
+    n = (opts.samples // (3 * opts.blocks)) * 3 * opts.blocks
     for name in inputs.names:
-        blocks = domains.cached_blocks(
+        drawn = domains.sample_domain(
             inputs.sources[name],
             inputs.tokenizer,
             inputs.seq_len,
-            cache_dir,
+            n,
+            domain_seed(opts.seed, name),
             domain=name,
             base_dir=inputs.base_dir,
+            text_field=inputs.text_fields.get(name),
         )
-        n = (opts.samples // (3 * opts.blocks)) * 3 * opts.blocks
-        if blocks.shape[0] < n:
-            raise CommuteError(
-                f"domain {name!r} has {blocks.shape[0]} blocks of {inputs.seq_len} tokens, "
-                f"fewer than --samples {opts.samples}",
-                hint="add data, lower --samples, or shorten --seq-len",
-            )
-        sample = domains.sample_blocks(blocks, n, domain_seed(opts.seed, name))
         h.update(name.encode())
-        h.update(sample.numpy().tobytes())
-        parts.append(domains.split_parts(sample, opts.blocks, 3))
-    return parts, h.hexdigest()
+        h.update(drawn.blocks.numpy().tobytes())
+        parts.append(domains.split_parts(drawn.blocks, opts.blocks, 3))
+        provenance[name] = drawn.provenance
+    return parts, h.hexdigest(), provenance
 
 
 # ------------------------------------------------------------------------------------------------ metric
@@ -689,7 +709,7 @@ def _run_analysis(
     # Tokenized once per run (and cached across runs) by rank 0; the sample goes to the other ranks.
     prepared = ctx.broadcast(ctx.agree(lambda: prepare_samples(inputs, opts, cache_dir), main_only=True))
     assert prepared is not None
-    parts, sample_digest = prepared
+    parts, sample_digest, data_provenance = prepared
     local_parts = [[[ctx.shard(p) for p in blk] for blk in dom] for dom in parts]
     K, T = len(inputs.names), len(inputs.targets)
     plan = criterion.choose_plan(K, T) if opts.plan == "auto" else opts.plan
@@ -810,10 +830,9 @@ def _run_analysis(
         "versions": _versions(),
         "domains": {n: inputs.sources[n] for n in inputs.names},
         "data_base_dir": None if inputs.base_dir is None else str(inputs.base_dir),
-        "data_sha256": {
-            n: domains.source_fingerprint(inputs.sources[n], domain=n, base_dir=inputs.base_dir)
-            for n in inputs.names
-        },
+        # sha256 of the text each sample was drawn from (the bounded read never hashes whole corpora)
+        "data_sha256": {n: data_provenance[n]["text_sha256"] for n in inputs.names},
+        "data": data_provenance,
         "tokenizer": inputs.tokenizer_path,
         "seq_len": inputs.seq_len,
         "targets": [{"name": t.name, "kind": t.kind} for t in inputs.targets],
