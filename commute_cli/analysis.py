@@ -39,7 +39,7 @@ from commute_cli.errors import CommuteError
 from commute_cli.estimator import CheckpointStats, estimate_checkpoint
 from commute_cli.schedule import Schedule, load_schedule, parse_weights
 
-CACHE_FORMAT = "commute-stats/1"
+CACHE_FORMAT = "commute-stats/2"  # 2: cross estimator (all block combinations, jackknife)
 
 # Regime of validity (MATH.md): the prediction is a second-order expansion in dt. Its size relative to the
 # first-order progress of training over the same window is ~ dt x (curvature along the directions
@@ -353,14 +353,15 @@ OFFLOAD_FRACTION = 0.25
 
 
 def offload_stacks(opts: AnalyzeOptions, model: torch.nn.Module, K: int, T: int, plan: str) -> bool:
-    """Whether the estimator keeps its per-block vector stacks in host memory (``--offload``).
+    """Whether the estimator keeps its stack of free factors in host memory (``--offload``).
 
-    ``auto`` offloads on a GPU when the stacks -- ``2K`` parameter-sized float32 vectors in the pair plan,
-    ``K + T`` in the target plan (:func:`commute_cli.estimator.estimate_checkpoint`) -- would take more than
-    a quarter of the GPU memory still free after loading the model: the rest is needed by the autograd
-    graph of an HVP (~3x a gradient's). A 1.2B-parameter model with K = 2 has 19 GB of stacks, so on a
-    40 GB card they go to host memory; the tiny and small models never do. Offloading changes no number
-    (dot products still run on the GPU, in the same chunks) and costs two host-device copies per vector.
+    ``auto`` offloads on a GPU when the stack -- ``B K`` parameter-sized float32 vectors, ``B`` = ``--blocks``
+    (:func:`commute_cli.estimator.estimate_products`) -- would take more than a quarter of the GPU memory
+    still free after loading the model: the rest is needed by the unit's ``K`` (pair) or ``T`` (target)
+    vectors and the autograd graph of an HVP (~3x a gradient's). A 1.2B-parameter model with K = 2 and
+    B = 8 has 77 GB of stack, so on most cards it goes to host memory; the tiny and small models never do.
+    Offloading changes no number (dot products still run on the GPU, in the same chunks) and costs host-device
+    copies of the stack for every HVP.
     """
     if opts.offload != "auto":
         return opts.offload == "on"
@@ -368,7 +369,7 @@ def offload_stacks(opts: AnalyzeOptions, model: torch.nn.Module, K: int, T: int,
     if device.type != "cuda":
         return False
     n = curvature.num_params(model)
-    stacks = (2 * K if plan == "pair" else K + T) * n * 4
+    stacks = opts.blocks * K * n * 4
     free, _total = torch.cuda.mem_get_info(device)
     return stacks > OFFLOAD_FRACTION * free
 
@@ -428,7 +429,9 @@ def _load_cached(file: Path) -> CheckpointStats | None:
         with safe_open(str(file), framework="numpy") as fh:
             meta = fh.metadata() or {}
         arrays = load_file(str(file))
-        return CheckpointStats.from_arrays(meta["plan"], arrays, int(meta["seqs_per_part"]))
+        return CheckpointStats.from_arrays(
+            meta["plan"], arrays, int(meta["seqs_per_part"]), meta.get("estimator", "cross")
+        )
     except Exception:  # a damaged entry is recomputed, never trusted
         return None
 
@@ -439,7 +442,14 @@ def _save_cached(file: Path, stats: CheckpointStats, meta: dict[str, str]) -> No
     arrays = {k: np.ascontiguousarray(v) for k, v in stats.to_arrays().items()}
     with atomic.replacing(file) as tmp:
         save_file(
-            arrays, tmp, metadata={**meta, "plan": stats.plan, "seqs_per_part": str(stats.seqs_per_part)}
+            arrays,
+            tmp,
+            metadata={
+                **meta,
+                "plan": stats.plan,
+                "seqs_per_part": str(stats.seqs_per_part),
+                "estimator": stats.estimator,
+            },
         )
 
 
