@@ -1,4 +1,4 @@
-"""The block-design estimator is unbiased and its error bars are honest (MATH.md "Noise").
+"""The design's estimators are unbiased and their error bars are honest (docs/math_estimator.md).
 
 Reference values come from a population whose criterion is computable exactly: two "domains", each a fixed
 pool of ``P`` short token sequences drawn from its own random Markov chain, and a tiny causal LM in float64.
@@ -8,14 +8,16 @@ pool-mean loss, both from ``torch.autograd.functional`` over a loss of the flat 
 
 - ``M[a, l] = < D g_L, H_a D g_l >``, ``EL^{12} = dt^2 sum C o M`` (``criterion.predicted_change``, checked
   against the direct formula ``dt^2 < D g_L, Hbar D g_d - H_d D gbar >``) and ``< g_L, D gbar >`` are exact;
-- :func:`estimate_checkpoint` is run on many independent samples (each draws ``B * 3 * m`` sequences per
+- :func:`estimate_products` is run on many independent samples (each draws ``B * 3 * m`` sequences per
   domain from the pool without replacement, ``B = 8``), and the mean of the per-run estimates is compared with
-  the exact value in units of its standard error, and the per-run 95 % t-intervals are counted for coverage.
+  the exact value in units of its standard error, and the per-run 95 % t-intervals are counted for coverage;
+  each run is reduced by both estimators (cross, the default, and block), so they are compared on the same
+  draws at the same compute.
 
 Why a small hand-written LM rather than GPT-2 for the many-seed tests: the statistics do not depend on the
 architecture, and a GPT-2 call costs ~3x more in Python overhead, which the ~60 s budget of a test file on one
 core cannot pay for a few hundred runs. The tiny GPT-2 (tied embeddings, eager attention) is used where a
-single run suffices: the per-block values against dense Hessians and the pair-versus-target identity.
+single run suffices: the products against dense Hessians, the jackknife against its definition.
 
 Finite pool: sampling without replacement makes two disjoint parts' means correlated by ``-Var/(P-1)``, a
 bias of relative size ``m/P`` times the naive estimator's bias. Here ``P = 20000`` against at most
@@ -476,8 +478,9 @@ def test_unbiased_with_honest_error_bars(population: Population, plan: str, prec
 
     The pair plan runs with D = I, the target plan with a random positive diagonal D. The same checks hold
     for the block estimator on the same draws (checked too, as the reference the new one must not lose to).
-    Measured (cross): max |z| 2.3 (pair) and 2.0 (target, D); coverage 0.96-0.97 (pair) and 0.94-0.97
-    (target); RMS SE / spread 1.09-1.12 (pair) and 0.92-1.12 (target).
+    Measured (cross): max |z| 2.5 (pair) and 2.4 (target, D); coverage 0.96-0.97 (pair) and 0.95-0.97
+    (target); RMS SE / spread 1.09-1.12 (pair) and 0.95-1.03 (target). Block: max |z| 2.6 and 2.4, coverage
+    0.95-0.97, RMS SE / spread 0.93-1.15.
     """
     pop = population
     D = random_diag(C.num_params(pop.model)) if precondition else None
@@ -504,11 +507,11 @@ def test_cross_estimator_has_smaller_variance_than_block_on_same_draws(populatio
     """At equal compute (the same gradients and HVPs: one :func:`estimate_products` per run, reduced both
     ways), the cross estimator's spread over 100 independent runs is clearly below the block estimator's, in
     the noisy regime its design targets (m = 1 sequence per part, where the noise-only parts of the triple
-    products dominate). Measured spread ratios cross/block: ``EL^{12}`` 0.71 / 0.49 / 0.64 (targets one, two,
-    mix), first-order rates 0.75-0.87; both stay unbiased (within ``Z_MAX`` SE of the exact values), and the
-    cross estimator's intervals still cover (the jackknife is conservative here: RMS SE / spread ~1.35-1.4,
-    the price of a linear SE; docs/math_estimator.md). With m = 8 the ratios are 0.85-1.0: less noise, less
-    to gain."""
+    products dominate). Measured spread ratios cross/block: ``EL^{12}`` 0.71 / 0.49 / 0.64 (targets one,
+    two, mix), interaction entries 0.58-0.82, first-order rates 0.75-0.87. Both stay unbiased (within
+    ``Z_MAX`` SE of the exact values), and the cross estimator's intervals still cover: the jackknife is
+    conservative here (RMS SE / spread 1.34-1.41, coverage 0.99-1.0), the price of an SE that is linear in
+    the products (docs/math_estimator.md). With m = 8 the ratios are 0.85-1.0: less noise, less to gain."""
     pop = population
     R, m = 100, 1
     exact = exact_quantities(pop, None)
@@ -534,7 +537,7 @@ def test_false_positive_rate_on_data_with_no_effect() -> None:
     pool, hence ``g_1 = g_2`` and ``H_1 = H_2`` and every ``EL^{12}`` and bracket is exactly 0 for every
     target. Over 300 independent samples (m = 2 per part, B = 8, pair plan) the fraction of rows that
     ``summarize_checkpoint`` flags significant at 95 % confidence stays at or below 5 % plus two binomial
-    standard errors (8.8 %), for every target and both estimators. Measured: cross 1.7-2.7 %, block 4.0-5.0 %
+    standard errors (8.8 %), for every target and both estimators. Measured: cross 2.0-2.7 %, block 3.0-4.0 %
     (the jackknife's conservativeness shows here as a false-positive rate below the nominal one)."""
     torch.manual_seed(0)
     model = TinyLM().double().eval()
