@@ -56,7 +56,9 @@ def child(source: str) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from commute_cli import analysis, checkpoints, domains
+    from commute_cli.commands import analyze as analysis
+    from commute_cli.io import checkpoints
+    from commute_cli.io import data as domains
 
     tokenizer = checkpoints.load_tokenizer(ROOT / "sample_checkpoints" / "tokenizer")
     analysis.quiet_libraries()

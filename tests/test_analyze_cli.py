@@ -117,9 +117,14 @@ def test_explicit_domains_weights_and_target_plan(run_dir, tmp_path, capsys):
     assert code == 0, err
     t = pd.read_csv(tmp_path / "t" / "results.csv")
     p = pd.read_csv(tmp_path / "p" / "results.csv")
-    # the two HVP plans give the same criterion (float32 rounding only)
-    assert (t["el_ij"] - p["el_ij"]).abs().max() <= 1e-4 * p["el_ij"].abs().max()
-    assert (t["verdict"] == p["verdict"]).all()
+    # the two HVP plans compute the same products; the cross estimator pairs a different factor across blocks
+    # in each (docs/math_estimator.md), so they agree well within the error bar, not to rounding
+    assert ((t["el_ij"] - p["el_ij"]).abs() <= 0.25 * p["el_se"]).all()
+    assert (t["el_se"] / p["el_se"]).between(0.5, 2.0).all()  # SEs from a few blocks: +-30 %
+    # a verdict may differ only for a borderline row: |t| within a factor 1.6 of t_crit in both plans
+    differ = t["verdict"] != p["verdict"]
+    for frame in (t, p):
+        assert (frame["t"][differ].abs() / frame["t_crit"][differ]).between(0.6, 1.6).all()
 
 
 def test_plot_is_written(run_dir, tmp_path, capsys):

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from commute_cli import domains as dm
 from commute_cli.errors import CommuteError
+from commute_cli.io import data as dm
 
 _WORD_TEXT = (
     "the of and to in is was for on that with as by at from this are be or it an which "

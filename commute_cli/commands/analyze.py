@@ -46,7 +46,7 @@ from commute_cli.io import atomic, checkpoints
 from commute_cli.io import data as domains
 from commute_cli.io.learning_rate import find_learning_rate
 
-CACHE_FORMAT = "commute-stats/1"
+CACHE_FORMAT = "commute-stats/2"  # 2: cross estimator (all block combinations, jackknife)
 
 # Regime of validity (MATH.md): the prediction is a second-order expansion in dt. Its size relative to the
 # first-order progress of training over the same window is ~ dt x (curvature along the directions
@@ -299,7 +299,7 @@ def prepare_samples(
 ) -> tuple[list, str, dict[str, dict]]:
     """Per domain: a fixed sample of ``--samples`` blocks and its split into design blocks x 3 parts.
 
-    Each sample is drawn by :func:`commute_cli.domains.sample_domain` with the domain's seed
+    Each sample is drawn by :func:`commute_cli.io.data.sample_domain` with the domain's seed
     (:func:`domain_seed`): a bounded read whose cost does not grow with the corpus, deterministic for the
     same files, tokenizer and seed, so a resumed run gets the same sample. Returns ``parts[k][b][p]``, a
     digest of all sampled token ids (part of every statistics cache key) and each domain's provenance (which
@@ -378,14 +378,15 @@ OFFLOAD_FRACTION = 0.25
 
 
 def offload_stacks(opts: AnalyzeOptions, model: torch.nn.Module, K: int, T: int, plan: str) -> bool:
-    """Whether the estimator keeps its per-block vector stacks in host memory (``--offload``).
+    """Whether the estimator keeps its stack of free factors in host memory (``--offload``).
 
-    ``auto`` offloads on a GPU when the stacks -- ``2K`` parameter-sized float32 vectors in the pair plan,
-    ``K + T`` in the target plan (:func:`estimate_checkpoint`) -- would take more than
-    a quarter of the GPU memory still free after loading the model: the rest is needed by the autograd
-    graph of an HVP (~3x a gradient's). A 1.2B-parameter model with K = 2 has 19 GB of stacks, so on a
-    40 GB card they go to host memory; the tiny and small models never do. Offloading changes no number
-    (dot products still run on the GPU, in the same chunks) and costs two host-device copies per vector.
+    ``auto`` offloads on a GPU when the stack -- ``B K`` parameter-sized float32 vectors, ``B`` = ``--blocks``
+    (:func:`~engine.estimator.estimate_products`) -- would take more than a quarter of the GPU memory
+    still free after loading the model: the rest is needed by the unit's ``K`` (pair) or ``T`` (target)
+    vectors and the autograd graph of an HVP (~3x a gradient's). A 1.2B-parameter model with K = 2 and
+    B = 8 has 77 GB of stack, so on most cards it goes to host memory; the tiny and small models never do.
+    Offloading changes no number (dot products still run on the GPU, in the same chunks) and costs host-device
+    copies of the stack for every HVP.
     """
     if opts.offload != "auto":
         return opts.offload == "on"
@@ -393,7 +394,7 @@ def offload_stacks(opts: AnalyzeOptions, model: torch.nn.Module, K: int, T: int,
     if device.type != "cuda":
         return False
     n = curvature.num_params(model)
-    stacks = (2 * K if plan == "pair" else K + T) * n * 4
+    stacks = opts.blocks * K * n * 4
     free, _total = torch.cuda.mem_get_info(device)
     return stacks > OFFLOAD_FRACTION * free
 
@@ -452,7 +453,9 @@ def _load_cached(file: Path) -> CheckpointStats | None:
         with safe_open(str(file), framework="numpy") as fh:
             meta = fh.metadata() or {}
         arrays = load_file(str(file))
-        return CheckpointStats.from_arrays(meta["plan"], arrays, int(meta["seqs_per_part"]))
+        return CheckpointStats.from_arrays(
+            meta["plan"], arrays, int(meta["seqs_per_part"]), meta.get("estimator", "cross")
+        )
     except Exception:  # a damaged entry is recomputed, never trusted
         return None
 
@@ -463,7 +466,14 @@ def _save_cached(file: Path, stats: CheckpointStats, meta: dict[str, str]) -> No
     arrays = {k: np.ascontiguousarray(v) for k, v in stats.to_arrays().items()}
     with atomic.replacing(file) as tmp:
         save_file(
-            arrays, tmp, metadata={**meta, "plan": stats.plan, "seqs_per_part": str(stats.seqs_per_part)}
+            arrays,
+            tmp,
+            metadata={
+                **meta,
+                "plan": stats.plan,
+                "seqs_per_part": str(stats.seqs_per_part),
+                "estimator": stats.estimator,
+            },
         )
 
 

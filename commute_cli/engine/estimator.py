@@ -1,26 +1,43 @@
-"""Unbiased per-block estimates of the criterion's inner products at one checkpoint.
+"""Unbiased estimates, with honest error bars, of the criterion's inner products at one checkpoint.
 
-This is the statistical heart of ``commute analyze`` (MATH.md "Noise" and "Cost"). Every quantity the
-criterion needs is an inner product of the form ``< D g_k, H_a D g_l >`` (and ``< g_k, D g_l >`` for the
-first-order progress used by the regime check). A product of two means taken on the *same* samples is
-biased by ``tr(H Cov)/n``, which is as large as the signal in LLM training, so each domain's sample is
-split into ``B`` design blocks of three disjoint parts:
+This is the statistical heart of ``commute analyze`` (docs/math_estimator.md). Every quantity the criterion
+needs is an inner product of the form ``< D g_k, H_a D g_l >`` (and ``< g_k, D g_l >`` for the first-order
+progress used by the regime check). A product of two means taken on the *same* samples is biased by
+``tr(H Cov)/n``, which is as large as the signal in LLM training, so each domain's sample is split into
+``B`` design blocks of three disjoint parts:
 
 - part 0: gradients ``g_l^(0)`` of the domain whose gradient field is differentiated (``D g_l``);
 - part 1: the Hessian-vector products ``H_a^(1) v``;
 - part 2: gradients ``g_k^(2)`` that make up the target's gradient ``g_L``.
 
-Each block gives one estimate made only of its own parts: a product of three independent factors, hence
-unbiased; blocks are independent, so their spread is an honest standard error.
+Every triple product has one factor per part. An HVP needs its vector before it runs, so the HVP of block
+``c`` and its vector form a *unit* computed together (``H_a^(1,c) D g_l^(0,c)`` in the pair plan); the
+remaining factor is *free*: it is paired with every unit of every block. Hence the raw products
+(:class:`Products`) are ``B x B`` tables ``W[d, c]`` = free factor of block ``d`` against unit ``c``; each
+entry multiplies three factors measured on three disjoint sets of sequences, so each is unbiased, whatever
+``d`` and ``c``.
 
-Two HVP plans give the same numbers (MATH.md "Cost"); the cheaper one is used:
+Two estimators reduce a table to the ``[B, ...]`` per-block values that the rest of the tool reads (their
+mean is the estimate, their ``sd / sqrt(B)`` the standard error, Student t with ``B - 1`` degrees of
+freedom):
 
-- pair plan (``K(K-1)`` HVPs per block): ``Q[k, a, l] = < D g_k^(2), H_a^(1) D g_l^(0) >`` for ``a != l``;
-  any target ``c`` later gives ``M = sum_k c_k Q[k]`` without new HVPs;
-- target plan (``K*T`` HVPs per block): ``M_t[a, l] = < H_a^(1) u_t, D g_l^(0) >`` with
-  ``u_t = D sum_k c_tk g_k^(2)``; only the targets fixed in advance. The parts play the same roles as in
-  the pair plan, so on the same samples both plans give the same numbers (up to rounding), by symmetry
-  of ``H_a``.
+- ``"cross"`` (default): the mean of *all* ``B^2`` entries, with delete-one-block jackknife pseudo-values.
+  The noise-only part of a triple product is then averaged over ``B^2`` combinations instead of ``B``;
+  at equal gradient and HVP cost it is the lowest-variance unbiased estimator that keeps an exact
+  jackknife (docs/math_estimator.md).
+- ``"block"``: the diagonal ``W[b, b]``, each block from its own three parts only (the original design).
+
+Two HVP plans give the same per-block numbers (MATH.md "Cost"); the cheaper one is used:
+
+- pair plan (``K(K-1)`` HVPs per block): unit ``H_a^(1,c) D g_l^(0,c)``, free factor ``D g_k^(2,d)``:
+  ``W[d, c, k, a, l] = < D g_k^(2,d), H_a^(1,c) D g_l^(0,c) >`` for ``a != l``; any target later;
+- target plan (``K*T`` HVPs per block): unit ``H_a^(1,c) u_t^(c)`` with ``u_t = D sum_k c_tk g_k^(2)``, free
+  factor ``D g_l^(0,e)``: ``W[e, c, t, a, l] = < H_a^(1,c) u_t^(c), D g_l^(0,e) >``; only the targets fixed
+  in advance.
+
+The diagonals of the two plans' tables are the same numbers (symmetry of ``H_a``), so the block estimator
+does not depend on the plan. The cross estimator does, within its error bar: the free factor is the
+target's gradient in the pair plan and the differentiated gradient in the target plan. Both are unbiased.
 
 Only scalars leave this module: a :class:`CheckpointStats` is a few kilobytes whatever the model size, so it
 is what the cache stores and what every later command reads.
@@ -43,19 +60,30 @@ Tensor = torch.Tensor
 # parts of a design block
 VEC, HVP, PAIR = 0, 1, 2
 
+#: reductions of a ``B x B`` table of products to per-block values (see the module docstring)
+ESTIMATORS = ("cross", "block")
+
 
 @dataclass
 class CheckpointStats:
     """Per-block scalar estimates at one checkpoint (float64 numpy arrays).
 
+    Every array has the block axis first; its mean over blocks is the estimate and its
+    ``sd(ddof=1) / sqrt(B)`` the standard error (for ``estimator == "cross"`` the values are jackknife
+    pseudo-values, :func:`jackknife_values`; for ``"block"`` each block's own estimate). Both are linear in
+    the raw products, so any linear combination of the arrays (a target, an intervention, a bracket) keeps
+    that property.
+
     Attributes:
         plan: "pair" or "target".
         losses: ``[B, K]`` mean loss of every domain on each block (all three parts).
-        first: ``[B, K, K]``, ``first[b, k, l] = < g_k^(0), D g_l^(2) >`` (first-order progress terms).
-        Q: ``[B, K, K, K]`` (pair plan) ``Q[b, k, a, l] = < D g_k^(2), H_a^(1) D g_l^(0) >``, zero on a == l.
+        first: ``[B, K, K]`` estimates of ``< g_k, D g_l >`` (first-order progress terms; ``k`` measured on
+            part 0, ``l`` on part 2).
+        Q: ``[B, K, K, K]`` (pair plan) estimates of ``< D g_k, H_a D g_l >``, zero on a == l.
         M: ``[B, T, K, K]`` (target plan) interaction matrices of the targets in ``target_coefs``.
         target_coefs: ``[T, K]`` target weights the target plan was computed for (``None`` for pair).
         seqs_per_part: sequences per part and domain (the same for all).
+        estimator: "cross" or "block" (how the raw products were reduced).
     """
 
     plan: str
@@ -65,6 +93,7 @@ class CheckpointStats:
     M: np.ndarray | None = None
     target_coefs: np.ndarray | None = None
     seqs_per_part: int = 0
+    estimator: str = "cross"
 
     @property
     def n_blocks(self) -> int:
@@ -109,7 +138,9 @@ class CheckpointStats:
         return out
 
     @classmethod
-    def from_arrays(cls, plan: str, arrays: dict[str, np.ndarray], seqs_per_part: int) -> CheckpointStats:
+    def from_arrays(
+        cls, plan: str, arrays: dict[str, np.ndarray], seqs_per_part: int, estimator: str = "cross"
+    ) -> CheckpointStats:
         return cls(
             plan=plan,
             losses=arrays["losses"],
@@ -118,6 +149,87 @@ class CheckpointStats:
             M=arrays.get("M"),
             target_coefs=arrays.get("target_coefs"),
             seqs_per_part=seqs_per_part,
+            estimator=estimator,
+        )
+
+
+def jackknife_values(W: np.ndarray) -> np.ndarray:
+    """Delete-one-block jackknife pseudo-values of the mean of a ``B x B`` table of unbiased products.
+
+    Args:
+        W: ``[B, B, ...]``; ``W[d, c]`` pairs the free factor of block ``d`` with the unit of block ``c``
+            (trailing axes are independent quantities).
+
+    Returns:
+        ``[B, ...]`` values ``p_b = est + (B - 1) (mean_j est_(-j) - est_(-b))`` with ``est`` the mean of
+        all ``B^2`` entries and ``est_(-b)`` the mean over ``d != b, c != b`` (block ``b`` deleted from both
+        roles). Their mean is exactly ``est``; ``sd(p) / sqrt(B)`` is exactly the jackknife standard error
+        ``sqrt((B-1)/B sum_b (est_(-b) - mean_j est_(-j))^2)`` (docs/math_estimator.md). Linear in ``W``.
+
+    Raises:
+        ValueError: fewer than 2 blocks, or the first two axes differ.
+    """
+    W = np.asarray(W, dtype=np.float64)
+    B = W.shape[0]
+    if W.ndim < 2 or W.shape[1] != B or B < 2:
+        raise ValueError(f"need a [B, B, ...] table with B >= 2, got shape {W.shape}")
+    total = W.sum(axis=(0, 1))
+    rows = W.sum(axis=1)  # free factor of block b against every unit
+    cols = W.sum(axis=0)  # every free factor against the unit of block b
+    diag = np.einsum("bb...->b...", W)
+    loo = (total - rows - cols + diag) / float((B - 1) ** 2)
+    est = total / float(B * B)
+    return est + (B - 1) * (loo.mean(axis=0) - loo)
+
+
+def block_values(W: np.ndarray) -> np.ndarray:
+    """``[B, ...]`` per-block values ``W[b, b]`` of a ``[B, B, ...]`` table: each block's own three parts."""
+    return np.einsum("bb...->b...", np.asarray(W, dtype=np.float64)).copy()
+
+
+def reduce_table(W: np.ndarray, estimator: str) -> np.ndarray:
+    """``[B, ...]`` per-block values of a ``[B, B, ...]`` table by ``estimator`` ("cross" or "block")."""
+    if estimator == "cross":
+        return jackknife_values(W)
+    if estimator == "block":
+        return block_values(W)
+    raise ValueError(f"unknown estimator {estimator!r}; expected one of {ESTIMATORS}")
+
+
+@dataclass
+class Products:
+    """Raw products of every (free block, unit block) combination at one checkpoint (float64 numpy).
+
+    Attributes:
+        plan: "pair" or "target".
+        losses: ``[B, K]`` mean loss of every domain on each block (all three parts).
+        first: ``[B, B, K, K]``, ``first[e, d, k, l] = < g_k^(0,e), D g_l^(2,d) >``.
+        W: pair plan ``[B, B, K, K, K]``, ``W[d, c, k, a, l] = < D g_k^(2,d), H_a^(1,c) D g_l^(0,c) >``
+            (zero on a == l); target plan ``[B, B, T, K, K]``,
+            ``W[e, c, t, a, l] = < H_a^(1,c) u_t^(c), D g_l^(0,e) >`` (zero on a == l).
+        target_coefs: ``[T, K]`` (target plan) or ``None``.
+        seqs_per_part: sequences per part and domain.
+    """
+
+    plan: str
+    losses: np.ndarray
+    first: np.ndarray
+    W: np.ndarray
+    target_coefs: np.ndarray | None
+    seqs_per_part: int
+
+    def stats(self, estimator: str = "cross") -> CheckpointStats:
+        """The per-block values of ``estimator`` (:func:`reduce_table`) as a :class:`CheckpointStats`."""
+        W = reduce_table(self.W, estimator)
+        return CheckpointStats(
+            plan=self.plan,
+            losses=self.losses,
+            first=reduce_table(self.first, estimator),
+            Q=W if self.plan == "pair" else None,
+            M=W if self.plan == "target" else None,
+            target_coefs=self.target_coefs,
+            seqs_per_part=self.seqs_per_part,
+            estimator=estimator,
         )
 
 
@@ -160,8 +272,48 @@ def estimate_checkpoint(
     reduce: curvature.Reduce | None = None,
     hvp_micro_batch: int | None = None,
     offload: bool = False,
+    estimator: str = "cross",
 ) -> CheckpointStats:
-    """All per-block inner products of one checkpoint (see the module docstring).
+    """Per-block estimates of one checkpoint: :func:`estimate_products` reduced by ``estimator``.
+
+    ``estimator``: "cross" (default; all ``B^2`` combinations, jackknife values) or "block" (each block
+    from its own parts). Same arguments, cost and memory as :func:`estimate_products`.
+    """
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown estimator {estimator!r}; expected one of {ESTIMATORS}")
+    products = estimate_products(
+        model,
+        parts,
+        plan=plan,
+        target_coefs=target_coefs,
+        D=D,
+        method=method,
+        micro_batch=micro_batch,
+        loss_fn=loss_fn,
+        on_block=on_block,
+        reduce=reduce,
+        hvp_micro_batch=hvp_micro_batch,
+        offload=offload,
+    )
+    return products.stats(estimator)
+
+
+def estimate_products(
+    model: nn.Module,
+    parts: Sequence[Sequence[Sequence[Tensor]]],
+    *,
+    plan: str,
+    target_coefs: np.ndarray | None = None,
+    D: Tensor | None = None,
+    method: str = "rr",
+    micro_batch: int = 8,
+    loss_fn: curvature.LossFn = curvature.causal_lm_loss,
+    on_block: Callable[[int], None] | None = None,
+    reduce: curvature.Reduce | None = None,
+    hvp_micro_batch: int | None = None,
+    offload: bool = False,
+) -> Products:
+    """Every (free block, unit block) product of one checkpoint (see the module docstring).
 
     Args:
         model: the checkpoint's model (eval mode, eager attention).
@@ -171,23 +323,26 @@ def estimate_checkpoint(
         D: diagonal preconditioner ``[n]`` or ``None`` (Euclidean metric).
         method: "rr" or "fr" HVPs.
         micro_batch: sequences per forward pass.
-        on_block: called with the block index after each block (progress).
+        on_block: called with the block index after each unit block (progress).
         reduce: data parallelism (engine.distributed): ``parts`` hold this process's slice of
-            every part and ``reduce`` sums across processes; every mean is then over all processes' sequences.
+            every part and ``reduce`` sums across processes; every mean is then over all processes' sequences,
+            so every process holds the same vectors and computes the same tables.
         hvp_micro_batch: sequences per forward pass of the HVPs (default ``micro_batch``). A
             reverse-on-reverse HVP keeps ~3x the autograd memory of a gradient at the same micro-batch.
-        offload: keep the per-block vector stacks (``D g^(0)``, ``g^(2)`` or ``u``) in host memory instead of
-            on the model's device; only the vectors of the HVP pass in progress and one gradient are on the
-            device. For models whose ``2K`` parameter-sized stacks do not fit next to the model and its
-            autograd graph (``--offload``). Same numbers: dot products still run on the model's device.
+        offload: keep the free factors' ``[B*K, n]`` stack in host memory instead of on the model's device
+            (``--offload``); dot products still run on the model's device, in the same chunks.
 
-    Cost per block: ``2K`` gradient passes over one part each, and ``K`` HVP passes with ``K-1`` (pair)
-    or ``T`` (target) vectors each; the vectors share one forward pass per micro-batch.
+    Two phases. (1) The free factor of every block: ``BK`` gradient passes over one part each (part 2 in the
+    pair plan, part 0 in the target plan), kept as a ``[B*K, n]`` stack (preconditioned). (2) Per unit block:
+    ``K`` gradient passes over the other gradient part (the HVP vectors ``D g_l^(0)`` in the pair plan; the
+    target vectors ``u_t`` in the target plan), then ``K`` HVP passes with ``K-1`` (pair) or ``T`` (target)
+    vectors each, sharing one forward pass per micro-batch; every HVP is dotted with the whole free stack.
+    Gradient and HVP passes are exactly those of the per-block design; only dot products are added
+    (``B`` times more, negligible next to an HVP).
 
-    Memory: ``D g^(0)`` as a ``[K, n]`` stack (``g^(0)`` itself is never needed once preconditioned, since
-    ``<g0, D g2> = <D g0, g2>``), ``g^(2)`` as a second ``[K, n]`` stack in the pair plan but streamed into
-    ``u_t`` in the target plan, the HVP outputs, and chunked float64 dot products (:func:`_gram`); nothing
-    depends on the number of samples.
+    Memory: the free stack, ``B K`` parameter-sized float32 vectors (``2K`` in the per-block design; with
+    ``offload``, in host memory), plus ``K`` (pair) or ``T`` (target) vectors of the unit in progress, the HVP
+    outputs and chunked float64 dot products (:func:`_gram`).
     """
     K = len(parts)
     B = len(parts[0])
@@ -196,83 +351,89 @@ def estimate_checkpoint(
     if plan == "target" and target_coefs is None:
         raise ValueError("the target plan needs target_coefs")
     device = curvature.model_device(model)
-    store = torch.device("cpu") if offload else device  # where the [K, n] stacks live
+    store = torch.device("cpu") if offload else device  # where the free stack lives
     Dd = None if D is None else D.to(device)
-    Ds = None if D is None else D.to(store)
-    losses = np.zeros((B, K))
-    first = np.zeros((B, K, K))
-    Q = np.zeros((B, K, K, K)) if plan == "pair" else None
     T = 0 if target_coefs is None else int(target_coefs.shape[0])
-    M = np.zeros((B, T, K, K)) if plan == "target" else None
+    losses = np.zeros((B, K, 3))
+    first = np.zeros((B, B, K, K))
+    W = np.zeros((B, B, K, K, K)) if plan == "pair" else np.zeros((B, B, T, K, K))
     seqs = int(parts[0][0][VEC].shape[0])
     if reduce is not None:  # this process holds a slice of each part: count every process's sequences
         seqs = round(float(reduce(torch.tensor(float(seqs), dtype=torch.float64, device=device))))
-
     hvp_mb = micro_batch if hvp_micro_batch is None else hvp_micro_batch
+    free_part, unit_part = (PAIR, VEC) if plan == "pair" else (VEC, PAIR)
 
-    for b in range(B):
-        DG0: Tensor | None = None  # D g_k^(0): the HVP vectors of the pair plan
-        G2: Tensor | None = None  # g_k^(2) (pair plan)
-        U: Tensor | None = None  # u_t = D sum_k c_tk g_k^(2) (target plan)
-        loss_parts = np.zeros((K, 3))
+    def grad(k: int, b: int, p: int) -> Tensor:
+        losses[b, k, p], g = curvature.loss_and_grad(model, parts[k][b][p], micro_batch, loss_fn, reduce)
+        return g
+
+    # (1) free factors: D g_k^(2,d) (pair) or D g_l^(0,e) (target), row d*K + k
+    FREE: Tensor | None = None
+    for d in range(B):
         for k in range(K):
-            loss_parts[k, VEC], g = curvature.loss_and_grad(
-                model, parts[k][b][VEC], micro_batch, loss_fn, reduce
-            )
-            if DG0 is None:
-                DG0 = g.new_empty((K, g.shape[0]), device=store)
-            DG0[k] = g if Dd is None else apply_preconditioner(Dd, g)  # copies to ``store``
+            g = grad(k, d, free_part)
+            if FREE is None:
+                FREE = g.new_empty((B * K, g.shape[0]), device=store)
+            FREE[d * K + k] = g if Dd is None else apply_preconditioner(Dd, g)  # copies to ``store``
             del g
-        assert DG0 is not None
-        for ell in range(K):
-            loss_parts[ell, PAIR], g = curvature.loss_and_grad(
-                model, parts[ell][b][PAIR], micro_batch, loss_fn, reduce
-            )
-            # <D g_k^(0), g_l^(2)> = <g_k^(0), D g_l^(2)>
-            first[b, :, ell] = _gram(DG0, g.unsqueeze(0), compute=device)[:, 0]
-            if plan == "pair":
-                if G2 is None:
-                    G2 = g.new_empty((K, g.shape[0]), device=store)
-                G2[ell] = g
-            else:
-                if U is None:
-                    U = g.new_zeros((T, g.shape[0]), device=store)
-                g_s = g.to(store)
-                for t in range(T):
-                    if target_coefs[t, ell] != 0.0:  # type: ignore[index]
-                        U[t].add_(g_s, alpha=float(target_coefs[t, ell]))  # type: ignore[index]
-                del g_s
-            del g
-        if plan == "target":
-            assert U is not None
-            U = apply_preconditioner(Ds, U)
+    assert FREE is not None
 
-        for a in range(K):
-            if plan == "pair":
-                assert G2 is not None
+    # (2) units
+    for c in range(B):
+        if plan == "pair":
+            DX = None  # D g_l^(0,c): the HVP vectors
+            for ell in range(K):
+                g = grad(ell, c, unit_part)
+                # first[c, d, l, k'] = < g_l^(0,c), D g_k'^(2,d) >
+                first[c, :, ell, :] = _gram(g.unsqueeze(0), FREE, compute=device)[0].reshape(B, K)
+                if DX is None:
+                    DX = g.new_empty((K, g.shape[0]))
+                DX[ell] = g if Dd is None else apply_preconditioner(Dd, g)
+                del g
+            assert DX is not None
+            for a in range(K):
                 others = [ell for ell in range(K) if ell != a]
-                res = curvature.hvp(model, parts[a][b][HVP], DG0[others], hvp_mb, method, loss_fn, reduce)
-                # <D g_k^(2), H_a D g_l^(0)> = <g_k^(2), D H_a D g_l^(0)>
-                dots = _gram(G2, apply_preconditioner(Dd, res.hvps), compute=device)  # [K, K-1]
+                res = curvature.hvp(model, parts[a][c][HVP], DX[others], hvp_mb, method, loss_fn, reduce)
+                # < D g_k^(2,d), H_a^(1,c) D g_l^(0,c) > for every d, k and l != a
+                dots = _gram(FREE, res.hvps, compute=device).reshape(B, K, K - 1)
                 for idx, ell in enumerate(others):
-                    Q[b, :, a, ell] = dots[:, idx]  # type: ignore[index]
-            else:
-                assert U is not None
-                res = curvature.hvp(model, parts[a][b][HVP], U, hvp_mb, method, loss_fn, reduce)
-                M[b, :, a, :] = _gram(res.hvps, DG0, compute=device)  # type: ignore[index]
-                M[b, :, a, a] = 0.0  # type: ignore[index]
-            loss_parts[a, HVP] = res.loss
-            del res
-        losses[b] = loss_parts.mean(axis=1)  # parts have equal sizes
-        del DG0, G2, U
+                    W[:, c, :, a, ell] = dots[:, :, idx]
+                losses[c, a, HVP] = res.loss
+                del res
+            del DX
+        else:
+            assert target_coefs is not None
+            U = None  # u_t = D sum_k c_tk g_k^(2,c)
+            for k in range(K):
+                g = grad(k, c, unit_part)
+                # first[e, c, l, k] = < g_l^(0,e), D g_k^(2,c) > = < D g_l^(0,e), g_k^(2,c) >
+                first[:, c, :, k] = _gram(FREE, g.unsqueeze(0), compute=device)[:, 0].reshape(B, K)
+                if U is None:
+                    U = g.new_zeros((T, g.shape[0]))
+                for t in range(T):
+                    if target_coefs[t, k] != 0.0:
+                        U[t].add_(g, alpha=float(target_coefs[t, k]))
+                del g
+            assert U is not None
+            if Dd is not None:
+                U = apply_preconditioner(Dd, U)
+            for a in range(K):
+                res = curvature.hvp(model, parts[a][c][HVP], U, hvp_mb, method, loss_fn, reduce)
+                # < H_a^(1,c) u_t^(c), D g_l^(0,e) > for every t, e and l
+                dots = _gram(res.hvps, FREE, compute=device).reshape(T, B, K)
+                W[:, c, :, a, :] = dots.transpose(1, 0, 2)
+                W[:, c, :, a, a] = 0.0
+                losses[c, a, HVP] = res.loss
+                del res
+            del U
         if on_block is not None:
-            on_block(b)
-    return CheckpointStats(
+            on_block(c)
+    del FREE
+    return Products(
         plan=plan,
-        losses=losses,
+        losses=losses.mean(axis=2),  # parts have equal sizes
         first=first,
-        Q=Q,
-        M=M,
+        W=W,
         target_coefs=None if target_coefs is None else np.asarray(target_coefs, dtype=np.float64),
         seqs_per_part=seqs,
     )

@@ -1,0 +1,182 @@
+"""How many samples would resolve an effect, and what a run costs: pure arithmetic (numpy/scipy only).
+
+Two questions a user asks before and after ``commute analyze`` (docs/math_estimator.md, "Power" and
+"Cost"):
+
+- *An effect came out "insufficient signal": how many more samples would resolve it?*
+  :func:`samples_factor` answers for an effect of the estimated size, from the estimate, its standard error,
+  the number of design blocks and the confidence, using how the estimator's standard error scales with
+  the number of sequences per part at a fixed number of blocks: ``SE(f)^2 = SE^2 (phi / f + (1 - phi) / f^2)``
+  for ``f`` times the samples, where ``phi`` is the share of the variance from terms with one noisy factor
+  (``1/f``) and ``1 - phi`` the share from products of two noisy factors (``1/f^2``). ``phi = 1`` (the
+  default) is the conservative law ``SE ~ 1/sqrt(f)``: it never asks for fewer samples than needed when the
+  other terms shrink faster.
+- *What will the run cost?* :func:`analysis_cost` counts the gradient and HVP passes (in sequences) of a
+  given ``--samples``, ``--blocks``, number of domains, targets and HVP plan, and :func:`estimated_seconds`
+  turns them into time from one measured (or assumed) gradient time per sequence.
+
+No torch, no files: the module can be used for a preview before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from scipy import stats
+
+#: "nice" multiples of ``--samples`` offered in advice (the smallest one at least the required factor)
+NICE_FACTORS = (1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 48.0, 64.0, 96.0, 128.0)
+
+
+def t_critical(n_blocks: int, confidence: float) -> float:
+    """Two-sided Student-t critical value with ``n_blocks - 1`` degrees of freedom (the analysis' test).
+
+    Raises:
+        ValueError: ``n_blocks < 2`` or ``confidence`` outside (0, 1).
+    """
+    if n_blocks < 2:
+        raise ValueError(f"need at least 2 blocks, got {n_blocks}")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    return float(stats.t.ppf(0.5 + confidence / 2.0, n_blocks - 1))
+
+
+def samples_factor(
+    estimate: float,
+    se: float,
+    n_blocks: int,
+    confidence: float = 0.95,
+    power: float = 0.8,
+    first_order_share: float = 1.0,
+) -> float:
+    """How many times the current samples (same number of blocks) resolve an effect of size ``|estimate|``.
+
+    "Resolve": the analysis' two-sided t test at ``confidence`` (``t_{B-1}`` critical value ``t_c``) flags
+    an effect whose true size equals the estimate with probability ``power``: ``|estimate| / SE(f) =
+    t_c + z_power`` (``z_power`` the standard normal quantile; 0 for ``power = 0.5``). With the scaling law
+    ``SE(f)^2 = se^2 (phi / f + (1 - phi) / f^2)`` (``phi = first_order_share``) this is the positive root of
+    ``q f^2 - phi f - (1 - phi) = 0`` with ``q = (|estimate| / ((t_c + z_power) se))^2``:
+    ``f = (phi + sqrt(phi^2 + 4 q (1 - phi))) / (2 q)``; for ``phi = 1``, ``f = ((t_c + z_power) se /
+    |estimate|)^2``.
+
+    Args:
+        estimate: the point estimate (any unit; only its ratio to ``se`` matters).
+        se: its standard error (same unit), ``> 0``.
+        n_blocks: design blocks ``B`` (the test has ``B - 1`` degrees of freedom).
+        confidence: the confidence of the test, e.g. 0.95.
+        power: the probability of flagging an effect of this size, in [0.5, 1).
+        first_order_share: ``phi`` in [0, 1]; 1 is the conservative ``SE ~ 1/sqrt(samples)``.
+
+    Returns:
+        The factor ``f`` (``< 1`` when fewer samples would do; ``inf`` when ``estimate == 0``).
+
+    Raises:
+        ValueError: an argument outside its range.
+    """
+    if not se > 0.0 or not math.isfinite(se):
+        raise ValueError(f"se must be positive and finite, got {se}")
+    if not 0.5 <= power < 1.0:
+        raise ValueError(f"power must be in [0.5, 1), got {power}")
+    if not 0.0 <= first_order_share <= 1.0:
+        raise ValueError(f"first_order_share must be in [0, 1], got {first_order_share}")
+    if estimate == 0.0:
+        return math.inf
+    need = t_critical(n_blocks, confidence) + float(stats.norm.ppf(power))
+    q = (abs(estimate) / (need * se)) ** 2
+    phi = first_order_share
+    return (phi + math.sqrt(phi * phi + 4.0 * q * (1.0 - phi))) / (2.0 * q)
+
+
+def nice_factor(factor: float) -> float | None:
+    """The smallest of :data:`NICE_FACTORS` ``>= factor``; ``None`` when ``factor <= 1`` (nothing needed) or
+    beyond the largest (more than 128x: not a practical advice)."""
+    if factor <= 1.0:
+        return None
+    for f in NICE_FACTORS:
+        if f >= factor:
+            return f
+    return None
+
+
+def advice(
+    estimate: float,
+    se: float,
+    n_blocks: int,
+    confidence: float = 0.95,
+    power: float = 0.8,
+    first_order_share: float = 1.0,
+) -> str:
+    """One short phrase for an insufficient-signal row: ``"needs ~4x --samples"``, ``"needs >128x
+    --samples"``, or ``""`` when the current samples already suffice (:func:`samples_factor`)."""
+    f = samples_factor(estimate, se, n_blocks, confidence, power, first_order_share)
+    if f <= 1.0:
+        return ""
+    nice = nice_factor(f)
+    if nice is None:
+        return f"needs >{NICE_FACTORS[-1]:g}x --samples"
+    return f"needs ~{nice:g}x --samples"
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Work of one analysis, counted in sequences (each ``seq_len`` tokens).
+
+    Attributes:
+        samples_used: sequences per domain actually used (``--samples`` rounded down to ``3 B m``).
+        seqs_per_part: ``m``, sequences per part and domain.
+        gradient_sequences: sequences through a gradient pass, all domains and checkpoints.
+        hvp_sequences: sequences through an HVP pass, all domains and checkpoints.
+        vectors_per_hvp: vectors sharing each HVP pass (``K - 1`` pair, ``T`` target).
+        gradient_equivalents: total in units of one gradient pass over one sequence, counting an HVP pass
+            with ``v`` vectors as ``1 + 2 v`` gradients (an exact reverse-on-reverse HVP: the forward and
+            backward once, then ``2`` per vector; the FLOP count measured by tests/test_curvature.py).
+    """
+
+    samples_used: int
+    seqs_per_part: int
+    gradient_sequences: int
+    hvp_sequences: int
+    vectors_per_hvp: int
+    gradient_equivalents: float
+
+
+def analysis_cost(
+    samples: int, blocks: int, n_domains: int, plan: str, n_targets: int = 1, checkpoints: int = 1
+) -> Cost:
+    """Gradient and HVP passes of ``commute analyze`` (both estimators: the same passes).
+
+    Per checkpoint and domain, ``n = 3 B m`` sequences (``m = samples // (3 B)``): gradients over parts 0
+    and 2 (``2 B m``), HVPs over part 1 (``B m``) with ``K - 1`` (pair) or ``T`` (target) vectors each.
+
+    Raises:
+        ValueError: ``samples < 3 * blocks``, fewer than 2 blocks or domains, or an unknown plan.
+    """
+    if blocks < 2 or n_domains < 2 or n_targets < 1 or checkpoints < 1:
+        raise ValueError("need blocks >= 2, n_domains >= 2, n_targets >= 1, checkpoints >= 1")
+    if samples < 3 * blocks:
+        raise ValueError(f"--samples {samples} is below 3 x --blocks = {3 * blocks}")
+    if plan not in ("pair", "target"):
+        raise ValueError(f"unknown plan {plan!r}")
+    m = samples // (3 * blocks)
+    K = n_domains
+    vectors = K - 1 if plan == "pair" else n_targets
+    grad = 2 * blocks * m * K * checkpoints
+    hvp = blocks * m * K * checkpoints
+    return Cost(
+        samples_used=3 * blocks * m,
+        seqs_per_part=m,
+        gradient_sequences=grad,
+        hvp_sequences=hvp,
+        vectors_per_hvp=vectors,
+        gradient_equivalents=float(grad + hvp * (1 + 2 * vectors)),
+    )
+
+
+def estimated_seconds(cost: Cost, seconds_per_gradient_sequence: float) -> float:
+    """Predicted compute time: ``gradient_equivalents x seconds_per_gradient_sequence`` (loading, tokenizing
+    and the dot products are extra; how close an HVP pass comes to its FLOP count on a given machine is
+    measured by benchmarks/bench_hvp.py)."""
+    if not seconds_per_gradient_sequence > 0.0:
+        raise ValueError("seconds_per_gradient_sequence must be positive")
+    return cost.gradient_equivalents * seconds_per_gradient_sequence
