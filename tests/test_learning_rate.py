@@ -14,14 +14,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, get_cosine_schedule_with_warmup
+from transformers import GPT2LMHeadModel, get_cosine_schedule_with_warmup
 
 from commute_cli.errors import CommuteError
 from commute_cli.io import checkpoints as ck
 from commute_cli.io.learning_rate import find_learning_rate
 
 from cli_runner import cli
-from tiny_run import make_run
+from tiny_run import make_run, tiny_config
 
 SAVE = (3, 6, 12)
 
@@ -31,7 +31,7 @@ def cosine_run(tmp_path_factory):
     """12 AdamW updates under warmup 4 + cosine to 0 at 12; checkpoint folders at SAVE, Trainer layout."""
     root = tmp_path_factory.mktemp("cosine")
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16))
+    model = GPT2LMHeadModel(tiny_config(50, n_positions=16))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     sched = get_cosine_schedule_with_warmup(opt, num_warmup_steps=4, num_training_steps=12)
     used: list[float] = []  # used[k] = the rate of update k + 1
@@ -106,9 +106,7 @@ def test_each_source_gives_the_rate_of_the_next_update(cosine_run, tmp_path):
 
 def test_negative_recorded_rate_refused(tmp_path):
     folder = tmp_path / "checkpoint-4"
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=20, n_positions=8)).save_pretrained(
-        folder
-    )
+    GPT2LMHeadModel(tiny_config(20, n_positions=8)).save_pretrained(folder)
     (folder / "trainer_state.json").write_text(
         json.dumps({"global_step": 4, "log_history": [{"step": 4, "learning_rate": -1e-3}]})
     )
