@@ -56,16 +56,16 @@ def toy_command(
     Prints observed / predicted excess loss of a full swap (L1 then L2, vs. the mixture); -> 1 as dt -> 0.
     """
     from commute_cli.commands import toy
-    from commute_cli.render import report
+    from commute_cli.render import tables
 
     if dim < 2:
         raise CommuteError(f"--dim must be at least 2, got {dim}")
     if samples < 1:
         raise CommuteError(f"--samples must be at least 1, got {samples}")
-    if fmt not in {f.value for f in report.OutputFormat}:
+    if fmt not in {f.value for f in tables.OutputFormat}:
         raise CommuteError(f"--format must be table, csv or json, got {fmt!r}")
     df = toy.run_table1(dim=dim, samples=samples, seed=seed)
-    report.emit(df, fmt, report.table1, out)
+    tables.emit(df, fmt, tables.table1, out)
 
 
 @app.command("analyze")
@@ -164,10 +164,10 @@ def analyze_command(
     """
     from commute_cli.commands import analyze as analysis
     from commute_cli.engine.distributed import is_main_process
-    from commute_cli.render import report
+    from commute_cli.render import tables
     from commute_cli.render.progress import AnalysisProgress
 
-    if fmt not in {f.value for f in report.OutputFormat}:
+    if fmt not in {f.value for f in tables.OutputFormat}:
         raise CommuteError(f"--format must be table, csv or json, got {fmt!r}")
     main_rank = is_main_process()  # under torchrun only rank 0 draws, prints and writes
     opts = analysis.AnalyzeOptions(
@@ -213,7 +213,11 @@ def analyze_command(
     if not main_rank:
         return
     if plot is not None:
-        report.plot_analysis(result.results, result.losses, plot)
+        from commute_cli.io import atomic
+        from commute_cli.render import figures
+
+        fig = figures.criterion_figure(result.results, result.losses, run=result.run)
+        atomic.write_bytes(plot, figures.png_bytes(fig))
     if metric == "adam":
         typer.echo(
             "warning: --metric adam is experimental: on the shipped AdamW run its predictions were ~100x too "
@@ -221,11 +225,13 @@ def analyze_command(
             err=True,
         )
     if fmt == "table":
-        report.print_renderable(report.analysis_tables(result.results, result.losses))
+        tables.print_renderable(
+            tables.analysis_tables(result.results, result.losses, run=result.run, out=result.out)
+        )
         where = f"results in {result.out}/ (results.csv, losses.csv, run.json)"
         typer.echo(where + (f"; plot in {plot}" if plot else ""), err=True)
     else:
-        report.emit_dataframe(result.results, fmt)
+        tables.emit_dataframe(result.results, fmt)
 
 
 @app.command("train")
@@ -352,9 +358,9 @@ def validate_command(
     Example: commute validate sample_checkpoints/checkpoint-1000 --dw 0.15 --steps 100 --repeats 2
     """
     from commute_cli.commands import validate
-    from commute_cli.render import report
+    from commute_cli.render import tables
 
-    if fmt not in {f.value for f in report.OutputFormat}:
+    if fmt not in {f.value for f in tables.OutputFormat}:
         raise CommuteError(f"--format must be table, csv or json, got {fmt!r}")
     if threads is not None:
         if threads < 1:
@@ -385,10 +391,10 @@ def validate_command(
     with validate.ValidateProgress(enabled=not quiet and fmt == "table") as progress:
         result = validate.run_validate(opts, note=note, on_step=progress.step, on_start=progress.start)
     if fmt == "table":
-        report.print_renderable(validate.validate_table(result))
+        tables.print_renderable(validate.validate_table(result))
         note(f"results in {result.out}/ (validate.csv, validate.json)")
     else:
-        report.emit_dataframe(result.table, fmt)
+        tables.emit_dataframe(result.table, fmt)
 
 
 @app.command("recommend")
@@ -420,9 +426,9 @@ def recommend_command(
     import json
 
     from commute_cli.commands import recommend
-    from commute_cli.render import report
+    from commute_cli.render import tables
 
-    if fmt not in {f.value for f in report.OutputFormat}:
+    if fmt not in {f.value for f in tables.OutputFormat}:
         raise CommuteError(f"--format must be table, csv or json, got {fmt!r}")
     result = recommend.load_analysis(from_dir)
     batch = batch_size if batch_size is not None else recommend.run_batch_size(result)
@@ -444,12 +450,12 @@ def recommend_command(
             f"note: the files in {folder}/ are from an earlier recommend ({stale}); left unchanged", err=True
         )
     if fmt == "table":
-        report.print_renderable(report.recommend_report(rec))
+        tables.print_renderable(tables.recommend_report(rec))
         if files:
             where = ", ".join(str(f) for f in files)
             typer.echo(f"wrote {where}; rerun with: commute train RUN --schedule {files[0]}", err=True)
     elif fmt == "csv":
-        report.emit_dataframe(rec.table(), fmt)
+        tables.emit_dataframe(rec.table(), fmt)
     else:
         typer.echo(json.dumps(rec.to_dict(), indent=2, ensure_ascii=False, default=str))
 
@@ -471,7 +477,8 @@ def plot_command(
     import pandas as pd
 
     from commute_cli.commands import recommend
-    from commute_cli.render import report
+    from commute_cli.io import atomic
+    from commute_cli.render import figures
 
     result = recommend.load_analysis(from_dir)
     losses = recommend.load_losses(from_dir)
@@ -479,15 +486,31 @@ def plot_command(
     validate = None
     if vfile.is_file():
         try:
-            validate = report.check_validate_table(pd.read_csv(vfile), str(vfile))
+            validate = figures.check_validate_table(pd.read_csv(vfile), str(vfile))
         except CommuteError as err:
             if validate_csv is not None:
                 raise
             typer.echo(f"note: {err.one_line()[7:]}; plotting without the loss plane", err=True)
     elif validate_csv is not None:
         raise CommuteError(f"{vfile} does not exist", hint="run `commute validate` or leave out --validate")
-    path = report.plot_report(result.results, losses, output, validate)
+    fig = figures.criterion_figure(result.results, losses, validate, run=result.run)
+    path = atomic.write_bytes(output, figures.png_bytes(fig))
     typer.echo(f"wrote {path}", err=True)
+
+
+@app.command("help")
+def help_command(
+    topic: str = typer.Argument("columns", help="The topic: columns (every output file's columns)."),
+) -> None:
+    """Explain the output: `commute help columns` gives the meaning and unit of every CSV column.
+
+    Example: commute help columns
+    """
+    from commute_cli.render import columns, tables
+
+    if topic != "columns":
+        raise CommuteError(f"unknown help topic {topic!r}", hint="use: commute help columns")
+    tables.print_renderable(columns.columns_help())
 
 
 #: options that take several values after one flag (``--domains en=a ru=b``), which click lacks
