@@ -40,7 +40,7 @@ Clock = Callable[[], float]
 
 
 def format_duration(seconds: float) -> str:
-    """``75.4`` -> ``"1:15"``; ``3725`` -> ``"1:02:05"`` (rounded up to whole seconds)."""
+    """``75.4`` -> ``"1:16"``; ``3725`` -> ``"1:02:05"`` (rounded up to whole seconds)."""
     s = max(0, math.ceil(seconds))
     h, rem = divmod(s, 3600)
     m, sec = divmod(rem, 60)

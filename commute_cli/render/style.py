@@ -21,6 +21,7 @@ __all__ = [
     "confidence_of",
     "format_si",
     "format_si_interval",
+    "format_sig",
     "interval_half_width",
     "si_prefix",
     "verdict_style",
@@ -69,7 +70,7 @@ def _scaled(values: tuple[float, ...], digits: int) -> tuple[list[str], str]:
     dec = _decimals(big / factor, digits)
     if big > 0 and round(big / factor, dec) >= 1000.0:  # 999.96 -> 1000: next prefix up
         factor, prefix = si_prefix(big * 1.001)
-        dec = _decimals(big / factor, digits)
+        dec = _decimals(max(big / factor, 1.0), digits)  # the rounded mantissa is 1.0
     out = []
     for v in values:
         s = f"{v / factor:.{dec}f}"
@@ -88,6 +89,18 @@ def format_si(x: float, unit: str = "nat", digits: int = 3) -> str:
         return str(x)
     (text,), prefix = _scaled((x,), digits)
     return f"{text} {prefix}{unit}".rstrip()
+
+
+def format_sig(x: float, digits: int = 4) -> str:
+    """Fixed-point with ``digits`` significant digits for values of order 1 to 1000 (losses in nats:
+    ``4.41269`` -> ``"4.413"``, ``12.3456`` -> ``"12.35"``); other magnitudes go through :func:`format_si`
+    without a unit, so the exponent is never lost (``4e-5`` -> ``"40.00 µ"``)."""
+    x = float(x)
+    if not math.isfinite(x):
+        return str(x)
+    if x == 0.0 or 0.1 <= abs(x) < 1000.0:
+        return f"{x:.{_decimals(abs(x) if x else 1.0, digits)}f}"
+    return format_si(x, "", digits)
 
 
 def format_si_interval(center: float, half_width: float, unit: str = "nat", digits: int = 3) -> str:

@@ -28,7 +28,7 @@ from rich.table import Table
 from rich.text import Text
 
 from commute_cli.errors import CommuteError
-from commute_cli.render.style import confidence_of, format_si, format_si_interval, verdict_style
+from commute_cli.render.style import confidence_of, format_si_interval, format_sig, verdict_style
 
 __all__ = [
     "OutputFormat",
@@ -143,6 +143,7 @@ def make_table(
         box=box.SIMPLE_HEAD if compact else box.HEAVY_HEAD,
         show_edge=not compact,
         pad_edge=not compact,
+        collapse_padding=compact,
         title_justify="left" if compact else "center",
     )
     for label, just in zip(columns, justify, strict=True):
@@ -317,7 +318,9 @@ def table_confidence(results: pd.DataFrame) -> float:
 def regime_labels(df: pd.DataFrame) -> pd.Series | None:
     """Per row "inside" / "outside" / another label of the local-regime check (column ``regime`` when
     present, else from ``in_regime``), or None when the table has neither."""
-    if "regime" in df and df["regime"].dtype == object:
+    if "regime" in df and not (
+        pd.api.types.is_bool_dtype(df["regime"]) or pd.api.types.is_numeric_dtype(df["regime"])
+    ):
         return df["regime"].fillna("").astype(str)
     if "in_regime" in df:
         return df["in_regime"].map(lambda v: "inside" if _truthy(v) else "outside")
@@ -384,7 +387,7 @@ def analysis_tables(
     seen: set[str] = set()
     for target, df in results.groupby("target", sort=False):
         target = str(target)
-        cols = ["step", f"L_{target}"]
+        cols = ["step", "L (nat)"]
         if not single:
             cols.append("pair")
         if len(dws) > 1:
@@ -399,12 +402,12 @@ def analysis_tables(
             tl = getattr(r, "target_loss", None)
             if tl is None or (isinstance(tl, float) and math.isnan(tl)):
                 tl = loss_at.get((r.step, target))
-            cells: list[Any] = [str(r.step), "" if tl is None else format_si(tl, "nat", 4)]
+            cells: list[Any] = [str(r.step), "" if tl is None else format_sig(tl, 4)]
             if not single:
                 cells.append(f"{r.domain_i}-{r.domain_j}")
             if len(dws) > 1:
                 cells.append(f"{float(r.dw):g}")
-            horizon = f"{int(r.horizon)} steps"
+            horizon = f"{int(r.horizon)}"
             reason = getattr(r, "horizon_reason", None)
             if isinstance(reason, str) and reason in reasons:
                 horizon += reasons[reason]
@@ -452,7 +455,7 @@ def analysis_legend(
         f"L: the target's mean loss at the checkpoint. EL: predicted change of the target's loss if "
         f"{i} gets +dw and {j} -dw for `horizon` steps before the checkpoint, then the reverse for as "
         f"many steps after (the same data in total), against the schedule; EL < 0: moving {i} earlier "
-        "helps ('earlier' names the domain).",
+        "helps ('earlier' names the domain to move).",
         f"±: {conf_pct} confidence interval {blocks}(Student t: the verdict's test). "
         "Units: 1 mnat = 0.001 nat, 1 µnat = 1e-6 nat.",
     ]
