@@ -93,12 +93,14 @@ def analyze_command(
         None, "--tokenizer", help="Tokenizer folder (default: manifest or checkpoint)."
     ),
     seq_len: int | None = typer.Option(
-        None, "--seq-len", help="Tokens per block (default: manifest, else <= 256)."
+        None, "--seq-len", help="Tokens per sequence (default: manifest, else <= 256)."
     ),
     samples: int = typer.Option(
-        96, "--samples", help="Blocks per domain per checkpoint (same blocks everywhere)."
+        96, "--samples", help="Sequences per domain per checkpoint (the same sequences everywhere)."
     ),
-    blocks: int = typer.Option(8, "--blocks", help="Independent sample blocks for the error bars."),
+    blocks: int = typer.Option(
+        8, "--blocks", help="Independent sample blocks (groups of sequences) for the error bars."
+    ),
     batch_size: int = typer.Option(8, "--batch-size", help="Micro-batch (sequences per forward pass)."),
     hvp_batch_size: int | None = typer.Option(
         None,
@@ -144,7 +146,9 @@ def analyze_command(
         Path("commute_out"), "--out", help="Folder for results.csv, losses.csv, run.json, cache."
     ),
     fmt: str = typer.Option("table", "--format", help="table, csv or json (csv/json: results to stdout)."),
-    plot: Path | None = typer.Option(None, "--plot", help="Also draw the criterion over steps to this PNG."),
+    plot: Path | None = typer.Option(
+        None, "--plot", help="Also draw the criterion figure (the one of `commute plot`) to this PNG."
+    ),
     no_cache: bool = typer.Option(False, "--no-cache", help="Recompute every checkpoint even if cached."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
     dist_timeout: float = typer.Option(
@@ -332,7 +336,7 @@ def validate_command(
     pair: str | None = typer.Option(
         None, "--pair", help="i,j: domain i up first in '12' (default with two domains: their order)."
     ),
-    eval_samples: int = typer.Option(256, "--eval-samples", help="Held-out blocks per domain (at most)."),
+    eval_samples: int = typer.Option(256, "--eval-samples", help="Held-out sequences per domain (at most)."),
     from_dir: Path | None = typer.Option(
         None, "--from", help="Read the prediction from this analyze output when it has matching rows."
     ),
@@ -341,7 +345,7 @@ def validate_command(
     batch_size: int | None = typer.Option(None, "--batch-size", help="Rows per step (default: the run's)."),
     seed: int | None = typer.Option(None, "--seed", help="Stream seed of repeat 0 (default: the run's)."),
     samples: int | None = typer.Option(
-        None, "--samples", help="Blocks per domain for the prediction (default: analyze's)."
+        None, "--samples", help="Sequences per domain for the prediction (default: analyze's)."
     ),
     threads: int | None = typer.Option(None, "--threads", help="torch.set_num_threads (default: torch's)."),
     out: Path = typer.Option(
@@ -468,7 +472,8 @@ def plot_command(
         None, "--validate", help="validate.csv for the loss plane (default: FROM/validate.csv if present)."
     ),
 ) -> None:
-    """Draw the criterion over steps (± SE, verdicts shaded) per target and pair, and the losses.
+    """Draw the criterion per target over steps: the table's numbers with their 95% intervals, each
+    checkpoint's intervention window shaded by its verdict, and the per-domain losses.
 
     With `commute validate` results (validate.csv), also the loss plane of the paper's Figures 3-4.
 

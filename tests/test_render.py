@@ -172,7 +172,7 @@ def test_table_with_three_domains_fits_80_columns():
     text = render(tables.analysis_tables(res), 80)
     assert max(len(ln) for ln in text.splitlines()) <= 80
     assert len(data_rows(text, (1000, 2000, 30000))) == len(res)
-    assert "english-russian" in text and "pair" in text
+    assert "english↔russian" in text and "pair" in text
 
 
 def test_table_is_tolerant_of_new_columns_and_verdicts(analyzed):

@@ -242,12 +242,12 @@ def _draw_plane_overview(ax: Any, losses: pd.DataFrame, points: Sequence[dict[st
             "s",
             color="tab:cyan",
             ms=5,
-            label="validate (held-out blocks): base end" if k == 0 else None,
+            label="validate: end of the base branch" if k == 0 else None,
         )
         ax.plot(*p["12"], "o", color="tab:red", ms=4, label=f"'12' ({d1} up first)" if k == 0 else None)
         ax.plot(*p["21"], "^", color="tab:purple", ms=4, label=f"'21' ({d2} up first)" if k == 0 else None)
-    ax.set_xlabel(f"L_{d1} (nats/token)")
-    ax.set_ylabel(f"L_{d2} (nats/token)")
+    ax.set_xlabel(f"L_{d1} (nat/token)")
+    ax.set_ylabel(f"L_{d2} (nat/token)")
     ax.set_title("loss plane: trajectory and interventions (cf. paper Fig. 3-4)", fontsize=9)
     ax.legend(fontsize=7)
 

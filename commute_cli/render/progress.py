@@ -16,6 +16,7 @@ display moves smoothly instead of jumping with the last interval's speed.
 from __future__ import annotations
 
 import math
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -200,9 +201,10 @@ class AnalysisEta:
 
     Model: a checkpoint that is not cached costs ``overhead + n_blocks x per_block``; a cached one costs
     nothing. ``per_block`` is the mean time between consecutive block ends within a checkpoint (the first
-    block's own time until a second one ends); ``overhead`` is the mean time from a checkpoint's start to
-    its first block's end, minus one block, plus the mean time from its last block to the next checkpoint
-    (loading the model, the preconditioner, the summary). Checkpoints not reached yet are assumed not
+    block's own time until a second one ends); ``overhead`` is the median time from a checkpoint's start
+    to its first block's end, minus one block, plus the median time from its last block to the next
+    checkpoint (loading the model, the preconditioner, the summary; medians, so the first checkpoint's
+    one-time warm-up does not weigh on every later one). Checkpoints not reached yet are assumed not
     cached (an interrupted run resumes with its first checkpoints cached, not its last). Means over
     everything measured keep the estimate stable; :meth:`deadline` is re-estimated at each event.
     """
@@ -247,9 +249,11 @@ class AnalysisEta:
         b = self.per_block()
         if b is None:
             return 0.0
-        first = max(0.0, sum(self._firsts) / len(self._firsts) - b) if self._firsts else 0.0
-        tail = sum(self._tails) / len(self._tails) if self._tails else 0.0
-        return first + tail
+        first = max(0.0, statistics.median(self._firsts) - b) if self._firsts else 0.0
+        return first + self._tail()
+
+    def _tail(self) -> float:
+        return statistics.median(self._tails) if self._tails else 0.0
 
     def remaining(self) -> float | None:
         """Seconds left as of the last event, or None before anything was measured."""
@@ -258,7 +262,7 @@ class AnalysisEta:
         if b is None:
             return 0.0 if (self.cached and later == 0) else None
         o = self.overhead()
-        tail = sum(self._tails) / len(self._tails) if self._tails else 0.0
+        tail = self._tail()
         if self.cached:
             current = 0.0
         elif self.done == 0:

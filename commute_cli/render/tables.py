@@ -404,7 +404,7 @@ def analysis_tables(
                 tl = loss_at.get((r.step, target))
             cells: list[Any] = [str(r.step), "" if tl is None else format_sig(tl, 4)]
             if not single:
-                cells.append(f"{r.domain_i}-{r.domain_j}")
+                cells.append(f"{r.domain_i}↔{r.domain_j}")
             if len(dws) > 1:
                 cells.append(f"{float(r.dw):g}")
             horizon = f"{int(r.horizon)}"
@@ -421,9 +421,9 @@ def analysis_tables(
             rows.append(cells)
         if single:
             i, j = pairs[0]
-            title = f"target {target}: predicted change of L_{target} from reordering {i} and {j}"
+            title = f"target: {target}, predicted change of L_{target} from reordering {i}↔{j}"
         else:
-            title = f"target {target}: predicted change of L_{target} from reordering each pair"
+            title = f"target: {target}, predicted change of L_{target} from reordering each pair i↔j"
         if len(dws) == 1:
             title += f" (dw = {dws[0]:g})"
         justify = ["right", "right"] + (["left"] if not single else [])
