@@ -23,6 +23,7 @@ from typing import Any, TextIO
 
 import pandas as pd
 from rich import box
+from rich.cells import cell_len
 from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
@@ -120,6 +121,7 @@ def make_table(
     caption: str | None = None,
     justify: Sequence[str] | None = None,
     compact: bool = False,
+    min_widths: Sequence[int] | None = None,
 ) -> Table:
     """A rich Table with a header row; cells are converted with ``str``.
 
@@ -133,6 +135,7 @@ def make_table(
         justify: per-column "left" / "right" / "center" (default: first column left, others right).
         compact: a light frame (a rule under the header, no vertical lines) and cells that never wrap,
             for tables that must fit an 80-column terminal.
+        min_widths: per-column minimum widths (to line up several tables).
     """
     if justify is None:
         justify = ["left"] + ["right"] * (len(columns) - 1)
@@ -146,8 +149,9 @@ def make_table(
         collapse_padding=compact,
         title_justify="left" if compact else "center",
     )
-    for label, just in zip(columns, justify, strict=True):
-        table.add_column(label, justify=just, no_wrap=compact)  # type: ignore[arg-type]
+    mins = list(min_widths) if min_widths is not None else [None] * len(columns)
+    for label, just, width in zip(columns, justify, mins, strict=True):
+        table.add_column(label, justify=just, no_wrap=compact, min_width=width)  # type: ignore[arg-type]
     for row in rows:
         if len(row) != len(columns):
             raise ValueError(f"row has {len(row)} cells, table has {len(columns)} columns")
@@ -385,6 +389,7 @@ def analysis_tables(
                 reasons[reason] = _SUPERSCRIPTS[len(reasons)]
     half = interval_half_widths(results)
     seen: set[str] = set()
+    built: list[tuple[str, list[str], list[list[Any]]]] = []
     for target, df in results.groupby("target", sort=False):
         target = str(target)
         cols = ["step", "L (nat)"]
@@ -426,12 +431,19 @@ def analysis_tables(
             title = f"target: {target}, predicted change of L_{target} from reordering each pair i↔j"
         if len(dws) == 1:
             title += f" (dw = {dws[0]:g})"
-        justify = ["right", "right"] + (["left"] if not single else [])
-        justify += (["right"] if len(dws) > 1 else []) + ["right", "right", "left", "left"]
-        justify += ["left"] if show_regime else []
+        built.append((title, cols, rows))
+    justify = ["right", "right"] + (["left"] if not single else [])
+    justify += (["right"] if len(dws) > 1 else []) + ["right", "right", "left", "left"]
+    justify += ["left"] if show_regime else []
+    # one width per column across the targets' tables, so they line up
+    widths = [
+        max(cell_len(str(c)) for _, cols, rows in built for c in [cols[k], *(row[k] for row in rows)])
+        for k in range(len(built[0][1]))
+    ]
+    for title, cols, rows in built:
         # the title as its own line, wrapped to the terminal rather than to the table's width
         parts.append(Text(title, style="bold"))
-        parts.append(make_table(None, cols, rows, justify=justify, compact=True))
+        parts.append(make_table(None, cols, rows, justify=justify, compact=True, min_widths=widths))
     legend = analysis_legend(results, seen, conf_pct, reasons, show_regime, out, pairs[0] if single else None)
     parts.append(Text(legend, style="dim"))
     return Group(*parts)
@@ -460,7 +472,7 @@ def analysis_legend(
         "Units: 1 mnat = 0.001 nat, 1 µnat = 1e-6 nat.",
     ]
     order = sorted(verdicts, key=lambda v: -verdict_style(v).rank)
-    lines.append("; ".join(f"{verdict_style(v).word}: {verdict_style(v).legend}" for v in order) + ".")
+    lines += [f"{verdict_style(v).word}: {verdict_style(v).legend}." for v in order]
     for reason, mark in reasons.items():
         lines.append(f"{mark} horizon: {reason}")
     if show_regime:
