@@ -246,17 +246,15 @@ class Clock:
 
 
 def test_analysis_eta_from_measured_times():
-    """5 checkpoints x 4 blocks, 3 s model load then 2 s per block: after the first block the estimate is
-    the whole remaining work; it is exact once one block interval is measured, and it does not change
-    while the work runs at the measured pace."""
+    """5 checkpoints x 4 blocks, 3 s model load then 2 s per block: no estimate until a block interval is
+    measured; from then on it is exact, and it does not change while the work runs at the measured pace."""
     clock = Clock()
     eta = progress.AnalysisEta(5, clock)
     eta.checkpoint(0, 4, cached=False)
     assert eta.remaining() is None  # nothing measured yet
     clock.now += 5.0  # load 3 s + block 2 s
     eta.block()
-    first = eta.remaining()
-    assert first == pytest.approx(3 * 5.0 + 4 * (4 * 5.0))  # pessimistic until a second block: 5 s a block
+    assert eta.remaining() is None  # one block mixes load and block time: no estimate yet
     deadlines = []
     for _ in range(3):
         clock.now += 2.0
@@ -277,6 +275,31 @@ def test_analysis_eta_from_measured_times():
     assert eta.remaining() == pytest.approx(0.0)
     finish = clock.now
     assert max(deadlines[2:]) - min(deadlines[2:]) < 1e-9 and deadlines[-1] == pytest.approx(finish)
+
+
+def test_analysis_eta_leaves_out_the_warm_up():
+    """The first computed checkpoint pays a one-time 10 s warm-up on top of a 3 s load: once the second
+    checkpoint's first two blocks are measured, the estimate is exact again (the warm-up is not repeated
+    for the checkpoints left)."""
+    clock = Clock()
+    eta = progress.AnalysisEta(4, clock)
+    eta.checkpoint(0, 4, cached=False)
+    clock.now += 10.0 + 3.0 + 2.0
+    eta.block()
+    for _ in range(3):
+        clock.now += 2.0
+        eta.block()
+    assert eta.remaining() == pytest.approx(3 * (13.0 + 8.0))  # one checkpoint measured: warm-up assumed
+    assert eta.upper_bound()  # ... so the display says "ETA ≤"
+    eta.checkpoint(1, 4, cached=False)
+    clock.now += 3.0 + 2.0
+    eta.block()
+    clock.now += 2.0
+    eta.block()
+    start = clock.now
+    assert eta.remaining() == pytest.approx(2 * 2.0 + 2 * (3.0 + 8.0))
+    assert eta.deadline() == pytest.approx(start + 26.0)
+    assert not eta.upper_bound()
 
 
 def test_analysis_eta_with_cached_checkpoints():

@@ -49,8 +49,9 @@ def format_duration(seconds: float) -> str:
 
 
 class EtaColumn(ProgressColumn):
-    """``ETA m:ss`` counted down to the task's ``deadline`` field (a ``clock()`` time); ``ETA …`` while
-    there is no measurement yet; nothing for a task without the field."""
+    """``ETA m:ss`` counted down to the task's ``deadline`` field (a ``clock()`` time), ``ETA ≤ m:ss`` when
+    its ``upper_bound`` field is true; ``ETA estimating…`` while there is no measurement yet; nothing for a
+    task without the field."""
 
     def __init__(self, clock: Clock = time.monotonic) -> None:
         super().__init__()
@@ -67,7 +68,8 @@ class EtaColumn(ProgressColumn):
         left = deadline - self.clock()
         if left <= 0:
             return Text("ETA finishing…", style="progress.remaining")
-        return Text(f"ETA {format_duration(left)}", style="progress.remaining")
+        bound = "≤ " if task.fields.get("upper_bound") else ""
+        return Text(f"ETA {bound}{format_duration(left)}", style="progress.remaining")
 
 
 class Bars:
@@ -200,13 +202,15 @@ class AnalysisEta:
     """Remaining time of ``commute analyze`` from what it measured so far.
 
     Model: a checkpoint that is not cached costs ``overhead + n_blocks x per_block``; a cached one costs
-    nothing. ``per_block`` is the mean time between consecutive block ends within a checkpoint (the first
-    block's own time until a second one ends); ``overhead`` is the median time from a checkpoint's start
-    to its first block's end, minus one block, plus the median time from its last block to the next
-    checkpoint (loading the model, the preconditioner, the summary; medians, so the first checkpoint's
-    one-time warm-up does not weigh on every later one). Checkpoints not reached yet are assumed not
-    cached (an interrupted run resumes with its first checkpoints cached, not its last). Means over
-    everything measured keep the estimate stable; :meth:`deadline` is re-estimated at each event.
+    nothing. ``per_block`` is the mean time between consecutive block ends within a checkpoint (no
+    estimate until two blocks ended); ``overhead`` is the median time from a checkpoint's start to its
+    first block's end, minus one block, plus the median time from its last block to the next checkpoint
+    (loading the model, the preconditioner, the summary). The first computed checkpoint also pays
+    one-time costs (first model load, first autograd graphs; ``benchmarks/bench_eta.py`` measures them),
+    so its times are left out once a later checkpoint has been measured; until then the estimate is an upper bound (:meth:`upper_bound`). Checkpoints not reached
+    yet are assumed not cached (an interrupted run resumes with its first checkpoints cached, not its
+    last). Means and medians over everything measured keep the estimate stable; :meth:`deadline` is
+    re-estimated at each event.
     """
 
     def __init__(self, total_checkpoints: int | None, clock: Clock = time.monotonic) -> None:
@@ -218,8 +222,9 @@ class AnalysisEta:
         self.done = 0
         self._start = 0.0
         self._last = 0.0
-        self._intervals: list[float] = []
-        self._firsts: list[float] = []
+        self._intervals: list[tuple[int, float]] = []  # (checkpoint index, seconds)
+        self._warmup: int | None = None  # index of the first checkpoint that was computed
+        self._firsts: list[tuple[int, float]] = []  # (checkpoint index, start to first block end)
         self._tails: list[float] = []
 
     def checkpoint(self, index: int, n_blocks: int, cached: bool) -> None:
@@ -231,25 +236,30 @@ class AnalysisEta:
 
     def block(self) -> None:
         now = self.clock()
+        if self._warmup is None:
+            self._warmup = self.index
         if self.done == 0:
-            self._firsts.append(now - self._start)
+            self._firsts.append((self.index, now - self._start))
         else:
-            self._intervals.append(now - self._last)
+            self._intervals.append((self.index, now - self._last))
         self.done += 1
         self._last = now
 
     def per_block(self) -> float | None:
-        if self._intervals:
-            return sum(self._intervals) / len(self._intervals)
-        if self._firsts:
-            return sum(self._firsts) / len(self._firsts)
-        return None
+        """Mean time between consecutive block ends; None until two blocks of one checkpoint ended (the
+        first block also carries the model load, so alone it would overstate the rest)."""
+        # the first computed checkpoint warms up (first model load, first autograd graphs): once a later
+        # one has measured intervals, only those count
+        later = [x for k, x in self._intervals if k != self._warmup]
+        use = later or [x for _, x in self._intervals]
+        return sum(use) / len(use) if use else None
 
     def overhead(self) -> float:
         b = self.per_block()
         if b is None:
             return 0.0
-        first = max(0.0, statistics.median(self._firsts) - b) if self._firsts else 0.0
+        firsts = [x for k, x in self._firsts if k != self._warmup] or [x for _, x in self._firsts]
+        first = max(0.0, statistics.median(firsts) - b) if firsts else 0.0
         return first + self._tail()
 
     def _tail(self) -> float:
@@ -274,6 +284,13 @@ class AnalysisEta:
     def deadline(self) -> float | None:
         left = self.remaining()
         return None if left is None else self.clock() + left
+
+    def upper_bound(self) -> bool:
+        """True while the estimate still charges the first checkpoint's one-time warm-up to the checkpoints
+        left (no later checkpoint measured yet): the time left is then at most the estimate."""
+        later = 0 if self.total is None else max(0, self.total - self.index - 1)
+        measured_later = any(k != self._warmup for k, _ in self._firsts)
+        return later > 0 and not measured_later
 
 
 class AnalysisProgress:
@@ -313,7 +330,13 @@ class AnalysisProgress:
         self.eta.checkpoint(index, n_blocks, cached)
         if self._ckpt_task is None:
             self._ckpt_task = self.bars.add("checkpoints", total=self.eta.total, deadline=None)
-        self.bars.update(self._ckpt_task, completed=index, total=self.eta.total, deadline=self.eta.deadline())
+        self.bars.update(
+            self._ckpt_task,
+            completed=index,
+            total=self.eta.total,
+            deadline=self.eta.deadline(),
+            upper_bound=self.eta.upper_bound(),
+        )
         if self._block_task is not None:
             self.bars.remove(self._block_task)
         name = getattr(ref, "name", str(ref))
@@ -326,7 +349,9 @@ class AnalysisProgress:
         if self._block_task is not None:
             self.bars.update(self._block_task, advance=1)
         if self._ckpt_task is not None:
-            self.bars.update(self._ckpt_task, deadline=self.eta.deadline())
+            self.bars.update(
+                self._ckpt_task, deadline=self.eta.deadline(), upper_bound=self.eta.upper_bound()
+            )
 
     def finish(self) -> None:
         """Mark every checkpoint done (the bars are transient: they vanish when the context exits)."""
