@@ -207,10 +207,10 @@ class AnalysisEta:
     first block's end, minus one block, plus the median time from its last block to the next checkpoint
     (loading the model, the preconditioner, the summary). The first computed checkpoint also pays
     one-time costs (first model load, first autograd graphs; ``benchmarks/bench_eta.py`` measures them),
-    so its times are left out once a later checkpoint has been measured; until then the estimate is an upper bound (:meth:`upper_bound`). Checkpoints not reached
-    yet are assumed not cached (an interrupted run resumes with its first checkpoints cached, not its
-    last). Means and medians over everything measured keep the estimate stable; :meth:`deadline` is
-    re-estimated at each event.
+    so its times are left out once a later checkpoint has been measured; until then the estimate is an
+    upper bound (:meth:`upper_bound`). Checkpoints not reached yet are assumed not cached (an interrupted
+    run resumes with its first checkpoints cached, not its last). Means and medians over everything
+    measured keep the estimate stable; :meth:`deadline` is re-estimated at each event.
     """
 
     def __init__(self, total_checkpoints: int | None, clock: Clock = time.monotonic) -> None:
