@@ -14,6 +14,7 @@ turns one into PNG bytes for the caller to write (atomically, :mod:`commute_cli.
 from __future__ import annotations
 
 import io
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -96,20 +97,23 @@ def draw_criterion(ax: Any, df: pd.DataFrame, target: str, conf_pct: str) -> Non
             if words:
                 labels.append((float(step), ", ".join(words) + " earlier"))
     outside = False
-    for i, j in pairs:
+    steps = sorted(set(float(s) for s in df["step"]))
+    gap = min((b - a for a, b in itertools.pairwise(steps)), default=1.0)
+    for k, (i, j) in enumerate(pairs):
         g = df[(df["domain_i"] == i) & (df["domain_j"] == j)]
+        # several pairs: side by side around the checkpoint's step (a few % of the spacing), not on top
+        dodge = (k - (len(pairs) - 1) / 2) * 0.04 * gap
         label = f"predicted change EL ({conf_pct} interval)"
         if len(pairs) > 1:
             label = f"{i} before {j}: " + label
         # points, not a line: each checkpoint has its own horizon, so neighbours are not one curve
-        ax.errorbar(
-            g["step"], g["el_ij"], yerr=half.loc[g.index], ls="none", marker="o", capsize=3, label=label
-        )
+        x = g["step"].astype(float) + dodge
+        ax.errorbar(x, g["el_ij"], yerr=half.loc[g.index], ls="none", marker="o", capsize=3, label=label)
         if regimes is not None:
             out = regimes.loc[g.index] != "inside"
             if out.any():
                 ax.plot(
-                    g["step"][out],
+                    x[out],
                     g["el_ij"][out],
                     ls="none",
                     marker="o",

@@ -253,7 +253,7 @@ def schedule_words(schedule: Any) -> str:
     words = ", ".join(f"{n} {float(w):g}" for n, w in first.items())
     if len(schedule) == 1:
         return f"{words} (constant)"
-    return f"{len(schedule)} pieces, from {words} at step {schedule[0].get('step', 0)}"
+    return f"piecewise ({len(schedule)} pieces), starting at {words}"
 
 
 def run_summary(run: Mapping[str, Any], results: pd.DataFrame | None = None) -> str:
