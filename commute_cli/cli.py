@@ -472,8 +472,10 @@ def plot_command(
         None, "--validate", help="validate.csv for the loss plane (default: FROM/validate.csv if present)."
     ),
 ) -> None:
-    """Draw the criterion per target over steps: the table's numbers with their 95% intervals, each
-    checkpoint's intervention window shaded by its verdict, and the per-domain losses.
+    """Draw the criterion figure: per target, the table's numbers with their 95% intervals.
+
+    Each checkpoint's intervention window (± horizon) is shaded by its verdict; a last panel shows the
+    per-domain losses.
 
     With `commute validate` results (validate.csv), also the loss plane of the paper's Figures 3-4.
 
