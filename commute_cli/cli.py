@@ -56,16 +56,16 @@ def toy_command(
     Prints observed / predicted excess loss of a full swap (L1 then L2, vs. the mixture); -> 1 as dt -> 0.
     """
     from commute_cli.commands import toy
-    from commute_cli.render import report
+    from commute_cli.render import tables
 
     if dim < 2:
         raise CommuteError(f"--dim must be at least 2, got {dim}")
     if samples < 1:
         raise CommuteError(f"--samples must be at least 1, got {samples}")
-    if fmt not in {f.value for f in report.OutputFormat}:
+    if fmt not in {f.value for f in tables.OutputFormat}:
         raise CommuteError(f"--format must be table, csv or json, got {fmt!r}")
     df = toy.run_table1(dim=dim, samples=samples, seed=seed)
-    report.emit(df, fmt, report.table1, out)
+    tables.emit(df, fmt, tables.table1, out)
 
 
 @app.command("analyze")
@@ -102,12 +102,14 @@ def analyze_command(
         None, "--tokenizer", help="Tokenizer folder (default: manifest or checkpoint)."
     ),
     seq_len: int | None = typer.Option(
-        None, "--seq-len", help="Tokens per block (default: manifest, else <= 256)."
+        None, "--seq-len", help="Tokens per sequence (default: manifest, else <= 256)."
     ),
     samples: int = typer.Option(
-        96, "--samples", help="Blocks per domain per checkpoint (same blocks everywhere)."
+        96, "--samples", help="Sequences per domain per checkpoint (the same sequences everywhere)."
     ),
-    blocks: int = typer.Option(8, "--blocks", help="Independent sample blocks for the error bars."),
+    blocks: int = typer.Option(
+        8, "--blocks", help="Independent sample blocks (groups of sequences) for the error bars."
+    ),
     batch_size: int = typer.Option(8, "--batch-size", help="Micro-batch (sequences per forward pass)."),
     hvp_batch_size: int | None = typer.Option(
         None,
@@ -153,7 +155,9 @@ def analyze_command(
         Path("commute_out"), "--out", help="Folder for results.csv, losses.csv, run.json, cache."
     ),
     fmt: str = typer.Option("table", "--format", help="table, csv or json (csv/json: results to stdout)."),
-    plot: Path | None = typer.Option(None, "--plot", help="Also draw the criterion over steps to this PNG."),
+    plot: Path | None = typer.Option(
+        None, "--plot", help="Also draw the criterion figure (the one of `commute plot`) to this PNG."
+    ),
     no_cache: bool = typer.Option(False, "--no-cache", help="Recompute every checkpoint even if cached."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
     dist_timeout: float = typer.Option(
@@ -173,10 +177,10 @@ def analyze_command(
     """
     from commute_cli.commands import analyze as analysis
     from commute_cli.engine.distributed import is_main_process
-    from commute_cli.render import report
+    from commute_cli.render import tables
     from commute_cli.render.progress import AnalysisProgress
 
-    if fmt not in {f.value for f in report.OutputFormat}:
+    if fmt not in {f.value for f in tables.OutputFormat}:
         raise CommuteError(f"--format must be table, csv or json, got {fmt!r}")
     main_rank = is_main_process()  # under torchrun only rank 0 draws, prints and writes
     opts = analysis.AnalyzeOptions(
@@ -223,7 +227,11 @@ def analyze_command(
     if not main_rank:
         return
     if plot is not None:
-        report.plot_analysis(result.results, result.losses, plot)
+        from commute_cli.io import atomic
+        from commute_cli.render import figures
+
+        fig = figures.criterion_figure(result.results, result.losses, run=result.run)
+        atomic.write_bytes(plot, figures.png_bytes(fig))
     if metric == "adam":
         typer.echo(
             "warning: --metric adam is experimental: on the shipped AdamW run its predictions were ~100x too "
@@ -231,11 +239,13 @@ def analyze_command(
             err=True,
         )
     if fmt == "table":
-        report.print_renderable(report.analysis_tables(result.results, result.losses))
+        tables.print_renderable(
+            tables.analysis_tables(result.results, result.losses, run=result.run, out=result.out)
+        )
         where = f"results in {result.out}/ (results.csv, losses.csv, run.json)"
         typer.echo(where + (f"; plot in {plot}" if plot else ""), err=True)
     else:
-        report.emit_dataframe(result.results, fmt)
+        tables.emit_dataframe(result.results, fmt)
 
 
 @app.command("train")
@@ -336,7 +346,7 @@ def validate_command(
     pair: str | None = typer.Option(
         None, "--pair", help="i,j: domain i up first in '12' (default with two domains: their order)."
     ),
-    eval_samples: int = typer.Option(256, "--eval-samples", help="Held-out blocks per domain (at most)."),
+    eval_samples: int = typer.Option(256, "--eval-samples", help="Held-out sequences per domain (at most)."),
     from_dir: Path | None = typer.Option(
         None, "--from", help="Read the prediction from this analyze output when it has matching rows."
     ),
@@ -345,7 +355,7 @@ def validate_command(
     batch_size: int | None = typer.Option(None, "--batch-size", help="Rows per step (default: the run's)."),
     seed: int | None = typer.Option(None, "--seed", help="Stream seed of repeat 0 (default: the run's)."),
     samples: int | None = typer.Option(
-        None, "--samples", help="Blocks per domain for the prediction (default: analyze's)."
+        None, "--samples", help="Sequences per domain for the prediction (default: analyze's)."
     ),
     threads: int | None = typer.Option(None, "--threads", help="torch.set_num_threads (default: torch's)."),
     out: Path = typer.Option(
@@ -362,9 +372,9 @@ def validate_command(
     Example: commute validate sample_checkpoints/checkpoint-1000 --dw 0.15 --steps 100 --repeats 2
     """
     from commute_cli.commands import validate
-    from commute_cli.render import report
+    from commute_cli.render import tables
 
-    if fmt not in {f.value for f in report.OutputFormat}:
+    if fmt not in {f.value for f in tables.OutputFormat}:
         raise CommuteError(f"--format must be table, csv or json, got {fmt!r}")
     if threads is not None:
         if threads < 1:
@@ -395,10 +405,10 @@ def validate_command(
     with validate.ValidateProgress(enabled=not quiet and fmt == "table") as progress:
         result = validate.run_validate(opts, note=note, on_step=progress.step, on_start=progress.start)
     if fmt == "table":
-        report.print_renderable(validate.validate_table(result))
+        tables.print_renderable(validate.validate_table(result))
         note(f"results in {result.out}/ (validate.csv, validate.json)")
     else:
-        report.emit_dataframe(result.table, fmt)
+        tables.emit_dataframe(result.table, fmt)
 
 
 @app.command("recommend")
@@ -430,9 +440,9 @@ def recommend_command(
     import json
 
     from commute_cli.commands import recommend
-    from commute_cli.render import report
+    from commute_cli.render import tables
 
-    if fmt not in {f.value for f in report.OutputFormat}:
+    if fmt not in {f.value for f in tables.OutputFormat}:
         raise CommuteError(f"--format must be table, csv or json, got {fmt!r}")
     result = recommend.load_analysis(from_dir)
     batch = batch_size if batch_size is not None else recommend.run_batch_size(result)
@@ -454,12 +464,12 @@ def recommend_command(
             f"note: the files in {folder}/ are from an earlier recommend ({stale}); left unchanged", err=True
         )
     if fmt == "table":
-        report.print_renderable(report.recommend_report(rec))
+        tables.print_renderable(tables.recommend_report(rec))
         if files:
             where = ", ".join(str(f) for f in files)
             typer.echo(f"wrote {where}; rerun with: commute train RUN --schedule {files[0]}", err=True)
     elif fmt == "csv":
-        report.emit_dataframe(rec.table(), fmt)
+        tables.emit_dataframe(rec.table(), fmt)
     else:
         typer.echo(json.dumps(rec.to_dict(), indent=2, ensure_ascii=False, default=str))
 
@@ -472,7 +482,10 @@ def plot_command(
         None, "--validate", help="validate.csv for the loss plane (default: FROM/validate.csv if present)."
     ),
 ) -> None:
-    """Draw the criterion over steps (± SE, verdicts shaded) per target and pair, and the losses.
+    """Draw the criterion figure: per target, the table's numbers with their 95% intervals.
+
+    Each checkpoint's intervention window (± horizon) is shaded by its verdict; a last panel shows the
+    per-domain losses.
 
     With `commute validate` results (validate.csv), also the loss plane of the paper's Figures 3-4.
 
@@ -481,7 +494,8 @@ def plot_command(
     import pandas as pd
 
     from commute_cli.commands import recommend
-    from commute_cli.render import report
+    from commute_cli.io import atomic
+    from commute_cli.render import figures
 
     result = recommend.load_analysis(from_dir)
     losses = recommend.load_losses(from_dir)
@@ -489,15 +503,31 @@ def plot_command(
     validate = None
     if vfile.is_file():
         try:
-            validate = report.check_validate_table(pd.read_csv(vfile), str(vfile))
+            validate = figures.check_validate_table(pd.read_csv(vfile), str(vfile))
         except CommuteError as err:
             if validate_csv is not None:
                 raise
             typer.echo(f"note: {err.one_line()[7:]}; plotting without the loss plane", err=True)
     elif validate_csv is not None:
         raise CommuteError(f"{vfile} does not exist", hint="run `commute validate` or leave out --validate")
-    path = report.plot_report(result.results, losses, output, validate)
+    fig = figures.criterion_figure(result.results, losses, validate, run=result.run)
+    path = atomic.write_bytes(output, figures.png_bytes(fig))
     typer.echo(f"wrote {path}", err=True)
+
+
+@app.command("help")
+def help_command(
+    topic: str = typer.Argument("columns", help="The topic: columns (every output file's columns)."),
+) -> None:
+    """Explain the output: `commute help columns` gives the meaning and unit of every CSV column.
+
+    Example: commute help columns
+    """
+    from commute_cli.render import columns, tables
+
+    if topic != "columns":
+        raise CommuteError(f"unknown help topic {topic!r}", hint="use: commute help columns")
+    tables.print_renderable(columns.columns_help())
 
 
 #: options that take several values after one flag (``--domains en=a ru=b``), which click lacks

@@ -1,13 +1,15 @@
-"""``commute plot``: a PNG that shows what it claims.
+"""The criterion figure (``commute plot`` and ``commute analyze --plot``): a PNG that shows what it claims.
 
-The figure is checked as data (axes, the plotted values against the results table, the loss-plane points
-against validate.csv) and as a file (PNG signature, size, non-blank pixels); the command end to end on a
-real tiny ``commute analyze`` output; one-line errors with exit code 2.
+The figure is checked as data (axes, the plotted values and intervals against the results table, the
+shaded windows against the horizons, the loss-plane points against validate.csv, the words of titles and
+legends) and as a file (PNG signature, size, non-blank pixels); both commands end to end on a real tiny
+``commute analyze`` output, drawing the same picture; one-line errors with exit code 2.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +17,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from commute_cli.render import report
+from commute_cli.render import figures, style
 
 from cli_runner import cli
 from tiny_run import make_run
@@ -46,6 +48,9 @@ def results_table(names=("en", "ru"), steps=(500, 1000, 1500, 2000)) -> pd.DataF
                             "horizon": horizon,
                             "lr": 1e-3,
                             "dt": 1e-3 * horizon,
+                            "t": el / 0.004,
+                            "t_crit": 2.3646,
+                            "n_blocks": 8,
                             "in_regime": k != 2,
                             "verdict": verdict,
                         }
@@ -96,48 +101,116 @@ def check_png(path: Path, min_size: tuple[int, int]) -> None:
     assert pixels.std() > 10 and (pixels < 128).mean() > 0.005  # drawn, not blank
 
 
-def test_figure_panels_and_values():
-    """One panel per target plus the loss panel; each plotted EL is the table's value rescaled to the
-    common (dt, dw) (MATH.md: EL is linear in dw and quadratic in dt), with its SE scaled alike."""
+def error_bars(container) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """x, y and the half-length of each vertical error bar of an errorbar container."""
+    line, _, (bars,) = container.lines
+    x = np.asarray(line.get_xdata(), dtype=float)
+    y = np.asarray(line.get_ydata(), dtype=float)
+    half = np.array([abs(seg[1][1] - seg[0][1]) / 2 for seg in bars.get_segments()])
+    return x, y, half
+
+
+def shaded_windows(ax) -> list[tuple[float, float, tuple]]:
+    """(x0, x1, facecolor) of every axvspan of a panel."""
+    out = []
+    for p in ax.patches:
+        x0 = p.get_x()
+        out.append((x0, x0 + p.get_width(), tuple(np.round(p.get_facecolor()[:3], 3))))
+    return sorted(out)
+
+
+def all_text(fig) -> list[str]:
+    texts = [t.get_text() for t in fig.findobj(match=lambda o: hasattr(o, "get_text"))]
+    return [t for t in texts if t]
+
+
+def close(fig) -> None:
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def test_figure_shows_the_table_numbers_and_intervals():
+    """One panel per target plus the loss panel. Each point is the table's el_ij as computed (no rescaling),
+    its error bar is the table's interval t_crit x el_se (the verdict's 95% test), and each checkpoint's
+    shaded window is [step - horizon, step + horizon] in the colour of its verdict."""
+    from matplotlib.colors import to_rgb
+
     res, losses = results_table(), losses_table()
-    fig = report.build_report_figure(res, losses)
+    fig = figures.criterion_figure(res, losses)
     try:
         assert len(fig.axes) == 4
-        dt_ref = res["dt"].median()
         for ax, target in zip(fig.axes[:3], ["en", "ru", "mix"], strict=True):
-            assert ax.get_title().startswith(f"target {target}:")
+            assert ax.get_title().startswith(f"Target {target}: predicted change of its loss")
             (container,) = ax.containers
-            y = np.asarray(container.lines[0].get_ydata(), dtype=float)
             rows = res[res.target == target]
-            np.testing.assert_allclose(y, rows["el_ij"] * (dt_ref / rows["dt"]) ** 2)
-            assert len(ax.patches) == 3  # verdict bands: two suboptimal, one consistent
+            x, y, half = error_bars(container)
+            np.testing.assert_allclose(x, rows["step"])
+            np.testing.assert_allclose(y, rows["el_ij"])
+            np.testing.assert_allclose(half, rows["t_crit"] * rows["el_se"], rtol=1e-9)
+            windows = shaded_windows(ax)
+            expected = []
+            for r in rows.itertuples(index=False):
+                color = tuple(np.round(to_rgb(style.verdict_style(r.verdict).color), 3))
+                expected.append((r.step - r.horizon, r.step + r.horizon, color))
+            expected.sort()
+            np.testing.assert_allclose([w[:2] for w in windows], [e[:2] for e in expected])
+            assert [w[2] for w in windows] == [e[2] for e in expected]
             assert {t.get_text() for t in ax.texts} <= {"en earlier", "ru earlier"} and len(ax.texts) == 2
-        assert "per-domain loss" in fig.axes[3].get_title()
-        assert len(fig.axes[3].containers) == 2  # L_en, L_ru
+            assert ax.get_ylabel() == f"change of L_{target}"
+            assert ax.yaxis.get_major_formatter().unit == "nat"
+        assert "Mean loss per domain" in fig.axes[3].get_title() and "95% interval" in fig.axes[3].get_title()
+        x, y, half = error_bars(fig.axes[3].containers[0])
+        en = losses[losses.domain == "en"]
+        np.testing.assert_allclose(half, en["loss_se"] * res["t_crit"].iloc[0])
+        assert fig.axes[3].get_xlabel() == "training step"
     finally:
-        import matplotlib.pyplot as plt
+        close(fig)
 
-        plt.close(fig)
+
+def test_figure_words_are_plain():
+    """Legends and titles in words: no rich markup, no TeX, the interval named, the outside-regime ring
+    explained, and the run and schedule in the title when run.json is given."""
+    res = results_table()
+    run = {"options": {"ckpt_dir": "runs/mine"}, "schedule": [{"step": 0, "weights": {"en": 0.8, "ru": 0.2}}]}
+    fig = figures.criterion_figure(res, losses_table(), run=run)
+    try:
+        texts = all_text(fig)
+        assert not [t for t in texts if re.search(r"\[/?(bold|dim|red|yellow|green)|\$|\^\{", t)]
+        legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+        assert "predicted change EL (95% interval)" in legend
+        assert "window (± horizon): suboptimal" in legend and "window (± horizon): not significant" in legend
+        assert "outside the local regime" in legend
+        assert any("runs/mine, schedule en 0.8, ru 0.2 (constant)" in t for t in texts)
+        # the ring marks exactly the rows outside the regime
+        rings = [ln for ln in fig.axes[0].get_lines() if ln.get_markeredgecolor() == "red"]
+        outside = res[(res.target == "en") & ~res.in_regime]
+        np.testing.assert_allclose(rings[0].get_xdata(), outside["step"])
+    finally:
+        close(fig)
 
 
 def test_three_domains_have_a_line_per_pair(tmp_path):
     names = ("en", "ru", "de")
     res = results_table(names)
-    fig = report.build_report_figure(res, losses_table(names))
+    fig = figures.criterion_figure(res, losses_table(names))
     try:
         assert len(fig.axes) == 5 and all(len(ax.containers) == 3 for ax in fig.axes[:4])
+        legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+        assert "en before ru: predicted change EL (95% interval)" in legend
     finally:
-        import matplotlib.pyplot as plt
-
-        plt.close(fig)
-    check_png(report.plot_report(res, losses_table(names), tmp_path / "k3.png"), (800, 1000))
+        close(fig)
+    out = tmp_path / "k3.png"
+    out.write_bytes(figures.png_bytes(figures.criterion_figure(res, losses_table(names))))
+    check_png(out, (800, 1000))
 
 
 def test_loss_plane_from_validate_results(tmp_path):
     """With validate results: the loss plane (base trajectory and branch end points) and one zoomed panel
-    per validated checkpoint whose points are base + observed EL (and base + predicted EL, hollow)."""
+    per validated checkpoint whose points are base + observed EL (± 1 SE, as validate's table) and base +
+    predicted EL (hollow)."""
     val = validate_table()
-    fig = report.build_report_figure(results_table(), losses_table(), val)
+    fig = figures.criterion_figure(results_table(), losses_table(), val)
     try:
         assert len(fig.axes) == 4 + 1 + 2
         overview, zooms = fig.axes[4], fig.axes[5:]
@@ -151,12 +224,11 @@ def test_loss_plane_from_validate_results(tmp_path):
             np.testing.assert_allclose(np.asarray(obs12.get_ydata(), dtype=float), [by - 0.006])
             hollow = [ln for ln in ax.get_lines() if ln.get_label() == "'12' predicted"]
             np.testing.assert_allclose(hollow[0].get_xydata(), [[bx + 0.0006, by - 0.0002]])
+            assert "'12' observed ± 1 SE" in [t.get_text() for t in ax.get_legend().get_texts()]
             x0, x1 = ax.get_xlim()
             assert x0 < bx + 0.004 < x1 and x1 - x0 < 0.1  # zoomed onto the intervention, not the run
     finally:
-        import matplotlib.pyplot as plt
-
-        plt.close(fig)
+        close(fig)
 
 
 @pytest.fixture(scope="module")
@@ -189,10 +261,20 @@ def test_cli_plot_on_real_analyze_output(analyzed, tmp_path, capsys):
         (analyzed / "validate.csv").unlink()
 
 
-def test_plot_analysis_still_draws_the_analyze_figure(analyzed, tmp_path):
-    res = pd.read_csv(analyzed / "results.csv")
-    losses = pd.read_csv(analyzed / "losses.csv")
-    check_png(report.plot_analysis(res, losses, tmp_path / "a.png"), (800, 1000))
+def test_analyze_plot_and_plot_draw_the_same_figure(analyzed, tmp_path, capsys):
+    """`analyze --plot` (from the results in memory) and `plot` (from the files) give the same pixels:
+    there is one criterion figure."""
+    run = json.loads((analyzed / "run.json").read_text())
+    a, b = tmp_path / "analyze.png", tmp_path / "plot.png"
+    argv = ["analyze", run["options"]["ckpt_dir"], "--samples", "24", "--blocks", "4", "--out", analyzed]
+    code, _, err = cli([*argv, "--plot", a], capsys)
+    assert code == 0, err
+    code, _, err = cli(["plot", "--from", analyzed, "-o", b], capsys)
+    assert code == 0, err
+    with Image.open(a) as ia, Image.open(b) as ib:
+        assert ia.size == ib.size
+        assert np.array_equal(np.asarray(ia), np.asarray(ib))
+    check_png(a, (800, 1000))
 
 
 def test_cli_plot_errors(tmp_path, capsys, analyzed):

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from commute_cli.cli import app, main
 from commute_cli.commands import toy
 from commute_cli.core import criterion
-from commute_cli.render import report
+from commute_cli.render import tables
 
 F64 = torch.float64
 
@@ -136,14 +136,14 @@ def test_run_table1_uses_criterion_constant() -> None:
 def test_report_emitters() -> None:
     df = pd.DataFrame({"a": [1.0, float("nan")], "b": ["x", "y"]})
     buf = io.StringIO()
-    report.emit_dataframe(df, "json", buf)
+    tables.emit_dataframe(df, "json", buf)
     assert json.loads(buf.getvalue()) == [{"a": 1.0, "b": "x"}, {"a": None, "b": "y"}]
     buf = io.StringIO()
-    report.emit_dataframe(df, report.OutputFormat.csv, buf)
+    tables.emit_dataframe(df, tables.OutputFormat.csv, buf)
     assert buf.getvalue().splitlines()[0] == "a,b"
-    assert report.format_interval(0.99871, 0.9, 1.2) == "0.9987 [0.9000, 1.2000]"
+    assert tables.format_interval(0.99871, 0.9, 1.2) == "0.9987 [0.9000, 1.2000]"
     buf = io.StringIO()
-    report.print_renderable(report.make_table("T", ["k", "v"], [["[red]x", "[0.1, 0.2]"]]), buf)
+    tables.print_renderable(tables.make_table("T", ["k", "v"], [["[red]x", "[0.1, 0.2]"]]), buf)
     assert "[red]x" in buf.getvalue() and "[0.1, 0.2]" in buf.getvalue()  # cells are not markup
 
 

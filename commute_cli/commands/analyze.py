@@ -678,7 +678,7 @@ def _peak_rss_mb() -> float:
 def run_analysis(
     opts: AnalyzeOptions,
     *,
-    on_checkpoint_start: Callable[[int, checkpoints.CheckpointRef, int, bool], None] | None = None,
+    on_checkpoint_start: Callable[[int, checkpoints.CheckpointRef, int, bool, int], None] | None = None,
     on_block: Callable[[int], None] | None = None,
 ) -> AnalysisResult:
     """The whole ``analyze`` job. Progress callbacks let the CLI draw bars without this module knowing.
@@ -706,7 +706,7 @@ def _run_analysis(
     ctx: distributed.DistContext,
     device: torch.device,
     t0: float,
-    on_checkpoint_start: Callable[[int, checkpoints.CheckpointRef, int, bool], None] | None,
+    on_checkpoint_start: Callable[[int, checkpoints.CheckpointRef, int, bool, int], None] | None,
     on_block: Callable[[int], None] | None,
 ) -> AnalysisResult:
     if not ctx.is_main:
@@ -759,7 +759,7 @@ def _run_analysis(
         entry = cache_dir / f"stats-{ref.name}-{key}.safetensors"
         stats = ctx.broadcast(_load_cached(entry) if opts.use_cache and ctx.is_main else None)
         if on_checkpoint_start is not None:
-            on_checkpoint_start(idx, ref, opts.blocks, stats is not None)
+            on_checkpoint_start(idx, ref, opts.blocks, stats is not None, len(inputs.refs))
         extra: dict[str, Any] = {}
         if stats is None:
             tc = time.perf_counter()
@@ -839,6 +839,7 @@ def _run_analysis(
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()},
         "versions": _versions(),
         "domains": {n: inputs.sources[n] for n in inputs.names},
+        "data_split": _data_split(inputs),
         "data_base_dir": None if inputs.base_dir is None else str(inputs.base_dir),
         # sha256 of the text each sample was drawn from (the bounded read never hashes whole corpora)
         "data_sha256": {n: data_provenance[n]["text_sha256"] for n in inputs.names},
@@ -872,6 +873,17 @@ def _run_analysis(
 
     ctx.agree(write_outputs, main_only=True)
     return AnalysisResult(results, losses, run, out)
+
+
+def _data_split(inputs: Inputs) -> str:
+    """Which data was analysed: "validation" (the manifest's held-out eval_domains), "train" (the
+    manifest's training domains) or "given" (--domains)."""
+    m = inputs.manifest
+    if m is not None and m.eval_domains and dict(m.eval_domains) == dict(inputs.sources):
+        return "validation"
+    if m is not None and m.domains and dict(m.domains) == dict(inputs.sources):
+        return "train"
+    return "given"
 
 
 def quiet_libraries() -> None:

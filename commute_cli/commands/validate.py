@@ -879,7 +879,7 @@ def validate_table(result: ValidateResult) -> Any:
     from rich.console import Group
     from rich.text import Text
 
-    from commute_cli.render.report import make_table
+    from commute_cli.render.tables import make_table
 
     df = result.table
     run = result.run

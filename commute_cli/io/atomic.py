@@ -40,3 +40,10 @@ def write_text(path: str | os.PathLike[str], text: str) -> Path:
     with replacing(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as fh:
         fh.write(text)
     return Path(path)
+
+
+def write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (a PNG, for instance); returns the path."""
+    with replacing(path, suffix=Path(path).suffix or ".tmp") as tmp, open(tmp, "wb") as fh:
+        fh.write(data)
+    return Path(path)

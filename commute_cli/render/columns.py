@@ -1,0 +1,189 @@
+"""The meaning and unit of every column commute writes (``commute help columns``).
+
+One entry per column of ``results.csv`` and ``losses.csv`` (``commute analyze``), ``validate.csv``
+(``commute validate``) and ``recommend.csv``-style rows (``commute recommend --format csv``). Columns
+that a newer writer adds and this list lacks are reported by :func:`undocumented`, which a test runs on a
+real analysis output, so the documentation cannot silently fall behind.
+
+Words: a *sequence* is one row of ``seq_len`` tokens of a domain's data; a *sample block* is one of the
+``--blocks`` independent groups of sequences over which every estimate is repeated (the spread over
+sample blocks gives the standard errors); a *checkpoint* is one saved model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from rich.console import Group, RenderableType
+from rich.text import Text
+
+__all__ = ["COLUMNS", "FILES", "columns_help", "undocumented"]
+
+#: file -> what one row is
+FILES: dict[str, str] = {
+    "results.csv": "commute analyze: one row per checkpoint step x target x pair of domains (i, j)",
+    "losses.csv": "commute analyze: one row per checkpoint step x domain",
+    "validate.csv": "commute validate: one row per target domain k of the validated checkpoint",
+    "recommend (--format csv)": "commute recommend: one row per shift x target",
+}
+
+#: file -> column -> (unit, meaning). Units: nat (natural-log loss), step (optimizer steps), 1 (a plain
+#: number), "" for names and flags.
+COLUMNS: dict[str, dict[str, tuple[str, str]]] = {
+    "results.csv": {
+        "step": ("step", "the checkpoint's global training step"),
+        "target": (
+            "",
+            "the loss the prediction is about: a domain, 'mix' (the schedule's mixture at this "
+            "step) or custom weights such as en=0.3,ru=0.7",
+        ),
+        "domain_i": (
+            "",
+            "the pair's first domain: it gets +dw for `horizon` steps before the checkpoint, "
+            "then -dw for as many after",
+        ),
+        "domain_j": ("", "the pair's second domain: -dw before the checkpoint, +dw after"),
+        "w_i": ("1", "domain i's weight in the schedule at this step"),
+        "w_j": ("1", "domain j's weight in the schedule at this step"),
+        "target_loss": ("nat", "the target's mean loss at the checkpoint on the analysis sample"),
+        "bracket": (
+            "nat / time^2",
+            "the Lie-bracket term P = < D g_L, H_j D g_i - H_i D g_j > (D = identity "
+            "for --metric euclid), mean over sample blocks; with two domains el_ij = dt^2 x dw x P",
+        ),
+        "bracket_se": ("as bracket", "standard error of `bracket` over sample blocks"),
+        "el_ij": (
+            "nat",
+            "EL^ij: predicted change of the target's loss from the intervention (i +dw, j -dw "
+            "for `horizon` steps, then the reverse; same data in total) against the schedule; < 0: "
+            "moving i earlier and j later helps",
+        ),
+        "el_se": ("nat", "standard error of `el_ij` over sample blocks"),
+        "t": ("1", "t statistic el_ij / el_se (Student t, n_blocks - 1 degrees of freedom)"),
+        "t_crit": (
+            "1",
+            "two-sided critical t at --confidence; the table's and the plot's interval is "
+            "el_ij ± t_crit x el_se",
+        ),
+        "significant": ("", "True when |t| > t_crit (the interval excludes 0)"),
+        "dw": ("1", "the weight shift of the intervention (default: half the smaller weight)"),
+        "horizon": ("step", "steps of each half of the intervention (before and after the checkpoint)"),
+        "horizon_reason": (
+            "",
+            "why this horizon: the default (half the checkpoint spacing), --horizon, or "
+            "shortened to stay inside the local regime",
+        ),
+        "lr": ("time / step", "the learning rate at the checkpoint (trainer_state.json or --lr)"),
+        "dt": ("time", "dt = lr x horizon: the training time of one half of the intervention"),
+        "first_order": (
+            "nat",
+            "training's own first-order progress on the mixture over the window, 2 dt <gbar, D gbar>",
+        ),
+        "regime_ratio": (
+            "1",
+            "|el_ij| / first_order: the second-order prediction against first-order "
+            "progress; above the regime limit the prediction is outside the local regime",
+        ),
+        "in_regime": ("", "True when the prediction is inside the local regime (its nats are meaningful)"),
+        "regime": ("", "inside / outside / uncertain: the local-regime check with its uncertainty"),
+        "verdict": (
+            "",
+            "suboptimal (significant, both weights > 0: the schedule can be improved here), "
+            "consistent (significant, a weight is 0), negligible (significant but below the "
+            "smallest effect worth reporting), insufficient signal (not significant; 'n.s.' in "
+            "the table)",
+        ),
+        "direction": ("", "for a significant row, which way to reorder, e.g. 'move en earlier, ru later'"),
+        "n_blocks": ("1", "number of independent sample blocks behind every mean and SE"),
+    },
+    "losses.csv": {
+        "step": ("step", "the checkpoint's global training step"),
+        "domain": ("", "the domain"),
+        "loss": ("nat", "mean next-token cross-entropy per token of the domain's analysis sample"),
+        "loss_se": ("nat", "standard error of `loss` over sample blocks"),
+    },
+    "validate.csv": {
+        "step": ("step", "the validated checkpoint's step"),
+        "target": ("", "the domain k whose loss is measured"),
+        "domain_1": ("", "the pair's first domain: '12' raises it first"),
+        "domain_2": ("", "the pair's second domain: '21' raises it first"),
+        "dw": ("1", "the realized weight shift of the branches"),
+        "horizon": ("step", "steps of each half of a branch"),
+        "lr": ("time / step", "mean learning rate over the branches"),
+        "dt": ("time", "lr x horizon"),
+        "metric": ("", "the prediction's metric (euclid or adam)"),
+        "repeats": ("1", "stream seeds the observed values are averaged over"),
+        "loss_ckpt": ("nat", "L_k at the checkpoint (held-out sequences)"),
+        "loss_base": ("nat", "L_k after the base branch (the schedule for 2 x horizon steps)"),
+        "obs_el12": ("nat", "observed L_k('12') - L_k(base), mean over repeats"),
+        "obs_el12_se": ("nat", "standard error of obs_el12 over repeats"),
+        "obs_el12_significant": ("", "obs_el12 significant at --confidence"),
+        "obs_el21": ("nat", "observed L_k('21') - L_k(base), mean over repeats"),
+        "obs_el21_se": ("nat", "standard error of obs_el21 over repeats"),
+        "obs_el21_significant": ("", "obs_el21 significant at --confidence"),
+        "obs_sym": ("nat", "(obs_el12 + obs_el21) / 2: the observed part the second-order theory says is 0"),
+        "obs_sym_se": ("nat", "standard error of obs_sym"),
+        "pred_el12": ("nat", "predicted EL_k^12 at the checkpoint (the criterion)"),
+        "pred_el12_se": ("nat", "standard error of pred_el12 over sample blocks"),
+        "pred_el21": ("nat", "predicted EL_k^21 = -pred_el12"),
+        "pred_significant": ("", "the prediction is significant at --confidence"),
+        "pred_bracket": ("as bracket", "the bracket term behind the prediction"),
+        "sign_agree_12": ("", "prediction and observation of '12' agree in sign (empty: a zero)"),
+        "sign_agree_21": ("", "the same for '21'"),
+        "ratio_obs_pred": ("1", "obs_el12 / pred_el12"),
+        "regime_ratio": ("1", "the prediction's regime ratio (see results.csv)"),
+        "in_regime": ("", "the prediction is inside the local regime"),
+    },
+    "recommend (--format csv)": {
+        "step": ("step", "the checkpoint the shift is centred on"),
+        "start": ("step", "first step of the raised half"),
+        "end": ("step", "first step after the lowered half"),
+        "earlier": ("", "the domain moved earlier (raised on [start, step), lowered on [step, end))"),
+        "later": ("", "the domain moved later"),
+        "shift": ("1", "the weight moved between the two domains"),
+        "w_<domain>_before": ("1", "the domain's weight on [start, step) in the new schedule"),
+        "w_<domain>_after": ("1", "the domain's weight on [step, end) in the new schedule"),
+        "target": ("", "the loss the effect is about"),
+        "predicted_change": ("nat", "predicted change of the target's loss at the end of the window"),
+        "predicted_se": ("nat", "its standard error"),
+        "in_regime": ("", "the scaled prediction is inside the local regime"),
+        "significant": ("", "the analysed effect was significant"),
+        "chosen_target": ("", "True for the --target the shifts were chosen for"),
+    },
+}
+
+
+def undocumented(file: str, columns: Iterable[str]) -> list[str]:
+    """Columns of ``file`` that :data:`COLUMNS` does not describe (``w_<domain>_...`` patterns count)."""
+    known = COLUMNS.get(file, {})
+    missing = []
+    for col in columns:
+        if col in known:
+            continue
+        pattern = f"w_<domain>_{col.rsplit('_', 1)[-1]}"
+        if col.startswith("w_") and pattern in known:
+            continue
+        missing.append(col)
+    return missing
+
+
+def columns_help(files: Iterable[str] | None = None) -> Group:
+    """The ``commute help columns`` text: per file, what a row is, then each column's unit and meaning."""
+    parts: list[RenderableType] = []
+    for file in files if files is not None else COLUMNS:
+        parts.append(Text(f"{file}: {FILES.get(file, '')}", style="bold"))
+        for col, (unit, meaning) in COLUMNS[file].items():
+            line = Text(f"  {col}", style="cyan")
+            line.append(f" [{unit}]" if unit else "")
+            line.append(f": {meaning}")
+            parts.append(line)
+        parts.append(Text(""))
+    parts.append(
+        Text(
+            "Units: nat = natural-log cross-entropy per token (1 mnat = 0.001 nat); step = optimizer steps; "
+            "time = learning rate x steps (the paper's dt); 1 = a plain number. A sequence is one row of "
+            "seq_len tokens; a sample block is one of the --blocks independent groups of sequences that "
+            "give the SEs."
+        )
+    )
+    return Group(*parts)
