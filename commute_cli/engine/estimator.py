@@ -29,96 +29,19 @@ is what the cache stores and what every later command reads.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from commute_cli.core.criterion import apply_preconditioner
+from commute_cli.core.criterion import CheckpointStats
 from commute_cli.engine import curvature
+from commute_cli.engine.metric import apply_preconditioner
 
 Tensor = torch.Tensor
 
 # parts of a design block
 VEC, HVP, PAIR = 0, 1, 2
-
-
-@dataclass
-class CheckpointStats:
-    """Per-block scalar estimates at one checkpoint (float64 numpy arrays).
-
-    Attributes:
-        plan: "pair" or "target".
-        losses: ``[B, K]`` mean loss of every domain on each block (all three parts).
-        first: ``[B, K, K]``, ``first[b, k, l] = < g_k^(0), D g_l^(2) >`` (first-order progress terms).
-        Q: ``[B, K, K, K]`` (pair plan) ``Q[b, k, a, l] = < D g_k^(2), H_a^(1) D g_l^(0) >``, zero on a == l.
-        M: ``[B, T, K, K]`` (target plan) interaction matrices of the targets in ``target_coefs``.
-        target_coefs: ``[T, K]`` target weights the target plan was computed for (``None`` for pair).
-        seqs_per_part: sequences per part and domain (the same for all).
-    """
-
-    plan: str
-    losses: np.ndarray
-    first: np.ndarray
-    Q: np.ndarray | None = None
-    M: np.ndarray | None = None
-    target_coefs: np.ndarray | None = None
-    seqs_per_part: int = 0
-
-    @property
-    def n_blocks(self) -> int:
-        return int(self.losses.shape[0])
-
-    @property
-    def n_domains(self) -> int:
-        return int(self.losses.shape[1])
-
-    def interaction(self, coefs: Sequence[float] | np.ndarray) -> np.ndarray:
-        """``[B, K, K]`` interaction matrices ``M[a, l] = < D g_L, H_a D g_l >`` of target ``sum c_k L_k``.
-
-        Pair plan: a linear combination of ``Q`` (any target). Target plan: only a target that was
-        computed, looked up by its weights.
-        """
-        c = np.asarray(coefs, dtype=np.float64)
-        if self.plan == "pair":
-            assert self.Q is not None
-            return np.einsum("k,bkal->bal", c, self.Q)
-        assert self.M is not None and self.target_coefs is not None
-        for t, ct in enumerate(self.target_coefs):
-            if np.allclose(ct, c, rtol=0.0, atol=1e-12):
-                return self.M[:, t]
-        raise KeyError(f"target {c.tolist()} was not computed in the target plan")
-
-    def first_order(
-        self, coefs: Sequence[float] | np.ndarray, wbar: Sequence[float] | np.ndarray
-    ) -> np.ndarray:
-        """``[B]`` estimates of ``< g_L, D gbar >``: the target's first-order decrease rate under ``wbar``."""
-        c = np.asarray(coefs, dtype=np.float64)
-        w = np.asarray(wbar, dtype=np.float64)
-        return np.einsum("k,bkl,l->b", c, self.first, w)
-
-    def to_arrays(self) -> dict[str, np.ndarray]:
-        out = {"losses": self.losses, "first": self.first}
-        if self.Q is not None:
-            out["Q"] = self.Q
-        if self.M is not None:
-            out["M"] = self.M
-        if self.target_coefs is not None:
-            out["target_coefs"] = self.target_coefs
-        return out
-
-    @classmethod
-    def from_arrays(cls, plan: str, arrays: dict[str, np.ndarray], seqs_per_part: int) -> CheckpointStats:
-        return cls(
-            plan=plan,
-            losses=arrays["losses"],
-            first=arrays["first"],
-            Q=arrays.get("Q"),
-            M=arrays.get("M"),
-            target_coefs=arrays.get("target_coefs"),
-            seqs_per_part=seqs_per_part,
-        )
 
 
 #: entries of the parameter axis per float64 chunk in :func:`_gram` (8 MB per row and chunk on CUDA, 2 on CPU)
