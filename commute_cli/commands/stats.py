@@ -199,6 +199,7 @@ def checkpoint_stats(
         for folder in cache_dirs:
             found = store.load_stats(store.stats_file(folder, ref.name, key))
             if found is not None:
+                file = store.stats_file(folder, ref.name, key)
                 break
     found = ctx.broadcast(found)
     if on_start is not None:
@@ -206,6 +207,7 @@ def checkpoint_stats(
     if found is not None:
         stats, meta = found
         info = json.loads(meta.get("info", "{}"))
+        file = Path(ctx.broadcast(str(file)))
         if "weights_sha256" not in info and ctx.is_main:  # an entry written before digests were stored
             info["weights_sha256"] = store.weights_digest(ref.path)
         return StatsEntry(stats, file, True, info)
