@@ -217,3 +217,16 @@ def test_stats_cache_round_trip_and_damage(tmp_path):
     assert store.content_key({"b": 1, "a": 2}) == store.content_key({"a": 2, "b": 1})
     file.write_bytes(file.read_bytes()[:40])  # damaged: recomputed, never trusted
     assert store.load_stats(file) is None
+
+
+def test_core_and_the_store_import_no_torch():
+    """core is numpy-only, and recommend/plot read analyses without paying for torch."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; import commute_cli.core.criterion, commute_cli.core.regime, commute_cli.core.shifts, "
+        "commute_cli.io.store; print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr
