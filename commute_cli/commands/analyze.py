@@ -18,11 +18,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import resource
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -40,21 +37,24 @@ from commute_cli.commands.stats import (  # noqa: F401 (re-exported: benchmarks 
     domain_seed,
     hvp_micro_batch,
     offload_stacks,
+    peak_rss_mb,
     prepare_samples,
     quiet_libraries,
+    resolve_device,
     stats_key,
     versions,
 )
 from commute_cli.core import criterion
-from commute_cli.core.criterion import CheckpointStats
 from commute_cli.core.regime import (
     MIN_EFFECT,
     REGIME_MAX_PROGRESS,
     REGIME_MAX_RATIO,
+    CheckpointStats,
     Regime,
     Target,
     choose_horizon,
     pair_list,
+    parse_targets,
     predict_pair,
 )
 from commute_cli.core.schedule import Schedule, load_schedule, parse_weights
@@ -62,6 +62,7 @@ from commute_cli.engine import distributed
 from commute_cli.errors import CommuteError
 from commute_cli.io import checkpoints, store
 from commute_cli.io import data as domains
+from commute_cli.io.store import check_writable
 
 __all__ = [
     "AnalysisResult",
@@ -180,52 +181,6 @@ class Inputs:
 
 
 # ------------------------------------------------------------------------------------------------ inputs
-
-
-def parse_targets(specs: Sequence[str], names: Sequence[str]) -> list[Target]:
-    """``--target`` values: a domain name, ``mix``, or custom weights ``en=0.3,ru=0.7``.
-
-    Default (no ``--target``): every domain and ``mix``.
-    """
-    if not specs:
-        specs = [*names, "mix"]
-    out: list[Target] = []
-    seen: set[str] = set()
-    for raw in specs:
-        spec = raw.strip()
-        if spec in seen:
-            continue
-        seen.add(spec)
-        if spec == "mix":
-            out.append(Target("mix", "mix"))
-        elif spec in names:
-            c = np.zeros(len(names))
-            c[list(names).index(spec)] = 1.0
-            out.append(Target(spec, "domain", c))
-        elif "=" in spec:
-            w = parse_weights(spec, list(names))
-            c = np.array([w.get(n, 0.0) for n in names], dtype=np.float64)
-            out.append(Target(spec, "custom", c))
-        else:
-            raise CommuteError(
-                f"unknown target {spec!r}",
-                hint=f"use a domain name ({', '.join(names)}), mix, or weights like {names[0]}=0.5,...",
-            )
-    return out
-
-
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise CommuteError(
-            "--device cuda was asked for but no CUDA device is available", hint="use --device cpu"
-        )
-    if device not in ("cpu", "mps") and not device.startswith("cuda"):
-        raise CommuteError(f"unknown device {device!r}", hint="use auto, cpu or cuda")
-    return torch.device(device)
 
 
 def resolve_inputs(opts: AnalyzeOptions) -> Inputs:
@@ -389,23 +344,6 @@ class AnalysisResult:
     notes: list[str] = field(default_factory=list)
 
 
-def _check_writable(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".probe-", dir=out)
-        os.close(fd)
-        os.unlink(tmp)
-    except OSError as err:
-        raise CommuteError(
-            f"output folder {out} is not writable ({err.strerror})", hint="pass --out DIR"
-        ) from err
-
-
-def _peak_rss_mb() -> float:
-    ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return ru / 1024.0 if sys.platform != "darwin" else ru / 2**20
-
-
 def run_analysis(
     opts: AnalyzeOptions,
     *,
@@ -425,7 +363,7 @@ def run_analysis(
     except CommuteError as err:  # every rank has the same options: print it once
         err.silent = not distributed.is_main_process()  # type: ignore[attr-defined]
         raise
-    ctx, device = distributed.setup(_resolve_device(opts.device), timeout_s=opts.dist_timeout)
+    ctx, device = distributed.setup(resolve_device(opts.device), timeout_s=opts.dist_timeout)
     try:
         return _run_analysis(opts, ctx, device, t0, on_checkpoint_start, on_block)
     finally:
@@ -455,7 +393,7 @@ def _run_analysis(
     run_id = store.run_identity(identity_fields)
     chosen = ctx.agree(lambda: store.choose_folder(root, run_id, opts.name), main_only=True)
     out, note = chosen if chosen is not None else (root, None)
-    ctx.agree(lambda: (_check_writable(root), _check_writable(out)), main_only=True)
+    ctx.agree(lambda: (check_writable(root), check_writable(out)), main_only=True)
     cache_dir = root / "cache"
     # Tokenized once per run (and cached across runs) by rank 0; the sample goes to the other ranks.
     prepared = ctx.broadcast(ctx.agree(lambda: prepare_samples(inputs, opts, cache_dir), main_only=True))
@@ -544,7 +482,7 @@ def _run_analysis(
         "peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         "checkpoints": per_ckpt,
         "elapsed_seconds": time.perf_counter() - t0,
-        "peak_rss_mb": _peak_rss_mb(),
+        "peak_rss_mb": peak_rss_mb(),
         "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "regime": {
             "max_ratio": REGIME_MAX_RATIO,
@@ -575,3 +513,7 @@ def parse_steps(text: str | None) -> list[int] | None:
             f"--steps must be a comma-separated list of steps, got {text!r}", hint="e.g. --steps 2000,8000"
         )
     return [int(s) for s in text.split(",")]
+
+
+_check_writable = check_writable  # the names validate and older callers import
+_resolve_device = resolve_device

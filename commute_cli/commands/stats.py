@@ -1,7 +1,7 @@
 """Per-checkpoint statistics, shared by ``commute analyze`` and ``commute validate``: the sample, the
 metric, and the cached estimate of one checkpoint.
 
-A checkpoint's :class:`~commute_cli.core.criterion.CheckpointStats` depend on the weights, the sample
+A checkpoint's :class:`~commute_cli.core.regime.CheckpointStats` depend on the weights, the sample
 (data, tokenizer, ``seq_len``, ``--samples``, ``--blocks``, ``--seed``), the metric, the HVP plan and
 method, the micro-batches and the device type -- not on targets, ``--dw``, ``--horizon`` or the
 confidence, which are post-processing (``core.regime``). So every command that needs them at a checkpoint
@@ -14,6 +14,8 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import resource
+import sys
 import time
 import zlib
 from collections.abc import Callable, Sequence
@@ -24,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from commute_cli.core.criterion import CheckpointStats
+from commute_cli.core.regime import CheckpointStats
 from commute_cli.engine import curvature, distributed, metric
 from commute_cli.engine.estimator import estimate_checkpoint
 from commute_cli.errors import CommuteError
@@ -268,3 +270,23 @@ def versions() -> dict[str, str]:
         "numpy": np.__version__,
         "platform": platform.platform(),
     }
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CommuteError(
+            "--device cuda was asked for but no CUDA device is available", hint="use --device cpu"
+        )
+    if device not in ("cpu", "mps") and not device.startswith("cuda"):
+        raise CommuteError(f"unknown device {device!r}", hint="use auto, cpu or cuda")
+    return torch.device(device)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (MB)."""
+    ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return ru / 1024.0 if sys.platform != "darwin" else ru / 2**20

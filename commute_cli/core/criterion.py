@@ -20,7 +20,7 @@ tests) or ``[B, K, K]`` per-block estimates (the pipeline) -- the same code serv
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Literal
@@ -33,7 +33,6 @@ ArrayLike = Any  # anything ``np.asarray`` takes: lists, numpy arrays, CPU tenso
 
 __all__ = [
     "BlockSummary",
-    "CheckpointStats",
     "Verdict",
     "bracket",
     "bracket_value",
@@ -351,87 +350,3 @@ def direction_words(el_ij: float, name_i: str, name_j: str) -> str:
     if v > 0.0:
         return f"move {name_j} earlier, {name_i} later"
     return f"no preferred order between {name_i} and {name_j}"
-
-
-# --------------------------------------------------------------------------------------------------
-# the engine -> math contract
-
-
-@dataclass
-class CheckpointStats:
-    """Per-block scalar estimates at one checkpoint (float64 numpy arrays): what the engine's estimator
-    returns, what the store caches, and all that the criterion needs (a few kB whatever the model size).
-
-    Attributes:
-        plan: "pair" or "target".
-        losses: ``[B, K]`` mean loss (nats) of every domain on each block (all three parts).
-        first: ``[B, K, K]``, ``first[b, k, l] = < g_k^(0), D g_l^(2) >`` (first-order progress terms).
-        Q: ``[B, K, K, K]`` (pair plan) ``Q[b, k, a, l] = < D g_k^(2), H_a^(1) D g_l^(0) >``, zero on a == l.
-        M: ``[B, T, K, K]`` (target plan) interaction matrices of the targets in ``target_coefs``.
-        target_coefs: ``[T, K]`` target weights the target plan was computed for (``None`` for pair).
-        seqs_per_part: sequences per part and domain (the same for all).
-    """
-
-    plan: str
-    losses: np.ndarray
-    first: np.ndarray
-    Q: np.ndarray | None = None
-    M: np.ndarray | None = None
-    target_coefs: np.ndarray | None = None
-    seqs_per_part: int = 0
-
-    @property
-    def n_blocks(self) -> int:
-        return int(self.losses.shape[0])
-
-    @property
-    def n_domains(self) -> int:
-        return int(self.losses.shape[1])
-
-    def interaction(self, coefs: Sequence[float] | np.ndarray) -> np.ndarray:
-        """``[B, K, K]`` interaction matrices ``M[a, l] = < D g_L, H_a D g_l >`` of target ``sum c_k L_k``.
-
-        Pair plan: a linear combination of ``Q`` (any target). Target plan: only a target that was
-        computed, looked up by its weights (``KeyError`` otherwise).
-        """
-        c = np.asarray(coefs, dtype=np.float64)
-        if self.plan == "pair":
-            assert self.Q is not None
-            return np.einsum("k,bkal->bal", c, self.Q)
-        assert self.M is not None and self.target_coefs is not None
-        for t, ct in enumerate(self.target_coefs):
-            if np.allclose(ct, c, rtol=0.0, atol=1e-12):
-                return self.M[:, t]
-        raise KeyError(f"target {c.tolist()} was not computed in the target plan")
-
-    def first_order(
-        self, coefs: Sequence[float] | np.ndarray, wbar: Sequence[float] | np.ndarray
-    ) -> np.ndarray:
-        """``[B]`` estimates of ``< g_L, D gbar >``: the target's first-order decrease rate under ``wbar``."""
-        c = np.asarray(coefs, dtype=np.float64)
-        w = np.asarray(wbar, dtype=np.float64)
-        return np.einsum("k,bkl,l->b", c, self.first, w)
-
-    def to_arrays(self) -> dict[str, np.ndarray]:
-        """The arrays by name (the store's safetensors layout)."""
-        out = {"losses": self.losses, "first": self.first}
-        if self.Q is not None:
-            out["Q"] = self.Q
-        if self.M is not None:
-            out["M"] = self.M
-        if self.target_coefs is not None:
-            out["target_coefs"] = self.target_coefs
-        return out
-
-    @classmethod
-    def from_arrays(cls, plan: str, arrays: dict[str, np.ndarray], seqs_per_part: int) -> CheckpointStats:
-        """Inverse of :meth:`to_arrays`."""
-        return cls(
-            plan=plan,
-            losses=arrays["losses"],
-            first=arrays["first"],
-            Q=arrays.get("Q"),
-            M=arrays.get("M"),
-            target_coefs=arrays.get("target_coefs"),
-            seqs_per_part=seqs_per_part,
-        )

@@ -1,6 +1,8 @@
 """From per-block statistics to one row's numbers: the intervention, its regime and its verdict.
 
-Pure numpy (the package's dependency rule): used by ``commute analyze`` (every row of ``results.csv``),
+Pure numpy (the package's dependency rule). :class:`CheckpointStats` is the engine -> math contract (what
+the estimator returns and the store caches); :class:`Target` and :func:`parse_targets` say which loss a row
+is about. Used by ``commute analyze`` (every row of ``results.csv``),
 ``commute validate`` (its prediction) and ``commute recommend`` (rescaled effects and windows), so the three
 can never disagree. docs/MATH.md "Regime of validity" and "Negligible effects" give the rules;
 docs/DECISIONS.md says why the defaults are what they are.
@@ -27,13 +29,14 @@ import numpy as np
 
 from commute_cli.core.criterion import (
     BlockSummary,
-    CheckpointStats,
     Verdict,
     bracket_value,
     summarize_blocks,
     two_domain_excess,
     verdict,
 )
+from commute_cli.core.schedule import parse_weights
+from commute_cli.errors import CommuteError
 
 REGIME_MAX_RATIO = 0.25
 """Largest ``|EL| / first-order progress`` for which the second-order prediction is trusted in nats."""
@@ -44,6 +47,86 @@ MIN_EFFECT = 0.01
 progress ``2 dt <gbar, D gbar>`` (the loss decrease training itself makes over the same steps)."""
 MIN_EFFECT_FLOOR = 1e-6
 """Absolute floor (nats) of the minimum effect: below float32 resolution of a loss of a few nats."""
+
+
+@dataclass
+class CheckpointStats:
+    """Per-block scalar estimates at one checkpoint (float64 numpy arrays): what the engine's estimator
+    returns, what the store caches, and all that the criterion needs (a few kB whatever the model size).
+
+    Attributes:
+        plan: "pair" or "target".
+        losses: ``[B, K]`` mean loss (nats) of every domain on each block (all three parts).
+        first: ``[B, K, K]``, ``first[b, k, l] = < g_k^(0), D g_l^(2) >`` (first-order progress terms).
+        Q: ``[B, K, K, K]`` (pair plan) ``Q[b, k, a, l] = < D g_k^(2), H_a^(1) D g_l^(0) >``, zero on a == l.
+        M: ``[B, T, K, K]`` (target plan) interaction matrices of the targets in ``target_coefs``.
+        target_coefs: ``[T, K]`` target weights the target plan was computed for (``None`` for pair).
+        seqs_per_part: sequences per part and domain (the same for all).
+    """
+
+    plan: str
+    losses: np.ndarray
+    first: np.ndarray
+    Q: np.ndarray | None = None
+    M: np.ndarray | None = None
+    target_coefs: np.ndarray | None = None
+    seqs_per_part: int = 0
+
+    @property
+    def n_blocks(self) -> int:
+        return int(self.losses.shape[0])
+
+    @property
+    def n_domains(self) -> int:
+        return int(self.losses.shape[1])
+
+    def interaction(self, coefs: Sequence[float] | np.ndarray) -> np.ndarray:
+        """``[B, K, K]`` interaction matrices ``M[a, l] = < D g_L, H_a D g_l >`` of target ``sum c_k L_k``.
+
+        Pair plan: a linear combination of ``Q`` (any target). Target plan: only a target that was
+        computed, looked up by its weights (``KeyError`` otherwise).
+        """
+        c = np.asarray(coefs, dtype=np.float64)
+        if self.plan == "pair":
+            assert self.Q is not None
+            return np.einsum("k,bkal->bal", c, self.Q)
+        assert self.M is not None and self.target_coefs is not None
+        for t, ct in enumerate(self.target_coefs):
+            if np.allclose(ct, c, rtol=0.0, atol=1e-12):
+                return self.M[:, t]
+        raise KeyError(f"target {c.tolist()} was not computed in the target plan")
+
+    def first_order(
+        self, coefs: Sequence[float] | np.ndarray, wbar: Sequence[float] | np.ndarray
+    ) -> np.ndarray:
+        """``[B]`` estimates of ``< g_L, D gbar >``: the target's first-order decrease rate under ``wbar``."""
+        c = np.asarray(coefs, dtype=np.float64)
+        w = np.asarray(wbar, dtype=np.float64)
+        return np.einsum("k,bkl,l->b", c, self.first, w)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The arrays by name (the store's safetensors layout)."""
+        out = {"losses": self.losses, "first": self.first}
+        if self.Q is not None:
+            out["Q"] = self.Q
+        if self.M is not None:
+            out["M"] = self.M
+        if self.target_coefs is not None:
+            out["target_coefs"] = self.target_coefs
+        return out
+
+    @classmethod
+    def from_arrays(cls, plan: str, arrays: dict[str, np.ndarray], seqs_per_part: int) -> CheckpointStats:
+        """Inverse of :meth:`to_arrays`."""
+        return cls(
+            plan=plan,
+            losses=arrays["losses"],
+            first=arrays["first"],
+            Q=arrays.get("Q"),
+            M=arrays.get("M"),
+            target_coefs=arrays.get("target_coefs"),
+            seqs_per_part=seqs_per_part,
+        )
 
 
 class Regime(StrEnum):
@@ -65,6 +148,38 @@ class Target:
     def coefs_at(self, wbar: np.ndarray) -> np.ndarray:
         """``[K]`` weights of the target at a point of the schedule with weights ``wbar``."""
         return wbar if self.coefs is None else self.coefs
+
+
+def parse_targets(specs: Sequence[str], names: Sequence[str]) -> list[Target]:
+    """``--target`` values: a domain name, ``mix``, or custom weights ``en=0.3,ru=0.7``.
+
+    Default (no ``--target``): every domain and ``mix``.
+    """
+    if not specs:
+        specs = [*names, "mix"]
+    out: list[Target] = []
+    seen: set[str] = set()
+    for raw in specs:
+        spec = raw.strip()
+        if spec in seen:
+            continue
+        seen.add(spec)
+        if spec == "mix":
+            out.append(Target("mix", "mix"))
+        elif spec in names:
+            c = np.zeros(len(names))
+            c[list(names).index(spec)] = 1.0
+            out.append(Target(spec, "domain", c))
+        elif "=" in spec:
+            w = parse_weights(spec, list(names))
+            c = np.array([w.get(n, 0.0) for n in names], dtype=np.float64)
+            out.append(Target(spec, "custom", c))
+        else:
+            raise CommuteError(
+                f"unknown target {spec!r}",
+                hint=f"use a domain name ({', '.join(names)}), mix, or weights like {names[0]}=0.5,...",
+            )
+    return out
 
 
 # --------------------------------------------------------------------------------------------------

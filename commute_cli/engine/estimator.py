@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from commute_cli.core.criterion import CheckpointStats
+from commute_cli.core.regime import CheckpointStats
 from commute_cli.engine import curvature
 from commute_cli.engine.metric import apply_preconditioner
 

@@ -1,7 +1,7 @@
 """commute's own artifacts: one content-addressed statistics cache, and analysis runs with typed loaders
 next to their writers.
 
-- **Cache** (``OUT/cache/``): per-checkpoint :class:`~commute_cli.core.criterion.CheckpointStats` as
+- **Cache** (``OUT/cache/``): per-checkpoint :class:`~commute_cli.core.regime.CheckpointStats` as
   safetensors, named by :func:`content_key` of everything that determines them (weights, sample, design,
   metric, plan, micro-batches, device type). Shared by every command: ``analyze`` fills it, ``validate``
   reads its prediction from it. Stale entries cannot be hit (the key covers the inputs); a damaged entry
@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from commute_cli.core.criterion import CheckpointStats
-from commute_cli.core.regime import REGIME_MAX_PROGRESS, REGIME_MAX_RATIO
+from commute_cli.core.regime import REGIME_MAX_PROGRESS, REGIME_MAX_RATIO, CheckpointStats
 from commute_cli.core.schedule import Schedule
 from commute_cli.errors import CommuteError
 from commute_cli.io import atomic
@@ -323,3 +323,16 @@ def merge_rerun(previous: dict[str, Any] | None, current: dict[str, Any]) -> dic
     merged = {**current, **{k: previous.get(k) for k in kept}}
     merged["reruns"] = [*previous.get("reruns", []), rerun]
     return merged
+
+
+def check_writable(out: Path) -> None:
+    """Create ``out`` and probe that a file can be written there (one-line error otherwise)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".probe-", dir=out)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as err:
+        raise CommuteError(
+            f"output folder {out} is not writable ({err.strerror})", hint="pass --out DIR"
+        ) from err
