@@ -230,11 +230,9 @@ def analyze_command(
     if plot is not None:
         report.plot_analysis(result.results, result.losses, plot)
     if metric == "adam":
-        typer.echo(
-            "warning: --metric adam is experimental: on the shipped AdamW run its predictions were ~100x too "
-            "large and right in sign 10/20 times, against 16/20 for euclid (docs/DECISIONS.md)",
-            err=True,
-        )
+        from commute_cli.engine.metric import ADAM_WARNING
+
+        typer.echo(ADAM_WARNING, err=True)
     if fmt == "table":
         report.print_renderable(report.analysis_tables(result.results, result.losses))
         where = f"results in {result.out}/ (results.csv, losses.csv, run.json)"
