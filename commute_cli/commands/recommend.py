@@ -152,12 +152,7 @@ class Recommendation:
                     continue
                 rows.append(
                     {
-                        "step": sh.step,
-                        "start": sh.start,
-                        "end": sh.end,
-                        "earlier": sh.earlier,
-                        "later": sh.later,
-                        "shift": float(sh.amount),
+                        **sh.to_record(),
                         **{f"w_{n}_before": sh.raised[n] for n in self.original.domains},
                         **{f"w_{n}_after": sh.lowered[n] for n in self.original.domains},
                         "target": name,
@@ -182,12 +177,7 @@ class Recommendation:
             "summary": self.summary(),
             "shifts": [
                 {
-                    "step": sh.step,
-                    "start": sh.start,
-                    "end": sh.end,
-                    "earlier": sh.earlier,
-                    "later": sh.later,
-                    "shift": float(sh.amount),
+                    **sh.to_record(),
                     "words": f"{sh.words()}: {sh.numbers()}",
                     "weights_original": sh.base,
                     "weights_before_step": sh.raised,

@@ -169,6 +169,17 @@ class Shift:
     def window(self) -> int:
         return self.step - self.start
 
+    def to_record(self) -> dict[str, Any]:
+        """The fields every serialization of a shift starts with (CSV rows and ``recommend.json``)."""
+        return {
+            "step": self.step,
+            "start": self.start,
+            "end": self.end,
+            "earlier": self.earlier,
+            "later": self.later,
+            "shift": float(self.amount),
+        }
+
     def words(self) -> str:
         """``move ru earlier, en later by 0.1 for 250 steps each side``."""
         return (
