@@ -481,7 +481,9 @@ def test_recommended_schedule_lowers_the_target_by_the_predicted_amount(tiny, tm
     )
     res = run_analysis(opts).results
     assert res.set_index("target").loc["xx", "verdict"] == "suboptimal"
-    default = AnalyzeOptions(ckpt_dir=run, samples=samples, horizon=5, lr=LR, out=tmp_path / "d", device="cpu")
+    default = AnalyzeOptions(
+        ckpt_dir=run, samples=samples, horizon=5, lr=LR, out=tmp_path / "d", device="cpu"
+    )
     assert (run_analysis(default).results["verdict"] == "negligible").all()
 
     code, _, err = cli(
