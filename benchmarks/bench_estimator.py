@@ -50,7 +50,7 @@ RUN = ROOT / "sample_checkpoints"
 def rows_for(opts: analysis.AnalyzeOptions, cache: Path, refs_wanted: list[str] | None = None) -> dict:
     """Per estimator, the analysis rows of every checkpoint (same sample, same products)."""
     inputs = analysis.resolve_inputs(opts)
-    parts, _ = analysis.prepare_samples(inputs, opts, cache)
+    parts, _, _ = analysis.prepare_samples(inputs, opts)
     steps = [r.step for r in inputs.refs]
     out: dict[str, list] = {"cross": [], "block": []}
     for idx, ref in enumerate(inputs.refs):

@@ -47,6 +47,7 @@ import torch
 from commute_cli.commands import analyze as analysis
 from commute_cli.commands.validate import PREDICT_DIR, ValidateOptions, run_validate
 from commute_cli.core import criterion
+from commute_cli.engine import metric as engine_metric
 from commute_cli.engine.curvature import param_list
 from commute_cli.engine.estimator import estimate_checkpoint
 from commute_cli.io import checkpoints
@@ -78,11 +79,11 @@ def extra_predictions(ckpt: Path, run: dict, n: int, dw: float, out: Path) -> di
     model = checkpoints.load_model(ref)
     state = checkpoints.load_adam_state(ref, model)
     v = checkpoints.flat_exp_avg_sq(state, [p for p, _ in param_list(model)])
-    D = criterion.adam_preconditioner(v, state.step or 1, state.betas[1], state.eps)
+    D = engine_metric.adam_preconditioner(v, state.step or 1, state.betas[1], state.eps)
     med = float(D.median())
     variants = {
         "euclid": None,
-        "adam": D.clamp(max=100 * med),
+        "adam": engine_metric.clip_metric(D)[0],  # the shipped policy (engine.metric.ADAM_CLIP)
         "adam-clip10": D.clamp(max=10 * med),
         "adam-raw": D,
         "adam-shape": D.clamp(max=100 * med) / med,

@@ -149,6 +149,17 @@ def analyze_command(
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the sample draw."),
     confidence: float = typer.Option(0.95, "--confidence", help="Confidence level of the significance test."),
+    min_effect: float = typer.Option(
+        0.01,
+        "--min-effect",
+        help="Smallest effect worth reporting, as a fraction of the loss decrease training makes over the "
+        "same window; smaller effects are 'negligible' even when significant.",
+    ),
+    name: str | None = typer.Option(
+        None,
+        "--name",
+        help="Write the results to OUT/NAME/ (default: OUT/, or OUT/run-ID/ if OUT holds another run).",
+    ),
     steps: str | None = typer.Option(None, "--steps", help="Only these steps, e.g. 2000,8000."),
     every: int | None = typer.Option(None, "--every", help="Only steps that are multiples of N."),
     out: Path = typer.Option(
@@ -206,7 +217,9 @@ def analyze_command(
         offload=offload,
         seed=seed,
         confidence=confidence,
+        min_effect=min_effect,
         out=out,
+        name=name,
         steps=analysis.parse_steps(steps),
         every=every,
         use_cache=not no_cache,
@@ -226,6 +239,8 @@ def analyze_command(
         sys.exit(130)
     if not main_rank:
         return
+    for text in result.notes:
+        typer.echo(text, err=True)
     if plot is not None:
         from commute_cli.io import atomic
         from commute_cli.render import figures
@@ -233,11 +248,9 @@ def analyze_command(
         fig = figures.criterion_figure(result.results, result.losses, run=result.run)
         atomic.write_bytes(plot, figures.png_bytes(fig))
     if metric == "adam":
-        typer.echo(
-            "warning: --metric adam is experimental: on the shipped AdamW run its predictions were ~100x too "
-            "large and right in sign 10/20 times, against 16/20 for euclid (docs/DECISIONS.md)",
-            err=True,
-        )
+        from commute_cli.engine.metric import ADAM_WARNING
+
+        typer.echo(ADAM_WARNING, err=True)
     if fmt == "table":
         tables.print_renderable(
             tables.analysis_tables(result.results, result.losses, run=result.run, out=result.out)
@@ -440,11 +453,12 @@ def recommend_command(
     import json
 
     from commute_cli.commands import recommend
+    from commute_cli.io import store
     from commute_cli.render import tables
 
     if fmt not in {f.value for f in tables.OutputFormat}:
         raise CommuteError(f"--format must be table, csv or json, got {fmt!r}")
-    result = recommend.load_analysis(from_dir)
+    result = store.load_analysis(from_dir)
     batch = batch_size if batch_size is not None else recommend.run_batch_size(result)
     rec = recommend.recommend(
         result.results,
@@ -455,7 +469,9 @@ def recommend_command(
         last_step=until,
         grid=recommend.shift_grid(batch),
         regime=result.regime,
+        about=result.label(),
     )
+    typer.echo(f"recommendation for {rec.about}", err=True)
     folder = out if out is not None else from_dir
     files = recommend.write_recommendation(rec, folder)
     stale = recommend.earlier_recommendation(folder) if not files else None
@@ -493,12 +509,11 @@ def plot_command(
     """
     import pandas as pd
 
-    from commute_cli.commands import recommend
-    from commute_cli.io import atomic
+    from commute_cli.io import atomic, store
     from commute_cli.render import figures
 
-    result = recommend.load_analysis(from_dir)
-    losses = recommend.load_losses(from_dir)
+    result = store.load_analysis(from_dir)
+    losses = store.load_losses(from_dir)
     vfile = validate_csv if validate_csv is not None else from_dir / "validate.csv"
     validate = None
     if vfile.is_file():
@@ -512,7 +527,7 @@ def plot_command(
         raise CommuteError(f"{vfile} does not exist", hint="run `commute validate` or leave out --validate")
     fig = figures.criterion_figure(result.results, losses, validate, run=result.run)
     path = atomic.write_bytes(output, figures.png_bytes(fig))
-    typer.echo(f"wrote {path}", err=True)
+    typer.echo(f"wrote {path} ({result.label()})", err=True)
 
 
 @app.command("help")

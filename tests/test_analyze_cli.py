@@ -81,12 +81,55 @@ def test_resume_uses_cache_and_gives_same_numbers(run_dir, tmp_path, capsys):
     code, _, err = cli(["analyze", run_dir, "--out", out, *FAST], capsys)
     assert code == 0, err
     run = json.loads((out / "run.json").read_text())
-    computed = [c["step"] for c in run["checkpoints"] if "seconds" in c]
+    computed = [c["step"] for c in run["checkpoints"] if not c["cached"]]
     assert computed == [20], "finished checkpoints must come from the cache"
+    assert all(c["seconds"] > 0 for c in run["checkpoints"])  # cached ones keep their real compute time
     fresh = tmp_path / "fresh"
     code, _, err = cli(["analyze", run_dir, "--out", fresh, *FAST], capsys)
     assert code == 0, err
     assert (out / "results.csv").read_bytes() == (fresh / "results.csv").read_bytes()
+
+
+def test_cached_rerun_keeps_the_real_time_and_memory(run_dir, tmp_path, capsys):
+    """Issue 14: a fully cached rerun does not overwrite run.json's time and memory; it adds its own."""
+    out = tmp_path / "out"
+    assert cli(["analyze", run_dir, "--out", out, *FAST], capsys)[0] == 0
+    first = json.loads((out / "run.json").read_text())
+    assert cli(["analyze", run_dir, "--out", out, *FAST], capsys)[0] == 0
+    again = json.loads((out / "run.json").read_text())
+    assert all(c["cached"] for c in again["checkpoints"])
+    for key in ("elapsed_seconds", "peak_rss_mb", "finished_at"):
+        assert again[key] == first[key]
+    (rerun,) = again["reruns"]
+    assert rerun["elapsed_seconds"] > 0 and rerun["elapsed_seconds"] != first["elapsed_seconds"]
+
+
+def test_another_schedule_does_not_replace_a_run(run_dir, tmp_path, capsys):
+    """Issue 14: --weights en=0.9 after the manifest's run goes to its own folder and says so; the first
+    run's files are untouched; every row names its run; --name chooses the folder."""
+    out = tmp_path / "out"
+    assert cli(["analyze", run_dir, "--out", out, *FAST], capsys)[0] == 0
+    before = {f: (out / f).read_bytes() for f in ("results.csv", "losses.csv", "run.json")}
+    code, _, err = cli(["analyze", run_dir, "--out", out, "--weights", "en=0.9", "xx=0.1", *FAST], capsys)
+    assert code == 0, err
+    assert {f: (out / f).read_bytes() for f in before} == before
+    (other,) = [p for p in out.iterdir() if p.name.startswith("run-")]
+    assert "holds the analysis of another run" in err and str(other) in err
+    first, second = pd.read_csv(out / "results.csv"), pd.read_csv(other / "results.csv")
+    assert first["run_id"].nunique() == second["run_id"].nunique() == 1
+    assert first["run_id"].iloc[0] != second["run_id"].iloc[0]
+    assert json.loads((other / "run.json").read_text())["schedule"][0]["weights"] == {"en": 0.9, "xx": 0.1}
+    # the same second command again refines its own folder; --name puts a run where the user says
+    code, _, err = cli(["analyze", run_dir, "--out", out, "--weights", "en=0.9", "xx=0.1", *FAST], capsys)
+    assert code == 0 and len([p for p in out.iterdir() if p.name.startswith("run-")]) == 1
+    code, _, err = cli(
+        ["analyze", run_dir, "--out", out, "--name", "en90", "--weights", "en=0.9", "xx=0.1", *FAST], capsys
+    )
+    assert code == 0, err
+    assert (out / "en90" / "results.csv").is_file()
+    # a name that holds another run is refused in one line
+    code, _, err = cli(["analyze", run_dir, "--out", out, "--name", "en90", *FAST], capsys)
+    assert code == 2 and "holds the results of another run" in err and len(err.strip().splitlines()) == 1
 
 
 def test_explicit_domains_weights_and_target_plan(run_dir, tmp_path, capsys):

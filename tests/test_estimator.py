@@ -233,7 +233,7 @@ def quantities(stats: CheckpointStats) -> dict[str, np.ndarray]:
         Mb = stats.interaction(c)
         out[f"M01[{t.name}]"] = Mb[:, 0, 1]
         out[f"M10[{t.name}]"] = Mb[:, 1, 0]
-        Cm = criterion.pair_coefficients(WBAR, [DW, -DW]).numpy()
+        Cm = criterion.pair_coefficients(WBAR, [DW, -DW])
         out[f"EL12[{t.name}]"] = np.einsum("al,bal->b", Cm, Mb)
         out[f"first[{t.name}]"] = stats.first_order(c, WBAR)
     return out

@@ -139,19 +139,17 @@ def test_sgd_small_lr_observed_agrees_with_predicted(run, tmp_path):
 
 
 def test_prediction_is_read_from_an_analyze_folder(run, tmp_path):
-    """--from: rows of a matching ``commute analyze`` are used as they are (no recomputation)."""
+    """--from: the statistics another folder's cache holds are used as they are (no recomputation)."""
     first = V.run_validate(opts(run, tmp_path / "a", repeats=1), note=quiet)
     notes: list[str] = []
-    second = V.run_validate(
-        opts(run, tmp_path / "b", repeats=1, from_dir=tmp_path / "a" / V.PREDICT_DIR), note=notes.append
-    )
-    assert second.run["prediction"].endswith("results.csv")
-    assert not [n for n in notes if "computing the prediction" in n]
+    second = V.run_validate(opts(run, tmp_path / "b", repeats=1, from_dir=tmp_path / "a"), note=notes.append)
+    assert second.run["prediction"].startswith("read from the statistics cache")
+    assert not [n for n in notes if "computing them now" in n]
     assert second.table["pred_el12"].tolist() == first.table["pred_el12"].tolist()
     assert math.isnan(second.table["obs_el12_se"].iloc[0])  # one repeat: no SE
     # reversing the pair flips every sign (the formula is linear in d)
     rev = V.run_validate(
-        opts(run, tmp_path / "c", repeats=1, pair="xx,en", from_dir=tmp_path / "a" / V.PREDICT_DIR),
+        opts(run, tmp_path / "c", repeats=1, pair="xx,en", from_dir=tmp_path / "a"),
         note=quiet,
     )
     assert np.allclose(rev.table["pred_el12"], -first.table["pred_el12"])

@@ -1,34 +1,30 @@
 """``commute analyze``: checkpoints x domains -> per-block statistics -> result rows, with a cache.
 
-The pipeline reads top to bottom:
+The use case reads top to bottom:
 
 1. :func:`resolve_inputs` turns arguments (or the manifest next to the checkpoints) into checkpoints,
    domains, tokenizer, schedule and targets, and checks them before any long work (preflight);
-2. :func:`prepare_samples` draws each domain's sample once per run with a bounded read
-   (:func:`commute_cli.io.data.sample_domain`: only the documents the sample needs, spread over the shards),
-   uses the same sample at every checkpoint and splits it into design blocks of three disjoint parts
-   (MATH.md "Noise");
-3. :func:`run_analysis` estimates every checkpoint (engine.estimator), caching each finished
-   checkpoint's scalars so that an interrupted run resumes where it stopped;
-4. :func:`summarize_checkpoint` turns the scalars into rows: bracket, predicted loss change of the stated
-   intervention with its standard error, regime check and verdict (pure post-processing, no autograd).
+2. :func:`prepare_samples` draws each domain's sample once per run with a bounded read (only the documents
+   the sample needs, spread over the shards: ``io.data.sample_domain``), uses the same sample at every
+   checkpoint and splits it into design blocks of three disjoint parts (docs/MATH.md "Noise");
+3. :func:`checkpoint_stats` estimates one checkpoint (``engine.estimator``) or reads it from the shared
+   content-addressed cache (``io.store``), so an interrupted run resumes and ``validate`` reuses it;
+4. :func:`summarize_checkpoint` turns the scalars into rows through ``core.regime.predict_pair``: bracket,
+   predicted loss change of the stated intervention with its standard error, regime and verdict;
+5. the rows, losses and ``run.json`` are written as one :class:`~commute_cli.io.store.AnalysisRun`, in a
+   folder of their own when ``--out`` holds another run (``store.choose_folder``).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
-import platform
 import re
-import resource
 import sys
-import tempfile
 import time
-import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -37,23 +33,52 @@ import pandas as pd
 import torch
 
 from commute_cli import __version__
+from commute_cli.commands.stats import (  # noqa: F401 (re-exported: benchmarks and tests use them here)
+    checkpoint_stats,
+    domain_seed,
+    hvp_micro_batch,
+    offload_stacks,
+    peak_rss_mb,
+    prepare_samples,
+    quiet_libraries,
+    resolve_device,
+    stats_key,
+    versions,
+)
 from commute_cli.core import criterion
+from commute_cli.core.regime import (
+    MIN_EFFECT,
+    REGIME_MAX_PROGRESS,
+    REGIME_MAX_RATIO,
+    CheckpointStats,
+    Regime,
+    Target,
+    choose_horizon,
+    pair_list,
+    parse_targets,
+    predict_pair,
+)
 from commute_cli.core.schedule import Schedule, load_schedule, parse_weights
-from commute_cli.engine import curvature, distributed
-from commute_cli.engine.estimator import CheckpointStats, estimate_checkpoint
+from commute_cli.engine import distributed
 from commute_cli.errors import CommuteError
-from commute_cli.io import atomic, checkpoints
+from commute_cli.io import checkpoints, store
 from commute_cli.io import data as domains
 from commute_cli.io.learning_rate import find_learning_rate
+from commute_cli.io.store import check_writable
 
-CACHE_FORMAT = "commute-stats/2"  # 2: cross estimator (all block combinations, jackknife)
-
-# Regime of validity (MATH.md): the prediction is a second-order expansion in dt. Its size relative to the
-# first-order progress of training over the same window is ~ dt x (curvature along the directions
-# involved); when that ratio is not small, or when the first-order progress alone would exceed half the
-# loss, the number of nats is meaningless (the sign is kept as a weaker hint). See analysis.regime.
-REGIME_MAX_RATIO = 0.25
-REGIME_MAX_PROGRESS = 0.5
+__all__ = [
+    "AnalysisResult",
+    "AnalyzeOptions",
+    "Inputs",
+    "Target",
+    "checkpoint_stats",
+    "parse_steps",
+    "parse_targets",
+    "prepare_samples",
+    "resolve_inputs",
+    "run_analysis",
+    "summarize_checkpoint",
+]
 
 
 # ------------------------------------------------------------------------------------------------ options
@@ -85,7 +110,9 @@ class AnalyzeOptions:
     offload: str = "auto"  # auto, on, off: vector stacks in host memory (see offload_stacks)
     seed: int = 0
     confidence: float = 0.95
+    min_effect: float = MIN_EFFECT  # fraction of the window's first-order progress (core.regime)
     out: Path = Path("commute_out")
+    name: str | None = None  # results in OUT/NAME/ (store.choose_folder)
     steps: list[int] | None = None
     every: int | None = None
     use_cache: bool = True
@@ -114,9 +141,7 @@ class AnalyzeOptions:
             raise CommuteError(f"--hvp-batch-size must be positive, got {self.hvp_batch_size}")
         if self.seq_len is not None and self.seq_len < 2:
             raise CommuteError(f"--seq-len must be at least 2, got {self.seq_len}")
-        if (self.dw is not None and not (0.0 < self.dw <= 0.5)) or (
-            self.dw is not None and math.isnan(self.dw)
-        ):
+        if self.dw is not None and not (0.0 < self.dw <= 0.5):  # nan fails too
             raise CommuteError(f"--dw must be in (0, 0.5], got {self.dw}")
         if self.horizon is not None and self.horizon < 1:
             raise CommuteError(f"--horizon must be a positive number of steps, got {self.horizon}")
@@ -124,6 +149,11 @@ class AnalyzeOptions:
             raise CommuteError(f"--lr must be a positive number, got {self.lr}")
         if not (0.5 <= self.confidence < 1.0):
             raise CommuteError(f"--confidence must be in [0.5, 1), got {self.confidence}")
+        if not (0.0 <= self.min_effect < 1.0):  # nan fails too
+            raise CommuteError(
+                f"--min-effect must be in [0, 1), got {self.min_effect}",
+                hint="a fraction of the loss decrease training makes over the window (default 0.01)",
+            )
         if self.metric not in ("euclid", "adam"):
             raise CommuteError(f"--metric must be euclid or adam, got {self.metric!r}")
         if self.hvp not in ("rr", "fr"):
@@ -135,18 +165,6 @@ class AnalyzeOptions:
         if self.weights and self.schedule is not None:
             raise CommuteError("give either --weights or --schedule, not both")
         self.check_dist_timeout()
-
-
-@dataclass
-class Target:
-    """A target loss ``sum_k c_k L_k``: a domain, the schedule's mixture ("mix"), or custom weights."""
-
-    name: str
-    kind: str  # "domain" | "mix" | "custom"
-    coefs: np.ndarray | None = None  # fixed weights (None for "mix": the schedule's weights at each step)
-
-    def coefs_at(self, wbar: np.ndarray) -> np.ndarray:
-        return wbar if self.coefs is None else self.coefs
 
 
 @dataclass
@@ -167,52 +185,6 @@ class Inputs:
 
 
 # ------------------------------------------------------------------------------------------------ inputs
-
-
-def parse_targets(specs: Sequence[str], names: Sequence[str]) -> list[Target]:
-    """``--target`` values: a domain name, ``mix``, or custom weights ``en=0.3,ru=0.7``.
-
-    Default (no ``--target``): every domain and ``mix``.
-    """
-    if not specs:
-        specs = [*names, "mix"]
-    out: list[Target] = []
-    seen: set[str] = set()
-    for raw in specs:
-        spec = raw.strip()
-        if spec in seen:
-            continue
-        seen.add(spec)
-        if spec == "mix":
-            out.append(Target("mix", "mix"))
-        elif spec in names:
-            c = np.zeros(len(names))
-            c[list(names).index(spec)] = 1.0
-            out.append(Target(spec, "domain", c))
-        elif "=" in spec:
-            w = parse_weights(spec, list(names))
-            c = np.array([w.get(n, 0.0) for n in names], dtype=np.float64)
-            out.append(Target(spec, "custom", c))
-        else:
-            raise CommuteError(
-                f"unknown target {spec!r}",
-                hint=f"use a domain name ({', '.join(names)}), mix, or weights like {names[0]}=0.5,...",
-            )
-    return out
-
-
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise CommuteError(
-            "--device cuda was asked for but no CUDA device is available", hint="use --device cpu"
-        )
-    if device not in ("cpu", "mps") and not device.startswith("cuda"):
-        raise CommuteError(f"unknown device {device!r}", hint="use auto, cpu or cuda")
-    return torch.device(device)
 
 
 def resolve_inputs(opts: AnalyzeOptions) -> Inputs:
@@ -289,284 +261,7 @@ def resolve_inputs(opts: AnalyzeOptions) -> Inputs:
     )
 
 
-def domain_seed(seed: int, name: str) -> int:
-    """Seed of a domain's sample: stable across runs and independent of the other domains' names."""
-    return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
-
-
-def prepare_samples(
-    inputs: Inputs, opts: AnalyzeOptions, cache_dir: Path | None = None
-) -> tuple[list, str, dict[str, dict]]:
-    """Per domain: a fixed sample of ``--samples`` blocks and its split into design blocks x 3 parts.
-
-    Each sample is drawn by :func:`commute_cli.io.data.sample_domain` with the domain's seed
-    (:func:`domain_seed`): a bounded read whose cost does not grow with the corpus, deterministic for the
-    same files, tokenizer and seed, so a resumed run gets the same sample. Returns ``parts[k][b][p]``, a
-    digest of all sampled token ids (part of every statistics cache key) and each domain's provenance (which
-    shards and rows the sample came from; written to ``run.json``). ``cache_dir`` is unused: the sample is
-    cheaper to draw than a cache of whole tokenized domains was to check.
-    """
-    del cache_dir
-    parts = []
-    provenance: dict[str, dict] = {}
-    h = hashlib.sha256()
-    n = (opts.samples // (3 * opts.blocks)) * 3 * opts.blocks
-    for name in inputs.names:
-        drawn = domains.sample_domain(
-            inputs.sources[name],
-            inputs.tokenizer,
-            inputs.seq_len,
-            n,
-            domain_seed(opts.seed, name),
-            domain=name,
-            base_dir=inputs.base_dir,
-            text_field=inputs.text_fields.get(name),
-        )
-        h.update(name.encode())
-        h.update(drawn.blocks.numpy().tobytes())
-        parts.append(domains.split_parts(drawn.blocks, opts.blocks, 3))
-        provenance[name] = drawn.provenance
-    return parts, h.hexdigest(), provenance
-
-
-# ------------------------------------------------------------------------------------------------ metric
-
-
-def preconditioner(
-    ref: checkpoints.CheckpointRef, model: torch.nn.Module, metric: str
-) -> tuple[torch.Tensor | None, dict]:
-    """The diagonal metric D of MATH.md: None (Euclidean, the paper's choice) or Adam's, with a safeguard.
-
-    A frozen Adam preconditioner ``1/(sqrt(v_hat)+eps)`` is enormous on coordinates whose second moment is
-    ~0 (MATH.md "Regime of validity": predictions 3-5 orders of magnitude too large). Safeguard: ``D`` is
-    clipped at 100 x its median, so no coordinate moves more than 100 times faster than a typical one.
-    This is experimental: MATH.md found the unclipped metric unusable, and the clipped one has not yet been
-    shown to beat the Euclidean metric on real runs.
-    """
-    if metric == "euclid":
-        return None, {}
-    state = checkpoints.load_adam_state(ref, model)
-    if state is None:
-        raise CommuteError(
-            f"--metric adam needs Adam's second moments, but {ref.path} has no optimizer state",
-            hint="use --metric euclid, or save optimizer.pt with the checkpoints",
-        )
-    names = [n for n, _ in curvature.param_list(model)]
-    v = checkpoints.flat_exp_avg_sq(state, names)
-    D = criterion.adam_preconditioner(v, state.step or 1, state.betas[1], state.eps)
-    cap = 100.0 * float(D.median())
-    clipped = float((cap < D).double().mean())
-    D = D.clamp(max=cap)
-    return D, {"adam_step": state.step, "clip_cap": cap, "clipped_fraction": clipped}
-
-
-# ------------------------------------------------------------------------------------------------ cache
-
-
-def hvp_micro_batch(opts: AnalyzeOptions) -> int:
-    """Sequences per forward pass of the HVPs: ``--hvp-batch-size``, by default half of ``--batch-size``.
-
-    A reverse-on-reverse HVP keeps ~3x the autograd memory of a gradient at the same micro-batch
-    (benchmarks/bench_analysis.py: 12M GPT-2, 4 x 256 tokens: gradient +650 MB, HVP +1980 MB, HVP at 2
-    sequences +1130 MB), so at half the micro-batch the whole analysis stays within ~2x the memory of a
-    gradient pass at ``--batch-size``; on CPU the HVP is as fast per sequence at half the micro-batch.
-    """
-    return opts.hvp_batch_size if opts.hvp_batch_size is not None else max(1, opts.batch_size // 2)
-
-
-OFFLOAD_FRACTION = 0.25
-
-
-def offload_stacks(opts: AnalyzeOptions, model: torch.nn.Module, K: int, T: int, plan: str) -> bool:
-    """Whether the estimator keeps its stack of free factors in host memory (``--offload``).
-
-    ``auto`` offloads on a GPU when the stack -- ``B K`` parameter-sized float32 vectors, ``B`` = ``--blocks``
-    (:func:`~engine.estimator.estimate_products`) -- would take more than a quarter of the GPU memory
-    still free after loading the model: the rest is needed by the unit's ``K`` (pair) or ``T`` (target)
-    vectors and the autograd graph of an HVP (~3x a gradient's). A 1.2B-parameter model with K = 2 and
-    B = 8 has 77 GB of stack, so on most cards it goes to host memory; the tiny and small models never do.
-    Offloading changes no number (dot products still run on the GPU, in the same chunks) and costs host-device
-    copies of the stack for every HVP.
-    """
-    if opts.offload != "auto":
-        return opts.offload == "on"
-    device = curvature.model_device(model)
-    if device.type != "cuda":
-        return False
-    n = curvature.num_params(model)
-    stacks = opts.blocks * K * n * 4
-    free, _total = torch.cuda.mem_get_info(device)
-    return stacks > OFFLOAD_FRACTION * free
-
-
-def _stats_key(
-    ref: checkpoints.CheckpointRef,
-    opts: AnalyzeOptions,
-    plan: str,
-    sample_digest: str,
-    target_coefs: np.ndarray | None,
-    device: torch.device,
-    world: int = 1,
-) -> str:
-    weights = checkpoints.weight_files(ref)
-    files = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in weights]
-    if opts.metric == "adam" and ref.path.is_dir():
-        files += [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in ref.path.glob("optimizer*")]
-    payload = [
-        CACHE_FORMAT,
-        str(ref.path.resolve()),
-        files,
-        sample_digest,
-        opts.blocks,  # the same sample split into a different number of design blocks gives other statistics
-        opts.metric,
-        opts.hvp,
-        plan,
-        opts.batch_size,
-        hvp_micro_batch(opts),
-        None if target_coefs is None else np.round(target_coefs, 12).tolist(),
-        device.type,
-    ]
-    if world > 1:  # other summation order: equal to float32 rounding, not bit for bit
-        payload.append(f"world={world}")
-    return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:24]
-
-
-def weights_digest(folder: Path) -> str:
-    """SHA-256 over a checkpoint's weight files (names and contents), recorded in ``run.json`` so a result
-    can be traced to the exact weights. Streams the files: I/O-bound, ~1 s per GB."""
-    h = hashlib.sha256()
-    for file in checkpoints.weight_files(folder):
-        h.update(file.name.encode() + b"\0")
-        with file.open("rb") as fh:
-            for chunk in iter(lambda fh=fh: fh.read(1 << 22), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
-def _load_cached(file: Path) -> CheckpointStats | None:
-    from safetensors import safe_open
-    from safetensors.numpy import load_file
-
-    if not file.is_file():
-        return None
-    try:
-        with safe_open(str(file), framework="numpy") as fh:
-            meta = fh.metadata() or {}
-        arrays = load_file(str(file))
-        return CheckpointStats.from_arrays(
-            meta["plan"], arrays, int(meta["seqs_per_part"]), meta.get("estimator", "cross")
-        )
-    except Exception:  # a damaged entry is recomputed, never trusted
-        return None
-
-
-def _save_cached(file: Path, stats: CheckpointStats, meta: dict[str, str]) -> None:
-    from safetensors.numpy import save_file
-
-    arrays = {k: np.ascontiguousarray(v) for k, v in stats.to_arrays().items()}
-    with atomic.replacing(file) as tmp:
-        save_file(
-            arrays,
-            tmp,
-            metadata={
-                **meta,
-                "plan": stats.plan,
-                "seqs_per_part": str(stats.seqs_per_part),
-                "estimator": stats.estimator,
-            },
-        )
-
-
 # ------------------------------------------------------------------------------------------------ rows
-
-
-def default_horizon(steps: Sequence[int | None], index: int) -> int:
-    """Half the spacing to the next checkpoint (the previous one for the last); 1 when unknown."""
-    known = [s for s in steps if s is not None]
-    if len(known) < 2 or steps[index] is None:
-        return 1
-    s = steps[index]
-    nxt = [t for t in known if t > s]
-    prv = [t for t in known if t < s]
-    spacing = (min(nxt) - s) if nxt else (s - max(prv))
-    return max(1, spacing // 2)
-
-
-def regime_horizon(
-    stats: CheckpointStats,
-    *,
-    wbar: np.ndarray,
-    targets: Sequence[Target],
-    pairs: Sequence[tuple[int, int, float]],
-    lr: float,
-    horizon: int,
-) -> int:
-    """The longest horizon <= ``horizon`` at which every (target, pair) prediction is inside the regime.
-
-    Both regime quantities scale exactly with the horizon h (see :func:`regime`: the ratio ~ h, the
-    progress ~ h), so the bound is solved in closed form; one horizon per checkpoint keeps the targets'
-    numbers comparable. Never below 1 step; a prediction still outside at 1 step is flagged, not hidden.
-    """
-    best = horizon
-    mix_rate = float(stats.first_order(wbar, wbar).mean())
-    mix_loss = float((stats.losses @ wbar).mean())
-    dt = lr * horizon
-    for target in targets:
-        Mb = stats.interaction(target.coefs_at(wbar))
-        for i, j, pair_dw in pairs:
-            el = float(_el_unit(Mb, wbar, i, j, pair_dw).mean()) * dt * dt
-            ratio, progress, _ = regime(el, mix_rate, mix_loss, dt)
-            if math.isinf(ratio):
-                return 1
-            if ratio > REGIME_MAX_RATIO:
-                best = min(best, math.floor(horizon * REGIME_MAX_RATIO / ratio))
-            if progress > REGIME_MAX_PROGRESS * mix_loss:
-                best = min(best, math.floor(horizon * REGIME_MAX_PROGRESS * mix_loss / progress))
-    return max(1, best)
-
-
-def regime(el: float, mix_rate: float, mix_loss: float, dt: float) -> tuple[float, float, bool]:
-    """Is a prediction inside the local regime? Returns ``(ratio, progress, inside)``.
-
-    The prediction is the second-order term of an expansion in dt (MATH.md "Regime of validity"). Its
-    size against the first-order progress of training in the same window,
-    ``ratio = |EL| / (2 dt <gbar, D gbar>)``, is ~ dt x (curvature along the directions involved): when it
-    is not small, higher orders matter and the nats are meaningless. The denominator is the training
-    mixture's own first-order decrease rate ``<gbar, D gbar> >= 0``, well estimated and never near zero
-    while training makes progress (a target's own progress can cross zero and would make the ratio
-    noise). Also outside: a first-order progress ``2 dt <gbar, D gbar>`` above ``REGIME_MAX_PROGRESS`` of
-    the mixture loss (a linear prediction that eats half the loss cannot be local). A non-positive
-    progress rate (converged or noise) leaves no scale to compare with: outside.
-    """
-    progress = 2.0 * dt * mix_rate
-    if progress <= 0.0:
-        return math.inf, progress, False
-    ratio = abs(el) / progress
-    inside = ratio <= REGIME_MAX_RATIO and progress <= REGIME_MAX_PROGRESS * mix_loss
-    return ratio, progress, inside
-
-
-def _el_unit(Mb: np.ndarray, wbar: np.ndarray, i: int, j: int, dw: float) -> np.ndarray:
-    """Per-block ``EL^{ij}`` at ``dt = 1`` (it scales as dt^2): ``sum C[a, l] M[a, l]`` (MATH.md)."""
-    d = np.zeros(len(wbar))
-    d[i], d[j] = dw, -dw
-    C = criterion.pair_coefficients(torch.as_tensor(wbar, dtype=torch.float64), torch.as_tensor(d)).numpy()
-    return np.einsum("al,bal->b", C, Mb)
-
-
-def pair_list(wbar: np.ndarray, dw: float | None) -> list[tuple[int, int, float]]:
-    """Unordered pairs ``i < j`` with their intervention size: ``--dw`` or half the smaller weight (the
-    proof of Corollary 3.2(b)); with a zero weight, half the other one, so the bracket's sign is still
-    reported (the verdict is then 'consistent': no admissible intervention)."""
-    out = []
-    K = len(wbar)
-    for i in range(K):
-        for j in range(i + 1, K):
-            pair_dw = dw if dw is not None else 0.5 * min(wbar[i], wbar[j])
-            if pair_dw <= 0.0:
-                pair_dw = 0.5 * max(wbar[i], wbar[j])
-            out.append((i, j, float(pair_dw)))
-    return out
 
 
 def summarize_checkpoint(
@@ -580,41 +275,40 @@ def summarize_checkpoint(
     horizon: int,
     dw: float | None,
     confidence: float,
+    min_effect: float = MIN_EFFECT,
+    horizon_reason: str = "",
 ) -> list[dict[str, Any]]:
     """Rows of ``results.csv`` for one checkpoint: one per (target, unordered domain pair ``i < j``).
 
     For each pair the intervention is ``d = +dw`` on i, ``-dw`` on j around ``wbar`` for ``horizon`` steps
-    each way (dt = lr x horizon, MATH.md "Notation"); ``el_ij`` is the predicted ``EL^{ij}`` in nats
+    each way (``dt = lr x horizon``, docs/MATH.md "Notation"); ``el_ij`` is the predicted ``EL^{ij}`` in nats
     (negative: moving i earlier and j later lowers the target), ``bracket`` the (preconditioned) bracket
-    ``< D g_L, H_j D g_i - H_i D g_j >``. Significance is tested on ``el_ij``'s per-block estimates.
-
-    Regime of validity: see :func:`regime` (``regime_ratio``, ``first_order`` = the mixture's first-order
-    progress ``2 dt <gbar, D gbar>`` over the window, ``in_regime``).
+    ``< D g_L, H_j D g_i - H_i D g_j >``. All numbers come from :func:`core.regime.predict_pair` (the tested
+    criterion functions over the ``[B, K, K]`` per-block matrices). Regime: ``regime`` is inside / outside /
+    uncertain on the interval ``[regime_ratio_lo, regime_ratio_hi]``; ``in_regime`` is ``regime != outside``
+    (not shown to be outside: the column's meaning before intervals, without flagging noise).
+    ``min_effect`` is the negligible threshold in nats.
     """
     rows: list[dict[str, Any]] = []
-    dt = lr * horizon
-    mix_rate = float(stats.first_order(wbar, wbar).mean())  # <gbar, D gbar>: training's own progress rate
-    mix_loss = float((stats.losses @ wbar).mean())
     for target in targets:
         c = target.coefs_at(wbar)
-        Mb = stats.interaction(c)  # [B, K, K]
-        target_loss = float((stats.losses @ c).mean())
         for i, j, pair_dw in pair_list(wbar, dw):
-            el = criterion.summarize_blocks(_el_unit(Mb, wbar, i, j, pair_dw) * dt * dt, confidence)
-            br = criterion.summarize_blocks(Mb[:, j, i] - Mb[:, i, j], confidence)
-            ratio, progress, inside = regime(el.mean, mix_rate, mix_loss, dt)
-            wi, wj = float(wbar[i]), float(wbar[j])
+            p = predict_pair(
+                stats, wbar=wbar, coefs=c, i=i, j=j, dw=pair_dw, dt=lr * horizon,
+                confidence=confidence, min_effect=min_effect,
+            )  # fmt: skip
+            el = p.el
             rows.append(
                 {
                     "step": step,
                     "target": target.name,
                     "domain_i": names[i],
                     "domain_j": names[j],
-                    "w_i": wi,
-                    "w_j": wj,
-                    "target_loss": target_loss,
-                    "bracket": br.mean,
-                    "bracket_se": br.se,
+                    "w_i": float(wbar[i]),
+                    "w_j": float(wbar[j]),
+                    "target_loss": p.target_loss,
+                    "bracket": p.bracket.mean,
+                    "bracket_se": p.bracket.se,
                     "el_ij": el.mean,
                     "el_se": el.se,
                     "t": el.t,
@@ -623,15 +317,20 @@ def summarize_checkpoint(
                     "dw": pair_dw,
                     "horizon": horizon,
                     "lr": lr,
-                    "dt": dt,
-                    "first_order": progress,
-                    "regime_ratio": ratio,
-                    "in_regime": inside,
-                    "verdict": criterion.verdict(el.significant, wi, wj),
+                    "dt": p.dt,
+                    "first_order": p.regime.progress,
+                    "regime_ratio": p.regime.ratio,
+                    "in_regime": p.regime.regime != Regime.OUTSIDE,
+                    "verdict": str(p.verdict),
                     "direction": criterion.direction_words(el.mean, names[i], names[j])
                     if el.significant
                     else "",
                     "n_blocks": stats.n_blocks,
+                    "regime": str(p.regime.regime),
+                    "regime_ratio_lo": p.regime.ratio_lo,
+                    "regime_ratio_hi": p.regime.ratio_hi,
+                    "min_effect": p.min_effect,
+                    "horizon_reason": horizon_reason,
                 }
             )
     return rows
@@ -639,7 +338,8 @@ def summarize_checkpoint(
 
 def loss_rows(
     stats: CheckpointStats, step: int | None, names: Sequence[str], confidence: float
-) -> list[dict]:
+) -> list[dict[str, Any]]:
+    """Rows of ``losses.csv``: per domain, the mean loss over blocks (nats) and its SE."""
     rows = []
     for k, name in enumerate(names):
         s = criterion.summarize_blocks(stats.losses[:, k], confidence)
@@ -655,30 +355,14 @@ class AnalysisResult:
     results: pd.DataFrame
     losses: pd.DataFrame
     run: dict[str, Any]
-    out: Path
-
-
-def _check_writable(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".probe-", dir=out)
-        os.close(fd)
-        os.unlink(tmp)
-    except OSError as err:
-        raise CommuteError(
-            f"output folder {out} is not writable ({err.strerror})", hint="pass --out DIR"
-        ) from err
-
-
-def _peak_rss_mb() -> float:
-    ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return ru / 1024.0 if sys.platform != "darwin" else ru / 2**20
+    out: Path  # the folder the results are in (``--out``, or a run folder under it)
+    notes: list[str] = field(default_factory=list)
 
 
 def run_analysis(
     opts: AnalyzeOptions,
     *,
-    on_checkpoint_start: Callable[[int, checkpoints.CheckpointRef, int, bool, int], None] | None = None,
+    on_checkpoint_start: Callable[[int, checkpoints.CheckpointRef, int, bool], None] | None = None,
     on_block: Callable[[int], None] | None = None,
 ) -> AnalysisResult:
     """The whole ``analyze`` job. Progress callbacks let the CLI draw bars without this module knowing.
@@ -694,7 +378,7 @@ def run_analysis(
     except CommuteError as err:  # every rank has the same options: print it once
         err.silent = not distributed.is_main_process()  # type: ignore[attr-defined]
         raise
-    ctx, device = distributed.setup(_resolve_device(opts.device), timeout_s=opts.dist_timeout)
+    ctx, device = distributed.setup(resolve_device(opts.device), timeout_s=opts.dist_timeout)
     try:
         return _run_analysis(opts, ctx, device, t0, on_checkpoint_start, on_block)
     finally:
@@ -713,21 +397,28 @@ def _run_analysis(
         on_checkpoint_start = on_block = None
     inputs = ctx.agree(lambda: resolve_inputs(opts))
     assert inputs is not None
-    out = Path(opts.out)
-    ctx.agree(lambda: _check_writable(out), main_only=True)
-    cache_dir = out / "cache"
-    # Tokenized once per run (and cached across runs) by rank 0; the sample goes to the other ranks.
-    prepared = ctx.broadcast(ctx.agree(lambda: prepare_samples(inputs, opts, cache_dir), main_only=True))
+    root = Path(opts.out)
+    identity_fields = {
+        "options": {"ckpt_dir": str(opts.ckpt_dir), "metric": opts.metric},
+        "ckpt_dir_resolved": str(Path(opts.ckpt_dir).resolve()),
+        "domains": {n: inputs.sources[n] for n in inputs.names},
+        "text_fields": dict(inputs.text_fields),
+        "schedule": json.loads(inputs.schedule.to_json()),
+        "targets": [{"name": t.name, "kind": t.kind} for t in inputs.targets],
+    }
+    run_id = store.run_identity(identity_fields)
+    chosen = ctx.agree(lambda: store.choose_folder(root, run_id, opts.name), main_only=True)
+    out, note = chosen if chosen is not None else (root, None)
+    ctx.agree(lambda: (check_writable(root), check_writable(out)), main_only=True)
+    cache_dir = root / "cache"
+    # Drawn once per run by rank 0 (a bounded read); the sample goes to the other ranks.
+    prepared = ctx.broadcast(ctx.agree(lambda: prepare_samples(inputs, opts), main_only=True))
     assert prepared is not None
     parts, sample_digest, data_provenance = prepared
     local_parts = [[[ctx.shard(p) for p in blk] for blk in dom] for dom in parts]
     K, T = len(inputs.names), len(inputs.targets)
     plan = criterion.choose_plan(K, T) if opts.plan == "auto" else opts.plan
     steps = [r.step for r in inputs.refs]
-
-    result_rows: list[dict] = []
-    loss_table: list[dict] = []
-    per_ckpt: list[dict] = []
     lr_found = {ref.name: find_learning_rate(ref, opts.lr) for ref in inputs.refs}  # before any long work
     for ref in inputs.refs:
         if lr_found[ref.name].value is None:
@@ -748,75 +439,39 @@ def _run_analysis(
                 "the predicted change is 0 by construction (pass --lr to analyze it anyway)",
                 file=sys.stderr,
             )
+
+    result_rows: list[dict] = []
+    loss_table: list[dict] = []
+    per_ckpt: list[dict] = []
     for idx, ref in enumerate(inputs.refs):
-        if lr_found[ref.name].is_zero:
-            continue
         step = ref.step if ref.step is not None else 0
         wbar = np.array([inputs.schedule.weights_at(step)[n] for n in inputs.names], dtype=np.float64)
         coefs = np.stack([t.coefs_at(wbar) for t in inputs.targets]) if plan == "target" else None
+        if lr_found[ref.name].is_zero:
+            continue
         lr = lr_found[ref.name].value
-        key = _stats_key(ref, opts, plan, sample_digest, coefs, device, ctx.world)
-        entry = cache_dir / f"stats-{ref.name}-{key}.safetensors"
-        stats = ctx.broadcast(_load_cached(entry) if opts.use_cache and ctx.is_main else None)
-        if on_checkpoint_start is not None:
-            on_checkpoint_start(idx, ref, opts.blocks, stats is not None, len(inputs.refs))
-        extra: dict[str, Any] = {}
-        if stats is None:
-            tc = time.perf_counter()
-            # every rank loads its own copy; a failure on any rank stops all of them
-            model = ctx.agree(lambda ref=ref: checkpoints.load_model(ref, device=device))
-            metric = ctx.agree(lambda ref=ref, model=model: preconditioner(ref, model, opts.metric))
-            assert model is not None and metric is not None
-            D, extra = metric
-            offload = offload_stacks(opts, model, K, T, plan)
-            extra["offload"] = offload
-            stats = estimate_checkpoint(
-                model,
-                local_parts,
-                plan=plan,
-                target_coefs=coefs,
-                D=D,
-                method=opts.hvp,
-                micro_batch=opts.batch_size,
-                hvp_micro_batch=hvp_micro_batch(opts),
-                offload=offload,
-                on_block=on_block,
-                reduce=ctx.reduce_fn(),
-            )
-            del model, D
-            extra["seconds"] = time.perf_counter() - tc
-            meta = {"checkpoint": str(ref.path), "format": CACHE_FORMAT}
-            ctx.agree(
-                lambda entry=entry, stats=stats, meta=meta: _save_cached(entry, stats, meta), main_only=True
-            )
+        start = (
+            None
+            if on_checkpoint_start is None
+            else (lambda c, i=idx, r=ref: on_checkpoint_start(i, r, opts.blocks, c, len(inputs.refs)))
+        )
+        entry = checkpoint_stats(
+            ref, opts, parts=local_parts, sample_digest=sample_digest, plan=plan, coefs=coefs, device=device,
+            cache_dirs=[cache_dir], ctx=ctx, on_start=start, on_block=on_block,
+        )  # fmt: skip
+        stats = entry.stats
         if not np.all(np.isfinite(stats.losses)):
             raise CommuteError(
                 f"non-finite loss at {ref.name} (nan or inf): the checkpoint's weights are broken",
                 hint="check the checkpoint, or leave it out with --steps",
                 exit_code=2,
             )
-        if opts.horizon is not None:
-            horizon = opts.horizon
-        else:
-            horizon = regime_horizon(
-                stats,
-                wbar=wbar,
-                targets=inputs.targets,
-                pairs=pair_list(wbar, opts.dw),
-                lr=float(lr),
-                horizon=default_horizon(steps, idx),
-            )
+        horizon, reason = choose_horizon(steps, idx, opts.horizon)
         result_rows += summarize_checkpoint(
-            stats,
-            step=ref.step,
-            names=inputs.names,
-            wbar=wbar,
-            targets=inputs.targets,
-            lr=float(lr),
-            horizon=horizon,
-            dw=opts.dw,
-            confidence=opts.confidence,
-        )
+            stats, step=ref.step, names=inputs.names, wbar=wbar, targets=inputs.targets, lr=float(lr),
+            horizon=horizon, dw=opts.dw, confidence=opts.confidence, min_effect=opts.min_effect,
+            horizon_reason=reason,
+        )  # fmt: skip
         loss_table += loss_rows(stats, ref.step, inputs.names, opts.confidence)
         per_ckpt.append(
             {
@@ -824,21 +479,26 @@ def _run_analysis(
                 "step": ref.step,
                 "lr": lr,
                 "lr_source": lr_found[ref.name].as_dict(),
-                "cache": entry.name,
-                "weights_sha256": weights_digest(ref.path),
-                **extra,
+                "horizon": horizon,
+                "horizon_reason": reason,
+                "cache": entry.file.name,
+                "cached": entry.cached,
+                **entry.info,
             }
         )
 
     results = pd.DataFrame(result_rows)
+    results.insert(0, "run_id", run_id[:8])
     losses = pd.DataFrame(loss_table)
     run = {
+        "format": store.ANALYSIS_FORMAT,
         "command": "analyze",
+        "run_id": run_id,
+        **identity_fields,
         "commute_version": __version__,
         "argv": sys.argv,
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()},
-        "versions": _versions(),
-        "domains": {n: inputs.sources[n] for n in inputs.names},
+        "versions": versions(),
         "data_split": _data_split(inputs),
         "data_base_dir": None if inputs.base_dir is None else str(inputs.base_dir),
         # sha256 of the text each sample was drawn from (the bounded read never hashes whole corpora)
@@ -846,8 +506,6 @@ def _run_analysis(
         "data": data_provenance,
         "tokenizer": inputs.tokenizer_path,
         "seq_len": inputs.seq_len,
-        "targets": [{"name": t.name, "kind": t.kind} for t in inputs.targets],
-        "schedule": json.loads(inputs.schedule.to_json()),
         "plan": plan,
         "hvps_per_block": criterion.plan_hvp_count(K, T)[plan],
         "samples_per_domain": int(sum(p.shape[0] for blk in parts[0] for p in blk)),
@@ -862,17 +520,23 @@ def _run_analysis(
             for r in skipped
         ],
         "elapsed_seconds": time.perf_counter() - t0,
-        "peak_rss_mb": _peak_rss_mb(),
-        "regime": {"max_ratio": REGIME_MAX_RATIO, "max_progress_fraction": REGIME_MAX_PROGRESS},
+        "peak_rss_mb": peak_rss_mb(),
+        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "regime": {
+            "max_ratio": REGIME_MAX_RATIO,
+            "max_progress_fraction": REGIME_MAX_PROGRESS,
+            "judged_on": "interval",
+        },
+        "min_effect": opts.min_effect,
     }
 
-    def write_outputs() -> None:
-        atomic.write_text(out / "results.csv", results.to_csv(index=False))
-        atomic.write_text(out / "losses.csv", losses.to_csv(index=False))
-        atomic.write_text(out / "run.json", json.dumps(run, indent=2, default=str) + "\n")
+    def write_outputs() -> dict[str, Any]:
+        merged = store.merge_rerun(store.read_run_json(out), run)
+        store.AnalysisRun(out, results, losses, merged).write()
+        return merged
 
-    ctx.agree(write_outputs, main_only=True)
-    return AnalysisResult(results, losses, run, out)
+    run = ctx.agree(write_outputs, main_only=True) or run
+    return AnalysisResult(results, losses, run, out, [note] if note else [])
 
 
 def _data_split(inputs: Inputs) -> str:
@@ -884,35 +548,6 @@ def _data_split(inputs: Inputs) -> str:
     if m is not None and m.domains and dict(m.domains) == dict(inputs.sources):
         return "train"
     return "given"
-
-
-def quiet_libraries() -> None:
-    """transformers' per-load progress bars and config warnings would bury the table; keep errors only."""
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    try:
-        import datasets
-
-        datasets.logging.set_verbosity_error()
-        datasets.disable_progress_bars()
-    except Exception:  # pragma: no cover - older datasets
-        pass
-
-
-def _versions() -> dict[str, str]:
-    import datasets
-    import transformers
-
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "datasets": datasets.__version__,
-        "numpy": np.__version__,
-        "platform": platform.platform(),
-    }
 
 
 _STEP_LIST = re.compile(r"^\s*\d+(\s*,\s*\d+)*\s*$")
@@ -927,3 +562,7 @@ def parse_steps(text: str | None) -> list[int] | None:
             f"--steps must be a comma-separated list of steps, got {text!r}", hint="e.g. --steps 2000,8000"
         )
     return [int(s) for s in text.split(",")]
+
+
+_check_writable = check_writable  # the names validate and older callers import
+_resolve_device = resolve_device

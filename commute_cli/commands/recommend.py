@@ -44,7 +44,6 @@ Decisions (see the docstrings below for the details):
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import os
@@ -56,13 +55,30 @@ from typing import Any
 
 import pandas as pd
 
+from commute_cli.core.criterion import Verdict
 from commute_cli.core.schedule import Schedule, save_schedule
+from commute_cli.core.shifts import (
+    DEFAULT_GRID,
+    DEFAULT_REGIME,
+    Effect,
+    Shift,
+    Skipped,
+    compose_schedule,
+    constant_span,
+    domain_totals,
+    exact,
+    regime_window,
+    scaled_effect,
+    shift_amount,
+    shift_grid,
+    window_bounds,
+)
 from commute_cli.errors import CommuteError
 from commute_cli.io import atomic
+from commute_cli.io.store import RESULTS_COLUMNS, AnalysisRun, load_analysis, load_losses
 
 __all__ = [
     "DEFAULT_GRID",
-    "AnalyzeOutput",
     "Effect",
     "Recommendation",
     "Shift",
@@ -84,253 +100,8 @@ __all__ = [
     "write_recommendation",
 ]
 
-RESULTS_COLUMNS = (
-    "step",
-    "target",
-    "domain_i",
-    "domain_j",
-    "target_loss",
-    "el_ij",
-    "el_se",
-    "t",
-    "dw",
-    "horizon",
-    "first_order",
-    "regime_ratio",
-    "in_regime",
-    "verdict",
-)
-"""Columns of ``results.csv`` that the recommendation reads."""
 
-DEFAULT_GRID = Fraction(1, 1000)
-"""Shifts are multiples of this (unless ``--batch-size`` gives ``1/B``)."""
-
-# Fallbacks when run.json has no "regime" entry; the source of truth is analysis.REGIME_MAX_RATIO /
-# REGIME_MAX_PROGRESS, recorded in every run.json (importing analysis here would import torch).
-_DEFAULT_REGIME = {"max_ratio": 0.25, "max_progress_fraction": 0.5}
-
-
-# ------------------------------------------------------------------------------------------------ inputs
-
-
-@dataclass
-class AnalyzeOutput:
-    """What ``commute analyze`` left in its ``--out`` folder, as far as recommend and plot need it."""
-
-    folder: Path
-    results: pd.DataFrame
-    schedule: Schedule
-    checkpoint_steps: list[int]
-    regime: dict[str, float]
-    run: dict[str, Any]
-
-
-def load_analysis(folder: str | os.PathLike[str]) -> AnalyzeOutput:
-    """Read ``results.csv`` and ``run.json`` from an ``analyze --out`` folder, with one-line errors."""
-    folder = Path(folder)
-    results_file, run_file = folder / "results.csv", folder / "run.json"
-    hint = f"run `commute analyze CHECKPOINTS --out {folder}` first"
-    if not results_file.is_file():
-        raise CommuteError(f"no analyze results in {folder}/ (results.csv is missing)", hint=hint)
-    if not run_file.is_file():
-        raise CommuteError(f"{folder}/run.json is missing: the schedule of the analysed run is unknown", hint)
-    try:
-        results = pd.read_csv(results_file, keep_default_na=False, na_values=[""])
-        run = json.loads(run_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError, pd.errors.ParserError) as err:
-        raise CommuteError(f"cannot read the analyze results in {folder}/: {err}", hint=hint) from err
-    missing = [c for c in RESULTS_COLUMNS if c not in results.columns]
-    if missing:
-        raise CommuteError(
-            f"{results_file} lacks columns {', '.join(missing)}",
-            hint=f"rerun analyze: {hint.split(': ')[-1]}",
-        )
-    if results.empty:
-        raise CommuteError(f"{results_file} has no rows", hint=hint)
-    if "schedule" not in run:
-        raise CommuteError(f"{run_file} has no schedule", hint=hint)
-    schedule = Schedule.from_records(run["schedule"], context=str(run_file))
-    results = results[results["step"].notna()].copy()
-    if results.empty:
-        raise CommuteError(
-            f"{results_file} has no checkpoint steps (a single model folder?)",
-            hint="recommend needs checkpoints with step numbers (checkpoint-N/ folders)",
-        )
-    results["step"] = results["step"].astype(int)
-    for col in ("in_regime", "significant"):
-        if col in results.columns and results[col].dtype != bool:
-            results[col] = results[col].astype(str).str.lower().isin({"true", "1"})
-    steps = sorted({int(c["step"]) for c in run.get("checkpoints", []) if c.get("step") is not None})
-    steps = sorted(set(steps) | set(results["step"].tolist()))
-    regime = {**_DEFAULT_REGIME, **run.get("regime", {})}
-    return AnalyzeOutput(folder, results, schedule, steps, regime, run)
-
-
-# ------------------------------------------------------------------------------------------------ pure parts
-
-
-def exact(x: float) -> Fraction:
-    """The decimal a schedule file shows for ``x`` (``repr``, the shortest round-trip form), as a Fraction.
-
-    Arithmetic on these is exact, and ``float(exact(x)) == x``, so unchanged weights stay bit-identical.
-    """
-    return Fraction(repr(float(x)))
-
-
-def window_bounds(checkpoint_steps: Sequence[int], last_step: int) -> dict[int, int]:
-    """Largest half-window ``h`` at each checkpoint ``s`` from the run's geometry alone.
-
-    ``[s - h, s + h)`` must lie in ``[0, last_step]`` (updates ``0 .. last_step - 1`` exist), and ``h`` is at
-    most half the gap to each neighbouring checkpoint (rounded down), so two windows never overlap:
-    ``h_k + h_{k+1} <= s_{k+1} - s_k``. A checkpoint at or after ``last_step`` gets 0 (nothing after it).
-    """
-    steps = sorted(set(int(s) for s in checkpoint_steps))
-    out: dict[int, int] = {}
-    for k, s in enumerate(steps):
-        h = min(s, last_step - s)
-        if k > 0:
-            h = min(h, (s - steps[k - 1]) // 2)
-        if k + 1 < len(steps):
-            h = min(h, (steps[k + 1] - s) // 2)
-        out[s] = max(0, h)
-    return out
-
-
-def constant_span(schedule: Schedule, step: int) -> int:
-    """Largest ``h`` such that the original schedule is constant on ``[step - h, step + h)``.
-
-    MATH.md's expansion is around one ``wbar``; where the schedule itself changes inside the window, the
-    change of ``wbar`` enters at the same order as the prediction. An entry exactly at ``step`` gives 0.
-    """
-    i = schedule.index_at(step)
-    h = step - schedule.steps[i]
-    if i + 1 < len(schedule.steps):
-        h = min(h, schedule.steps[i + 1] - step)
-    return h
-
-
-def shift_amount(
-    weights: Mapping[str, Fraction], earlier: str, later: str, max_shift: Fraction, grid: Fraction
-) -> Fraction:
-    """``delta = min(max_shift, w_a, w_b, 1 - w_a, 1 - w_b)`` rounded down to a multiple of ``grid``.
-
-    Before ``s`` the earlier domain ``a`` gets ``w_a + delta`` and the later ``b`` gets ``w_b - delta``;
-    after ``s`` the reverse; so each of the four must stay in ``[0, 1]``. Exact (Fractions): the bound holds
-    without rounding slack.
-    """
-    wa, wb = weights[earlier], weights[later]
-    bound = min(max_shift, wa, wb, 1 - wa, 1 - wb)
-    if bound <= 0:
-        return Fraction(0)
-    return math.floor(bound / grid) * grid
-
-
-def regime_window(row: Mapping[str, Any], delta: float, regime: Mapping[str, float]) -> int:
-    """Longest window (in steps, at most the analysed horizon) keeping a row's prediction in the local regime.
-
-    The rule of ``commute analyze`` (docs/DECISIONS.md "Regime of validity"): ``regime_ratio = |EL| /
-    first-order progress <= max_ratio`` and ``|first-order progress| <= max_progress_fraction x loss``. With
-    ``EL ~ delta h^2`` and progress ``~ h``, the ratio scales as ``(delta / dw)(h / H)`` and the progress as
-    ``h / H``, so both bounds are solved in closed form. Returns 0 when not even one step is inside.
-    """
-    H = int(row["horizon"])
-    ratio = float(row["regime_ratio"])
-    progress = abs(float(row["first_order"]))
-    loss = max(float(row["target_loss"]), 1e-12)
-    dw = float(row["dw"])
-    h = float(H)
-    if not math.isfinite(ratio) or math.isnan(progress):
-        return 0
-    if ratio > 0 and delta > 0:
-        h = min(h, H * regime["max_ratio"] * dw / (ratio * delta))
-    if progress > 0:
-        h = min(h, H * regime["max_progress_fraction"] * loss / progress)
-    return max(0, math.floor(h * (1 + 1e-12)))
-
-
-@dataclass(frozen=True)
-class Effect:
-    """Predicted change of one target's loss (nats) from one shift, at the end of its window."""
-
-    target: str
-    change: float
-    se: float
-    in_regime: bool
-    significant: bool
-
-
-def scaled_effect(
-    row: Mapping[str, Any], earlier: str, delta: float, h: int, regime: Mapping[str, float]
-) -> Effect:
-    """A ``results.csv`` row's prediction rescaled to shift ``delta`` on ``earlier`` and window ``h``.
-
-    MATH.md: ``EL = dt^2 sum C o M`` with ``C`` linear in ``d`` and ``dt = lr h``, so ``EL`` (and its SE)
-    scale as ``(delta / dw)(h / H)^2``. ``EL^{ji} = -EL^{ij}``: the sign flips when ``j`` is the earlier one.
-    """
-    sign = 1.0 if earlier == row["domain_i"] else -1.0
-    s_d = delta / float(row["dw"])
-    s_h = h / float(row["horizon"])
-    change = sign * float(row["el_ij"]) * s_d * s_h**2
-    se = abs(float(row["el_se"])) * s_d * s_h**2
-    ratio = float(row["regime_ratio"]) * s_d * s_h
-    progress = abs(float(row["first_order"])) * s_h
-    tol = 1 + 1e-9  # the window was solved in closed form for these bounds: do not flag rounding
-    inside = ratio <= regime["max_ratio"] * tol and progress <= regime["max_progress_fraction"] * tol * max(
-        float(row["target_loss"]), 1e-12
-    )
-    if "significant" in row and isinstance(row["significant"], bool):
-        significant = row["significant"]
-    else:
-        significant = str(row.get("verdict", "")) in ("suboptimal", "consistent")
-    return Effect(str(row["target"]), change, se, bool(inside), significant)
-
-
-@dataclass(frozen=True)
-class Shift:
-    """One local reordering around checkpoint ``step``: ``earlier`` +amount on ``[start, step)`` and
-    -amount on ``[step, end)``, ``later`` the reverse (``end - step == step - start``)."""
-
-    step: int
-    start: int
-    end: int
-    earlier: str
-    later: str
-    amount: Fraction
-    base: dict[str, float]  # weights of the original schedule on [start, end)
-    raised: dict[str, float]  # weights on [start, step)
-    lowered: dict[str, float]  # weights on [step, end)
-    effects: dict[str, Effect]  # per target (the chosen one included)
-    source: dict[str, Any]  # the results.csv row of the chosen target (el_ij, el_se, t, dw, horizon, ...)
-
-    @property
-    def window(self) -> int:
-        return self.step - self.start
-
-    def words(self) -> str:
-        """``move ru earlier, en later by 0.1 for 250 steps each side``."""
-        return (
-            f"move {self.earlier} earlier, {self.later} later by {float(self.amount):g} "
-            f"for {self.window} steps each side"
-        )
-
-    def numbers(self) -> str:
-        """``steps 750-1000: en 0.80->0.70, ru 0.20->0.30; steps 1000-1250: en 0.80->0.90, ru 0.20->0.10``
-        (the two domains that move, in the schedule's order)."""
-        moved = [n for n in self.base if n in (self.earlier, self.later)]
-
-        def part(a: int, b: int, new: Mapping[str, float]) -> str:
-            return f"steps {a}-{b}: " + ", ".join(f"{n} {self.base[n]:.2f}->{new[n]:.2f}" for n in moved)
-
-        return f"{part(self.start, self.step, self.raised)}; {part(self.step, self.end, self.lowered)}"
-
-
-@dataclass(frozen=True)
-class Skipped:
-    """A checkpoint where the target's verdict is suboptimal but no shift is proposed, and why."""
-
-    step: int
-    pair: str
-    reason: str
+# ------------------------------------------------------------------------------------------------ use case
 
 
 @dataclass
@@ -347,6 +118,7 @@ class Recommendation:
     targets: list[str]
     totals: dict[str, tuple[float, float]] = field(default_factory=dict)  # target -> (change, se bound)
     domain_totals: dict[str, dict[str, float]] = field(default_factory=dict)
+    about: str = ""  # which analysed run and schedule (AnalysisRun.label())
 
     @property
     def proposed(self) -> bool:
@@ -380,12 +152,7 @@ class Recommendation:
                     continue
                 rows.append(
                     {
-                        "step": sh.step,
-                        "start": sh.start,
-                        "end": sh.end,
-                        "earlier": sh.earlier,
-                        "later": sh.later,
-                        "shift": float(sh.amount),
+                        **sh.to_record(),
                         **{f"w_{n}_before": sh.raised[n] for n in self.original.domains},
                         **{f"w_{n}_after": sh.lowered[n] for n in self.original.domains},
                         "target": name,
@@ -401,6 +168,7 @@ class Recommendation:
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": "commute-recommend/1",
+            "about": self.about,
             "target": self.target,
             "max_shift": self.max_shift,
             "grid": str(self.grid),
@@ -409,12 +177,7 @@ class Recommendation:
             "summary": self.summary(),
             "shifts": [
                 {
-                    "step": sh.step,
-                    "start": sh.start,
-                    "end": sh.end,
-                    "earlier": sh.earlier,
-                    "later": sh.later,
-                    "shift": float(sh.amount),
+                    **sh.to_record(),
                     "words": f"{sh.words()}: {sh.numbers()}",
                     "weights_original": sh.base,
                     "weights_before_step": sh.raised,
@@ -440,43 +203,6 @@ class Recommendation:
         }
 
 
-def compose_schedule(original: Schedule, shifts: Sequence[Shift]) -> Schedule:
-    """The original schedule plus every shift's ``+-amount`` windows, as one piecewise-constant schedule.
-
-    Windows must not overlap (:func:`window_bounds` guarantees it). Additions are exact on the files'
-    decimals (:func:`exact`); consecutive equal entries are merged.
-    """
-    spans = sorted((sh.start, sh.end) for sh in shifts)
-    for (_, e0), (s1, _) in itertools.pairwise(spans):
-        if s1 < e0:
-            raise ValueError("shift windows overlap")
-    names = original.domains
-    cuts = sorted(set(original.steps) | {b for sh in shifts for b in (sh.start, sh.step, sh.end)})
-    entries: list[tuple[int, dict[str, float]]] = []
-    for b in cuts:
-        w = {n: exact(v) for n, v in original.weights_at(b).items()}
-        for sh in shifts:
-            sign = 1 if sh.start <= b < sh.step else -1 if sh.step <= b < sh.end else 0
-            if sign:
-                w[sh.earlier] += sign * sh.amount
-                w[sh.later] -= sign * sh.amount
-        floats = {n: float(w[n]) for n in names}
-        if not entries or entries[-1][1] != floats:
-            entries.append((b, floats))
-    return Schedule.from_entries(entries, names)
-
-
-def domain_totals(schedule: Schedule, last_step: int) -> dict[str, Fraction]:
-    """``sum_{step < last_step} w_k(step)`` per domain, exactly, on the decimals the files show."""
-    tot = {n: Fraction(0) for n in schedule.domains}
-    bounds = [*schedule.steps, max(last_step, schedule.steps[-1])]
-    for k, s in enumerate(schedule.steps):
-        length = max(0, min(bounds[k + 1], last_step) - min(s, last_step))
-        for n, v in zip(schedule.domains, schedule.values[k], strict=True):
-            tot[n] += exact(v) * length
-    return tot
-
-
 def recommend(
     results: pd.DataFrame,
     original: Schedule,
@@ -487,6 +213,7 @@ def recommend(
     last_step: int | None = None,
     grid: Fraction = DEFAULT_GRID,
     regime: Mapping[str, float] | None = None,
+    about: str = "",
 ) -> Recommendation:
     """The whole algorithm (pure): suboptimal checkpoints -> shifts -> one schedule with the same totals.
 
@@ -499,8 +226,9 @@ def recommend(
         last_step: the run's last step (default: the last checkpoint); nothing is shifted past it.
         grid: shifts are multiples of this.
         regime: ``max_ratio`` and ``max_progress_fraction`` of the local regime (default: analyze's).
+        about: which analysed run and schedule this is about (kept in ``recommend.json``).
     """
-    regime = {**_DEFAULT_REGIME, **(regime or {})}
+    regime = {**DEFAULT_REGIME, **(regime or {})}
     available = list(dict.fromkeys(results["target"].astype(str)))
     if target not in available:
         raise CommuteError(
@@ -519,7 +247,7 @@ def recommend(
     res = results.copy()
     res["target"] = res["target"].astype(str)
     mine = res[res["target"] == target]
-    sub = mine[mine["verdict"] == "suboptimal"]
+    sub = mine[mine["verdict"] == Verdict.SUBOPTIMAL]
     shifts: list[Shift] = []
     skipped: list[Skipped] = []
     for s, rows in sub.groupby("step", sort=True):
@@ -628,6 +356,7 @@ def recommend(
         targets=targets,
         totals=totals,
         domain_totals=dom_totals,
+        about=about,
     )
 
 
@@ -656,7 +385,7 @@ def write_recommendation(rec: Recommendation, out: str | os.PathLike[str]) -> li
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-def run_batch_size(analysis: AnalyzeOutput) -> int | None:
+def run_batch_size(analysis: AnalysisRun) -> int | None:
     """The analysed run's batch size from the ``commute.json`` next to its checkpoints, when it can be found
     (``run.json`` records the checkpoint folder as given to ``analyze``, relative to where it ran)."""
     ckpt_dir = analysis.run.get("options", {}).get("ckpt_dir")
@@ -673,17 +402,6 @@ def run_batch_size(analysis: AnalyzeOutput) -> int | None:
     return None
 
 
-def shift_grid(batch_size: int | None) -> Fraction:
-    """``1/B`` for a batch of ``B`` rows (``commute train`` composes batches of whole rows, so a shift that
-    is not a whole number of rows would be rounded, step by step, and no longer conserve data); else
-    :data:`DEFAULT_GRID`."""
-    if batch_size is None:
-        return DEFAULT_GRID
-    if batch_size < 1:
-        raise CommuteError(f"--batch-size must be positive, got {batch_size}")
-    return Fraction(1, int(batch_size))
-
-
 def earlier_recommendation(folder: str | os.PathLike[str]) -> str | None:
     """What an earlier ``recommend`` left in ``folder`` (e.g. ``target en``), or None when nothing is there.
 
@@ -697,18 +415,3 @@ def earlier_recommendation(folder: str | os.PathLike[str]) -> str | None:
     except (OSError, ValueError, AttributeError):
         target = None
     return f"target {target}" if target else "schedule files"
-
-
-def load_losses(folder: str | os.PathLike[str]) -> pd.DataFrame:
-    """``losses.csv`` of an ``analyze --out`` folder (step, domain, loss, loss_se)."""
-    file = Path(folder) / "losses.csv"
-    if not file.is_file():
-        raise CommuteError(
-            f"no analyze results in {Path(folder)}/ (losses.csv is missing)",
-            hint=f"run `commute analyze CHECKPOINTS --out {Path(folder)}` first",
-        )
-    losses = pd.read_csv(file)
-    missing = [c for c in ("step", "domain", "loss", "loss_se") if c not in losses.columns]
-    if missing:
-        raise CommuteError(f"{file} lacks columns {', '.join(missing)}", hint="rerun commute analyze")
-    return losses

@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 
 from commute_cli.core import criterion
+from commute_cli.engine.metric import apply_preconditioner
 
 Tensor = torch.Tensor
 Weights = Sequence[float] | Tensor
@@ -147,14 +148,14 @@ class QuadraticDomains:
         n = self.dim
         return torch.einsum("...ij,...j->...i", E[..., :n, :n], theta) + E[..., :n, n]
 
-    def interaction(self, theta: Tensor, c: Weights | None = None, D: Tensor | None = None) -> Tensor:
+    def interaction(self, theta: Tensor, c: Weights | None = None, D: Tensor | None = None) -> np.ndarray:
         """Interaction matrix ``M[a, b] = <D g_L, H_a D g_b>`` at ``theta`` ``[n]``, through criterion.py.
 
         Uses the cheaper plan for one target (:func:`criterion.choose_plan`), exactly as a real run would.
         """
         g = self.grad(theta)  # [K, n]
-        Dg = criterion.apply_preconditioner(D, g)
-        u = criterion.apply_preconditioner(D, self._weights(c) @ g)
+        Dg = apply_preconditioner(D, g)
+        u = apply_preconditioner(D, self._weights(c) @ g)
         if criterion.choose_plan(self.K, 1) == "pair":
             hvps = {(a, b): self.hvp(a, Dg[b]) for a, b in criterion.ordered_pairs(self.K)}
             return criterion.interaction_pair_plan(u, hvps, self.K)

@@ -583,113 +583,92 @@ def observe(
 # ------------------------------------------------------------------------------------------------ predictions
 
 
-PREDICTION_COLUMNS = (
-    "el_ij",
-    "el_se",
-    "t",
-    "significant",
-    "in_regime",
-    "regime_ratio",
-    "bracket",
-    "dt",
-    "lr",
-)
-
-
 def _prediction_rows(
-    results: pd.DataFrame, setup: Setup, dw: float, horizon: int, lr: float
-) -> dict[str, dict[str, Any]] | None:
-    """Rows of an analyze ``results.csv`` for this step, pair, dw, horizon and lr, by target (or None)."""
-    i, j = (setup.names[k] for k in setup.pair)
-    need = {"step", "target", "domain_i", "domain_j", "dw", "horizon", "lr", *PREDICTION_COLUMNS} - set(
-        results.columns
-    )
-    if need:
-        return None
+    stats: Any, setup: Setup, dw: float, horizon: int, lr: float, confidence: float
+) -> dict[str, dict[str, Any]]:
+    """The criterion's ``EL^12`` for every target domain from one checkpoint's statistics, through
+    ``core.regime.predict_pair`` (the function that makes analyze's rows): ``+dw`` on the pair's first
+    domain, ``dt = lr x horizon``."""
+    from commute_cli.core.regime import Regime, predict_pair
+
+    w = setup.schedule.weights_at(setup.step)
+    wbar = np.array([w[n] for n in setup.names], dtype=np.float64)
+    i, j = setup.pair
     found = {}
-    for target in setup.names:
-        match = results[
-            (results["step"] == setup.step)
-            & (results["target"] == target)
-            & (
-                ((results["domain_i"] == i) & (results["domain_j"] == j))
-                | ((results["domain_i"] == j) & (results["domain_j"] == i))
-            )
-            & ((results["dw"] - dw).abs() <= 1e-9)
-            & (results["horizon"] == horizon)
-            & ((results["lr"] - lr).abs() <= 1e-9 * max(lr, 1e-30))
-        ]
-        if match.empty:
-            return None
-        row = match.iloc[-1].to_dict()
-        sign = (
-            1.0 if row["domain_i"] == i else -1.0
-        )  # the formula is linear in d: reversing the pair flips it
+    for k, target in enumerate(setup.names):
+        coefs = np.zeros(len(setup.names))
+        coefs[k] = 1.0
+        p = predict_pair(
+            stats, wbar=wbar, coefs=coefs, i=i, j=j, dw=dw, dt=lr * horizon, confidence=confidence
+        )
         found[target] = {
-            "pred_el12": sign * float(row["el_ij"]),
-            "pred_el12_se": float(row["el_se"]),
-            "pred_t": sign * float(row["t"]),
-            "pred_significant": bool(row["significant"]),
-            "in_regime": bool(row["in_regime"]),
-            "regime_ratio": float(row["regime_ratio"]),
-            "pred_bracket": sign * float(row["bracket"]),
-            "dt": float(row["dt"]),
+            "pred_el12": p.el.mean,
+            "pred_el12_se": p.el.se,
+            "pred_t": p.el.t,
+            "pred_significant": p.el.significant,
+            "in_regime": p.regime.regime != Regime.OUTSIDE,
+            "regime": str(p.regime.regime),
+            "regime_ratio": p.regime.ratio,
+            "pred_bracket": p.bracket.mean,
+            "pred_verdict": str(p.verdict),
+            "dt": p.dt,
         }
     return found
 
 
 def predict(setup: Setup, opts: ValidateOptions, dw: float, note: Note) -> tuple[dict[str, dict], str]:
-    """The criterion's predicted ``EL_k^12`` for every target domain k: from ``--from`` when it has matching
-    rows (same step, pair, dw, horizon, lr and metric), else computed now by ``analysis.run_analysis`` into
-    ``OUT/validate-predict`` (cached there)."""
-    from commute_cli.commands.analyze import AnalyzeOptions, run_analysis
+    """The criterion's predicted ``EL_k^12`` for every target k at validate's own ``(dw, --steps, lr)``.
 
-    lr = setup.lr_mean
+    The checkpoint's statistics come from the shared content-addressed cache (``io.store``) when a
+    ``commute analyze`` of the same checkpoint, data and sample settings left them there (``OUT/cache``, or
+    ``FROM/cache`` with ``--from``); only otherwise are they computed (and cached for next time). The
+    sample is analyze's: the held-out data, ``seq_len`` and ``--samples``/``--blocks`` with seed 0, so the
+    defaults of both commands meet in the same cache entry. No nested analysis, no float matching.
+    """
+    from commute_cli.commands.analyze import AnalyzeOptions, Inputs, _resolve_device
+    from commute_cli.commands.stats import checkpoint_stats, prepare_samples
+    from commute_cli.core.criterion import choose_plan
+    from commute_cli.io import checkpoints
+
+    out = Path(opts.out)
+    dirs = [out / "cache"]
     if opts.from_dir is not None:
-        folder = Path(opts.from_dir)
-        results_file, run_file = folder / "results.csv", folder / "run.json"
-        if not results_file.is_file():
-            raise CommuteError(
-                f"no results.csv in {folder}",
-                hint=f"run: commute analyze {setup.checkpoint.parent} --out {folder}",
-            )
-        metric = (
-            _read_json(run_file).get("options", {}).get("metric", "euclid") if run_file.is_file() else None
-        )
-        found = None
-        if metric == opts.metric:
-            found = _prediction_rows(pd.read_csv(results_file), setup, dw, opts.steps, lr)
-        if found is not None:
-            return found, f"{results_file}"
-        note(
-            f"note: {results_file} has no rows for step {setup.step}, dw {dw:g}, horizon {opts.steps}, "
-            f"lr {lr:g}, metric {opts.metric}: computing the prediction now"
-        )
-    w = setup.schedule.weights_at(setup.step)
+        dirs += [Path(opts.from_dir) / "cache", Path(opts.from_dir).parent / "cache"]
     sized = {} if opts.samples is None else {"samples": opts.samples}
     aopts = AnalyzeOptions(
-        **sized,
         ckpt_dir=setup.checkpoint,
-        domains=[f"{n}={s}" for n, s in setup.eval_sources.items()],
-        tokenizer=setup.tokenizer_path,
-        seq_len=setup.seq_len,
         blocks=opts.blocks,
-        weights=[f"{n}={w[n]!r}" for n in setup.names],
-        targets=list(setup.names),
         metric=opts.metric,
-        dw=dw,
-        horizon=opts.steps,
-        lr=lr,
         seed=0,
         confidence=opts.confidence,
-        out=Path(opts.out) / PREDICT_DIR,
         use_cache=opts.use_cache,
+        device=str(getattr(opts, "device", "auto")),
+        **sized,
     )
-    result = run_analysis(aopts)
-    found = _prediction_rows(result.results, setup, dw, opts.steps, lr)
-    if found is None:  # pragma: no cover - run_analysis writes exactly these rows
-        raise CommuteError("the analysis produced no prediction rows", exit_code=1)
-    return found, f"computed ({Path(opts.out) / PREDICT_DIR}/results.csv)"
+    aopts.validate()
+    ref = checkpoints.discover(setup.checkpoint)[0]
+    tokenizer = checkpoints.load_tokenizer(Path(setup.tokenizer_path))
+    seq_len = setup.seq_len
+    if seq_len is None:  # analyze's default
+        config = checkpoints.read_config(ref)
+        seq_len = min(
+            256, int(getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", 256))
+        )
+    inputs = Inputs(
+        [ref], list(setup.names), dict(setup.eval_sources), None, tokenizer, setup.tokenizer_path,
+        int(seq_len), setup.schedule, [], None,
+    )  # fmt: skip
+    parts, digest, _provenance = prepare_samples(inputs, aopts)
+    K = len(setup.names)
+    entry = checkpoint_stats(
+        ref, aopts, parts=parts, sample_digest=digest, plan=choose_plan(K, K), coefs=None,
+        device=_resolve_device(aopts.device), cache_dirs=dirs,
+    )  # fmt: skip
+    found = _prediction_rows(entry.stats, setup, dw, opts.steps, setup.lr_mean, opts.confidence)
+    how = "read from the statistics cache" if entry.cached else "computed now and cached"
+    if opts.from_dir is not None and not entry.cached:
+        note(f"note: no cached statistics for {setup.checkpoint} in {opts.from_dir}/: computing them now")
+    return found, f"{how} ({entry.file})"
 
 
 # ------------------------------------------------------------------------------------------------ table

@@ -52,8 +52,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from commute_cli.core.criterion import apply_preconditioner
+from commute_cli.core.regime import CheckpointStats
 from commute_cli.engine import curvature
+from commute_cli.engine.metric import apply_preconditioner
 
 Tensor = torch.Tensor
 
@@ -62,95 +63,6 @@ VEC, HVP, PAIR = 0, 1, 2
 
 #: reductions of a ``B x B`` table of products to per-block values (see the module docstring)
 ESTIMATORS = ("cross", "block")
-
-
-@dataclass
-class CheckpointStats:
-    """Per-block scalar estimates at one checkpoint (float64 numpy arrays).
-
-    Every array has the block axis first; its mean over blocks is the estimate and its
-    ``sd(ddof=1) / sqrt(B)`` the standard error (for ``estimator == "cross"`` the values are jackknife
-    pseudo-values, :func:`jackknife_values`; for ``"block"`` each block's own estimate). Both are linear in
-    the raw products, so any linear combination of the arrays (a target, an intervention, a bracket) keeps
-    that property.
-
-    Attributes:
-        plan: "pair" or "target".
-        losses: ``[B, K]`` mean loss of every domain on each block (all three parts).
-        first: ``[B, K, K]`` estimates of ``< g_k, D g_l >`` (first-order progress terms; ``k`` measured on
-            part 0, ``l`` on part 2).
-        Q: ``[B, K, K, K]`` (pair plan) estimates of ``< D g_k, H_a D g_l >``, zero on a == l.
-        M: ``[B, T, K, K]`` (target plan) interaction matrices of the targets in ``target_coefs``.
-        target_coefs: ``[T, K]`` target weights the target plan was computed for (``None`` for pair).
-        seqs_per_part: sequences per part and domain (the same for all).
-        estimator: "cross" or "block" (how the raw products were reduced).
-    """
-
-    plan: str
-    losses: np.ndarray
-    first: np.ndarray
-    Q: np.ndarray | None = None
-    M: np.ndarray | None = None
-    target_coefs: np.ndarray | None = None
-    seqs_per_part: int = 0
-    estimator: str = "cross"
-
-    @property
-    def n_blocks(self) -> int:
-        return int(self.losses.shape[0])
-
-    @property
-    def n_domains(self) -> int:
-        return int(self.losses.shape[1])
-
-    def interaction(self, coefs: Sequence[float] | np.ndarray) -> np.ndarray:
-        """``[B, K, K]`` interaction matrices ``M[a, l] = < D g_L, H_a D g_l >`` of target ``sum c_k L_k``.
-
-        Pair plan: a linear combination of ``Q`` (any target). Target plan: only a target that was
-        computed, looked up by its weights.
-        """
-        c = np.asarray(coefs, dtype=np.float64)
-        if self.plan == "pair":
-            assert self.Q is not None
-            return np.einsum("k,bkal->bal", c, self.Q)
-        assert self.M is not None and self.target_coefs is not None
-        for t, ct in enumerate(self.target_coefs):
-            if np.allclose(ct, c, rtol=0.0, atol=1e-12):
-                return self.M[:, t]
-        raise KeyError(f"target {c.tolist()} was not computed in the target plan")
-
-    def first_order(
-        self, coefs: Sequence[float] | np.ndarray, wbar: Sequence[float] | np.ndarray
-    ) -> np.ndarray:
-        """``[B]`` estimates of ``< g_L, D gbar >``: the target's first-order decrease rate under ``wbar``."""
-        c = np.asarray(coefs, dtype=np.float64)
-        w = np.asarray(wbar, dtype=np.float64)
-        return np.einsum("k,bkl,l->b", c, self.first, w)
-
-    def to_arrays(self) -> dict[str, np.ndarray]:
-        out = {"losses": self.losses, "first": self.first}
-        if self.Q is not None:
-            out["Q"] = self.Q
-        if self.M is not None:
-            out["M"] = self.M
-        if self.target_coefs is not None:
-            out["target_coefs"] = self.target_coefs
-        return out
-
-    @classmethod
-    def from_arrays(
-        cls, plan: str, arrays: dict[str, np.ndarray], seqs_per_part: int, estimator: str = "cross"
-    ) -> CheckpointStats:
-        return cls(
-            plan=plan,
-            losses=arrays["losses"],
-            first=arrays["first"],
-            Q=arrays.get("Q"),
-            M=arrays.get("M"),
-            target_coefs=arrays.get("target_coefs"),
-            seqs_per_part=seqs_per_part,
-            estimator=estimator,
-        )
 
 
 def jackknife_values(W: np.ndarray) -> np.ndarray:

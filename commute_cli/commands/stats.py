@@ -1,0 +1,294 @@
+"""Per-checkpoint statistics, shared by ``commute analyze`` and ``commute validate``: the sample, the
+metric, and the cached estimate of one checkpoint.
+
+A checkpoint's :class:`~commute_cli.core.regime.CheckpointStats` depend on the weights, the sample
+(data, tokenizer, ``seq_len``, ``--samples``, ``--blocks``, ``--seed``), the metric, the HVP plan and
+method, the micro-batches and the device type -- not on targets, ``--dw``, ``--horizon`` or the
+confidence, which are post-processing (``core.regime``). So every command that needs them at a checkpoint
+asks :func:`checkpoint_stats`, which looks them up in the one content-addressed cache (``io.store``)
+before computing anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import resource
+import sys
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from commute_cli.core.regime import CheckpointStats
+from commute_cli.engine import curvature, distributed, metric
+from commute_cli.engine.estimator import estimate_checkpoint
+from commute_cli.errors import CommuteError
+from commute_cli.io import checkpoints, store
+from commute_cli.io import data as domains
+
+if TYPE_CHECKING:
+    from commute_cli.commands.analyze import AnalyzeOptions, Inputs
+
+
+def domain_seed(seed: int, name: str) -> int:
+    """Seed of a domain's sample: stable across runs and independent of the other domains' names."""
+    return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
+
+
+def prepare_samples(
+    inputs: Inputs, opts: AnalyzeOptions, cache_dir: Path | None = None
+) -> tuple[list, str, dict[str, dict]]:
+    """Per domain: a fixed sample of ``--samples`` blocks and its split into design blocks x 3 parts.
+
+    Each sample is drawn by :func:`commute_cli.io.data.sample_domain` with the domain's seed
+    (:func:`domain_seed`): a bounded read whose cost does not grow with the corpus, deterministic for the
+    same files, tokenizer and seed, so a resumed run gets the same sample. Returns ``parts[k][b][p]``, a
+    digest of all sampled token ids (part of every statistics cache key) and each domain's provenance (which
+    shards and rows the sample came from; written to ``run.json``). ``cache_dir`` is unused: the sample is
+    cheaper to draw than a cache of whole tokenized domains was to check.
+    """
+    del cache_dir
+    parts = []
+    provenance: dict[str, dict] = {}
+    h = hashlib.sha256()
+    n = (opts.samples // (3 * opts.blocks)) * 3 * opts.blocks
+    for name in inputs.names:
+        drawn = domains.sample_domain(
+            inputs.sources[name],
+            inputs.tokenizer,
+            inputs.seq_len,
+            n,
+            domain_seed(opts.seed, name),
+            domain=name,
+            base_dir=inputs.base_dir,
+            text_field=inputs.text_fields.get(name),
+        )
+        h.update(name.encode())
+        h.update(drawn.blocks.numpy().tobytes())
+        parts.append(domains.split_parts(drawn.blocks, opts.blocks, 3))
+        provenance[name] = drawn.provenance
+    return parts, h.hexdigest(), provenance
+
+
+# ------------------------------------------------------------------------------------------------ stats
+
+
+def checkpoint_metric(
+    ref: checkpoints.CheckpointRef, model: torch.nn.Module, name: str
+) -> tuple[torch.Tensor | None, dict[str, Any]]:
+    """The diagonal metric ``D`` for one checkpoint (``engine.metric``): None for ``euclid``; for ``adam``,
+    the checkpoint's second moments (read here, the IO side) through :func:`metric.adam_metric`."""
+    if name == "euclid":
+        return None, {}
+    state = checkpoints.load_adam_state(ref, model)
+    if state is None:
+        raise CommuteError(
+            f"--metric adam needs Adam's second moments, but {ref.path} has no optimizer state",
+            hint="use --metric euclid, or save optimizer.pt with the checkpoints",
+        )
+    v = checkpoints.flat_exp_avg_sq(state, [n for n, _ in curvature.param_list(model)])
+    return metric.adam_metric(v, state.step or 1, state.betas[1], state.eps)
+
+
+def hvp_micro_batch(opts: AnalyzeOptions) -> int:
+    """Sequences per forward pass of the HVPs: ``--hvp-batch-size``, by default half of ``--batch-size``.
+
+    A reverse-on-reverse HVP keeps ~3x the autograd memory of a gradient at the same micro-batch
+    (benchmarks/bench_analysis.py: 12M GPT-2, 4 x 256 tokens: gradient +650 MB, HVP +1980 MB, HVP at 2
+    sequences +1130 MB), so at half the micro-batch the whole analysis stays within ~2x the memory of a
+    gradient pass at ``--batch-size``; on CPU the HVP is as fast per sequence at half the micro-batch.
+    """
+    return opts.hvp_batch_size if opts.hvp_batch_size is not None else max(1, opts.batch_size // 2)
+
+
+OFFLOAD_FRACTION = 0.25
+
+
+def offload_stacks(opts: AnalyzeOptions, model: torch.nn.Module, K: int, T: int, plan: str) -> bool:
+    """Whether the estimator keeps its stack of free factors in host memory (``--offload``).
+
+    ``auto`` offloads on a GPU when the stack -- ``B K`` parameter-sized float32 vectors, ``B`` = ``--blocks``
+    (:func:`~engine.estimator.estimate_products`) -- would take more than a quarter of the GPU memory
+    still free after loading the model: the rest is needed by the unit's ``K`` (pair) or ``T`` (target)
+    vectors and the autograd graph of an HVP (~3x a gradient's). A 1.2B-parameter model with K = 2 and
+    B = 8 has 77 GB of stack, so on most cards it goes to host memory; the tiny and small models never do.
+    Offloading changes no number (dot products still run on the GPU, in the same chunks) and costs host-device
+    copies of the stack for every HVP.
+    """
+    if opts.offload != "auto":
+        return opts.offload == "on"
+    device = curvature.model_device(model)
+    if device.type != "cuda":
+        return False
+    n = curvature.num_params(model)
+    stacks = opts.blocks * K * n * 4
+    free, _total = torch.cuda.mem_get_info(device)
+    return stacks > OFFLOAD_FRACTION * free
+
+
+def stats_key(
+    ref: checkpoints.CheckpointRef,
+    opts: AnalyzeOptions,
+    plan: str,
+    sample_digest: str,
+    target_coefs: np.ndarray | None,
+    device: torch.device,
+    world: int = 1,
+) -> str:
+    """Content key of a checkpoint's statistics: everything that determines them, nothing that does not
+    (targets, ``--dw``, ``--horizon`` and the confidence are post-processing; docs/DECISIONS.md)."""
+    files = [store.file_signature(p) for p in checkpoints.weight_files(ref)]
+    if opts.metric == "adam" and ref.path.is_dir():  # a nanoGPT ckpt.pt holds its optimizer in the same file
+        files += [store.file_signature(p) for p in sorted(ref.path.glob("optimizer*"))]
+    payload = [
+        store.CACHE_FORMAT,
+        str(ref.path.resolve()),
+        files,
+        sample_digest,
+        opts.blocks,  # the same sample split into a different number of design blocks gives other statistics
+        opts.metric,
+        opts.hvp,
+        plan,
+        opts.batch_size,
+        hvp_micro_batch(opts),
+        None if target_coefs is None else np.round(target_coefs, 12).tolist(),
+        device.type,
+    ]
+    if world > 1:  # other summation order: equal to float32 rounding, not bit for bit
+        payload.append(f"world={world}")
+    return store.content_key(payload)
+
+
+@dataclass
+class StatsEntry:
+    """One checkpoint's statistics, where they are cached, and what computing them cost (``run.json``)."""
+
+    stats: CheckpointStats
+    file: Path
+    cached: bool
+    info: dict[str, Any]
+
+
+def checkpoint_stats(
+    ref: checkpoints.CheckpointRef,
+    opts: AnalyzeOptions,
+    *,
+    parts: list,
+    sample_digest: str,
+    plan: str,
+    coefs: np.ndarray | None,
+    device: torch.device,
+    cache_dirs: Sequence[Path],
+    ctx: distributed.DistContext | None = None,
+    on_start: Callable[[bool], None] | None = None,
+    on_block: Callable[[int], None] | None = None,
+) -> StatsEntry:
+    """The statistics of one checkpoint: from the first of ``cache_dirs`` that holds them, else estimated
+    (and saved to ``cache_dirs[0]``). ``parts[k][b][p]`` is this process's slice of the sample.
+
+    ``on_start(cached)`` is called once it is known whether the cache had them (progress bars).
+    """
+    ctx = ctx or distributed.DistContext()
+    key = stats_key(ref, opts, plan, sample_digest, coefs, device, ctx.world)
+    file = store.stats_file(cache_dirs[0], ref.name, key)
+    found = None
+    if opts.use_cache and ctx.is_main:
+        for folder in cache_dirs:
+            found = store.load_stats(store.stats_file(folder, ref.name, key))
+            if found is not None:
+                file = store.stats_file(folder, ref.name, key)
+                break
+    found = ctx.broadcast(found)
+    if on_start is not None:
+        on_start(found is not None)
+    if found is not None:
+        stats, meta = found
+        info = json.loads(meta.get("info", "{}"))
+        file = Path(ctx.broadcast(str(file)))
+        if "weights_sha256" not in info and ctx.is_main:  # an entry written before digests were stored
+            info["weights_sha256"] = store.weights_digest(checkpoints.weight_files(ref))
+        return StatsEntry(stats, file, True, info)
+    tc = time.perf_counter()
+    # every rank loads its own copy; a failure on any rank stops all of them
+    model = ctx.agree(lambda: checkpoints.load_model(ref, device=device))
+    got = ctx.agree(lambda m=model: checkpoint_metric(ref, m, opts.metric))
+    assert model is not None and got is not None
+    D, info = got
+    K = len(parts)
+    offload = offload_stacks(opts, model, K, 0 if coefs is None else len(coefs), plan)
+    stats = estimate_checkpoint(
+        model,
+        parts,
+        plan=plan,
+        target_coefs=coefs,
+        D=D,
+        method=opts.hvp,
+        micro_batch=opts.batch_size,
+        hvp_micro_batch=hvp_micro_batch(opts),
+        offload=offload,
+        on_block=on_block,
+        reduce=ctx.reduce_fn(),
+    )
+    del model, D
+    info = {**info, "offload": offload, "seconds": time.perf_counter() - tc}
+    if ctx.is_main:
+        info["weights_sha256"] = store.weights_digest(checkpoints.weight_files(ref))
+    meta = {"checkpoint": str(ref.path), "info": json.dumps(info)}
+    ctx.agree(lambda: store.save_stats(file, stats, meta), main_only=True)
+    return StatsEntry(stats, file, False, info)
+
+
+def quiet_libraries() -> None:
+    """transformers' per-load progress bars and config warnings would bury the table; keep errors only."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        import datasets
+
+        datasets.logging.set_verbosity_error()
+        datasets.disable_progress_bars()
+    except Exception:  # pragma: no cover - older datasets
+        pass
+
+
+def versions() -> dict[str, str]:
+    import datasets
+    import transformers
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "datasets": datasets.__version__,
+        "numpy": np.__version__,
+        "platform": platform.platform(),
+    }
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CommuteError(
+            "--device cuda was asked for but no CUDA device is available", hint="use --device cpu"
+        )
+    if device not in ("cpu", "mps") and not device.startswith("cuda"):
+        raise CommuteError(f"unknown device {device!r}", hint="use auto, cpu or cuda")
+    return torch.device(device)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (MB)."""
+    ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return ru / 1024.0 if sys.platform != "darwin" else ru / 2**20
