@@ -160,9 +160,14 @@ def test_explicit_domains_weights_and_target_plan(run_dir, tmp_path, capsys):
     assert code == 0, err
     t = pd.read_csv(tmp_path / "t" / "results.csv")
     p = pd.read_csv(tmp_path / "p" / "results.csv")
-    # the two HVP plans compute the same products; the cross estimator pairs a different factor across blocks
-    # in each (docs/math_estimator.md), so they agree well within the error bar, not to rounding
-    assert ((t["el_ij"] - p["el_ij"]).abs() <= 0.25 * p["el_se"]).all()
+    # the two HVP plans compute the same per-block products (tests/test_estimator.py pins that exactly); the
+    # cross estimator pairs a different factor across blocks in each plan (docs/MATH.md "Estimator"), so
+    # the plans agree within their error bars, not to rounding: closely where there is a signal, and within
+    # a few (correlated) SEs where there is none (the random initialization, step 0)
+    diff = (t["el_ij"] - p["el_ij"]).abs()
+    assert (diff <= 3.0 * np.hypot(t["el_se"], p["el_se"])).all()
+    strong = (p["el_ij"].abs() / p["el_se"]) > 3.0
+    assert strong.any() and (diff[strong] <= 0.25 * p["el_se"][strong]).all()
     assert (t["el_se"] / p["el_se"]).between(0.5, 2.0).all()  # SEs from a few blocks: +-30 %
     # a verdict may differ only for a borderline row: |t| within a factor 1.6 of t_crit in both plans
     differ = t["verdict"] != p["verdict"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from commute_cli.commands import validate as V
@@ -95,7 +96,8 @@ def test_default_intervention_does_not_depend_on_the_number_of_samples(run, tmp_
         "half the 30-step spacing to the previous checkpoint",
     }
     assert not (a["el_ij"] == b["el_ij"]).all()  # the estimates did change with the sample
-    assert (b["el_se"] < 1.6 * a["el_se"]).all()  # and did not get worse by more than noise
+    # and got more precise on the whole (one row's SE from 8 blocks is itself uncertain by ~30%)
+    assert float(np.median(b["el_se"] / a["el_se"])) < 1.0
 
 
 def test_analysis_run_round_trip(run, tmp_path):

@@ -31,6 +31,7 @@ FILES: dict[str, str] = {
 #: number), "" for names and flags.
 COLUMNS: dict[str, dict[str, tuple[str, str]]] = {
     "results.csv": {
+        "run_id": ("", "the run this row belongs to (a hash of checkpoints, domains, schedule and metric)"),
         "step": ("step", "the checkpoint's global training step"),
         "target": (
             "",
@@ -73,7 +74,7 @@ COLUMNS: dict[str, dict[str, tuple[str, str]]] = {
             "why this horizon: the default (half the checkpoint spacing), --horizon, or "
             "shortened to stay inside the local regime",
         ),
-        "lr": ("time / step", "the learning rate at the checkpoint (trainer_state.json or --lr)"),
+        "lr": ("time / step", "the learning rate at the checkpoint (its source: run.json lr_source)"),
         "dt": ("time", "dt = lr x horizon: the training time of one half of the intervention"),
         "first_order": (
             "nat",
@@ -86,6 +87,17 @@ COLUMNS: dict[str, dict[str, tuple[str, str]]] = {
         ),
         "in_regime": ("", "True when the prediction is inside the local regime (its nats are meaningful)"),
         "regime": ("", "inside / outside / uncertain: the local-regime check with its uncertainty"),
+        "regime_ratio_lo": ("1", "lower end of the regime ratio's interval at --confidence"),
+        "regime_ratio_hi": (
+            "1",
+            "upper end of the regime ratio's interval; 'inside' needs it below the limit, 'outside' needs "
+            "the lower end above it",
+        ),
+        "min_effect": (
+            "nat",
+            "the smallest effect worth reporting here: --min-effect x first_order (at least 1e-6 nat); "
+            "significant rows below it are 'negligible'",
+        ),
         "verdict": (
             "",
             "suboptimal (significant, both weights > 0: the schedule can be improved here), "
