@@ -127,7 +127,9 @@ def toy_command(
 @app.command("analyze")
 def analyze_command(
     ckpt_dir: Path = typer.Argument(
-        ..., help="Checkpoint folder: checkpoint-N/ subfolders, step-N folders, or one model."
+        ...,
+        metavar="CKPT_DIR",
+        help="Checkpoint folder: checkpoint-N/ subfolders, step-N folders, or one model.",
     ),
     domains: list[str] = typer.Option(
         [],
@@ -292,7 +294,7 @@ def analyze_command(
 @app.command("train")
 def train_command(
     out_dir: Path = typer.Argument(
-        ..., help="Folder for checkpoint-N/ subfolders and the commute.json manifest."
+        ..., metavar="OUT_DIR", help="Folder for checkpoint-N/ subfolders and the commute.json manifest."
     ),
     domains: list[str] = typer.Option(
         [], "--domains", help="name=source per training domain (several may follow one flag)."
@@ -384,7 +386,9 @@ def train_command(
 
 @app.command("validate")
 def validate_command(
-    checkpoint: Path = typer.Argument(..., help="One checkpoint folder (with optimizer.pt when saved)."),
+    checkpoint: Path = typer.Argument(
+        ..., metavar="CKPT", help="One checkpoint folder (with optimizer.pt when saved)."
+    ),
     domains: list[str] = typer.Option(
         [], "--domains", help="name=source training domains (default: the run's commute.json)."
     ),
@@ -626,16 +630,22 @@ def _is_click_error(exc: BaseException) -> bool:
 
 
 def _show_click_error(exc: Exception) -> int:
-    """Print a click error as typer's usage panel (or click's plain text); returns its exit code."""
-    if type(exc).__name__ == "NoArgsIsHelpError":  # plain `commute`: the help, exit 2
-        typer.echo(exc.format_message() if hasattr(exc, "format_message") else str(exc), err=True)
+    """Print a click usage error as one line with a hint (like every other commute error); its exit code.
+
+    Plain ``commute`` (click's NoArgsIsHelpError) names the commands instead of printing the whole help.
+    """
+    ctx = getattr(exc, "ctx", None)
+    path = getattr(ctx, "command_path", None) or "commute"
+    if type(exc).__name__ == "NoArgsIsHelpError":
+        names = ", ".join(sorted(c.name or "" for c in app.registered_commands))
+        typer.echo(f"error: no command given (hint: one of {names}; see '{path} --help')", err=True)
         return 2
     try:
-        from typer import rich_utils
-
-        rich_utils.rich_format_error(exc)  # type: ignore[arg-type]
-    except Exception:  # an older typer without it, or an error type it does not know
-        exc.show()  # type: ignore[attr-defined]
+        message = exc.format_message()  # type: ignore[attr-defined]
+    except Exception:  # pragma: no cover - every click error has it
+        message = str(exc)
+    message = " ".join(str(message).replace("Value error, ", "").split())
+    typer.echo(f"error: {message} (hint: see '{path} --help')", err=True)
     code = int(getattr(exc, "exit_code", 2))
     return 2 if code == 1 else code
 

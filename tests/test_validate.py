@@ -129,13 +129,14 @@ def test_sgd_small_lr_observed_agrees_with_predicted(run, tmp_path):
         assert r["dt"] == pytest.approx(LR * N)
     # the files, and the run's record of what was done
     saved = json.loads((tmp_path / "validate.json").read_text())
-    assert saved["run"]["stream_seeds"] == [0, 1] and saved["run"]["dw_realized"] == pytest.approx(DW)
+    # repeat 0 reads the run's own stream seed (no commute_state.json here: the manifest's seed, 1)
+    assert saved["run"]["stream_seeds"] == [1, 2] and saved["run"]["dw_realized"] == pytest.approx(DW)
     assert saved["run"]["optimizer"].startswith("SGD") and not saved["run"]["eval_held_out"]
     assert (tmp_path / "validate.csv").read_text().startswith("step,target,")
     # a rerun reads the trained branches from the cache (identical numbers), a third repeat adds one
     again = V.run_validate(opts(run, tmp_path, repeats=3), note=quiet)
     assert [r["losses"] for r in again.repeats[:2]] == [r["losses"] for r in result.repeats]
-    assert again.repeats[2]["seed"] == 2
+    assert again.repeats[2]["seed"] == 3
 
 
 def test_prediction_is_read_from_an_analyze_folder(run, tmp_path):

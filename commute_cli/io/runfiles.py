@@ -433,6 +433,8 @@ def resolve_run_inputs(
         sched = Schedule.constant(check_weights(weights, names), names)
     elif weights:
         sched = Schedule.constant(parse_weights(weights, names), names)
+    elif len(names) < 2:
+        pass  # one domain: nothing to mix; a run's saved schedule cannot be for it
     elif saved.get("schedule"):
         sched = Schedule.from_records(saved["schedule"], names, context=str(ckpt / STATE_NAME))
     elif found is not None and found.schedule:
