@@ -78,7 +78,9 @@ def _alias(new: int | None, old: int | None, new_flag: str, old_flag: str) -> in
     if old is None:
         return new
     if new is not None:
-        raise CommuteError(f"{old_flag} is the old name of {new_flag}: give one of them")
+        raise CommuteError(
+            f"{old_flag} is the old name of {new_flag}: give one of them", hint=f"use {new_flag}"
+        )
     return old
 
 

@@ -251,6 +251,10 @@ def train(config: TrainConfig) -> Path:
     if init is not None and not init.exists():
         raise CommuteError(f"--init {init} does not exist", "give a config JSON or a checkpoint folder")
     init_dir = init if init is not None and init.is_dir() else None
+    if init_dir is not None:  # the one loader's checks (pickles, truncation) before anything is read
+        if not checkpoints.is_checkpoint_dir(init_dir):
+            raise CommuteError(f"--init {init_dir} is not a model folder", "it needs config.json and weights")
+        checkpoints.validate_weights(init_dir)
     inputs = runfiles.resolve_run_inputs(
         init_dir,
         domains=config.domains,
@@ -339,9 +343,10 @@ def train(config: TrainConfig) -> Path:
     def on_step(r: training.StepResult) -> None:
         acc.add(r)
         log.step(r)
-        if r.step % config.logging_steps == 0 or r.step == config.steps:
+        saving = r.step % config.save_every == 0 or r.step == config.steps
+        if r.step % config.logging_steps == 0 or saving:  # every checkpoint has its rate in the log
             history.append({"step": r.step, "epoch": epoch(), "learning_rate": lr_fn(r.step), **acc.flush()})
-        if r.step % config.save_every == 0 or r.step == config.steps:
+        if saving:
             if eval_blocks:
                 losses = training.evaluate(model, eval_blocks)
                 history.append({"step": r.step, "epoch": epoch(), **_eval_entry(losses)})

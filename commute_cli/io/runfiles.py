@@ -213,6 +213,19 @@ class Resumed:
     seed: int | None = None
 
 
+def load_tensors(file: Path, what: str) -> Any:
+    """``torch.load(weights_only=True)``: tensors and plain containers only, never code; a file that holds
+    anything else (a pickled object, a code payload) or is damaged is a one-line error."""
+    try:
+        return torch.load(file, weights_only=True, map_location="cpu")
+    except Exception as err:
+        text = " ".join(str(err).split())[:160]
+        raise CommuteError(
+            f"refusing {file} ({what}): it is not a plain tensor file ({type(err).__name__}: {text})",
+            hint="commute loads pickles only with torch.load(weights_only=True); remove or replace the file",
+        ) from err
+
+
 def read_commute_state(folder: Path) -> dict[str, Any]:
     """``commute_state.json`` of a checkpoint, or {} when there is none."""
     file = Path(folder) / STATE_NAME
@@ -232,8 +245,8 @@ def read_training_state(folder: Path) -> Resumed:
     saved = read_commute_state(folder)
     positions = {str(k): int(v) for k, v in (saved.get("positions") or {}).items()}
     opt_file, rng_file = folder / "optimizer.pt", folder / "rng_state.pth"
-    opt = torch.load(opt_file, weights_only=True) if opt_file.is_file() else None
-    rng = torch.load(rng_file, weights_only=True) if rng_file.is_file() else None
+    opt = load_tensors(opt_file, "optimizer state") if opt_file.is_file() else None
+    rng = load_tensors(rng_file, "RNG state") if rng_file.is_file() else None
     history = [e for e in history if int(e.get("step", 0)) <= step]
     return Resumed(step, opt, positions, history, rng, saved.get("seed"))
 
