@@ -30,8 +30,8 @@ def env(**extra: str) -> dict[str, str]:
         HF_DATASETS_OFFLINE="1",
         OMP_NUM_THREADS="1",
         COLUMNS="100",
-        **extra,
     )
+    out.update(extra)
     return out
 
 
