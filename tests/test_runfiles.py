@@ -281,3 +281,40 @@ def test_ctrl_c_in_validate_keeps_finished_repeats_and_resumes(run, tmp_path):
     opts = V.ValidateOptions(checkpoint=run / "checkpoint-20", lr=0.01, steps=30, repeats=cached, out=out)
     V.run_validate(opts, note=notes.append)
     assert any(f"all {cached} repeats are cached" in n for n in notes), notes
+
+
+# ----------------------------------------------------------------------------------------------- layers
+
+
+@pytest.mark.parametrize(
+    ("module", "allowed"),
+    [
+        ("core/mixing.py", ("commute_cli.core", "commute_cli.errors")),
+        ("engine/training.py", ("commute_cli.core", "commute_cli.errors")),
+        ("engine/models.py", ("commute_cli.core", "commute_cli.errors")),
+        (
+            "io/runfiles.py",
+            ("commute_cli.core", "commute_cli.errors", "commute_cli.io", "commute_cli.__init__"),
+        ),
+        (
+            "commands/train.py",
+            ("commute_cli.core", "commute_cli.errors", "commute_cli.engine", "commute_cli.io"),
+        ),
+    ],
+)
+def test_the_split_modules_keep_the_layer_rule(module, allowed):
+    """core imports nothing of the package (errors excepted) and no torch; engine and io import only core;
+    commands import the layers below, never another command or the CLI."""
+    import ast
+
+    tree = ast.parse((REPO / "commute_cli" / module).read_text(encoding="utf-8"))
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module if node.module != "commute_cli" else "commute_cli.__init__")
+        elif isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+    ours = {n for n in names if n.startswith("commute_cli")}
+    assert all(n.startswith(allowed) for n in ours), (module, sorted(ours))
+    if module.startswith("core/"):
+        assert not {n for n in names if n.split(".")[0] in ("torch", "transformers", "pathlib", "os")}, names

@@ -27,7 +27,6 @@ Decisions:
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import shutil
@@ -43,21 +42,9 @@ import torch
 from commute_cli.core.mixing import batch_counts, uneven_split
 from commute_cli.core.schedule import Schedule
 from commute_cli.engine import training
+from commute_cli.engine.models import model_config, new_model
 from commute_cli.errors import CommuteError
 from commute_cli.io import checkpoints, runfiles
-
-DEFAULT_MODEL: dict[str, Any] = {
-    "model_type": "gpt2",
-    "n_layer": 2,
-    "n_embd": 64,
-    "n_head": 4,
-    "resid_pdrop": 0.0,
-    "embd_pdrop": 0.0,
-    "attn_pdrop": 0.0,
-}
-"""The default model, a tiny GPT-2; ``n_positions`` (= seq_len) and ``vocab_size`` (= tokenizer) are added."""
-
-_DROPOUT_KEYS = ("resid_pdrop", "embd_pdrop", "attn_pdrop")
 
 
 @dataclass
@@ -107,52 +94,6 @@ class TrainConfig:
     argv: list[str] | None = None
     """The command's arguments (after ``commute``), so that an interrupted run can say how to resume."""
     model_overrides: dict[str, Any] = field(default_factory=dict)
-
-
-def model_config(tokenizer: Any, seq_len: int, init_json: Path | None, overrides: Mapping[str, Any]) -> Any:
-    """A model config: DEFAULT_MODEL, or a JSON file's fields, with vocabulary and context from the data."""
-    from transformers import AutoConfig
-
-    fields: dict[str, Any] = dict(DEFAULT_MODEL)
-    if init_json is not None:
-        try:
-            given = json.loads(init_json.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise CommuteError(f"cannot read model config {init_json}: {err}", "give a JSON file") from err
-        if not isinstance(given, dict):
-            raise CommuteError(f"model config {init_json} is not a JSON object")
-        fields = {"model_type": "gpt2", **dict.fromkeys(_DROPOUT_KEYS, 0.0), **given}
-    fields.update(overrides)
-    fields.setdefault("vocab_size", len(tokenizer))
-    if fields["model_type"] == "gpt2":
-        fields.setdefault("n_positions", seq_len)
-    eos = tokenizer.eos_token_id
-    if eos is not None:
-        fields.setdefault("bos_token_id", eos)
-        fields.setdefault("eos_token_id", eos)
-    model_type = fields.pop("model_type")
-    for key in ("architectures", "transformers_version", "_name_or_path", "dtype", "torch_dtype"):
-        fields.pop(key, None)
-    try:
-        config = AutoConfig.for_model(model_type, **fields)
-    except (ValueError, TypeError) as err:
-        raise CommuteError(f"bad model config: {err}", "check the config's fields") from err
-    if config.vocab_size < len(tokenizer):
-        raise CommuteError(
-            f"the model's vocabulary ({config.vocab_size}) is smaller than the tokenizer's "
-            f"({len(tokenizer)})",
-            "drop vocab_size from the config, or use the matching tokenizer",
-        )
-    return config
-
-
-def new_model(config: Any, seed: int) -> torch.nn.Module:
-    """A freshly initialized causal LM (float32, eager attention), initialized from ``seed``."""
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
-    return model.float()
 
 
 def _validate_config(config: TrainConfig) -> None:
@@ -335,7 +276,7 @@ def train(config: TrainConfig) -> Path:
 
     if start_step == 0 and eval_blocks:
         history.append({"step": 0, "epoch": 0.0, **_eval_entry(training.evaluate(model, eval_blocks))})
-    acc = _Accumulator(names)
+    acc = training.LossLog(names)
 
     def lr_fn(s: int) -> float:
         return training.lr_at(s, config.lr, config.lr_schedule, config.steps, config.warmup)
@@ -467,37 +408,6 @@ def _at_most(blocks: torch.Tensor, n: int, seed: int) -> torch.Tensor:
 
 def _eval_entry(losses: Mapping[str, float]) -> dict[str, float]:
     return {f"eval_{n}_loss": round(v, 6) for n, v in losses.items()}
-
-
-class _Accumulator:
-    """Mean loss (overall, and per domain weighted by rows) since the last log entry; last gradient norm."""
-
-    def __init__(self, names: Sequence[str]) -> None:
-        self.names = list(names)
-        self.reset()
-
-    def reset(self) -> None:
-        self.n = 0
-        self.loss = 0.0
-        self.sums = dict.fromkeys(self.names, 0.0)
-        self.rows = dict.fromkeys(self.names, 0)
-        self.grad_norm = 0.0
-
-    def add(self, r: training.StepResult) -> None:
-        self.n += 1
-        self.loss += r.loss
-        self.grad_norm = r.grad_norm
-        for name, value in r.domain_loss.items():
-            self.sums[name] += value * r.domain_rows[name]
-            self.rows[name] += r.domain_rows[name]
-
-    def flush(self) -> dict[str, float]:
-        entry = {"loss": round(self.loss / max(self.n, 1), 6), "grad_norm": round(self.grad_norm, 6)}
-        for name in self.names:
-            if self.rows[name]:
-                entry[f"loss_{name}"] = round(self.sums[name] / self.rows[name], 6)
-        self.reset()
-        return entry
 
 
 class _Logger:

@@ -273,6 +273,38 @@ def train_branch(
     return results
 
 
+class LossLog:
+    """A ``log_history`` entry: mean loss (nats; overall, and per domain weighted by rows) since the last
+    entry, and the last gradient norm."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.names = list(names)
+        self.reset()
+
+    def reset(self) -> None:
+        self.n = 0
+        self.loss = 0.0
+        self.sums = dict.fromkeys(self.names, 0.0)
+        self.rows = dict.fromkeys(self.names, 0)
+        self.grad_norm = 0.0
+
+    def add(self, r: StepResult) -> None:
+        self.n += 1
+        self.loss += r.loss
+        self.grad_norm = r.grad_norm
+        for name, value in r.domain_loss.items():
+            self.sums[name] += value * r.domain_rows[name]
+            self.rows[name] += r.domain_rows[name]
+
+    def flush(self) -> dict[str, float]:
+        entry = {"loss": round(self.loss / max(self.n, 1), 6), "grad_norm": round(self.grad_norm, 6)}
+        for name in self.names:
+            if self.rows[name]:
+                entry[f"loss_{name}"] = round(self.sums[name] / self.rows[name], 6)
+        self.reset()
+        return entry
+
+
 def copy_optimizer(
     optimizer: torch.optim.Optimizer, old: torch.nn.Module, new: torch.nn.Module
 ) -> torch.optim.Optimizer:
