@@ -166,7 +166,7 @@ def analyze_command(
     hvp_batch_size: int | None = typer.Option(
         None,
         "--hvp-batch-size",
-        help="Micro-batch of the Hessian-vector products (default: half of --batch-size; an HVP needs "
+        help="Micro-batch of the Hessian-vector products (default: half of --micro-batch; an HVP needs "
         "~3x the memory of a gradient).",
     ),
     metric: Metric = typer.Option(
