@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from enum import Enum
 from pathlib import Path
 
 import typer
@@ -24,6 +25,63 @@ app = typer.Typer(
 )
 
 _DEBUG = False
+
+
+class Format(str, Enum):
+    """``--format``: a table on the terminal, or data only (csv/json) on stdout."""
+
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
+class Metric(str, Enum):
+    euclid = "euclid"
+    adam = "adam"
+
+
+class Hvp(str, Enum):
+    rr = "rr"
+    fr = "fr"
+
+
+class Plan(str, Enum):
+    auto = "auto"
+    pair = "pair"
+    target = "target"
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Offload(str, Enum):
+    auto = "auto"
+    on = "on"
+    off = "off"
+
+
+class Optimizer(str, Enum):
+    adamw = "adamw"
+    sgd = "sgd"
+
+
+class LrSchedule(str, Enum):
+    constant = "constant"
+    cosine = "cosine"
+
+
+def _alias(new: int | None, old: int | None, new_flag: str, old_flag: str) -> int | None:
+    """The value of a renamed option: the new flag, or its hidden old name (not both)."""
+    if old is None:
+        return new
+    if new is not None:
+        raise CommuteError(
+            f"{old_flag} is the old name of {new_flag}: give one of them", hint=f"use {new_flag}"
+        )
+    return old
 
 
 def _version(value: bool) -> None:
@@ -48,12 +106,14 @@ def toy_command(
     dim: int = typer.Option(100, "--dim", help="Dimension of the quadratic domains (paper: 100)."),
     samples: int = typer.Option(100, "--samples", help="Random instances (A_k, b_k, theta_0) per cell."),
     seed: int = typer.Option(0, "--seed", help="Random seed."),
-    fmt: str = typer.Option("table", "--format", help="table, csv or json (csv/json: data only, to stdout)."),
+    fmt: Format = typer.Option(Format.table, "--format", help="table, or csv/json (data only, to stdout)."),
     out: Path | None = typer.Option(None, "--out", help="Write the output to this file instead of stdout."),
 ) -> None:
     """Check the criterion on quadratic domains with exact flows (the paper's Table 1, constant 1/2).
 
     Prints observed / predicted excess loss of a full swap (L1 then L2, vs. the mixture); -> 1 as dt -> 0.
+
+    Example: commute toy --dim 20 --samples 10
     """
     from commute_cli.commands import toy
     from commute_cli.render import tables
@@ -62,16 +122,16 @@ def toy_command(
         raise CommuteError(f"--dim must be at least 2, got {dim}")
     if samples < 1:
         raise CommuteError(f"--samples must be at least 1, got {samples}")
-    if fmt not in {f.value for f in tables.OutputFormat}:
-        raise CommuteError(f"--format must be table, csv or json, got {fmt!r}")
     df = toy.run_table1(dim=dim, samples=samples, seed=seed)
-    tables.emit(df, fmt, tables.table1, out)
+    tables.emit(df, fmt.value, tables.table1, out)
 
 
 @app.command("analyze")
 def analyze_command(
     ckpt_dir: Path = typer.Argument(
-        ..., help="Checkpoint folder: checkpoint-N/ subfolders, step-N folders, or one model."
+        ...,
+        metavar="CKPT_DIR",
+        help="Checkpoint folder: checkpoint-N/ subfolders, step-N folders, or one model.",
     ),
     domains: list[str] = typer.Option(
         [],
@@ -110,15 +170,18 @@ def analyze_command(
     blocks: int = typer.Option(
         8, "--blocks", help="Independent sample blocks (groups of sequences) for the error bars."
     ),
-    batch_size: int = typer.Option(8, "--batch-size", help="Micro-batch (sequences per forward pass)."),
+    micro_batch: int | None = typer.Option(
+        None, "--micro-batch", help="Sequences per forward pass (memory, not statistics). Default 8."
+    ),
+    batch_size_old: int | None = typer.Option(None, "--batch-size", hidden=True),
     hvp_batch_size: int | None = typer.Option(
         None,
         "--hvp-batch-size",
-        help="Micro-batch of the Hessian-vector products (default: half of --batch-size; an HVP needs "
+        help="Micro-batch of the Hessian-vector products (default: half of --micro-batch; an HVP needs "
         "~3x the memory of a gradient).",
     ),
-    metric: str = typer.Option(
-        "euclid",
+    metric: Metric = typer.Option(
+        Metric.euclid,
         "--metric",
         help="euclid (D = I, the paper's) or adam (experimental: Adam's second moments).",
     ),
@@ -131,17 +194,17 @@ def analyze_command(
         help="Steps each way (default: half the checkpoint spacing, shortened to stay in regime).",
     ),
     lr: float | None = typer.Option(None, "--lr", help="Learning rate (default: from trainer_state.json)."),
-    hvp: str = typer.Option(
-        "rr", "--hvp", help="rr (reverse-on-reverse, the paper's) or fr (forward-over-reverse)."
+    hvp: Hvp = typer.Option(
+        Hvp.rr, "--hvp", help="rr (reverse-on-reverse, the paper's) or fr (forward-over-reverse)."
     ),
-    plan: str = typer.Option("auto", "--plan", help="HVP plan: auto (cheaper), pair, or target."),
-    device: str = typer.Option(
-        "auto",
+    plan: Plan = typer.Option(Plan.auto, "--plan", help="HVP plan: auto (cheaper), pair, or target."),
+    device: Device = typer.Option(
+        Device.auto,
         "--device",
         help="auto, cpu or cuda. Weights are upcast to float32 (bf16/fp16 too); eager attention.",
     ),
-    offload: str = typer.Option(
-        "auto",
+    offload: Offload = typer.Option(
+        Offload.auto,
         "--offload",
         help="auto, on or off: keep the per-block gradient stacks (2K parameter-sized vectors) in host "
         "memory, for models near 1B parameters on one GPU. auto: only when they would take over a quarter "
@@ -165,7 +228,7 @@ def analyze_command(
     out: Path = typer.Option(
         Path("commute_out"), "--out", help="Folder for results.csv, losses.csv, run.json, cache."
     ),
-    fmt: str = typer.Option("table", "--format", help="table, csv or json (csv/json: results to stdout)."),
+    fmt: Format = typer.Option(Format.table, "--format", help="table, or csv/json (results to stdout)."),
     plot: Path | None = typer.Option(
         None, "--plot", help="Also draw the criterion figure (the one of `commute plot`) to this PNG."
     ),
@@ -184,15 +247,17 @@ def analyze_command(
     Flags where the order of domains was locally suboptimal and which way to shift weights.
 
     Results go to --out (results.csv, losses.csv, run.json); finished checkpoints are cached there, so an
-    interrupted run resumes. Example: commute analyze ckpts/ --domains en=data/en.jsonl ru=data/ru/
+    interrupted run resumes.
+
+    Example: commute analyze run/ --domains en=en.jsonl ru=ru.jsonl
     """
     from commute_cli.commands import analyze as analysis
     from commute_cli.engine.distributed import is_main_process
     from commute_cli.render import tables
     from commute_cli.render.progress import AnalysisProgress
 
-    if fmt not in {f.value for f in tables.OutputFormat}:
-        raise CommuteError(f"--format must be table, csv or json, got {fmt!r}")
+    batch_size = _alias(micro_batch, batch_size_old, "--micro-batch", "--batch-size")
+    fmt_value = fmt.value
     main_rank = is_main_process()  # under torchrun only rank 0 draws, prints and writes
     opts = analysis.AnalyzeOptions(
         ckpt_dir=ckpt_dir,
@@ -202,19 +267,19 @@ def analyze_command(
         seq_len=seq_len,
         samples=samples,
         blocks=blocks,
-        batch_size=batch_size,
+        batch_size=8 if batch_size is None else batch_size,
         hvp_batch_size=hvp_batch_size,
         weights=weights,
         schedule=schedule,
         targets=target,
-        metric=metric,
+        metric=metric.value,
         dw=dw,
         horizon=horizon,
         lr=lr,
-        hvp=hvp,
-        plan=plan,
-        device=device,
-        offload=offload,
+        hvp=hvp.value,
+        plan=plan.value,
+        device=device.value,
+        offload=offload.value,
         seed=seed,
         confidence=confidence,
         min_effect=min_effect,
@@ -226,7 +291,7 @@ def analyze_command(
         dist_timeout=dist_timeout,
     )
     try:
-        with AnalysisProgress(enabled=not quiet and fmt == "table" and main_rank) as progress:
+        with AnalysisProgress(enabled=not quiet and fmt_value == "table" and main_rank) as progress:
             result = analysis.run_analysis(
                 opts, on_checkpoint_start=progress.checkpoint, on_block=progress.block
             )
@@ -247,24 +312,24 @@ def analyze_command(
 
         fig = figures.criterion_figure(result.results, result.losses, run=result.run)
         atomic.write_bytes(plot, figures.png_bytes(fig))
-    if metric == "adam":
+    if metric is Metric.adam:
         from commute_cli.engine.metric import ADAM_WARNING
 
         typer.echo(ADAM_WARNING, err=True)
-    if fmt == "table":
+    if fmt_value == "table":
         tables.print_renderable(
             tables.analysis_tables(result.results, result.losses, run=result.run, out=result.out)
         )
         where = f"results in {result.out}/ (results.csv, losses.csv, run.json)"
         typer.echo(where + (f"; plot in {plot}" if plot else ""), err=True)
     else:
-        tables.emit_dataframe(result.results, fmt)
+        tables.emit_dataframe(result.results, fmt_value)
 
 
 @app.command("train")
 def train_command(
     out_dir: Path = typer.Argument(
-        ..., help="Folder for checkpoint-N/ subfolders and the commute.json manifest."
+        ..., metavar="OUT_DIR", help="Folder for checkpoint-N/ subfolders and the commute.json manifest."
     ),
     domains: list[str] = typer.Option(
         [], "--domains", help="name=source per training domain (several may follow one flag)."
@@ -276,28 +341,35 @@ def train_command(
         None, "--manifest", help="Reuse domains, eval domains and tokenizer of this commute.json (or folder)."
     ),
     tokenizer: str | None = typer.Option(
-        None, "--tokenizer", help="Tokenizer folder (AutoTokenizer, offline)."
+        None,
+        "--tokenizer",
+        help="Tokenizer folder (AutoTokenizer, offline). Default: --init's or --manifest's.",
     ),
     weights: list[str] = typer.Option(
-        [], "--weights", help="Constant weights, e.g. --weights en=0.8 ru=0.2."
+        [], "--weights", help="Constant weights, e.g. --weights en=0.8 ru=0.2 (default: uniform)."
     ),
     schedule: Path | None = typer.Option(None, "--schedule", help="Piecewise schedule file (CSV or JSON)."),
     steps: int = typer.Option(1000, "--steps", help="Final global step (like the HF Trainer's max_steps)."),
     save_every: int = typer.Option(
         200, "--save-every", help="Save a checkpoint every N steps (and at the end)."
     ),
-    batch_size: int = typer.Option(16, "--batch-size", help="Sequences per step, split by the weights."),
-    seq_len: int = typer.Option(128, "--seq-len", help="Tokens per sequence."),
+    batch_size: int | None = typer.Option(
+        None, "--batch-size", help="Sequences per step, split by the weights (default: --init's, else 16)."
+    ),
+    seq_len: int | None = typer.Option(
+        None, "--seq-len", help="Tokens per sequence (default: --init's or the manifest's, else 128)."
+    ),
     lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate."),
-    optimizer: str = typer.Option("adamw", "--optimizer", help="adamw or sgd."),
+    optimizer: Optimizer = typer.Option(Optimizer.adamw, "--optimizer", help="adamw or sgd."),
     weight_decay: float = typer.Option(0.0, "--weight-decay", help="Decoupled weight decay (AdamW)."),
-    lr_schedule: str = typer.Option("constant", "--lr-schedule", help="constant or cosine."),
+    lr_schedule: LrSchedule = typer.Option(LrSchedule.constant, "--lr-schedule", help="constant or cosine."),
     warmup: int = typer.Option(0, "--warmup", help="Linear warmup steps."),
     init: str | None = typer.Option(
         None, "--init", help="Model config JSON, or a checkpoint to continue (weights, optimizer, step)."
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the initialization and the data streams."),
     threads: int | None = typer.Option(None, "--threads", help="torch.set_num_threads (default: torch's)."),
+    device: Device = typer.Option(Device.auto, "--device", help="auto (CUDA when available), cpu or cuda."),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Replace checkpoints of another run in OUT_DIR."
     ),
@@ -305,10 +377,11 @@ def train_command(
 ) -> None:
     """Train a small causal LM (a tiny GPT-2 by default) on a weighted mixture of domains.
 
-    Saves checkpoints in the Hugging Face Trainer layout and a commute.json manifest, so that 'commute
-    analyze OUT_DIR' needs no flags.
+    Saves checkpoints in the Hugging Face Trainer layout and, when done, a commute.json manifest, so that
+    'commute analyze OUT_DIR' needs no flags (data outside OUT_DIR is recorded by absolute path). Ctrl-C
+    keeps the finished checkpoints and prints the command that resumes.
 
-    Example: commute train run/ --domains en=en.jsonl ru=ru.jsonl --tokenizer tok/ --weights en=0.8 ru=0.2
+    Example: commute train run/ --domains en=en.jsonl ru=ru.jsonl --tokenizer tok/ --steps 100 --save-every 50
     """
     from commute_cli.commands import train
     from commute_cli.io.data import parse_domain_specs
@@ -326,24 +399,31 @@ def train_command(
         batch_size=batch_size,
         seq_len=seq_len,
         lr=lr,
-        optimizer=optimizer,
+        optimizer=optimizer.value,
         weight_decay=weight_decay,
-        lr_schedule=lr_schedule,
+        lr_schedule=lr_schedule.value,
         warmup=warmup,
         init=init,
         seed=seed,
         threads=threads,
+        device=device.value,
         overwrite=overwrite,
         quiet=quiet,
+        argv=list(_ARGV),
     )
-    out = train.train(config)
+    try:
+        out = train.train(config)
+    except KeyboardInterrupt as ex:
+        _interrupted(ex, "interrupted: training stopped")
     if not quiet:
         typer.echo(f"checkpoints and commute.json in {out}/", err=True)
 
 
 @app.command("validate")
 def validate_command(
-    checkpoint: Path = typer.Argument(..., help="One checkpoint folder (with optimizer.pt when saved)."),
+    checkpoint: Path = typer.Argument(
+        ..., metavar="CKPT", help="One checkpoint folder (with optimizer.pt when saved)."
+    ),
     domains: list[str] = typer.Option(
         [], "--domains", help="name=source training domains (default: the run's commute.json)."
     ),
@@ -354,27 +434,41 @@ def validate_command(
         [], "--weights", help="Base schedule, e.g. en=0.8 ru=0.2 (default: the checkpoint's)."
     ),
     dw: float = typer.Option(0.15, "--dw", help="Weight shift of the intervention (the paper's 0.15)."),
-    steps: int = typer.Option(100, "--steps", help="N: steps of each half (branches train 2N steps)."),
-    repeats: int = typer.Option(2, "--repeats", help="Stream seeds (the SE of the observed excess loss)."),
+    horizon: int | None = typer.Option(
+        None, "--horizon", help="N: steps of each half (branches train 2N steps). Default 100."
+    ),
+    steps_old: int | None = typer.Option(None, "--steps", hidden=True),
+    repeats: int | None = typer.Option(
+        None, "--repeats", help="Stream seeds, for the SE of the observed excess loss (default 2; --quick 1)."
+    ),
+    quick: bool = typer.Option(
+        False,
+        "--quick",
+        help="About half the time: 1 repeat (no SE of the observation), 64 held-out blocks, a prediction "
+        "from 48 sequences in 4 blocks. Same intervention. Explicit flags win.",
+    ),
     pair: str | None = typer.Option(
         None, "--pair", help="i,j: domain i up first in '12' (default with two domains: their order)."
     ),
-    eval_samples: int = typer.Option(256, "--eval-samples", help="Held-out sequences per domain (at most)."),
+    eval_samples: int | None = typer.Option(
+        None, "--eval-samples", help="Held-out sequences per domain, at most (default 256; --quick 64)."
+    ),
     from_dir: Path | None = typer.Option(
         None, "--from", help="Read the prediction from this analyze output when it has matching rows."
     ),
-    metric: str = typer.Option("euclid", "--metric", help="euclid or adam (experimental): the prediction's."),
+    metric: Metric = typer.Option(Metric.euclid, "--metric", help="euclid or adam (experimental)."),
     lr: float | None = typer.Option(None, "--lr", help="Learning rate (default: the run's schedule or log)."),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Rows per step (default: the run's)."),
     seed: int | None = typer.Option(None, "--seed", help="Stream seed of repeat 0 (default: the run's)."),
     samples: int | None = typer.Option(
-        None, "--samples", help="Sequences per domain for the prediction (default: analyze's)."
+        None, "--samples", help="Sequences per domain for the prediction (default: analyze's 96; --quick 48)."
     ),
     threads: int | None = typer.Option(None, "--threads", help="torch.set_num_threads (default: torch's)."),
+    device: Device = typer.Option(Device.auto, "--device", help="auto (CUDA when available), cpu or cuda."),
     out: Path = typer.Option(
         Path("commute_out"), "--out", help="Folder for validate.csv, validate.json and the cache."
     ),
-    fmt: str = typer.Option("table", "--format", help="table, csv or json (csv/json: rows to stdout)."),
+    fmt: Format = typer.Option(Format.table, "--format", help="table, or csv/json (rows to stdout)."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Retrain the branches even if cached."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or notes."),
 ) -> None:
@@ -382,46 +476,57 @@ def validate_command(
     schedule, '12' (domain 1 +dw for N steps, then -dw) and '21' on the same data, and print the observed
     excess losses beside the predicted ones.
 
-    Example: commute validate sample_checkpoints/checkpoint-1000 --dw 0.15 --steps 100 --repeats 2
+    Says its cost before it starts (3 x 2N x repeats steps, timed from one measured step). Finished repeats
+    are cached in --out: Ctrl-C, then the same command, resumes.
+
+    Example: commute validate run/checkpoint-100 --quick --horizon 20
     """
     from commute_cli.commands import validate
     from commute_cli.render import tables
 
-    if fmt not in {f.value for f in tables.OutputFormat}:
-        raise CommuteError(f"--format must be table, csv or json, got {fmt!r}")
     if threads is not None:
         if threads < 1:
             raise CommuteError(f"--threads must be at least 1, got {threads}")
         import torch
 
         torch.set_num_threads(threads)
+    n = _alias(horizon, steps_old, "--horizon", "--steps")
+    quick_or = validate.QUICK if quick else {}
     opts = validate.ValidateOptions(
         checkpoint=checkpoint,
         domains=domains,
         eval_domains=eval_domains,
         weights=weights,
         dw=dw,
-        steps=steps,
-        repeats=repeats,
+        steps=100 if n is None else n,
+        repeats=repeats if repeats is not None else quick_or.get("repeats", 2),
         pair=pair,
-        eval_samples=eval_samples,
+        eval_samples=eval_samples if eval_samples is not None else quick_or.get("eval_samples", 256),
         from_dir=from_dir,
-        metric=metric,
+        metric=metric.value,
         lr=lr,
         batch_size=batch_size,
         seed=seed,
-        samples=samples,
+        samples=samples if samples is not None else quick_or.get("samples"),
+        blocks=quick_or.get("blocks", 8),
         out=out,
         use_cache=not no_cache,
+        device=device.value,
+        quick=quick,
     )
     note = (lambda _text: None) if quiet else (lambda text: typer.echo(text, err=True))
-    with validate.ValidateProgress(enabled=not quiet and fmt == "table") as progress:
-        result = validate.run_validate(opts, note=note, on_step=progress.step, on_start=progress.start)
-    if fmt == "table":
+    try:
+        with validate.ValidateProgress(enabled=not quiet and fmt is Format.table) as progress:
+            result = validate.run_validate(opts, note=note, on_step=progress.step, on_start=progress.start)
+    except KeyboardInterrupt as ex:
+        _interrupted(
+            ex, f"interrupted: finished repeats are cached in {out}/cache; run the same command again"
+        )
+    if fmt is Format.table:
         tables.print_renderable(validate.validate_table(result))
         note(f"results in {result.out}/ (validate.csv, validate.json)")
     else:
-        tables.emit_dataframe(result.table, fmt)
+        tables.emit_dataframe(result.table, fmt.value)
 
 
 @app.command("recommend")
@@ -440,7 +545,7 @@ def recommend_command(
     until: int | None = typer.Option(
         None, "--until", help="The run's last step (default: the last analysed checkpoint)."
     ),
-    fmt: str = typer.Option("table", "--format", help="table, csv or json (csv/json: data to stdout)."),
+    fmt: Format = typer.Option(Format.table, "--format", help="table, or csv/json (data to stdout)."),
 ) -> None:
     """Turn suboptimal verdicts into one schedule with the same data per domain, and predict its effect.
 
@@ -456,8 +561,6 @@ def recommend_command(
     from commute_cli.io import store
     from commute_cli.render import tables
 
-    if fmt not in {f.value for f in tables.OutputFormat}:
-        raise CommuteError(f"--format must be table, csv or json, got {fmt!r}")
     result = store.load_analysis(from_dir)
     batch = batch_size if batch_size is not None else recommend.run_batch_size(result)
     rec = recommend.recommend(
@@ -479,13 +582,13 @@ def recommend_command(
         typer.echo(
             f"note: the files in {folder}/ are from an earlier recommend ({stale}); left unchanged", err=True
         )
-    if fmt == "table":
+    if fmt is Format.table:
         tables.print_renderable(tables.recommend_report(rec))
         if files:
             where = ", ".join(str(f) for f in files)
             typer.echo(f"wrote {where}; rerun with: commute train RUN --schedule {files[0]}", err=True)
-    elif fmt == "csv":
-        tables.emit_dataframe(rec.table(), fmt)
+    elif fmt is Format.csv:
+        tables.emit_dataframe(rec.table(), fmt.value)
     else:
         typer.echo(json.dumps(rec.to_dict(), indent=2, ensure_ascii=False, default=str))
 
@@ -567,11 +670,54 @@ def expand_multi_value(argv: list[str]) -> list[str]:
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``commute`` console script and ``python -m commute_cli``."""
-    args = expand_multi_value(list(sys.argv[1:] if argv is None else argv))
+_ARGV: list[str] = []
+"""The arguments of this invocation (after ``commute``), for resume hints."""
+
+
+def _interrupted(ex: KeyboardInterrupt, fallback: str) -> None:
+    """Ctrl-C inside a command: one line saying what was kept and how to resume, exit 130."""
+    typer.echo(str(ex) if str(ex) else fallback, err=True)
+    sys.exit(130)
+
+
+def _is_click_error(exc: BaseException) -> bool:
+    """A click usage/parameter error from click itself or from the copy that typer bundles (typer._click):
+    matched by class name, so it holds under every typer/click version."""
+    return any(k.__name__ == "ClickException" for k in type(exc).__mro__)
+
+
+def _show_click_error(exc: Exception) -> int:
+    """Print a click usage error as one line with a hint (like every other commute error); its exit code.
+
+    Plain ``commute`` (click's NoArgsIsHelpError) names the commands instead of printing the whole help.
+    """
+    ctx = getattr(exc, "ctx", None)
+    path = getattr(ctx, "command_path", None) or "commute"
+    if type(exc).__name__ == "NoArgsIsHelpError":
+        names = ", ".join(sorted(c.name or "" for c in app.registered_commands))
+        typer.echo(f"error: no command given (hint: one of {names}; see '{path} --help')", err=True)
+        return 2
     try:
-        app(args=args, standalone_mode=False, prog_name="commute")
+        message = exc.format_message()  # type: ignore[attr-defined]
+    except Exception:  # pragma: no cover - every click error has it
+        message = str(exc)
+    message = " ".join(str(message).replace("Value error, ", "").split())
+    typer.echo(f"error: {message} (hint: see '{path} --help')", err=True)
+    code = int(getattr(exc, "exit_code", 2))
+    return 2 if code == 1 else code
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``commute`` console script and ``python -m commute_cli``.
+
+    Exit codes: 0 done; 1 a failure while running (``CommuteError(exit_code=1)``); 2 bad input or usage
+    (one line, or typer's usage panel); 130 interrupted (Ctrl-C). Tracebacks only under ``--debug``.
+    """
+    raw = list(sys.argv[1:] if argv is None else argv)
+    _ARGV[:] = raw
+    args = expand_multi_value(raw)
+    try:
+        code = app(args=args, standalone_mode=False, prog_name="commute")
     except CommuteError as err:
         if _DEBUG:
             raise
@@ -580,19 +726,20 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(err.exit_code)
     except typer.Exit as ex:
         sys.exit(ex.exit_code)
-    except typer.Abort:
-        typer.echo("aborted", err=True)
-        sys.exit(130)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
-    except Exception as exc:  # click usage errors carry their own exit code
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
+    except Exception as exc:
+        if type(exc).__name__ == "Abort":  # click's Abort (EOF on a prompt)
+            typer.echo("aborted", err=True)
+            sys.exit(130)
+        if _is_click_error(exc):
+            sys.exit(_show_click_error(exc))
         raise
+    if isinstance(code, int) and code != 0:  # typer turns Ctrl-C outside a command into Exit(130) -> 130
+        if code == 130:
+            typer.echo("interrupted", err=True)
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -23,8 +23,12 @@ from safetensors.torch import load_file
 
 from commute_cli.cli import main
 from commute_cli.commands import train as tr
+from commute_cli.commands import validate as V
+from commute_cli.core.mixing import batch_counts
 from commute_cli.core.schedule import Schedule
+from commute_cli.engine import training as T
 from commute_cli.errors import CommuteError
+from commute_cli.io import checkpoints
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "sample_checkpoints"
@@ -96,32 +100,32 @@ def params(folder: Path) -> dict[str, torch.Tensor]:
     ],
 )
 def test_batch_counts_largest_remainder(weights, batch, counts):
-    assert tr.batch_counts(weights, batch) == counts
+    assert batch_counts(weights, batch) == counts
 
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.integers(0, 1000), min_size=1, max_size=6).filter(any), st.integers(1, 300))
 def test_batch_counts_property(raw, batch):
     w = [x / sum(raw) for x in raw]
-    counts = tr.batch_counts(w, batch)
+    counts = batch_counts(w, batch)
     assert sum(counts) == batch
     for c, wi in zip(counts, w, strict=True):
         assert abs(c - batch * wi) < 1 + 1e-9  # floor or ceil of B w
-    assert tr.batch_counts(w, batch) == counts  # deterministic
+    assert batch_counts(w, batch) == counts  # deterministic
 
 
 def test_stream_visits_every_block_once_per_epoch():
     blocks = torch.arange(10).view(10, 1)
-    s = tr.DomainStream("en", blocks, seed=3)
+    s = T.DomainStream("en", blocks, seed=3)
     first, second = s.take(10).view(-1), s.take(10).view(-1)
     assert sorted(first.tolist()) == list(range(10)) == sorted(second.tolist())
     assert not torch.equal(first, second)  # reshuffled each epoch
-    a, b = tr.DomainStream("en", blocks, seed=3, position=7), tr.DomainStream("en", blocks, seed=3)
+    a, b = T.DomainStream("en", blocks, seed=3, position=7), T.DomainStream("en", blocks, seed=3)
     b.take(7)
     assert torch.equal(a.take(9), b.take(9))  # the position is the whole state
     c = a.copy()
     assert torch.equal(a.take(5), c.take(5))
-    ru, en = tr.DomainStream("ru", blocks, 3), tr.DomainStream("en", blocks, 3)
+    ru, en = T.DomainStream("ru", blocks, 3), T.DomainStream("en", blocks, 3)
     assert not torch.equal(ru.take(10), en.take(10))  # each domain has its own stream
 
 
@@ -140,9 +144,9 @@ def test_batches_follow_a_piecewise_schedule_exactly():
             (5, {"en": 0.1, "ru": 0.3, "py": 0.6}),
         ]
     )
-    streams = [tr.DomainStream(n, b, seed=1) for n, b in blocks.items()]
-    opt = tr.build_optimizer(model, "sgd", 0.1)
-    results = tr.train_branch(model, opt, streams, sched, 0, 7, batch_size=10, lr_fn=lambda s: 0.1)
+    streams = [T.DomainStream(n, b, seed=1) for n, b in blocks.items()]
+    opt = T.build_optimizer(model, "sgd", 0.1, decay=checkpoints.decay_parameter_names(model))
+    results = T.train_branch(model, opt, streams, sched, 0, 7, batch_size=10, lr_fn=lambda s: 0.1)
     rows = [r.domain_rows for r in results]
     assert (
         rows
@@ -154,29 +158,31 @@ def test_batches_follow_a_piecewise_schedule_exactly():
     for s in streams:
         assert s.position == sum(r[s.name] for r in rows)
     # the batch itself: rows of each domain, in domain order, drawn from that domain's stream
-    fresh = [tr.DomainStream(n, b, seed=1) for n, b in blocks.items()]
-    ids, owner = tr.compose_batch(fresh, [0.5, 0.25, 0.25], 10)
+    fresh = [T.DomainStream(n, b, seed=1) for n, b in blocks.items()]
+    ids, owner = T.compose_batch(fresh, [0.5, 0.25, 0.25], 10)
     assert owner.tolist() == [0] * 5 + [1] * 3 + [2] * 2
-    again = [tr.DomainStream(n, b, seed=1) for n, b in blocks.items()]
+    again = [T.DomainStream(n, b, seed=1) for n, b in blocks.items()]
     assert torch.equal(ids, torch.cat([again[0].take(5), again[1].take(3), again[2].take(2)]))
 
 
 def test_lr_schedules():
-    assert tr.lr_at(0, 1e-3) == tr.lr_at(999, 1e-3) == 1e-3
-    assert tr.lr_at(0, 1.0, "constant", 100, warmup=4) == 0.25
-    assert tr.lr_at(3, 1.0, "cosine", 100, warmup=4) == 1.0
-    assert tr.lr_at(4, 1.0, "cosine", 100, warmup=4) == 1.0
-    assert tr.lr_at(52, 1.0, "cosine", 100, warmup=4) == pytest.approx(0.5)
-    assert tr.lr_at(100, 1.0, "cosine", 100, warmup=4) == pytest.approx(0.0)
+    assert T.lr_at(0, 1e-3) == T.lr_at(999, 1e-3) == 1e-3
+    assert T.lr_at(0, 1.0, "constant", 100, warmup=4) == 0.25
+    assert T.lr_at(3, 1.0, "cosine", 100, warmup=4) == 1.0
+    assert T.lr_at(4, 1.0, "cosine", 100, warmup=4) == 1.0
+    assert T.lr_at(52, 1.0, "cosine", 100, warmup=4) == pytest.approx(0.5)
+    assert T.lr_at(100, 1.0, "cosine", 100, warmup=4) == pytest.approx(0.0)
     with pytest.raises(CommuteError):
-        tr.lr_at(10, 1.0, "linear", 100)
+        T.lr_at(10, 1.0, "linear", 100)
 
 
 def test_optimizer_groups_follow_the_trainer():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     model = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_positions=8, n_embd=8, n_layer=1, n_head=2))
-    opt = tr.build_optimizer(model, "adamw", 1e-3, weight_decay=0.1)
+    opt = T.build_optimizer(
+        model, "adamw", 1e-3, decay=checkpoints.decay_parameter_names(model), weight_decay=0.1
+    )
     decay, no_decay = (g["param_names"] for g in opt.param_groups)
     assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
     assert all(not n.endswith("bias") and ".ln_" not in n for n in decay)
@@ -212,10 +218,10 @@ def test_resume_is_identical_to_an_uninterrupted_run(data, tmp_path):
     assert not all(torch.equal(a[n], c[n]) for n in a)
 
 
-class RecordingStream(tr.DomainStream):
+class RecordingStream(T.DomainStream):
     """A stream that remembers which blocks it handed out."""
 
-    def __init__(self, stream: tr.DomainStream) -> None:
+    def __init__(self, stream: T.DomainStream) -> None:
         super().__init__(stream.name, stream.blocks, stream.seed, stream.position)
         self.drawn: list[int] = []
 
@@ -226,11 +232,11 @@ class RecordingStream(tr.DomainStream):
 
 
 def test_branches_from_a_checkpoint(data, tmp_path):
-    """load_training_state + fork + run: a branch with the run's own schedule reproduces the run exactly;
+    """validate's load_state + fork + run: a branch with the run's own schedule reproduces the run exactly;
     a branch with other weights reads the same per-domain streams, only more or less of them."""
     full = tr.train(config(data, tmp_path / "full"))
-    domains = {lang: str(data / lang / "train.jsonl") for lang in ("en", "ru")}
-    state = tr.load_training_state(full / "checkpoint-4", domains, tokenizer=TOKENIZER)
+    opts = V.ValidateOptions(checkpoint=full / "checkpoint-4", domains=domain_args(data), lr=3e-3, steps=2)
+    state = V.load_state(V.resolve_setup(opts, note=lambda _t: None))
     assert (state.step, state.batch_size, [s.position for s in state.streams]) == (4, 8, [24, 8])
     same, other = state.fork(), state.fork()
     for branch in (same, other):
@@ -292,9 +298,7 @@ def test_checkpoint_files_and_manifest(data, tmp_path):
     assert set(manifest["external_sources"]["domains"]) == {"en", "ru"}
 
     # the analyzer's readers accept what we wrote
-    from commute_cli.io import checkpoints
-
-    adam = checkpoints.load_adam_state(ck, tr.load_model(ck))
+    adam = checkpoints.load_adam_state(ck, checkpoints.load_model(ck))
     assert adam is not None and adam.layout == "param_names" and adam.step == 8
     refs = checkpoints.discover(out)
     assert [r.step for r in refs] == [4, 8]
@@ -468,13 +472,13 @@ def test_sample_validation_loss_decreases():
 
     from commute_cli.io.data import load_texts, pack_blocks
 
-    tok = tr.load_tokenizer(TOKENIZER)
-    model = tr.load_model(ckpts[-1])
+    tok = checkpoints.load_tokenizer(TOKENIZER)
+    model = checkpoints.load_model(ckpts[-1])
     blocks = {
         lang: pack_blocks(load_texts(f"data/{lang}/validation.jsonl", base_dir=SAMPLES), tok, 128)[:256]
         for lang in ("en", "ru")
     }
-    recomputed = tr.evaluate(model, blocks)
+    recomputed = T.evaluate(model, blocks)
     for lang in ("en", "ru"):
         assert recomputed[lang] == pytest.approx(evals[steps[-1]][f"eval_{lang}_loss"], abs=1e-4)
 

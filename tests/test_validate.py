@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from commute_cli.cli import main
 from commute_cli.commands import validate as V
-from commute_cli.commands.train import build_optimizer, load_training_state
+from commute_cli.core.mixing import branch_schedules, max_dw, rows_per_domain
 from commute_cli.core.schedule import Schedule
 from commute_cli.errors import CommuteError
 
@@ -65,8 +65,8 @@ def test_branches_get_the_same_rows_of_every_domain(w, dw_frac, batch, n):
     every domain, each step's batch is full, and the running totals stay within one row of the ideal."""
     dw = dw_frac * min(w, 1 - w)
     schedule = Schedule.constant({"a": w, "b": 1 - w})
-    schedules = V.branch_schedules(schedule, 500, n, (0, 1), dw, batch)
-    rows = {k: np.array(V.rows_per_domain(s, 500, 2 * n, batch)) for k, s in schedules.items()}
+    schedules = branch_schedules(schedule, 500, n, (0, 1), dw, batch)
+    rows = {k: np.array(rows_per_domain(s, 500, 2 * n, batch)) for k, s in schedules.items()}
     totals = {k: r.sum(axis=0).tolist() for k, r in rows.items()}
     assert len({tuple(t) for t in totals.values()}) == 1, totals
     for label, sign in (("base", 0), ("12", 1), ("21", -1)):
@@ -77,30 +77,30 @@ def test_branches_get_the_same_rows_of_every_domain(w, dw_frac, batch, n):
 
 def test_sample_setting_is_realized_exactly():
     """0.8 +- 0.15 with batches of 10 (sample_checkpoints): 9.5 rows alternate 10 and 9, 6.5 alternate."""
-    s = V.branch_schedules(Schedule.constant({"en": 0.8, "ru": 0.2}), 1000, 100, (0, 1), 0.15, 10)
-    rows = np.array(V.rows_per_domain(s["12"], 1000, 200, 10))
+    s = branch_schedules(Schedule.constant({"en": 0.8, "ru": 0.2}), 1000, 100, (0, 1), 0.15, 10)
+    rows = np.array(rows_per_domain(s["12"], 1000, 200, 10))
     assert rows[:100, 0].sum() == 950 and rows[100:, 0].sum() == 650
     assert set(rows[:100, 0]) == {9, 10} and set(rows[100:, 0]) == {6, 7}
-    assert V.rows_per_domain(s["base"], 1000, 200, 10) == [[8, 2]] * 200
+    assert rows_per_domain(s["base"], 1000, 200, 10) == [[8, 2]] * 200
 
 
 def test_dw_that_leaves_the_simplex_is_refused():
     schedule = Schedule.constant({"en": 0.8, "ru": 0.2})
-    assert V.max_dw(schedule, 0, 10, (0, 1)) == pytest.approx(0.2)
+    assert max_dw(schedule, 0, 10, (0, 1)) == pytest.approx(0.2)
     with pytest.raises(CommuteError, match="too large"):
-        V.branch_schedules(schedule, 0, 10, (0, 1), 0.25, 10)
+        branch_schedules(schedule, 0, 10, (0, 1), 0.25, 10)
 
 
 # ----------------------------------------------------------------------------------------------- branches
 
 
-def test_branches_read_the_same_blocks_and_equal_weights_reproduce_the_base(run):
+def test_branches_read_the_same_blocks_and_equal_weights_reproduce_the_base(run, tmp_path):
     """Every branch ends at the same stream positions (the same blocks of every domain, only at other
     times), and a branch with the base's own weights gives bit-identical losses."""
-    state = load_training_state(run / "checkpoint-30", seed=0)
-    state.optimizer = build_optimizer(state.model, "sgd", LR)
+    state = V.load_state(V.resolve_setup(opts(run, tmp_path, seed=0), quiet))
+    assert type(state.optimizer).__name__ == "SGD"  # no optimizer state saved: plain SGD at --lr
     schedule = Schedule.constant({"en": 0.7, "xx": 0.3})
-    s = V.branch_schedules(schedule, 30, 6, (0, 1), 0.2, state.batch_size)
+    s = branch_schedules(schedule, 30, 6, (0, 1), 0.2, state.batch_size)
     blocks = {st_.name: st_.blocks[:40] for st_ in state.streams}
     losses, positions = V.run_branches(state, {**s, "again": s["base"]}, 12, lambda _s: LR, blocks, seed=3)
     assert positions["base"] == positions["12"] == positions["21"] == positions["again"]
@@ -129,13 +129,14 @@ def test_sgd_small_lr_observed_agrees_with_predicted(run, tmp_path):
         assert r["dt"] == pytest.approx(LR * N)
     # the files, and the run's record of what was done
     saved = json.loads((tmp_path / "validate.json").read_text())
-    assert saved["run"]["stream_seeds"] == [0, 1] and saved["run"]["dw_realized"] == pytest.approx(DW)
+    # repeat 0 reads the run's own stream seed (no commute_state.json here: the manifest's seed, 1)
+    assert saved["run"]["stream_seeds"] == [1, 2] and saved["run"]["dw_realized"] == pytest.approx(DW)
     assert saved["run"]["optimizer"].startswith("SGD") and not saved["run"]["eval_held_out"]
     assert (tmp_path / "validate.csv").read_text().startswith("step,target,")
     # a rerun reads the trained branches from the cache (identical numbers), a third repeat adds one
     again = V.run_validate(opts(run, tmp_path, repeats=3), note=quiet)
     assert [r["losses"] for r in again.repeats[:2]] == [r["losses"] for r in result.repeats]
-    assert again.repeats[2]["seed"] == 2
+    assert again.repeats[2]["seed"] == 3
 
 
 def test_prediction_is_read_from_an_analyze_folder(run, tmp_path):
@@ -166,15 +167,15 @@ def _cli(capsys, *args: str) -> tuple[int, str]:
 
 def test_bad_inputs_are_one_line_errors(run, tmp_path, capsys):
     ckpt = str(run / "checkpoint-30")
-    out = ["--out", str(tmp_path / "o"), "--steps", "2", "--repeats", "1"]
+    out = ["--out", str(tmp_path / "o"), "--horizon", "2", "--repeats", "1"]
     cases = [
+        ([ckpt, "--dw", "0.35", "--out", str(tmp_path / "o"), "--steps", "2"], "--dw 0.35 is too large"),
         ([ckpt, "--dw", "0.35", *out], "--dw 0.35 is too large"),
         ([ckpt, "--pair", "en,de", *out], "unknown domain 'de' in --pair"),
         ([ckpt, "--pair", "en,en", *out], "two different domains"),
         ([str(tmp_path / "missing"), *out], "does not exist"),
         ([ckpt, "--repeats", "0"], "--repeats must be at least 1"),
-        ([ckpt, "--metric", "newton", *out], "--metric must be euclid or adam"),
-        ([ckpt, "--format", "xml", *out], "--format must be"),
+        ([ckpt, "--horizon", "2", "--steps", "2"], "--steps is the old name of --horizon"),
     ]
     # a bare model folder: no trainer_state.json, no optimizer state, no learning rate anywhere
     bare = tmp_path / "bare"
@@ -193,6 +194,13 @@ def test_bad_inputs_are_one_line_errors(run, tmp_path, capsys):
         code, err = _cli(capsys, *args)
         assert code == 2, (args, err)
         assert message in err and err.count("\n") == 0 and "Traceback" not in err, (args, err)
+    # choices are Enums: typer refuses them with its usage panel, exit 2
+    for args, message in (
+        ([ckpt, "--metric", "newton", *out], "'newton' is not one of"),
+        ([ckpt, "--format", "xml", *out], "'xml' is not one of"),
+    ):
+        code, err = _cli(capsys, *args)
+        assert code == 2 and message in " ".join(err.split()) and "Traceback" not in err, (args, err)
 
 
 # ----------------------------------------------------------------------------------------------- metric
@@ -244,3 +252,19 @@ def test_adam_metric_predictions_are_far_too_large_on_a_real_adamw_run(run, tmp_
         anti = (df["obs_el12"] - df["obs_el21"]) / 2
         error[metric] = float(np.median(np.abs(np.log10(df["pred_el12"].abs() / anti.abs()))))
     assert error["adam"] > error["euclid"] + 1.0, error
+
+
+def test_eta_is_remaining_steps_times_the_mean_step_so_far():
+    """The bar's ETA does not follow rich's windowed speed: it is (total - done) x elapsed / done."""
+    import time
+
+    progress = V.ValidateProgress(enabled=False)
+    progress.start(40)
+    assert progress.eta_seconds() is None
+    for _ in range(10):
+        time.sleep(0.02)
+        progress.step()
+    elapsed = time.perf_counter() - progress._t0
+    eta = progress.eta_seconds()
+    assert eta == pytest.approx(30 * elapsed / 10, rel=0.05)
+    assert eta >= 30 * 0.02

@@ -58,10 +58,10 @@ from commute_cli.core.regime import (
     parse_targets,
     predict_pair,
 )
-from commute_cli.core.schedule import Schedule, load_schedule, parse_weights
+from commute_cli.core.schedule import Schedule
 from commute_cli.engine import distributed
 from commute_cli.errors import CommuteError
-from commute_cli.io import checkpoints, store
+from commute_cli.io import checkpoints, runfiles, store
 from commute_cli.io import data as domains
 from commute_cli.io.learning_rate import find_learning_rate
 from commute_cli.io.store import check_writable
@@ -188,25 +188,33 @@ class Inputs:
 
 
 def resolve_inputs(opts: AnalyzeOptions) -> Inputs:
-    """Checkpoints, domains, tokenizer, schedule and targets, all checked before any long work."""
+    """Checkpoints, domains, tokenizer, schedule and targets, all checked before any long work.
+
+    Run inputs come from ``io.runfiles.resolve_run_inputs`` (the same precedence as validate and train:
+    flag, then the first checkpoint, then the manifest). Without ``--domains`` the manifest's held-out
+    ``eval_domains`` are analysed when it has them (population gradients without memorisation bias).
+    """
     opts.validate()
     ckpt_dir = Path(opts.ckpt_dir)
     if not ckpt_dir.exists():
         raise CommuteError(f"checkpoint folder {ckpt_dir} does not exist", hint="check the path")
+    runfiles.check_complete(ckpt_dir)
     refs = checkpoints.select(checkpoints.discover(ckpt_dir), steps=opts.steps, every=opts.every)
     checkpoints.check_compatible(refs)
     for ref in refs:  # preflight: a truncated or corrupt weight file fails now, not hours into the run
         checkpoints.validate_weights(ref.path)
-    manifest = checkpoints.read_manifest(ckpt_dir)
-
-    if opts.domains:
-        sources = domains.parse_domain_specs(opts.domains)
-        base_dir: Path | None = None
-    elif manifest is not None and (manifest.eval_domains or manifest.domains):
-        # Held-out shards when the manifest has them: population gradients without memorisation bias.
-        sources = dict(manifest.eval_domains or manifest.domains)
-        base_dir = manifest.root
-    else:
+    run = runfiles.resolve_run_inputs(
+        refs[0].path,
+        domains=domains.parse_domain_specs(opts.domains) if opts.domains else None,
+        manifest=ckpt_dir if checkpoints.read_manifest(ckpt_dir) is not None else None,
+        tokenizer=opts.tokenizer,
+        weights=opts.weights or None,
+        schedule=opts.schedule,
+        seq_len=opts.seq_len,
+        note=lambda text: print(text, file=sys.stderr),
+    )
+    sources = run.eval_domains or run.domains if run.domains_from.startswith("manifest") else run.domains
+    if not sources:
         raise CommuteError(
             "no domains given and no commute.json manifest next to the checkpoints",
             hint="pass --domains name=path ... (at least two domains)",
@@ -215,48 +223,30 @@ def resolve_inputs(opts: AnalyzeOptions) -> Inputs:
     if len(names) < 2:
         raise CommuteError(f"need at least two domains, got {names}", hint="pass --domains a=... b=...")
     text_fields = domains.parse_text_fields(opts.text_fields, names)
-
-    if opts.tokenizer:
-        tok_path = opts.tokenizer
-    elif manifest is not None and manifest.tokenizer is not None:
-        tok_path = str(manifest.tokenizer)
-    else:
-        tok_path = str(refs[0].path)
-    tokenizer = checkpoints.load_tokenizer(Path(tok_path))
+    if run.tokenizer_path is None:
+        raise CommuteError("no tokenizer in the checkpoint or the manifest", hint="pass --tokenizer FOLDER")
+    tokenizer = run.load_tokenizer()
     checkpoints.check_tokenizer(tokenizer, checkpoints.read_config(refs[0]))
-
-    seq_len = opts.seq_len or (manifest.seq_len if manifest is not None and manifest.seq_len else None)
-    if seq_len is None:
-        config = checkpoints.read_config(refs[0])
-        seq_len = min(
-            256, int(getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", 256))
-        )
-
-    if opts.weights:
-        schedule = Schedule.constant(parse_weights(opts.weights, names))
-    elif opts.schedule is not None:
-        schedule = load_schedule(Path(opts.schedule), names)
-    elif manifest is not None and manifest.schedule:
-        schedule = Schedule.from_records(manifest.schedule, names, context=str(manifest.path))
-    else:
+    if run.schedule is None:
         raise CommuteError(
             "no weight schedule: the criterion is evaluated around the schedule the run used",
             hint="pass --weights "
             + " ".join(f"{n}={1 / len(names):.2g}" for n in names)
             + " or --schedule FILE",
         )
+    schedule = Schedule.from_entries(run.schedule.entries, names)
     targets = parse_targets(opts.targets, names)
     return Inputs(
         refs,
         names,
         sources,
-        base_dir,
+        run.base_dir,
         tokenizer,
-        tok_path,
-        int(seq_len),
+        str(run.tokenizer_path),
+        int(run.seq_len or 256),
         schedule,
         targets,
-        manifest,
+        run.manifest,
         text_fields,
     )
 

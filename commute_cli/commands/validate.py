@@ -5,29 +5,24 @@ same per-domain sample streams:
 
 - ``base``: the run's own schedule ``w(t)``;
 - ``12``: ``w + d`` for N steps, then ``w - d`` for N steps, ``d = +dw`` on the pair's first domain and
-  ``-dw`` on its second (MATH.md "Two domains": "12" means domain 1 up first);
+  ``-dw`` on its second (docs/MATH.md "Two domains": "12" means domain 1 up first);
 - ``21``: the reverse.
 
 Every domain's loss is then evaluated on the same held-out blocks, and the observed excess losses
 ``EL_k^12 = L_k(theta_12) - L_k(theta_base)`` and ``EL_k^21`` (mean and SE over ``R`` repeats that differ
 only in the stream seed) are put next to the criterion's prediction at the checkpoint (``commute analyze``
-with target k, ``--dw dw``, ``--horizon N``, ``dt = lr N``; MATH.md: ``EL^21 = -EL^12`` to second order).
+with target k, ``--dw dw``, ``--horizon N``, ``dt = lr N``; ``EL^21 = -EL^12`` to second order).
 
-Decisions (see docs/DECISIONS.md, "commute validate"):
+Decisions (docs/DECISIONS.md, "commute validate"):
 
-- Same data in every branch. Each domain has its own stream (``train.DomainStream``), so a branch reads
-  the same blocks of a domain in the same order whatever its weights; what differs is only *when* they are
-  read. This holds only if every branch takes exactly the same number of rows of every domain over the
-  window, so the weights are realized exactly: per-step row counts come from error diffusion of
-  ``batch_size * w`` (cumulative largest-remainder rounding), e.g. 0.95 of a batch of 10 alternates 10 and
-  9 rows. A fixed per-step rounding (``train.batch_counts``) would turn 0.8 +- 0.15 with 10 rows into
-  +0.2 / -0.1, which is neither the intervention asked for nor data-conserving.
-- Repeats differ only in the stream seed (repeat r uses ``seed + r``, repeat 0 the checkpoint's own seed,
-  i.e. the data the original run would have read next). Each finished repeat is cached in ``OUT/cache``,
-  so a rerun with another ``--metric`` or more ``--repeats`` does not train again.
-- Without saved optimizer state the branches use plain SGD, the dynamics the criterion is derived for (a
-  fresh Adam's first steps are not the run's dynamics); the learning rate then comes from
-  ``trainer_state.json`` or ``--lr``.
+- Same data in every branch: each domain has its own stream (``engine.training.DomainStream``) and every
+  branch takes exactly the same rows of every domain over the window (``core.mixing.realize_counts``).
+- Repeats differ only in the stream seed (repeat r uses ``seed + r``; repeat 0 the checkpoint's own seed).
+  Each finished repeat is cached in ``OUT/cache``: an interrupted or repeated run does not train it again.
+- Without saved optimizer state the branches use plain SGD, the dynamics the criterion is derived for.
+- Cost: ``3 x 2N x R`` training steps of ``B`` sequences, plus one analysis of the checkpoint for the
+  prediction. The cost is said before starting, from a measured step; ``--quick`` trades precision for
+  time (see :data:`QUICK`).
 """
 
 from __future__ import annotations
@@ -47,15 +42,23 @@ import pandas as pd
 import torch
 
 from commute_cli import __version__
+from commute_cli.core.mixing import BRANCHES, branch_schedules, max_dw, rows_per_domain
 from commute_cli.core.schedule import Schedule
+from commute_cli.engine import training
 from commute_cli.errors import CommuteError
-from commute_cli.io import atomic
+from commute_cli.io import atomic, checkpoints, runfiles
+from commute_cli.io import data as domain_data
 
 VALIDATE_FORMAT = "commute-validate/1"
-BRANCHES = ("base", "12", "21")
 PREDICT_DIR = "validate-predict"
 """Sub-folder of ``--out`` where the on-the-fly ``analyze`` run (and its cache) lives, so that validate never
 overwrites the ``results.csv`` of a user's own ``commute analyze``."""
+
+QUICK = {"repeats": 1, "eval_samples": 64, "samples": 48, "blocks": 4}
+"""``--quick``: one stream seed (the observed effect has no SE, so no significance), 64 held-out blocks per
+domain instead of 256 (noisier losses), and a prediction from 48 sequences per domain in 4 blocks instead of
+96 in 8 (wider error bars). The intervention itself (N, dw, the three branches) is unchanged, so the signs
+and sizes it measures are real, at about half the default's training time."""
 
 Note = Callable[[str], None]
 
@@ -76,7 +79,7 @@ class ValidateOptions:
     """Constant base schedule (default: the checkpoint's ``commute_state.json``, else the manifest)."""
     dw: float = 0.15
     steps: int = 100
-    """N: steps of each half of the intervention (the prediction's horizon)."""
+    """N (``--horizon``): steps of each half of the intervention (the prediction's horizon)."""
     repeats: int = 2
     pair: str | None = None
     eval_samples: int = 256
@@ -91,12 +94,15 @@ class ValidateOptions:
     confidence: float = 0.95
     out: Path = Path("commute_out")
     use_cache: bool = True
+    device: str = "cpu"
+    """Where the branches train (``auto``, ``cpu``, ``cuda``); the prediction runs on the same device."""
+    quick: bool = False
 
     def validate(self) -> None:
         if not (isinstance(self.dw, (int, float)) and math.isfinite(self.dw) and 0.0 < self.dw <= 0.5):
             raise CommuteError(f"--dw must be in (0, 0.5], got {self.dw}")
         if self.steps < 1:
-            raise CommuteError(f"--steps must be a positive number of steps, got {self.steps}")
+            raise CommuteError(f"--horizon must be a positive number of steps, got {self.steps}")
         if self.repeats < 1:
             raise CommuteError(
                 f"--repeats must be at least 1, got {self.repeats}", hint="2 or more for an SE"
@@ -111,113 +117,6 @@ class ValidateOptions:
             raise CommuteError(f"--batch-size must be positive, got {self.batch_size}")
         if not (0.5 <= self.confidence < 1.0):
             raise CommuteError(f"--confidence must be in [0.5, 1), got {self.confidence}")
-
-
-# ------------------------------------------------------------------------------------------------ schedules
-
-
-def realize_counts(weights: Sequence[Sequence[float]], batch_size: int) -> list[list[int]]:
-    """Per-step row counts whose running totals track ``batch_size * cumsum(weights)`` within one row.
-
-    Error diffusion: at each step the rows still owed to each domain (target cumulative minus rows given)
-    are rounded by largest remainder to a batch of exactly ``batch_size`` (ties to the earlier domain).
-    Whole-number weights (``batch_size * w`` integral) give the plain per-step counts; fractional ones
-    alternate, so that any window whose total ``batch_size * sum w`` is whole gets exactly that many rows.
-    """
-    if batch_size < 1:
-        raise CommuteError(f"batch size must be positive, got {batch_size}")
-    K = len(weights[0]) if weights else 0
-    given = [0] * K
-    target = [0.0] * K
-    out: list[list[int]] = []
-    for w in weights:
-        for k in range(K):
-            target[k] += batch_size * float(w[k])
-        owed = [round(target[k] - given[k], 9) for k in range(K)]
-        counts = [max(0, math.floor(x)) for x in owed]
-        left = batch_size - sum(counts)
-        rema = [owed[k] - math.floor(owed[k]) if owed[k] >= 0 else -1.0 for k in range(K)]
-        order = sorted(range(K), key=lambda k: (-rema[k], k))
-        for k in order[: max(left, 0)]:
-            counts[k] += 1
-        while sum(counts) > batch_size:  # defensive: only if rounding left a domain owed a negative amount
-            k = min((k for k in range(K) if counts[k] > 0), key=lambda k: (rema[k], -k))
-            counts[k] -= 1
-        for k in range(K):
-            given[k] += counts[k]
-        out.append(counts)
-    return out
-
-
-def branch_schedules(
-    schedule: Schedule,
-    start: int,
-    n: int,
-    pair: tuple[int, int],
-    dw: float,
-    batch_size: int,
-) -> dict[str, Schedule]:
-    """The three branches' schedules over global steps ``[start, start + 2n)``, realized exactly.
-
-    ``base`` follows ``schedule``; ``12`` adds ``+dw`` to ``pair[0]`` and ``-dw`` to ``pair[1]`` for the first
-    ``n`` steps and the opposite for the next ``n``; ``21`` is the reverse. Every entry holds weights
-    ``rows / batch_size`` (see :func:`realize_counts`), so ``train.batch_counts`` reproduces the rows.
-    Raises when the shifted weights leave [0, 1] somewhere in the window.
-    """
-    names = list(schedule.domains)
-    i, j = pair
-    out: dict[str, Schedule] = {}
-    for label, sign in (("base", 0.0), ("12", 1.0), ("21", -1.0)):
-        rows = []
-        for t in range(2 * n):
-            w = [schedule.weights_at(start + t)[name] for name in names]
-            s = sign * (1.0 if t < n else -1.0) * dw
-            w[i] += s
-            w[j] -= s
-            if min(w) < -1e-12 or max(w) > 1.0 + 1e-12:
-                base = schedule.weights_at(start + t)
-                raise CommuteError(
-                    f"--dw {dw:g} is too large for the weights {names[i]}={base[names[i]]:g}, "
-                    f"{names[j]}={base[names[j]]:g} at step {start + t}: a weight would leave [0, 1]",
-                    hint=f"use --dw <= {max_dw(schedule, start, n, pair):g}",
-                )
-            rows.append([min(max(x, 0.0), 1.0) for x in w])
-        counts = realize_counts(rows, batch_size)
-        entries: list[tuple[int, dict[str, float]]] = []
-        prev: list[int] | None = None
-        for t, c in enumerate(counts):
-            if c != prev:
-                entries.append(
-                    (
-                        0 if not entries else start + t,
-                        {m: x / batch_size for m, x in zip(names, c, strict=True)},
-                    )
-                )
-                prev = c
-        out[label] = Schedule.from_entries(entries, names)
-    return out
-
-
-def max_dw(schedule: Schedule, start: int, n: int, pair: tuple[int, int]) -> float:
-    """The largest ``dw`` that keeps both weights of the pair in [0, 1] over the window (both orders)."""
-    names = list(schedule.domains)
-    i, j = pair
-    best = 1.0
-    for t in range(2 * n):
-        w = schedule.weights_at(start + t)
-        wi, wj = w[names[i]], w[names[j]]
-        best = min(best, wi, wj, 1.0 - wi, 1.0 - wj)
-    return max(best, 0.0)
-
-
-def rows_per_domain(schedule: Schedule, start: int, n_steps: int, batch_size: int) -> list[list[int]]:
-    """Rows of each domain at each step of ``[start, start + n_steps)`` (``train.batch_counts``)."""
-    from commute_cli.commands.train import batch_counts
-
-    return [
-        batch_counts([schedule.weights_at(s)[d] for d in schedule.domains], batch_size)
-        for s in range(start, start + n_steps)
-    ]
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -235,25 +134,21 @@ class Setup:
     lrs: list[float]
     lr_source: str
     has_optimizer_state: bool
-    batch_size: int | None
+    batch_size: int
     seed: int
     train_sources: dict[str, str]
     eval_sources: dict[str, str]
     eval_held_out: bool
     tokenizer_path: str
-    seq_len: int | None
+    seq_len: int
+    base_dir: Path | None = None
 
     @property
     def lr_mean(self) -> float:
         return float(np.mean(self.lrs))
 
 
-def _read_json(file: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CommuteError(f"could not read {file}: {err}", hint="the file is damaged") from err
-    return data if isinstance(data, dict) else {}
+_read_json = runfiles.read_json
 
 
 def parse_pair(text: str | None, names: Sequence[str]) -> tuple[int, int]:
@@ -278,13 +173,36 @@ def parse_pair(text: str | None, names: Sequence[str]) -> tuple[int, int]:
     return (list(names).index(parts[0]), list(names).index(parts[1]))
 
 
+def _learning_rates(
+    opts: ValidateOptions, folder: Path, step: int, manifest: checkpoints.Manifest | None, has_state: bool
+) -> tuple[list[float], str]:
+    """The rate of every step of the window: ``--lr``, the manifest's schedule (with optimizer state), the
+    logged rate, else a one-line error."""
+    n_total = 2 * opts.steps
+    raw = manifest.raw if manifest is not None else {}
+    opt = manifest.optimizer if manifest is not None and manifest.optimizer else {}
+    logged = checkpoints.learning_rate(checkpoints.CheckpointRef(folder, step, folder.name))
+    if opts.lr is not None:
+        return [float(opts.lr)] * n_total, "--lr"
+    if has_state and isinstance(opt.get("lr"), (int, float)) and isinstance(raw.get("max_steps"), int):
+        kind = (manifest.lr_schedule if manifest is not None else None) or "constant"
+        warm = int(raw.get("warmup_steps") or 0)
+        lrs = [
+            training.lr_at(s, float(opt["lr"]), kind, int(raw["max_steps"]), warm)
+            for s in range(step, step + n_total)
+        ]
+        return lrs, f"manifest ({kind}, base {float(opt['lr']):g})"
+    if logged is not None:
+        return [float(logged)] * n_total, "trainer_state.json"
+    what = "no optimizer state, and no learning rate" if not has_state else "no learning rate"
+    raise CommuteError(
+        f"{folder} has {what} (no trainer_state.json log or manifest)",
+        hint="pass --lr (the learning rate to continue training with)",
+    )
+
+
 def resolve_setup(opts: ValidateOptions, note: Note) -> Setup:
     """Checkpoint, domains, schedule, pair, learning rates: all checked before any long work."""
-    from commute_cli.commands.train import STATE_NAME, lr_at
-    from commute_cli.core.schedule import parse_weights
-    from commute_cli.io import checkpoints
-    from commute_cli.io import data as domains
-
     opts.validate()
     pending: list[str] = []  # notes are shown only once every input is known to be good
     emit, note = note, pending.append
@@ -296,48 +214,43 @@ def resolve_setup(opts: ValidateOptions, note: Note) -> Setup:
             f"{folder} is not a model checkpoint (config.json and model weights)",
             hint="pass one checkpoint folder, e.g. sample_checkpoints/checkpoint-1000",
         )
-    manifest = checkpoints.read_manifest(folder)
-    saved = _read_json(folder / STATE_NAME) if (folder / STATE_NAME).is_file() else {}
+    runfiles.check_complete(folder)
+    checkpoints.validate_weights(folder)  # pickle and truncation checks before anything is loaded
+    inputs = runfiles.resolve_run_inputs(
+        folder,
+        domains=domain_data.parse_domain_specs(opts.domains) if opts.domains else None,
+        eval_domains=domain_data.parse_domain_specs(opts.eval_domains) if opts.eval_domains else None,
+        weights=opts.weights or None,
+        batch_size=opts.batch_size,
+        seed=opts.seed,
+        note=note,
+    )
     step = checkpoints.discover(folder)[0].step or 0
-
-    if opts.domains:
-        train_sources = domains.parse_domain_specs(opts.domains)
-    elif manifest is not None and manifest.domains:
-        train_sources = dict(manifest.domains)
-    else:
+    names = inputs.names
+    if not names:
         raise CommuteError(
             f"no training domains for {folder}: no --domains and no commute.json next to it",
             hint="pass --domains name=source ... (the data the run trained on)",
         )
-    names = list(train_sources)
     if len(names) < 2:
         raise CommuteError(f"need at least two domains, got {names}", hint="pass --domains a=... b=...")
-
-    if opts.eval_domains:
-        eval_sources, held_out = domains.parse_domain_specs(opts.eval_domains), True
-    elif not opts.domains and manifest is not None and set(names) <= set(manifest.eval_domains):
-        eval_sources, held_out = {n: manifest.eval_domains[n] for n in names}, True
-    else:
-        eval_sources, held_out = dict(train_sources), False
-        note(
-            "note: no held-out data (--eval-domains or the manifest's eval_domains): "
-            + "evaluating on training data"
-        )
-    if sorted(eval_sources) != sorted(names):
+    held_out = bool(inputs.eval_domains) and set(names) <= set(inputs.eval_domains)
+    if opts.eval_domains and not held_out:
         raise CommuteError(
-            f"--eval-domains names ({', '.join(eval_sources)}) differ from the training domains "
+            f"--eval-domains names ({', '.join(inputs.eval_domains)}) differ from the training domains "
             f"({', '.join(names)})",
             hint="give held-out data for exactly the training domains",
         )
-    eval_sources = {n: eval_sources[n] for n in names}
-
-    if opts.weights:
-        schedule = Schedule.constant(parse_weights(opts.weights, names), names)
-    elif saved.get("schedule"):
-        schedule = Schedule.from_records(saved["schedule"], names, context=str(folder / STATE_NAME))
-    elif manifest is not None and manifest.schedule:
-        schedule = Schedule.from_records(manifest.schedule, names, context=str(manifest.path))
+    if held_out:
+        eval_sources = {n: inputs.eval_domains[n] for n in names}
     else:
+        eval_sources = dict(inputs.domains)
+        note(
+            "note: no held-out data (--eval-domains or the manifest's eval_domains): "
+            "evaluating on training data"
+        )
+    schedule = inputs.schedule
+    if schedule is None:
         raise CommuteError(
             f"no weight schedule for {folder}",
             hint="pass --weights " + " ".join(f"{n}={1 / len(names):.2g}" for n in names),
@@ -353,43 +266,17 @@ def resolve_setup(opts: ValidateOptions, note: Note) -> Setup:
             if limit > 0
             else "pick a pair whose weights are both inside (0, 1)",
         )
-
     has_state = (folder / "optimizer.pt").is_file()
-    n_total = 2 * opts.steps
-    window = range(step, step + n_total)
-    logged = checkpoints.learning_rate(checkpoints.CheckpointRef(folder, step, folder.name))
-    raw = manifest.raw if manifest is not None else {}
-    opt = manifest.optimizer if manifest is not None and manifest.optimizer else {}
-    if opts.lr is not None:
-        lrs, source = [float(opts.lr)] * n_total, "--lr"
-    elif has_state and isinstance(opt.get("lr"), (int, float)) and isinstance(raw.get("max_steps"), int):
-        kind = (manifest.lr_schedule if manifest is not None else None) or "constant"
-        warm = int(raw.get("warmup_steps") or 0)
-        lrs = [lr_at(s, float(opt["lr"]), kind, int(raw["max_steps"]), warm) for s in window]
-        source = f"manifest ({kind}, base {float(opt['lr']):g})"
-    elif logged is not None:
-        lrs, source = [float(logged)] * n_total, "trainer_state.json"
-    else:
-        what = "no optimizer state, and no learning rate" if not has_state else "no learning rate"
-        raise CommuteError(
-            f"{folder} has {what} (no trainer_state.json log or manifest)",
-            hint="pass --lr (the learning rate to continue training with)",
-        )
+    lrs, source = _learning_rates(opts, folder, step, inputs.manifest, has_state)
     if not has_state:
         note(f"note: {folder} has no optimizer state: the branches use plain SGD at lr {lrs[0]:g}")
-
-    seed = opts.seed if opts.seed is not None else int(saved.get("seed", 0) or 0)
     if opts.metric == "adam":
         note(
-            "warning: --metric adam is experimental (MATH.md 'Regime of validity'): Adam's frozen second "
-            "moments, clipped at 100x their median, as the metric"
+            "warning: --metric adam is experimental (docs/MATH.md 'Regime of validity'): Adam's frozen "
+            "second moments, clipped at 100x their median, as the metric"
         )
-    tok = str(folder) if (folder / "tokenizer.json").is_file() else None
-    if tok is None and manifest is not None and manifest.tokenizer is not None:
-        tok = str(manifest.tokenizer)
-    if tok is None:
+    if inputs.tokenizer_path is None:
         raise CommuteError(f"no tokenizer for {folder}", hint="save the tokenizer with the checkpoint")
-    seq_len = saved.get("seq_len") or (manifest.seq_len if manifest is not None else None)
     for text in pending:
         emit(text)
     return Setup(
@@ -401,13 +288,14 @@ def resolve_setup(opts: ValidateOptions, note: Note) -> Setup:
         lrs=lrs,
         lr_source=source,
         has_optimizer_state=has_state,
-        batch_size=opts.batch_size,
-        seed=seed,
-        train_sources=train_sources,
+        batch_size=int(inputs.batch_size or runfiles.DEFAULT_BATCH_SIZE),
+        seed=int(inputs.seed or 0),
+        train_sources=dict(inputs.domains),
         eval_sources=eval_sources,
         eval_held_out=held_out,
-        tokenizer_path=tok,
-        seq_len=int(seq_len) if seq_len else None,
+        tokenizer_path=str(inputs.tokenizer_path),
+        seq_len=int(inputs.seq_len or runfiles.DEFAULT_SEQ_LEN),
+        base_dir=inputs.base_dir,
     )
 
 
@@ -418,7 +306,7 @@ def resolve_setup(opts: ValidateOptions, note: Note) -> Setup:
 class Branches:
     """What the branches need: the loaded training state, schedules, eval blocks and the cache key."""
 
-    state: Any  # train.TrainingState
+    state: training.TrainingState
     schedules: dict[str, Schedule]
     eval_blocks: dict[str, torch.Tensor]
     loss_at_checkpoint: dict[str, float]
@@ -426,19 +314,32 @@ class Branches:
     key: str
 
 
-def _eval_blocks(setup: Setup, seq_len: int, n: int) -> dict[str, torch.Tensor]:
-    """The held-out blocks (at most ``n`` per domain, a fixed seeded sample): the same for every branch."""
-    from commute_cli.commands.train import load_tokenizer
-    from commute_cli.io import data as domains
+def load_state(setup: Setup, device: str | torch.device = "cpu") -> training.TrainingState:
+    """The checkpoint as a ``TrainingState`` through the one loader (``io.checkpoints.load_model``):
+    weights, optimizer state (AdamW when it has second moments, SGD otherwise; plain SGD at the window's
+    first rate when none is saved) and the streams positioned where the run left them."""
+    tokenizer = checkpoints.load_tokenizer(Path(setup.tokenizer_path))
+    blocks = runfiles.load_blocks(setup.train_sources, tokenizer, setup.seq_len, setup.base_dir)
+    resumed = runfiles.read_training_state(setup.checkpoint)
+    model = checkpoints.load_model(setup.checkpoint, device=device)
+    model.train()
+    opt_state = resumed.optimizer_state if setup.has_optimizer_state else None
+    is_adam = opt_state is not None and any("exp_avg_sq" in s for s in opt_state.get("state", {}).values())
+    decay = checkpoints.decay_parameter_names(model)
+    optimizer = training.build_optimizer(model, "adamw" if is_adam else "sgd", setup.lrs[0], decay=decay)
+    if opt_state is not None:
+        optimizer.load_state_dict(opt_state)
+    streams = [
+        training.DomainStream(n, b, setup.seed, resumed.positions.get(n, 0)) for n, b in blocks.items()
+    ]
+    return training.TrainingState(model, optimizer, streams, resumed.step, setup.batch_size)
 
-    tokenizer = load_tokenizer(setup.tokenizer_path)
-    out = {}
-    for name, src in setup.eval_sources.items():
-        blocks = domains.pack_blocks(domains.load_texts(src, domain=name), tokenizer, seq_len)
-        if blocks.shape[0] > n:
-            blocks = domains.sample_blocks(blocks, n, 0)
-        out[name] = blocks
-    return out
+
+def _eval_blocks(setup: Setup, n: int) -> dict[str, torch.Tensor]:
+    """The held-out blocks (at most ``n`` per domain, a fixed seeded sample): the same for every branch."""
+    tokenizer = checkpoints.load_tokenizer(Path(setup.tokenizer_path))
+    out = runfiles.load_blocks(setup.eval_sources, tokenizer, setup.seq_len, setup.base_dir)
+    return {k: b if b.shape[0] <= n else domain_data.sample_blocks(b, n, 0) for k, b in out.items()}
 
 
 def _file_sig(path: Path) -> list[Any]:
@@ -447,20 +348,7 @@ def _file_sig(path: Path) -> list[Any]:
 
 def prepare_branches(setup: Setup, opts: ValidateOptions) -> Branches:
     """Load the training state (model, optimizer, positioned streams), build the schedules, eval once."""
-    from commute_cli.commands.train import build_optimizer, evaluate, load_training_state
-    from commute_cli.io import data as domains
-
-    state = load_training_state(
-        setup.checkpoint,
-        setup.train_sources,
-        tokenizer=setup.tokenizer_path,
-        seq_len=setup.seq_len,
-        batch_size=setup.batch_size,
-        seed=setup.seed,
-    )
-    if not setup.has_optimizer_state:
-        state.optimizer = build_optimizer(state.model, "sgd", setup.lrs[0])
-    seq_len = int(state.streams[0].blocks.shape[1])
+    state = load_state(setup, training.resolve_device(opts.device))
     schedules = branch_schedules(
         setup.schedule, setup.step, opts.steps, setup.pair, opts.dw, state.batch_size
     )
@@ -472,13 +360,13 @@ def prepare_branches(setup: Setup, opts: ValidateOptions) -> Branches:
     if len({tuple(t) for t in totals.values()}) != 1:
         raise CommuteError(
             f"cannot give every branch the same data: rows per domain {totals}",
-            hint="choose --steps and --dw so that steps x batch size x dw is a whole number",
+            hint="choose --horizon and --dw so that steps x batch size x dw is a whole number",
             exit_code=1,
         )
     i = setup.pair[0]
     realized = float((rows["12"][:n, i].sum() - rows["base"][:n, i].sum()) / (n * state.batch_size))
-    eval_blocks = _eval_blocks(setup, seq_len, opts.eval_samples)
-    loss0 = evaluate(state.model, eval_blocks)
+    eval_blocks = _eval_blocks(setup, opts.eval_samples)
+    loss0 = training.evaluate(state.model, eval_blocks)
     for name, value in loss0.items():
         if not math.isfinite(value):
             raise CommuteError(f"non-finite {name} loss at {setup.checkpoint}: the weights are broken")
@@ -486,10 +374,10 @@ def prepare_branches(setup: Setup, opts: ValidateOptions) -> Branches:
         VALIDATE_FORMAT,
         str(setup.checkpoint.resolve()),
         [_file_sig(setup.checkpoint / f) for f in ("model.safetensors", "pytorch_model.bin", "optimizer.pt")],
-        {n: domains.source_fingerprint(s, domain=n) for n, s in setup.train_sources.items()},
-        {n: domains.source_fingerprint(s, domain=n) for n, s in setup.eval_sources.items()},
+        {n: domain_data.source_fingerprint(s, domain=n) for n, s in setup.train_sources.items()},
+        {n: domain_data.source_fingerprint(s, domain=n) for n, s in setup.eval_sources.items()},
         opts.eval_samples,
-        seq_len,
+        setup.seq_len,
         state.batch_size,
         [s.position for s in state.streams],
         {b: s.to_records() for b, s in schedules.items()},
@@ -502,7 +390,7 @@ def prepare_branches(setup: Setup, opts: ValidateOptions) -> Branches:
 
 
 def run_branches(
-    state: Any,
+    state: training.TrainingState,
     schedules: Mapping[str, Schedule],
     n_steps: int,
     lr_fn: Callable[[int], float],
@@ -512,18 +400,53 @@ def run_branches(
 ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, int]]]:
     """Train one fork of ``state`` per schedule for ``n_steps`` with streams re-seeded to ``seed`` (same
     positions), and evaluate each. Returns (losses per branch per domain, final stream positions)."""
-    from commute_cli.commands.train import DomainStream, evaluate
-
     losses: dict[str, dict[str, float]] = {}
     positions: dict[str, dict[str, int]] = {}
     for label, schedule in schedules.items():
-        branch = state.fork()
-        branch.streams = [DomainStream(s.name, s.blocks, seed, s.position) for s in branch.streams]
+        branch = state.fork(seed)
         branch.run(schedule, n_steps, lr_fn, on_step=(lambda _r: on_step()) if on_step else None)
-        losses[label] = evaluate(branch.model, eval_blocks)
+        losses[label] = training.evaluate(branch.model, eval_blocks)
         positions[label] = {s.name: s.position for s in branch.streams}
         del branch
     return losses, positions
+
+
+def _cache_file(opts: ValidateOptions, setup: Setup, prepared: Branches, seed: int) -> Path:
+    return Path(opts.out) / "cache" / f"validate-{setup.checkpoint.name}-{prepared.key}-seed{seed}.json"
+
+
+def _cached(file: Path, use_cache: bool) -> dict[str, Any] | None:
+    if not (use_cache and file.is_file()):
+        return None
+    try:
+        entry = json.loads(file.read_text(encoding="utf-8"))
+        return entry if set(entry["losses"]) == set(BRANCHES) else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # a damaged entry is recomputed
+
+
+def pending_repeats(setup: Setup, opts: ValidateOptions, prepared: Branches) -> int:
+    """How many repeats still have to be trained (the others are cached)."""
+    return sum(
+        _cached(_cache_file(opts, setup, prepared, setup.seed + r), opts.use_cache) is None
+        for r in range(opts.repeats)
+    )
+
+
+def time_one_step(prepared: Branches, lr: float) -> float:
+    """Seconds of one training step at this size, measured on a throwaway fork (the second of two steps,
+    so that one-time costs do not count)."""
+    fork = prepared.state.fork()
+    w = [1.0 / len(fork.streams)] * len(fork.streams)
+    times = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        training.train_step(fork.model, fork.optimizer, fork.streams, w, fork.batch_size, lr)
+        if training.model_device(fork.model).type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    del fork
+    return times[-1]
 
 
 def observe(
@@ -534,21 +457,12 @@ def observe(
     on_repeat: Callable[[int, bool], None] | None = None,
 ) -> list[dict[str, Any]]:
     """All repeats (cached per repeat in ``OUT/cache``): ``[{"seed", "losses": {branch: {domain: L}}}]``."""
-
-    cache = Path(opts.out) / "cache"
     lr_of = {setup.step + t: lr for t, lr in enumerate(setup.lrs)}
     out = []
     for r in range(opts.repeats):
         seed = setup.seed + r
-        file = cache / f"validate-{setup.checkpoint.name}-{prepared.key}-seed{seed}.json"
-        entry = None
-        if opts.use_cache and file.is_file():
-            try:
-                entry = json.loads(file.read_text(encoding="utf-8"))
-                if set(entry["losses"]) != set(BRANCHES):
-                    entry = None
-            except (OSError, ValueError, KeyError, TypeError):
-                entry = None  # a damaged entry is recomputed
+        file = _cache_file(opts, setup, prepared, seed)
+        entry = _cached(file, opts.use_cache)
         if on_repeat is not None:
             on_repeat(r, entry is not None)
         if entry is None:
@@ -573,7 +487,7 @@ def observe(
             if not all(math.isfinite(v) for v in values.values()):
                 raise CommuteError(
                     f"branch {label} diverged (non-finite loss) with stream seed {seed}",
-                    hint="use a smaller --dw or --steps, or a smaller --lr",
+                    hint="use a smaller --dw or --horizon, or a smaller --lr",
                     exit_code=1,
                 )
         out.append(entry)
@@ -752,6 +666,7 @@ def combine(
 
 
 # ------------------------------------------------------------------------------------------------ run
+# ------------------------------------------------------------------------------------------------ run
 
 
 @dataclass
@@ -791,15 +706,20 @@ def run_validate(
             f"note: with batch size {prepared.state.batch_size} and {opts.steps} steps the shift realized is "
             f"dw = {dw:.6g} (asked {opts.dw:g}); predicting for the realized one"
         )
-
-    def on_repeat(r: int, cached: bool) -> None:
-        if r == 0 and on_start is not None:
-            on_start(len(BRANCHES) * 2 * opts.steps * opts.repeats)
-        if cached and on_step is not None:
-            for _ in range(len(BRANCHES) * 2 * opts.steps):
-                on_step()
-
-    repeats = observe(setup, opts, prepared, on_step=on_step, on_repeat=on_repeat)
+    pending = pending_repeats(setup, opts, prepared)
+    steps_left = pending * len(BRANCHES) * 2 * opts.steps
+    per_step = time_one_step(prepared, setup.lrs[0]) if steps_left else 0.0
+    note(cost_line(opts, prepared, pending, steps_left, per_step, setup.seq_len))
+    if on_start is not None:
+        on_start(steps_left)
+    try:
+        repeats = observe(setup, opts, prepared, on_step=on_step)
+    except KeyboardInterrupt:
+        done = opts.repeats - pending_repeats(setup, opts, prepared)
+        raise KeyboardInterrupt(
+            f"interrupted: {done} of {opts.repeats} repeats finished and are cached in {out}/cache; "
+            "run the same command again to resume (finished repeats are not trained again)"
+        ) from None
     predicted, source = predict(setup, opts, dw, note)
     table = combine(setup, opts, repeats, predicted, prepared.loss_at_checkpoint, dw)
     run = {
@@ -827,12 +747,35 @@ def run_validate(
         "schedules": {b: s.to_records() for b, s in prepared.schedules.items()},
         "prediction": source,
         "cache_key": prepared.key,
+        "device": str(training.model_device(prepared.state.model)),
+        "quick": opts.quick,
+        "seconds_per_step": per_step or None,
         "elapsed_seconds": time.perf_counter() - t0,
     }
     payload = {"run": run, "rows": json.loads(table.to_json(orient="records")), "repeats": repeats}
     atomic.write_text(out / "validate.csv", table.to_csv(index=False))
     atomic.write_text(out / "validate.json", json.dumps(payload, indent=2, default=str) + "\n")
     return ValidateResult(table, run, list(repeats), out)
+
+
+# ------------------------------------------------------------------------------------------------ rendering
+
+
+def cost_line(
+    opts: ValidateOptions, prepared: Branches, pending: int, steps_left: int, per_step: float, seq_len: int
+) -> str:
+    """What the run will cost, said before it starts: steps, sequences and a time from a measured step."""
+    batch = prepared.state.batch_size
+    if not steps_left:
+        return f"validate: all {opts.repeats} repeats are cached; computing the prediction"
+    minutes = steps_left * per_step / 60.0
+    return (
+        f"validate: {pending} repeat(s) x {len(BRANCHES)} branches x {2 * opts.steps} steps = {steps_left} "
+        f"training steps of {batch} sequences x {seq_len} tokens ({steps_left * batch} sequences); "
+        f"one step measured {per_step:.3g} s, so about {minutes:.1f} min of training"
+        + (" (--quick)" if opts.quick else " (--quick: about half)")
+        + f", then the prediction (an analysis of the checkpoint, cached in {Path(opts.out) / PREDICT_DIR})"
+    )
 
 
 # ------------------------------------------------------------------------------------------------ rendering
@@ -919,11 +862,15 @@ def validate_table(result: ValidateResult) -> Any:
 
 
 class ValidateProgress:
-    """One rich bar over all training steps of all branches and repeats (stderr, terminals only)."""
+    """One rich bar over the training steps still to run (stderr, terminals only).
+
+    The ETA is ``remaining steps x mean seconds per step so far`` (all steps of this run, evaluations
+    included), not rich's windowed speed: it does not jump when a branch ends and its evaluation runs.
+    """
 
     def __init__(self, enabled: bool = True) -> None:
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
         console = Console(file=sys.stderr)
         self.enabled = enabled and console.is_terminal
@@ -931,12 +878,15 @@ class ValidateProgress:
             TextColumn("validate: branches"),
             BarColumn(),
             MofNCompleteColumn(),
-            TimeRemainingColumn(),
+            TextColumn("{task.fields[eta]}"),
             console=console,
             transient=True,
             disable=not self.enabled,
         )
         self._task: Any = None
+        self.total = 0
+        self.done = 0
+        self._t0 = 0.0
 
     def __enter__(self) -> ValidateProgress:
         self._progress.__enter__()
@@ -946,11 +896,22 @@ class ValidateProgress:
         self._progress.__exit__(None, None, None)
 
     def start(self, total: int) -> None:
-        self._task = self._progress.add_task("branches", total=total)
+        self.total, self.done, self._t0 = total, 0, time.perf_counter()
+        if total:
+            self._task = self._progress.add_task("branches", total=total, eta="")
+
+    def eta_seconds(self) -> float | None:
+        """Remaining steps x the mean time per step measured so far (None before the first step)."""
+        if self.done == 0:
+            return None
+        return (self.total - self.done) * (time.perf_counter() - self._t0) / self.done
 
     def step(self) -> None:
+        self.done += 1
         if self._task is not None:
-            self._progress.advance(self._task)
+            eta = self.eta_seconds()
+            text = "" if eta is None else f"~{eta / 60:.1f} min left" if eta >= 60 else f"~{eta:.0f} s left"
+            self._progress.update(self._task, advance=1, eta=text)
 
 
 __all__ = [
@@ -958,12 +919,9 @@ __all__ = [
     "ValidateOptions",
     "ValidateProgress",
     "ValidateResult",
-    "branch_schedules",
     "combine",
-    "max_dw",
     "observe",
     "predict",
-    "realize_counts",
     "run_branches",
     "run_validate",
     "validate_table",

@@ -1,0 +1,139 @@
+"""The command line as a user meets it, through the INSTALLED console script (``.venv/bin/commute``):
+usage errors are one line and exit 2, every subcommand has a working ``--help``, and every example that a
+``--help`` shows runs as written (on tiny inputs made here)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tiny_run import make_tokenizer
+
+REPO = Path(__file__).resolve().parent.parent
+COMMUTE = Path(sys.executable).parent / "commute"
+SUBCOMMANDS = ("toy", "analyze", "train", "validate", "recommend", "plot")
+SHARDS = REPO / "sample_checkpoints" / "data"
+
+
+def env(**extra: str) -> dict[str, str]:
+    out = dict(os.environ)
+    out.update(
+        PYTHONPATH=str(REPO),  # this checkout's package, even when another one is installed editable
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+        COLUMNS="100",
+    )
+    out.update(extra)
+    return out
+
+
+def commute(
+    *args: str, cwd: Path | None = None, timeout: float = 120, **extra: str
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(COMMUTE), *args], capture_output=True, text=True, env=env(**extra), cwd=cwd, timeout=timeout
+    )
+
+
+def test_the_console_script_is_installed():
+    assert COMMUTE.is_file() and os.access(COMMUTE, os.X_OK), COMMUTE
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["analyze"], "Missing argument 'CKPT_DIR'"),
+        (["validate"], "Missing argument 'CKPT'"),
+        (["train"], "Missing argument 'OUT_DIR'"),
+        (["toy", "--bogus"], "No such option: --bogus"),
+        (["toy", "--dim", "abc"], "Invalid value for '--dim'"),
+        (["toy", "--samples", "1.5"], "Invalid value for '--samples'"),
+        (["analyse", "x"], "No such command 'analyse'"),
+        (["analyze", "sample_checkpoints", "--domains", "en"], "domain spec 'en' has no '='"),
+        (["train", "out", "--domains", "en"], "domain spec 'en' has no '='"),
+        (["validate", "sample_checkpoints/checkpoint-500", "--domains", "ru"], "domain spec 'ru' has no '='"),
+        (["toy", "--format", "xml"], "'xml' is not one of 'table', 'csv', 'json'"),
+        (["analyze", "sample_checkpoints", "--metric", "fisher"], "'fisher' is not one of"),
+        (["train", "out", "--optimizer", "lion"], "'lion' is not one of"),
+        (["validate", "x", "--device", "tpu"], "'tpu' is not one of"),
+        (["validate", "x", "--horizon", "3", "--steps", "3"], "--steps is the old name of --horizon"),
+        ([], "no command given"),
+    ],
+)
+def test_usage_errors_are_one_line_and_exit_2(args, fragment, tmp_path):
+    res = commute(*args, cwd=REPO)
+    assert res.returncode == 2, (args, res.returncode, res.stderr)
+    assert "Traceback" not in res.stderr and "Traceback" not in res.stdout
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    assert fragment in lines[0], lines[0]
+    assert "(hint: " in lines[0]
+
+
+@pytest.mark.parametrize("sub", SUBCOMMANDS)
+def test_help_of_every_subcommand(sub):
+    res = commute(sub, "--help")
+    assert res.returncode == 0, res.stderr
+    assert f"commute {sub}" in res.stdout and "--help" in res.stdout
+    assert "Example: commute " + sub in " ".join(res.stdout.split()), f"{sub} --help shows no example"
+
+
+def test_help_hides_the_old_flag_names_but_accepts_them():
+    val, ana = commute("validate", "--help").stdout, commute("analyze", "--help").stdout
+    assert "--horizon" in val and "--steps" not in val
+    assert "--micro-batch" in ana and "--batch-size" not in ana
+
+
+def help_examples() -> dict[str, list[str]]:
+    """``Example: commute ...`` of each subcommand's --help, as a user sees it (wide terminal, panel
+    borders removed)."""
+    out = {}
+    for sub in SUBCOMMANDS:
+        text = commute(sub, "--help", COLUMNS="400").stdout
+        lines = [line.strip().strip("│").strip() for line in text.splitlines()]
+        out[sub] = [m.group(1).strip() for line in lines if (m := re.match(r"Example: (commute .*)$", line))]
+    return out
+
+
+def _shard(lang: str, chars: int) -> list[str]:
+    texts, total = [], 0
+    with (SHARDS / lang / "train.jsonl").open(encoding="utf-8") as f:
+        for line in f:
+            texts.append(json.loads(line)["text"])
+            total += len(texts[-1])
+            if total >= chars:
+                break
+    return texts
+
+
+@pytest.mark.slow
+def test_every_help_example_runs_as_written(tmp_path):
+    """The examples, in the order a user would run them (train, analyze, validate, recommend, plot, toy),
+    in a folder holding en.jsonl, ru.jsonl and tok/ (a small BPE trained here) and nothing else."""
+    examples = help_examples()
+    assert all(examples[s] for s in SUBCOMMANDS), examples
+    texts = {lang: _shard(lang, 60_000) for lang in ("en", "ru")}
+    for lang, docs in texts.items():
+        (tmp_path / f"{lang}.jsonl").write_text(
+            "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in docs), encoding="utf-8"
+        )
+    make_tokenizer(texts["en"] + texts["ru"], tmp_path / "tok", vocab_size=400)
+    order = ["train", "analyze", "validate", "recommend", "plot", "toy"]
+    for sub in order:
+        for example in examples[sub]:
+            res = commute(*example.split()[1:], cwd=tmp_path, timeout=600)
+            assert res.returncode == 0, (example, res.stderr[-2000:])
+            assert "Traceback" not in res.stderr
+    assert (tmp_path / "run" / "commute.json").is_file() and (
+        tmp_path / "commute_out" / "results.csv"
+    ).is_file()
+    assert (tmp_path / "commute_out" / "validate.csv").is_file() and (tmp_path / "criterion.png").is_file()
+    shutil.rmtree(tmp_path / "run")
