@@ -37,9 +37,12 @@ import pandas as pd
 import torch
 
 from commute_cli import __version__
+from commute_cli.core import baselines as first_order_baselines
 from commute_cli.core import criterion
+from commute_cli.core.decomposition import decomposition_rows
 from commute_cli.core.schedule import Schedule, load_schedule, parse_weights
 from commute_cli.engine import curvature, distributed
+from commute_cli.engine import groups as param_groups
 from commute_cli.engine.estimator import CheckpointStats, estimate_checkpoint
 from commute_cli.errors import CommuteError
 from commute_cli.io import atomic, checkpoints
@@ -90,6 +93,7 @@ class AnalyzeOptions:
     every: int | None = None
     use_cache: bool = True
     dist_timeout: float = distributed.DEFAULT_TIMEOUT_S  # seconds; only under torchrun (WORLD_SIZE > 1)
+    decompose: str | None = None  # kind, layer, module or NAME=REGEX;...: decomposition.csv (engine.groups)
 
     def check_dist_timeout(self) -> None:
         """``--dist-timeout``; :func:`run_analysis` checks it before creating the process group."""
@@ -135,6 +139,8 @@ class AnalyzeOptions:
         if self.weights and self.schedule is not None:
             raise CommuteError("give either --weights or --schedule, not both")
         self.check_dist_timeout()
+        if self.decompose is not None:
+            param_groups.check_spec(self.decompose)
 
 
 @dataclass
@@ -428,6 +434,8 @@ def _stats_key(
     ]
     if world > 1:  # other summation order: equal to float32 rounding, not bit for bit
         payload.append(f"world={world}")
+    if opts.decompose is not None:  # per-group tables stored beside the totals (which are unchanged)
+        payload.append(f"decompose={opts.decompose}")
     return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:24]
 
 
@@ -453,8 +461,9 @@ def _load_cached(file: Path) -> CheckpointStats | None:
         with safe_open(str(file), framework="numpy") as fh:
             meta = fh.metadata() or {}
         arrays = load_file(str(file))
+        labels = json.loads(meta["group_labels"]) if "group_labels" in meta else None
         return CheckpointStats.from_arrays(
-            meta["plan"], arrays, int(meta["seqs_per_part"]), meta.get("estimator", "cross")
+            meta["plan"], arrays, int(meta["seqs_per_part"]), meta.get("estimator", "cross"), labels
         )
     except Exception:  # a damaged entry is recomputed, never trusted
         return None
@@ -473,6 +482,7 @@ def _save_cached(file: Path, stats: CheckpointStats, meta: dict[str, str]) -> No
                 "plan": stats.plan,
                 "seqs_per_part": str(stats.seqs_per_part),
                 "estimator": stats.estimator,
+                **({} if stats.group_labels is None else {"group_labels": json.dumps(stats.group_labels)}),
             },
         )
 
@@ -656,6 +666,8 @@ class AnalysisResult:
     losses: pd.DataFrame
     run: dict[str, Any]
     out: Path
+    baselines: pd.DataFrame | None = None  # first-order baselines (baselines.csv)
+    decomposition: pd.DataFrame | None = None  # per-group brackets (decomposition.csv, --decompose)
 
 
 def _check_writable(out: Path) -> None:
@@ -727,6 +739,8 @@ def _run_analysis(
 
     result_rows: list[dict] = []
     loss_table: list[dict] = []
+    baseline_table: list[dict] = []
+    decomposition_table: list[dict] = []
     per_ckpt: list[dict] = []
     lr_found = {ref.name: find_learning_rate(ref, opts.lr) for ref in inputs.refs}  # before any long work
     for ref in inputs.refs:
@@ -770,6 +784,7 @@ def _run_analysis(
             D, extra = metric
             offload = offload_stacks(opts, model, K, T, plan)
             extra["offload"] = offload
+            groups = None if opts.decompose is None else param_groups.param_groups(model, opts.decompose)
             stats = estimate_checkpoint(
                 model,
                 local_parts,
@@ -782,6 +797,7 @@ def _run_analysis(
                 offload=offload,
                 on_block=on_block,
                 reduce=ctx.reduce_fn(),
+                groups=groups,
             )
             del model, D
             extra["seconds"] = time.perf_counter() - tc
@@ -818,6 +834,9 @@ def _run_analysis(
             confidence=opts.confidence,
         )
         loss_table += loss_rows(stats, ref.step, inputs.names, opts.confidence)
+        baselines, decomposition = why_rows(stats, ref.step, inputs.names, wbar, inputs.targets, opts)
+        baseline_table += first_order_baselines.attach_second_order(baselines, result_rows)
+        decomposition_table += decomposition
         per_ckpt.append(
             {
                 "name": ref.name,
@@ -832,6 +851,8 @@ def _run_analysis(
 
     results = pd.DataFrame(result_rows)
     losses = pd.DataFrame(loss_table)
+    baselines_df = pd.DataFrame(baseline_table)
+    decomposition_df = pd.DataFrame(decomposition_table) if opts.decompose is not None else None
     run = {
         "command": "analyze",
         "commute_version": __version__,
@@ -868,10 +889,41 @@ def _run_analysis(
     def write_outputs() -> None:
         atomic.write_text(out / "results.csv", results.to_csv(index=False))
         atomic.write_text(out / "losses.csv", losses.to_csv(index=False))
+        atomic.write_text(out / "baselines.csv", baselines_df.to_csv(index=False))
+        if decomposition_df is not None:
+            atomic.write_text(out / "decomposition.csv", decomposition_df.to_csv(index=False))
         atomic.write_text(out / "run.json", json.dumps(run, indent=2, default=str) + "\n")
 
     ctx.agree(write_outputs, main_only=True)
-    return AnalysisResult(results, losses, run, out)
+    return AnalysisResult(results, losses, run, out, baselines_df, decomposition_df)
+
+
+def why_rows(
+    stats: CheckpointStats,
+    step: int | None,
+    names: Sequence[str],
+    wbar: np.ndarray,
+    targets: Sequence[Target],
+    opts: AnalyzeOptions,
+) -> tuple[list[dict], list[dict]]:
+    """First-order baseline rows (core.baselines; always) and per-group bracket rows (core.decomposition;
+    with ``--decompose``) of one checkpoint, from the same per-block statistics as ``results.csv``."""
+    named = [(t.name, t.coefs_at(wbar)) for t in targets]
+    base = first_order_baselines.baseline_rows(
+        stats.first, step=step, names=names, targets=named, confidence=opts.confidence
+    )
+    parts: list[dict] = []
+    if opts.decompose is not None and stats.groups is not None and stats.group_labels is not None:
+        for tname, c in named:
+            parts += decomposition_rows(
+                stats.group_interaction(c),
+                step=step,
+                target=tname,
+                names=names,
+                labels=stats.group_labels,
+                confidence=opts.confidence,
+            )
+    return base, parts
 
 
 def quiet_libraries() -> None:

@@ -54,6 +54,7 @@ from torch import nn
 
 from commute_cli.core.criterion import apply_preconditioner
 from commute_cli.engine import curvature
+from commute_cli.engine.groups import ParamGroups, segment_gram
 
 Tensor = torch.Tensor
 
@@ -84,6 +85,10 @@ class CheckpointStats:
         target_coefs: ``[T, K]`` target weights the target plan was computed for (``None`` for pair).
         seqs_per_part: sequences per part and domain (the same for all).
         estimator: "cross" or "block" (how the raw products were reduced).
+        groups: ``[B, G, ...]`` (only with a decomposition, :func:`estimate_products` ``groups``): the
+            per-block values of ``Q`` (pair) or ``M`` (target) restricted to each parameter group, the same
+            reduction of the same products; summed over ``G`` they give ``Q``/``M`` to float64 rounding.
+        group_labels: the ``G`` group labels (``None`` without a decomposition).
     """
 
     plan: str
@@ -94,6 +99,8 @@ class CheckpointStats:
     target_coefs: np.ndarray | None = None
     seqs_per_part: int = 0
     estimator: str = "cross"
+    groups: np.ndarray | None = None
+    group_labels: list[str] | None = None
 
     @property
     def n_blocks(self) -> int:
@@ -119,6 +126,23 @@ class CheckpointStats:
                 return self.M[:, t]
         raise KeyError(f"target {c.tolist()} was not computed in the target plan")
 
+    def group_interaction(self, coefs: Sequence[float] | np.ndarray) -> np.ndarray:
+        """``[B, G, K, K]``: :meth:`interaction` restricted to each parameter group (a decomposition).
+
+        Raises:
+            ValueError: the statistics were computed without groups.
+        """
+        if self.groups is None:
+            raise ValueError("these statistics have no per-group decomposition")
+        c = np.asarray(coefs, dtype=np.float64)
+        if self.plan == "pair":
+            return np.einsum("k,bgkal->bgal", c, self.groups)
+        assert self.target_coefs is not None
+        for t, ct in enumerate(self.target_coefs):
+            if np.allclose(ct, c, rtol=0.0, atol=1e-12):
+                return self.groups[:, :, t]
+        raise KeyError(f"target {c.tolist()} was not computed in the target plan")
+
     def first_order(
         self, coefs: Sequence[float] | np.ndarray, wbar: Sequence[float] | np.ndarray
     ) -> np.ndarray:
@@ -135,11 +159,18 @@ class CheckpointStats:
             out["M"] = self.M
         if self.target_coefs is not None:
             out["target_coefs"] = self.target_coefs
+        if self.groups is not None:
+            out["groups"] = self.groups
         return out
 
     @classmethod
     def from_arrays(
-        cls, plan: str, arrays: dict[str, np.ndarray], seqs_per_part: int, estimator: str = "cross"
+        cls,
+        plan: str,
+        arrays: dict[str, np.ndarray],
+        seqs_per_part: int,
+        estimator: str = "cross",
+        group_labels: list[str] | None = None,
     ) -> CheckpointStats:
         return cls(
             plan=plan,
@@ -150,6 +181,8 @@ class CheckpointStats:
             target_coefs=arrays.get("target_coefs"),
             seqs_per_part=seqs_per_part,
             estimator=estimator,
+            groups=arrays.get("groups") if group_labels is not None else None,
+            group_labels=group_labels if "groups" in arrays else None,
         )
 
 
@@ -209,6 +242,9 @@ class Products:
             ``W[e, c, t, a, l] = < H_a^(1,c) u_t^(c), D g_l^(0,e) >`` (zero on a == l).
         target_coefs: ``[T, K]`` (target plan) or ``None``.
         seqs_per_part: sequences per part and domain.
+        W_groups: ``[B, B, G, ...]`` (only with ``groups``): ``W`` with every inner product summed over one
+            parameter group's entries only; ``W_groups.sum(axis=2)`` equals ``W`` to float64 rounding.
+        group_labels: the ``G`` labels (``None`` without groups).
     """
 
     plan: str
@@ -217,9 +253,15 @@ class Products:
     W: np.ndarray
     target_coefs: np.ndarray | None
     seqs_per_part: int
+    W_groups: np.ndarray | None = None
+    group_labels: list[str] | None = None
 
     def stats(self, estimator: str = "cross") -> CheckpointStats:
-        """The per-block values of ``estimator`` (:func:`reduce_table`) as a :class:`CheckpointStats`."""
+        """The per-block values of ``estimator`` (:func:`reduce_table`) as a :class:`CheckpointStats`.
+
+        The per-group tables, when present, are reduced the same way (the reduction is linear, so the
+        groups' per-block values add up to the totals' and their standard errors come from the same design).
+        """
         W = reduce_table(self.W, estimator)
         return CheckpointStats(
             plan=self.plan,
@@ -230,6 +272,8 @@ class Products:
             target_coefs=self.target_coefs,
             seqs_per_part=self.seqs_per_part,
             estimator=estimator,
+            groups=None if self.W_groups is None else reduce_table(self.W_groups, estimator),
+            group_labels=None if self.group_labels is None else list(self.group_labels),
         )
 
 
@@ -273,11 +317,13 @@ def estimate_checkpoint(
     hvp_micro_batch: int | None = None,
     offload: bool = False,
     estimator: str = "cross",
+    groups: ParamGroups | None = None,
 ) -> CheckpointStats:
     """Per-block estimates of one checkpoint: :func:`estimate_products` reduced by ``estimator``.
 
     ``estimator``: "cross" (default; all ``B^2`` combinations, jackknife values) or "block" (each block
-    from its own parts). Same arguments, cost and memory as :func:`estimate_products`.
+    from its own parts). Same arguments, cost and memory as :func:`estimate_products`; ``groups`` adds the
+    per-group decomposition (:attr:`CheckpointStats.groups`).
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown estimator {estimator!r}; expected one of {ESTIMATORS}")
@@ -294,6 +340,7 @@ def estimate_checkpoint(
         reduce=reduce,
         hvp_micro_batch=hvp_micro_batch,
         offload=offload,
+        groups=groups,
     )
     return products.stats(estimator)
 
@@ -312,6 +359,7 @@ def estimate_products(
     reduce: curvature.Reduce | None = None,
     hvp_micro_batch: int | None = None,
     offload: bool = False,
+    groups: ParamGroups | None = None,
 ) -> Products:
     """Every (free block, unit block) product of one checkpoint (see the module docstring).
 
@@ -331,6 +379,11 @@ def estimate_products(
             reverse-on-reverse HVP keeps ~3x the autograd memory of a gradient at the same micro-batch.
         offload: keep the free factors' ``[B*K, n]`` stack in host memory instead of on the model's device
             (``--offload``); dot products still run on the model's device, in the same chunks.
+        groups: a partition of the flat parameter vector (:func:`commute_cli.engine.groups.param_groups`):
+            every product of ``W`` is also summed over each group's entries alone
+            (:func:`~commute_cli.engine.groups.segment_gram`) into :attr:`Products.W_groups`. Only dot
+            products are added (the same arithmetic as the totals' once more), no gradient or HVP pass; the
+            totals are computed exactly as without ``groups`` (bit-identical).
 
     Two phases. (1) The free factor of every block: ``BK`` gradient passes over one part each (part 2 in the
     pair plan, part 0 in the target plan), kept as a ``[B*K, n]`` stack (preconditioned). (2) Per unit block:
@@ -357,6 +410,8 @@ def estimate_products(
     losses = np.zeros((B, K, 3))
     first = np.zeros((B, B, K, K))
     W = np.zeros((B, B, K, K, K)) if plan == "pair" else np.zeros((B, B, T, K, K))
+    G = 0 if groups is None else groups.n_groups
+    Wg = None if groups is None else np.zeros((B, B, G, *W.shape[2:]))
     seqs = int(parts[0][0][VEC].shape[0])
     if reduce is not None:  # this process holds a slice of each part: count every process's sequences
         seqs = round(float(reduce(torch.tensor(float(seqs), dtype=torch.float64, device=device))))
@@ -398,6 +453,11 @@ def estimate_products(
                 dots = _gram(FREE, res.hvps, compute=device).reshape(B, K, K - 1)
                 for idx, ell in enumerate(others):
                     W[:, c, :, a, ell] = dots[:, :, idx]
+                if groups is not None:
+                    assert Wg is not None
+                    gdots = segment_gram(FREE, res.hvps, groups, compute=device).reshape(G, B, K, K - 1)
+                    for idx, ell in enumerate(others):
+                        Wg[:, c, :, :, a, ell] = gdots[:, :, :, idx].transpose(1, 0, 2)
                 losses[c, a, HVP] = res.loss
                 del res
             del DX
@@ -423,6 +483,11 @@ def estimate_products(
                 dots = _gram(res.hvps, FREE, compute=device).reshape(T, B, K)
                 W[:, c, :, a, :] = dots.transpose(1, 0, 2)
                 W[:, c, :, a, a] = 0.0
+                if groups is not None:
+                    assert Wg is not None
+                    gdots = segment_gram(res.hvps, FREE, groups, compute=device).reshape(G, T, B, K)
+                    Wg[:, c, :, :, a, :] = gdots.transpose(2, 0, 1, 3)
+                    Wg[:, c, :, :, a, a] = 0.0
                 losses[c, a, HVP] = res.loss
                 del res
             del U
@@ -436,4 +501,6 @@ def estimate_products(
         W=W,
         target_coefs=None if target_coefs is None else np.asarray(target_coefs, dtype=np.float64),
         seqs_per_part=seqs,
+        W_groups=Wg,
+        group_labels=None if groups is None else list(groups.labels),
     )
