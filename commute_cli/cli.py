@@ -155,6 +155,13 @@ def analyze_command(
     fmt: str = typer.Option("table", "--format", help="table, csv or json (csv/json: results to stdout)."),
     plot: Path | None = typer.Option(None, "--plot", help="Also draw the criterion over steps to this PNG."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Recompute every checkpoint even if cached."),
+    decompose: str | None = typer.Option(
+        None,
+        "--decompose",
+        help="Also split every bracket by parameter group into decomposition.csv: kind (embeddings, "
+        "attention, mlp, norms, head), layer, module (layer x kind), or a map 'NAME=REGEX;NAME=REGEX' "
+        "on parameter names. No extra gradient or HVP pass.",
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
     dist_timeout: float = typer.Option(
         1800.0,
@@ -207,6 +214,7 @@ def analyze_command(
         every=every,
         use_cache=not no_cache,
         dist_timeout=dist_timeout,
+        decompose=decompose,
     )
     try:
         with AnalysisProgress(enabled=not quiet and fmt == "table" and main_rank) as progress:
