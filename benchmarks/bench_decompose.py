@@ -10,9 +10,11 @@ d = 64, ``sample_checkpoints/checkpoint-1500``) and the README's sample (validat
     (4 groups) and with ``module`` (8 groups), interleaved ``--reps`` times (A B C A B C ...) so that load
     drifts on a shared machine hit all three alike; reported: median time per mode and the ratios to the
     plain run;
-(b) isolated: the extra work alone, i.e. the :func:`segment_gram` calls one checkpoint makes (``B K``
-    calls of ``[B K, n] x [K-1, n]``) timed by themselves, as a fraction of the plain estimate -- less noisy
-    than the difference of two end-to-end times.
+(b) isolated: the extra work alone. With groups the estimator replaces each full product
+    (``estimator._gram``, ``B K`` calls of ``[B K, n] x [K-1, n]`` per checkpoint) by per-group products
+    (:func:`segment_gram`) and sums them; the difference of the two, timed by themselves with the shapes one
+    checkpoint uses (interleaved), as a fraction of the plain estimate -- less noisy than the difference of
+    two end-to-end times.
 
 Usage: ``python benchmarks/bench_decompose.py [--reps 5] [--threads 1]`` (about 2 minutes). Writes
 ``benchmarks/results/bench_decompose.json`` with the environment.
@@ -37,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from commute_cli.commands import analyze as analysis  # noqa: E402
 from commute_cli.engine import curvature  # noqa: E402
-from commute_cli.engine.estimator import estimate_products  # noqa: E402
+from commute_cli.engine.estimator import _gram, estimate_products  # noqa: E402
 from commute_cli.engine.groups import param_groups, segment_gram  # noqa: E402
 from commute_cli.io import checkpoints  # noqa: E402
 
@@ -98,17 +100,19 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     free = torch.randn(B * K, n, generator=gen)
     hv = torch.randn(K - 1, n, generator=gen)
-    isolated = {}
-    for s in ("kind", "module"):
-        g = groups[s]
-        assert g is not None
-        reps = []
-        for _ in range(args.reps):
+    gram_times: dict[str, list[float]] = {"None": [], "kind": [], "module": []}
+    for _ in range(args.reps):
+        for s in specs:
+            g = groups[s]
             t0 = time.perf_counter()
             for _call in range(B * K):
-                segment_gram(free, hv, g)
-            reps.append(time.perf_counter() - t0)
-        isolated[s] = statistics.median(reps)
+                if g is None:
+                    _gram(free, hv)
+                else:
+                    segment_gram(free, hv, g).sum(axis=0)
+            gram_times[str(s)].append(time.perf_counter() - t0)
+    gram_med = {k: statistics.median(v) for k, v in gram_times.items()}
+    isolated = {s: gram_med[s] - gram_med["None"] for s in ("kind", "module")}
 
     result = {
         "benchmark": "bench_decompose",
@@ -123,6 +127,8 @@ def main() -> None:
         "seconds": times,
         "median_seconds": med,
         "end_to_end_ratio": {s: med[s] / med["None"] for s in ("kind", "module")},
+        "products_seconds": gram_times,
+        "products_median_seconds": gram_med,
         "isolated_extra_seconds": isolated,
         "isolated_extra_fraction": {s: isolated[s] / med["None"] for s in ("kind", "module")},
         "environment": environment(args.threads),

@@ -243,7 +243,8 @@ class Products:
         target_coefs: ``[T, K]`` (target plan) or ``None``.
         seqs_per_part: sequences per part and domain.
         W_groups: ``[B, B, G, ...]`` (only with ``groups``): ``W`` with every inner product summed over one
-            parameter group's entries only; ``W_groups.sum(axis=2)`` equals ``W`` to float64 rounding.
+            parameter group's entries only; ``W_groups.sum(axis=2)`` equals ``W`` (which is computed as that
+            sum) to float64 rounding.
         group_labels: the ``G`` labels (``None`` without groups).
     """
 
@@ -380,10 +381,11 @@ def estimate_products(
         offload: keep the free factors' ``[B*K, n]`` stack in host memory instead of on the model's device
             (``--offload``); dot products still run on the model's device, in the same chunks.
         groups: a partition of the flat parameter vector (:func:`commute_cli.engine.groups.param_groups`):
-            every product of ``W`` is also summed over each group's entries alone
-            (:func:`~commute_cli.engine.groups.segment_gram`) into :attr:`Products.W_groups`. Only dot
-            products are added (the same arithmetic as the totals' once more), no gradient or HVP pass; the
-            totals are computed exactly as without ``groups`` (bit-identical).
+            every product of ``W`` is summed over each group's entries alone
+            (:func:`~commute_cli.engine.groups.segment_gram`) into :attr:`Products.W_groups`, and ``W`` is
+            then the sum of its groups (the same float64 chunked products, summed in another order: equal
+            to the plain path to float64 rounding). No gradient or HVP pass is added; without ``groups``
+            nothing changes.
 
     Two phases. (1) The free factor of every block: ``BK`` gradient passes over one part each (part 2 in the
     pair plan, part 0 in the target plan), kept as a ``[B*K, n]`` stack (preconditioned). (2) Per unit block:
@@ -450,14 +452,16 @@ def estimate_products(
                 others = [ell for ell in range(K) if ell != a]
                 res = curvature.hvp(model, parts[a][c][HVP], DX[others], hvp_mb, method, loss_fn, reduce)
                 # < D g_k^(2,d), H_a^(1,c) D g_l^(0,c) > for every d, k and l != a
-                dots = _gram(FREE, res.hvps, compute=device).reshape(B, K, K - 1)
-                for idx, ell in enumerate(others):
-                    W[:, c, :, a, ell] = dots[:, :, idx]
-                if groups is not None:
+                if groups is None:
+                    dots = _gram(FREE, res.hvps, compute=device).reshape(B, K, K - 1)
+                else:  # one pass: per-group sums, the total their sum
                     assert Wg is not None
                     gdots = segment_gram(FREE, res.hvps, groups, compute=device).reshape(G, B, K, K - 1)
+                    dots = gdots.sum(axis=0)
                     for idx, ell in enumerate(others):
                         Wg[:, c, :, :, a, ell] = gdots[:, :, :, idx].transpose(1, 0, 2)
+                for idx, ell in enumerate(others):
+                    W[:, c, :, a, ell] = dots[:, :, idx]
                 losses[c, a, HVP] = res.loss
                 del res
             del DX
@@ -480,14 +484,16 @@ def estimate_products(
             for a in range(K):
                 res = curvature.hvp(model, parts[a][c][HVP], U, hvp_mb, method, loss_fn, reduce)
                 # < H_a^(1,c) u_t^(c), D g_l^(0,e) > for every t, e and l
-                dots = _gram(res.hvps, FREE, compute=device).reshape(T, B, K)
-                W[:, c, :, a, :] = dots.transpose(1, 0, 2)
-                W[:, c, :, a, a] = 0.0
-                if groups is not None:
+                if groups is None:
+                    dots = _gram(res.hvps, FREE, compute=device).reshape(T, B, K)
+                else:  # one pass: per-group sums, the total their sum
                     assert Wg is not None
                     gdots = segment_gram(res.hvps, FREE, groups, compute=device).reshape(G, T, B, K)
+                    dots = gdots.sum(axis=0)
                     Wg[:, c, :, :, a, :] = gdots.transpose(2, 0, 1, 3)
                     Wg[:, c, :, :, a, a] = 0.0
+                W[:, c, :, a, :] = dots.transpose(1, 0, 2)
+                W[:, c, :, a, a] = 0.0
                 losses[c, a, HVP] = res.loss
                 del res
             del U
