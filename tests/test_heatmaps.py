@@ -44,3 +44,10 @@ def test_decomposition_heatmap_is_written(analyzed: Path, tmp_path: Path) -> Non
     assert png.stat().st_size > 10_000
     with pytest.raises(ValueError):
         heatmaps.plot_decomposition_heatmap(dec, tmp_path / "none.png", "nope")
+
+
+def test_orders_figure_is_written(analyzed: Path, tmp_path: Path) -> None:
+    res = pd.read_csv(analyzed / "results.csv")
+    base = pd.read_csv(analyzed / "baselines.csv")
+    png = heatmaps.plot_orders(res, base, tmp_path / "orders.png")
+    assert png.stat().st_size > 10_000

@@ -5,8 +5,9 @@
   (``EL^{ji} = -EL^{ij}``), blank diagonal. Most useful for K > 2 domains.
 - :func:`plot_decomposition_heatmap`: parameter groups (rows) x checkpoints (columns) of one (target, pair)'s
   bracket split by group (``decomposition.csv``, ``commute analyze --decompose``).
+- :func:`plot_orders`: the first-order signal (``baselines.csv``) beside the bracket's prediction over steps.
 
-Both: a diverging colour scale centred at 0 (blue: the reordering lowers the target / negative part; red:
+Heatmaps: a diverging colour scale centred at 0 (blue: the reordering lowers the target / negative part; red:
 raises it), symmetric limits; cells whose value is not significant at the analysis's confidence are drawn
 pale and without a mark; significant cells carry ``*`` and their value. Reads data frames only (no autograd).
 """
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-MUTED_ALPHA = 0.25
+MUTED_ALPHA = 0.35
 
 
 def _pyplot():
@@ -149,6 +150,54 @@ def plot_decomposition_heatmap(
     )
     ax.set_title(f"Bracket <g_L, H_{j} g_{i} - H_{i} g_{j}> by parameter group, target {target}\n"
                  "(* and value: significant; pale: within noise)", fontsize=8)  # fmt: skip
+    path = Path(path)
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
+def plot_orders(
+    results: pd.DataFrame, baselines: pd.DataFrame, path: Path | str, pair: str | None = None
+) -> Path:
+    """First-order signal beside the bracket over steps, per target (columns), for one pair, to a PNG.
+
+    Top row: ``EL^{ij}`` (nats, results.csv) of "``i`` earlier, ``j`` later" with its 95 % interval
+    (``t_crit x SE``); below zero the reordering helps. Bottom row: the alignment difference
+    ``< g_i - g_j, D g_L >`` (baselines.csv) with ``+-2 SE``; above zero a greedy first-order rule favours
+    ``i`` first. Where both are significant and the rule and the bracket favour different domains the step is
+    marked "disagree" (baselines.csv ``orders``).
+    """
+    plt = _pyplot()
+    pair = pair or str(baselines["pair"].iloc[0])
+    i, j = pair.split("|", 1)
+    res = results[(results["domain_i"] == i) & (results["domain_j"] == j)]
+    base = baselines[baselines["pair"] == pair]
+    targets = list(dict.fromkeys(res["target"]))
+    fig, axes = plt.subplots(
+        2, len(targets), figsize=(1.0 + 3.0 * len(targets), 4.6), squeeze=False, sharex=True,
+        constrained_layout=True,
+    )  # fmt: skip
+    for c, target in enumerate(targets):
+        r = res[res["target"] == target].sort_values("step")
+        b = base[base["target"] == target].sort_values("step")
+        top, bottom = axes[0, c], axes[1, c]
+        top.errorbar(r["step"], r["el_ij"], yerr=r["t_crit"] * r["el_se"], fmt="o-", color="C0", capsize=3)
+        bottom.errorbar(
+            b["step"], b["align_diff"], yerr=2 * b["align_diff_se"], fmt="s-", color="C1", capsize=3
+        )
+        for ax in (top, bottom):
+            ax.axhline(0.0, color="grey", lw=0.8)
+            ax.tick_params(labelsize=7)
+        for _, row in b[b["orders"] == "disagree"].iterrows():
+            top.annotate("disagree", (row["step"], 0.0), fontsize=7, color="C3", ha="center",
+                         xytext=(0, 8), textcoords="offset points")  # fmt: skip
+        top.set_title(f"target {target}", fontsize=9)
+        bottom.set_xlabel("checkpoint step", fontsize=8)
+        if c == 0:
+            top.set_ylabel(f"EL^ij (nats)\n< 0: {i} earlier helps", fontsize=8)
+            bottom.set_ylabel(f"<g_{i} - g_{j}, g_L>\n> 0: first order favours {i}", fontsize=8)
+    fig.suptitle(f"Second order (bracket, top) against first order (gradient alignment, bottom), {i} vs {j}",
+                 fontsize=9)  # fmt: skip
     path = Path(path)
     fig.savefig(path, dpi=130)
     plt.close(fig)
