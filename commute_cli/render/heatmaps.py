@@ -137,7 +137,7 @@ def plot_decomposition_heatmap(
     sig = d.pivot(index="group", columns="step", values="significant").loc[groups, steps].to_numpy(bool)
     totals = values.sum(axis=0)
     fig, ax = plt.subplots(
-        figsize=(2.0 + 0.9 * len(steps), 1.2 + 0.32 * len(groups)), constrained_layout=True
+        figsize=(2.0 + 0.9 * len(steps), max(3.0, 1.2 + 0.32 * len(groups))), constrained_layout=True
     )
     mappable = _cells(ax, values, sig, _limit(values))
     ax.set_xticks(range(len(steps)), [f"{s}\n(total {t:.2g})" for s, t in zip(steps, totals, strict=True)],
@@ -145,11 +145,9 @@ def plot_decomposition_heatmap(
     ax.set_yticks(range(len(groups)), groups, fontsize=7)
     ax.set_xlabel("checkpoint step", fontsize=8)
     i, j = pair.split("|", 1) if "|" in pair else (pair, "")
-    fig.colorbar(
-        mappable, ax=ax, shrink=0.8, label="part of the bracket (nats per unit dt^2, dt = lr x steps)"
-    )
+    fig.colorbar(mappable, ax=ax, shrink=0.8, label="nats / dt^2")
     ax.set_title(f"Bracket <g_L, H_{j} g_{i} - H_{i} g_{j}> by parameter group, target {target}\n"
-                 "(* and value: significant; pale: within noise)", fontsize=8)  # fmt: skip
+                 "(dt = lr x steps; * and value: significant; pale: within noise)", fontsize=8)  # fmt: skip
     path = Path(path)
     fig.savefig(path, dpi=130)
     plt.close(fig)
