@@ -233,6 +233,13 @@ def analyze_command(
         None, "--plot", help="Also draw the criterion figure (the one of `commute plot`) to this PNG."
     ),
     no_cache: bool = typer.Option(False, "--no-cache", help="Recompute every checkpoint even if cached."),
+    decompose: str | None = typer.Option(
+        None,
+        "--decompose",
+        help="Also split every bracket by parameter group into decomposition.csv: kind (embeddings, "
+        "attention, mlp, norms, head), layer, module (layer x kind), or a map 'NAME=REGEX;NAME=REGEX' "
+        "on parameter names. No extra gradient or HVP pass.",
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
     dist_timeout: float = typer.Option(
         1800.0,
@@ -289,6 +296,7 @@ def analyze_command(
         every=every,
         use_cache=not no_cache,
         dist_timeout=dist_timeout,
+        decompose=decompose,
     )
     try:
         with AnalysisProgress(enabled=not quiet and fmt_value == "table" and main_rank) as progress:

@@ -45,7 +45,9 @@ from commute_cli.commands.stats import (  # noqa: F401 (re-exported: benchmarks 
     stats_key,
     versions,
 )
+from commute_cli.core import baselines as first_order_baselines
 from commute_cli.core import criterion
+from commute_cli.core.decomposition import decomposition_rows
 from commute_cli.core.regime import (
     MIN_EFFECT,
     REGIME_MAX_PROGRESS,
@@ -60,8 +62,9 @@ from commute_cli.core.regime import (
 )
 from commute_cli.core.schedule import Schedule
 from commute_cli.engine import distributed
+from commute_cli.engine import groups as param_groups
 from commute_cli.errors import CommuteError
-from commute_cli.io import checkpoints, runfiles, store
+from commute_cli.io import atomic, checkpoints, runfiles, store
 from commute_cli.io import data as domains
 from commute_cli.io.learning_rate import find_learning_rate
 from commute_cli.io.store import check_writable
@@ -117,6 +120,7 @@ class AnalyzeOptions:
     every: int | None = None
     use_cache: bool = True
     dist_timeout: float = distributed.DEFAULT_TIMEOUT_S  # seconds; only under torchrun (WORLD_SIZE > 1)
+    decompose: str | None = None  # kind, layer, module or NAME=REGEX;...: decomposition.csv (engine.groups)
 
     def check_dist_timeout(self) -> None:
         """``--dist-timeout``; :func:`run_analysis` checks it before creating the process group."""
@@ -165,6 +169,8 @@ class AnalyzeOptions:
         if self.weights and self.schedule is not None:
             raise CommuteError("give either --weights or --schedule, not both")
         self.check_dist_timeout()
+        if self.decompose is not None:
+            param_groups.check_spec(self.decompose)
 
 
 @dataclass
@@ -347,6 +353,8 @@ class AnalysisResult:
     run: dict[str, Any]
     out: Path  # the folder the results are in (``--out``, or a run folder under it)
     notes: list[str] = field(default_factory=list)
+    baselines: pd.DataFrame | None = None  # first-order baselines (baselines.csv)
+    decomposition: pd.DataFrame | None = None  # per-group brackets (decomposition.csv, --decompose)
 
 
 def run_analysis(
@@ -409,6 +417,11 @@ def _run_analysis(
     K, T = len(inputs.names), len(inputs.targets)
     plan = criterion.choose_plan(K, T) if opts.plan == "auto" else opts.plan
     steps = [r.step for r in inputs.refs]
+    result_rows: list[dict] = []
+    loss_table: list[dict] = []
+    baseline_table: list[dict] = []
+    decomposition_table: list[dict] = []
+    per_ckpt: list[dict] = []
     lr_found = {ref.name: find_learning_rate(ref, opts.lr) for ref in inputs.refs}  # before any long work
     for ref in inputs.refs:
         if lr_found[ref.name].value is None:
@@ -430,9 +443,6 @@ def _run_analysis(
                 file=sys.stderr,
             )
 
-    result_rows: list[dict] = []
-    loss_table: list[dict] = []
-    per_ckpt: list[dict] = []
     for idx, ref in enumerate(inputs.refs):
         step = ref.step if ref.step is not None else 0
         wbar = np.array([inputs.schedule.weights_at(step)[n] for n in inputs.names], dtype=np.float64)
@@ -463,6 +473,9 @@ def _run_analysis(
             horizon_reason=reason,
         )  # fmt: skip
         loss_table += loss_rows(stats, ref.step, inputs.names, opts.confidence)
+        baselines, decomposition = why_rows(stats, ref.step, inputs.names, wbar, inputs.targets, opts)
+        baseline_table += first_order_baselines.attach_second_order(baselines, result_rows)
+        decomposition_table += decomposition
         per_ckpt.append(
             {
                 "name": ref.name,
@@ -480,6 +493,8 @@ def _run_analysis(
     results = pd.DataFrame(result_rows)
     results.insert(0, "run_id", run_id[:8])
     losses = pd.DataFrame(loss_table)
+    baselines_df = pd.DataFrame(baseline_table)
+    decomposition_df = pd.DataFrame(decomposition_table) if opts.decompose is not None else None
     run = {
         "format": store.ANALYSIS_FORMAT,
         "command": "analyze",
@@ -522,11 +537,42 @@ def _run_analysis(
 
     def write_outputs() -> dict[str, Any]:
         merged = store.merge_rerun(store.read_run_json(out), run)
-        store.AnalysisRun(out, results, losses, merged).write()
+        atomic.write_text(out / "baselines.csv", baselines_df.to_csv(index=False))
+        if decomposition_df is not None:
+            atomic.write_text(out / "decomposition.csv", decomposition_df.to_csv(index=False))
+        store.AnalysisRun(out, results, losses, merged).write()  # run.json last: the run is complete
         return merged
 
     run = ctx.agree(write_outputs, main_only=True) or run
-    return AnalysisResult(results, losses, run, out, [note] if note else [])
+    return AnalysisResult(results, losses, run, out, [note] if note else [], baselines_df, decomposition_df)
+
+
+def why_rows(
+    stats: CheckpointStats,
+    step: int | None,
+    names: Sequence[str],
+    wbar: np.ndarray,
+    targets: Sequence[Target],
+    opts: AnalyzeOptions,
+) -> tuple[list[dict], list[dict]]:
+    """First-order baseline rows (core.baselines; always) and per-group bracket rows (core.decomposition;
+    with ``--decompose``) of one checkpoint, from the same per-block statistics as ``results.csv``."""
+    named = [(t.name, t.coefs_at(wbar)) for t in targets]
+    base = first_order_baselines.baseline_rows(
+        stats.first, step=step, names=names, targets=named, confidence=opts.confidence
+    )
+    parts: list[dict] = []
+    if opts.decompose is not None and stats.groups is not None and stats.group_labels is not None:
+        for tname, c in named:
+            parts += decomposition_rows(
+                stats.group_interaction(c),
+                step=step,
+                target=tname,
+                names=names,
+                labels=stats.group_labels,
+                confidence=opts.confidence,
+            )
+    return base, parts
 
 
 def _data_split(inputs: Inputs) -> str:

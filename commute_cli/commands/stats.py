@@ -28,6 +28,7 @@ import torch
 
 from commute_cli.core.regime import CheckpointStats
 from commute_cli.engine import curvature, distributed, metric
+from commute_cli.engine import groups as param_groups
 from commute_cli.engine.estimator import estimate_checkpoint
 from commute_cli.errors import CommuteError
 from commute_cli.io import checkpoints, store
@@ -163,6 +164,8 @@ def stats_key(
     ]
     if world > 1:  # other summation order: equal to float32 rounding, not bit for bit
         payload.append(f"world={world}")
+    if opts.decompose is not None:  # per-group tables stored beside the totals (which are unchanged)
+        payload.append(f"decompose={opts.decompose}")
     return store.content_key(payload)
 
 
@@ -223,6 +226,7 @@ def checkpoint_stats(
     D, info = got
     K = len(parts)
     offload = offload_stacks(opts, model, K, 0 if coefs is None else len(coefs), plan)
+    groups = None if opts.decompose is None else param_groups.param_groups(model, opts.decompose)
     stats = estimate_checkpoint(
         model,
         parts,
@@ -235,6 +239,7 @@ def checkpoint_stats(
         offload=offload,
         on_block=on_block,
         reduce=ctx.reduce_fn(),
+        groups=groups,
     )
     del model, D
     info = {**info, "offload": offload, "seconds": time.perf_counter() - tc}

@@ -63,6 +63,10 @@ class CheckpointStats:
         target_coefs: ``[T, K]`` target weights the target plan was computed for (``None`` for pair).
         seqs_per_part: sequences per part and domain (the same for all).
         estimator: "cross" or "block" (how the raw products were reduced; engine.estimator).
+        groups: ``[B, G, ...]`` (only with a decomposition, ``--decompose``): the per-block values of ``Q``
+            (pair) or ``M`` (target) restricted to each parameter group, the same reduction of the same
+            products; summed over ``G`` they give ``Q``/``M`` to float64 rounding.
+        group_labels: the ``G`` group labels (``None`` without a decomposition).
     """
 
     plan: str
@@ -73,6 +77,8 @@ class CheckpointStats:
     target_coefs: np.ndarray | None = None
     seqs_per_part: int = 0
     estimator: str = "cross"
+    groups: np.ndarray | None = None
+    group_labels: list[str] | None = None
 
     @property
     def n_blocks(self) -> int:
@@ -98,6 +104,23 @@ class CheckpointStats:
                 return self.M[:, t]
         raise KeyError(f"target {c.tolist()} was not computed in the target plan")
 
+    def group_interaction(self, coefs: Sequence[float] | np.ndarray) -> np.ndarray:
+        """``[B, G, K, K]``: :meth:`interaction` restricted to each parameter group (a decomposition).
+
+        Raises:
+            ValueError: the statistics were computed without groups.
+        """
+        if self.groups is None:
+            raise ValueError("these statistics have no per-group decomposition")
+        c = np.asarray(coefs, dtype=np.float64)
+        if self.plan == "pair":
+            return np.einsum("k,bgkal->bgal", c, self.groups)
+        assert self.target_coefs is not None
+        for t, ct in enumerate(self.target_coefs):
+            if np.allclose(ct, c, rtol=0.0, atol=1e-12):
+                return self.groups[:, :, t]
+        raise KeyError(f"target {c.tolist()} was not computed in the target plan")
+
     def first_order(
         self, coefs: Sequence[float] | np.ndarray, wbar: Sequence[float] | np.ndarray
     ) -> np.ndarray:
@@ -115,11 +138,18 @@ class CheckpointStats:
             out["M"] = self.M
         if self.target_coefs is not None:
             out["target_coefs"] = self.target_coefs
+        if self.groups is not None:
+            out["groups"] = self.groups
         return out
 
     @classmethod
     def from_arrays(
-        cls, plan: str, arrays: dict[str, np.ndarray], seqs_per_part: int, estimator: str = "cross"
+        cls,
+        plan: str,
+        arrays: dict[str, np.ndarray],
+        seqs_per_part: int,
+        estimator: str = "cross",
+        group_labels: list[str] | None = None,
     ) -> CheckpointStats:
         """Inverse of :meth:`to_arrays`."""
         return cls(
@@ -131,6 +161,8 @@ class CheckpointStats:
             target_coefs=arrays.get("target_coefs"),
             seqs_per_part=seqs_per_part,
             estimator=estimator,
+            groups=arrays.get("groups") if group_labels is not None else None,
+            group_labels=group_labels if "groups" in arrays else None,
         )
 
 

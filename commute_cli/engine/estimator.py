@@ -54,6 +54,7 @@ from torch import nn
 
 from commute_cli.core.regime import CheckpointStats
 from commute_cli.engine import curvature
+from commute_cli.engine.groups import ParamGroups, segment_gram
 from commute_cli.engine.metric import apply_preconditioner
 
 Tensor = torch.Tensor
@@ -121,6 +122,10 @@ class Products:
             ``W[e, c, t, a, l] = < H_a^(1,c) u_t^(c), D g_l^(0,e) >`` (zero on a == l).
         target_coefs: ``[T, K]`` (target plan) or ``None``.
         seqs_per_part: sequences per part and domain.
+        W_groups: ``[B, B, G, ...]`` (only with ``groups``): ``W`` with every inner product summed over one
+            parameter group's entries only; ``W_groups.sum(axis=2)`` equals ``W`` (which is computed as that
+            sum) to float64 rounding.
+        group_labels: the ``G`` labels (``None`` without groups).
     """
 
     plan: str
@@ -129,9 +134,15 @@ class Products:
     W: np.ndarray
     target_coefs: np.ndarray | None
     seqs_per_part: int
+    W_groups: np.ndarray | None = None
+    group_labels: list[str] | None = None
 
     def stats(self, estimator: str = "cross") -> CheckpointStats:
-        """The per-block values of ``estimator`` (:func:`reduce_table`) as a :class:`CheckpointStats`."""
+        """The per-block values of ``estimator`` (:func:`reduce_table`) as a :class:`CheckpointStats`.
+
+        The per-group tables, when present, are reduced the same way (the reduction is linear, so the
+        groups' per-block values add up to the totals' and their standard errors come from the same design).
+        """
         W = reduce_table(self.W, estimator)
         return CheckpointStats(
             plan=self.plan,
@@ -142,6 +153,8 @@ class Products:
             target_coefs=self.target_coefs,
             seqs_per_part=self.seqs_per_part,
             estimator=estimator,
+            groups=None if self.W_groups is None else reduce_table(self.W_groups, estimator),
+            group_labels=None if self.group_labels is None else list(self.group_labels),
         )
 
 
@@ -185,11 +198,13 @@ def estimate_checkpoint(
     hvp_micro_batch: int | None = None,
     offload: bool = False,
     estimator: str = "cross",
+    groups: ParamGroups | None = None,
 ) -> CheckpointStats:
     """Per-block estimates of one checkpoint: :func:`estimate_products` reduced by ``estimator``.
 
     ``estimator``: "cross" (default; all ``B^2`` combinations, jackknife values) or "block" (each block
-    from its own parts). Same arguments, cost and memory as :func:`estimate_products`.
+    from its own parts). Same arguments, cost and memory as :func:`estimate_products`; ``groups`` adds the
+    per-group decomposition (:attr:`CheckpointStats.groups`).
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown estimator {estimator!r}; expected one of {ESTIMATORS}")
@@ -206,6 +221,7 @@ def estimate_checkpoint(
         reduce=reduce,
         hvp_micro_batch=hvp_micro_batch,
         offload=offload,
+        groups=groups,
     )
     return products.stats(estimator)
 
@@ -224,6 +240,7 @@ def estimate_products(
     reduce: curvature.Reduce | None = None,
     hvp_micro_batch: int | None = None,
     offload: bool = False,
+    groups: ParamGroups | None = None,
 ) -> Products:
     """Every (free block, unit block) product of one checkpoint (see the module docstring).
 
@@ -243,6 +260,12 @@ def estimate_products(
             reverse-on-reverse HVP keeps ~3x the autograd memory of a gradient at the same micro-batch.
         offload: keep the free factors' ``[B*K, n]`` stack in host memory instead of on the model's device
             (``--offload``); dot products still run on the model's device, in the same chunks.
+        groups: a partition of the flat parameter vector (:func:`commute_cli.engine.groups.param_groups`):
+            every product of ``W`` is summed over each group's entries alone
+            (:func:`~commute_cli.engine.groups.segment_gram`) into :attr:`Products.W_groups`, and ``W`` is
+            then the sum of its groups (the same float64 chunked products, summed in another order: equal
+            to the plain path to float64 rounding). No gradient or HVP pass is added; without ``groups``
+            nothing changes.
 
     Two phases. (1) The free factor of every block: ``BK`` gradient passes over one part each (part 2 in the
     pair plan, part 0 in the target plan), kept as a ``[B*K, n]`` stack (preconditioned). (2) Per unit block:
@@ -269,6 +292,8 @@ def estimate_products(
     losses = np.zeros((B, K, 3))
     first = np.zeros((B, B, K, K))
     W = np.zeros((B, B, K, K, K)) if plan == "pair" else np.zeros((B, B, T, K, K))
+    G = 0 if groups is None else groups.n_groups
+    Wg = None if groups is None else np.zeros((B, B, G, *W.shape[2:]))
     seqs = int(parts[0][0][VEC].shape[0])
     if reduce is not None:  # this process holds a slice of each part: count every process's sequences
         seqs = round(float(reduce(torch.tensor(float(seqs), dtype=torch.float64, device=device))))
@@ -307,7 +332,14 @@ def estimate_products(
                 others = [ell for ell in range(K) if ell != a]
                 res = curvature.hvp(model, parts[a][c][HVP], DX[others], hvp_mb, method, loss_fn, reduce)
                 # < D g_k^(2,d), H_a^(1,c) D g_l^(0,c) > for every d, k and l != a
-                dots = _gram(FREE, res.hvps, compute=device).reshape(B, K, K - 1)
+                if groups is None:
+                    dots = _gram(FREE, res.hvps, compute=device).reshape(B, K, K - 1)
+                else:  # one pass: per-group sums, the total their sum
+                    assert Wg is not None
+                    gdots = segment_gram(FREE, res.hvps, groups, compute=device).reshape(G, B, K, K - 1)
+                    dots = gdots.sum(axis=0)
+                    for idx, ell in enumerate(others):
+                        Wg[:, c, :, :, a, ell] = gdots[:, :, :, idx].transpose(1, 0, 2)
                 for idx, ell in enumerate(others):
                     W[:, c, :, a, ell] = dots[:, :, idx]
                 losses[c, a, HVP] = res.loss
@@ -332,7 +364,14 @@ def estimate_products(
             for a in range(K):
                 res = curvature.hvp(model, parts[a][c][HVP], U, hvp_mb, method, loss_fn, reduce)
                 # < H_a^(1,c) u_t^(c), D g_l^(0,e) > for every t, e and l
-                dots = _gram(res.hvps, FREE, compute=device).reshape(T, B, K)
+                if groups is None:
+                    dots = _gram(res.hvps, FREE, compute=device).reshape(T, B, K)
+                else:  # one pass: per-group sums, the total their sum
+                    assert Wg is not None
+                    gdots = segment_gram(res.hvps, FREE, groups, compute=device).reshape(G, T, B, K)
+                    dots = gdots.sum(axis=0)
+                    Wg[:, c, :, :, a, :] = gdots.transpose(2, 0, 1, 3)
+                    Wg[:, c, :, :, a, a] = 0.0
                 W[:, c, :, a, :] = dots.transpose(1, 0, 2)
                 W[:, c, :, a, a] = 0.0
                 losses[c, a, HVP] = res.loss
@@ -348,4 +387,6 @@ def estimate_products(
         W=W,
         target_coefs=None if target_coefs is None else np.asarray(target_coefs, dtype=np.float64),
         seqs_per_part=seqs,
+        W_groups=Wg,
+        group_labels=None if groups is None else list(groups.labels),
     )

@@ -108,9 +108,10 @@ def load_stats(file: Path) -> tuple[CheckpointStats, dict[str, str]] | None:
         if meta.get("format") != CACHE_FORMAT:
             return None
         arrays = load_file(str(file))
+        labels = json.loads(meta["group_labels"]) if "group_labels" in meta else None
         return (
             CheckpointStats.from_arrays(
-                meta["plan"], arrays, int(meta["seqs_per_part"]), meta.get("estimator", "cross")
+                meta["plan"], arrays, int(meta["seqs_per_part"]), meta.get("estimator", "cross"), labels
             ),
             meta,
         )
@@ -130,6 +131,8 @@ def save_stats(file: Path, stats: CheckpointStats, meta: dict[str, Any]) -> None
         seqs_per_part=str(stats.seqs_per_part),
         estimator=stats.estimator,
     )
+    if stats.group_labels is not None:
+        info["group_labels"] = json.dumps(stats.group_labels)
     Path(file).parent.mkdir(parents=True, exist_ok=True)
     with atomic.replacing(Path(file)) as tmp:
         save_file(arrays, tmp, metadata=info)

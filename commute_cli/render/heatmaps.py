@@ -1,0 +1,202 @@
+"""Heatmaps of ``commute analyze`` outputs: the criterion between every pair of domains, and its parts.
+
+- :func:`plot_pair_heatmap`: for each checkpoint (columns) and target (rows), a domains x domains matrix of
+  the predicted change ``EL^{ij}`` (nats; ``results.csv``) of "``i`` earlier, ``j`` later"; antisymmetric
+  (``EL^{ji} = -EL^{ij}``), blank diagonal. Most useful for K > 2 domains.
+- :func:`plot_decomposition_heatmap`: parameter groups (rows) x checkpoints (columns) of one (target, pair)'s
+  bracket split by group (``decomposition.csv``, ``commute analyze --decompose``).
+- :func:`plot_orders`: the first-order signal (``baselines.csv``) beside the bracket's prediction over steps.
+
+Heatmaps: a diverging colour scale centred at 0 (blue: the reordering lowers the target / negative part; red:
+raises it), symmetric limits; cells whose value is not significant at the analysis's confidence are drawn
+pale and without a mark; significant cells carry ``*`` and their value. Reads data frames only (no autograd).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+MUTED_ALPHA = 0.35
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _limit(values: np.ndarray) -> float:
+    finite = np.abs(values[np.isfinite(values)])
+    return float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+
+
+def _cells(ax, values: np.ndarray, significant: np.ndarray, vmax: float, fmt: str = "{:.2g}") -> object:
+    """Draw ``values`` with significant cells at full colour (value and ``*``), others pale and unlabelled."""
+    from matplotlib import colormaps
+    from matplotlib.colors import Normalize
+
+    cmap = colormaps["RdBu_r"]
+    norm = Normalize(-vmax, vmax)
+    rgba = cmap(norm(np.nan_to_num(values)))
+    rgba[..., 3] = np.where(significant, 1.0, MUTED_ALPHA)
+    rgba[~np.isfinite(values)] = (1.0, 1.0, 1.0, 0.0)
+    ax.imshow(rgba, aspect="auto", interpolation="nearest")
+    for (r, c), v in np.ndenumerate(values):
+        if np.isfinite(v) and significant[r, c]:
+            dark = abs(norm(v) - 0.5) > 0.3
+            ax.text(c, r, fmt.format(v) + "*", ha="center", va="center", fontsize=7,
+                    color="white" if dark else "black")  # fmt: skip
+    from matplotlib.cm import ScalarMappable
+
+    return ScalarMappable(norm=norm, cmap=cmap)
+
+
+def pair_matrices(
+    results: pd.DataFrame, target: str, step: int, names: list[str]
+) -> tuple[np.ndarray, np.ndarray]:
+    """``[K, K]`` ``EL^{ij}`` (antisymmetric, NaN diagonal) and significance for one target and checkpoint."""
+    K = len(names)
+    values = np.full((K, K), np.nan)
+    sig = np.zeros((K, K), dtype=bool)
+    rows = results[(results["target"] == target) & (results["step"] == step)]
+    index = {n: k for k, n in enumerate(names)}
+    for _, r in rows.iterrows():
+        i, j = index[r["domain_i"]], index[r["domain_j"]]
+        values[i, j], values[j, i] = r["el_ij"], -r["el_ij"]
+        sig[i, j] = sig[j, i] = bool(r["significant"])
+    return values, sig
+
+
+def _domain_names(results: pd.DataFrame) -> list[str]:
+    names: list[str] = []
+    for col in ("domain_i", "domain_j"):
+        for n in results[col]:
+            if n not in names:
+                names.append(n)
+    return names
+
+
+def plot_pair_heatmap(results: pd.DataFrame, path: Path | str, targets: list[str] | None = None) -> Path:
+    """Domains x domains heatmaps of ``EL^{ij}`` (rows: targets; columns: checkpoints) to a PNG.
+
+    Cell (i, j) is the predicted change of the target (nats) when domain ``i`` (row) is moved earlier and
+    ``j`` (column) later; blue = that reordering helps. One colour scale per target (centred at 0).
+    """
+    plt = _pyplot()
+    names = _domain_names(results)
+    targets = targets or list(dict.fromkeys(results["target"]))
+    steps = sorted(results["step"].unique())
+    fig, axes = plt.subplots(
+        len(targets), len(steps), squeeze=False, constrained_layout=True,
+        figsize=(1.6 + 0.75 * len(names) * len(steps), 1.0 + 0.7 * len(names) * len(targets)),
+    )  # fmt: skip
+    for r, target in enumerate(targets):
+        mats = [pair_matrices(results, target, s, names) for s in steps]
+        vmax = _limit(np.stack([m[0] for m in mats]))
+        mappable = None
+        for c, (step, (values, sig)) in enumerate(zip(steps, mats, strict=True)):
+            ax = axes[r, c]
+            mappable = _cells(ax, values, sig, vmax, fmt="{:.1e}" if vmax < 0.01 else "{:.2g}")
+            ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+            ax.set_yticks(range(len(names)), names if c == 0 else [], fontsize=7)
+            ax.set_title(f"step {step}", fontsize=8)
+            if c == 0:
+                ax.set_ylabel(f"target {target}\ni earlier (row)", fontsize=8)
+        fig.colorbar(mappable, ax=axes[r, :].tolist(), shrink=0.8, label="EL^ij (nats)")
+    fig.suptitle("Predicted change of each target if row domain goes earlier, column domain later\n"
+                 "(* and value: significant; pale: within noise)", fontsize=9)  # fmt: skip
+    path = Path(path)
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
+def plot_decomposition_heatmap(
+    decomposition: pd.DataFrame, path: Path | str, target: str, pair: str | None = None
+) -> Path:
+    """Groups x checkpoints heatmap of one (target, pair)'s bracket decomposition to a PNG.
+
+    Cell value: the group's part of ``< D g_L, H_j D g_i - H_i D g_j >`` (the ``bracket`` of results.csv;
+    the column sums to it). ``pair`` defaults to the first pair in the file.
+    """
+    plt = _pyplot()
+    d = decomposition[decomposition["target"] == target]
+    if d.empty:
+        raise ValueError(f"no decomposition rows for target {target!r}")
+    pair = pair or str(d["pair"].iloc[0])
+    d = d[d["pair"] == pair]
+    groups = list(dict.fromkeys(d["group"]))
+    steps = sorted(d["step"].unique())
+    values = d.pivot(index="group", columns="step", values="value").loc[groups, steps].to_numpy(float)
+    sig = d.pivot(index="group", columns="step", values="significant").loc[groups, steps].to_numpy(bool)
+    totals = values.sum(axis=0)
+    fig, ax = plt.subplots(
+        figsize=(2.0 + 0.9 * len(steps), max(3.0, 1.2 + 0.32 * len(groups))), constrained_layout=True
+    )
+    mappable = _cells(ax, values, sig, _limit(values))
+    ax.set_xticks(range(len(steps)), [f"{s}\n(total {t:.2g})" for s, t in zip(steps, totals, strict=True)],
+                  fontsize=7)  # fmt: skip
+    ax.set_yticks(range(len(groups)), groups, fontsize=7)
+    ax.set_xlabel("checkpoint step", fontsize=8)
+    i, j = pair.split("|", 1) if "|" in pair else (pair, "")
+    fig.colorbar(mappable, ax=ax, shrink=0.8, label="nats / dt^2")
+    ax.set_title(f"Bracket <g_L, H_{j} g_{i} - H_{i} g_{j}> by parameter group, target {target}\n"
+                 "(dt = lr x steps; * and value: significant; pale: within noise)", fontsize=8)  # fmt: skip
+    path = Path(path)
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
+def plot_orders(
+    results: pd.DataFrame, baselines: pd.DataFrame, path: Path | str, pair: str | None = None
+) -> Path:
+    """First-order signal beside the bracket over steps, per target (columns), for one pair, to a PNG.
+
+    Top row: ``EL^{ij}`` (nats, results.csv) of "``i`` earlier, ``j`` later" with its 95 % interval
+    (``t_crit x SE``); below zero the reordering helps. Bottom row: the alignment difference
+    ``< g_i - g_j, D g_L >`` (baselines.csv) with ``+-2 SE``; above zero a greedy first-order rule favours
+    ``i`` first. Where both are significant and the rule and the bracket favour different domains the step is
+    marked "disagree" (baselines.csv ``orders``).
+    """
+    plt = _pyplot()
+    pair = pair or str(baselines["pair"].iloc[0])
+    i, j = pair.split("|", 1)
+    res = results[(results["domain_i"] == i) & (results["domain_j"] == j)]
+    base = baselines[baselines["pair"] == pair]
+    targets = list(dict.fromkeys(res["target"]))
+    fig, axes = plt.subplots(
+        2, len(targets), figsize=(1.0 + 3.0 * len(targets), 4.6), squeeze=False, sharex=True,
+        constrained_layout=True,
+    )  # fmt: skip
+    for c, target in enumerate(targets):
+        r = res[res["target"] == target].sort_values("step")
+        b = base[base["target"] == target].sort_values("step")
+        top, bottom = axes[0, c], axes[1, c]
+        top.errorbar(r["step"], r["el_ij"], yerr=r["t_crit"] * r["el_se"], fmt="o-", color="C0", capsize=3)
+        bottom.errorbar(
+            b["step"], b["align_diff"], yerr=2 * b["align_diff_se"], fmt="s-", color="C1", capsize=3
+        )
+        for ax in (top, bottom):
+            ax.axhline(0.0, color="grey", lw=0.8)
+            ax.tick_params(labelsize=7)
+        for _, row in b[b["orders"] == "disagree"].iterrows():
+            top.annotate("disagree", (row["step"], 0.0), fontsize=7, color="C3", ha="center",
+                         xytext=(0, 8), textcoords="offset points")  # fmt: skip
+        top.set_title(f"target {target}", fontsize=9)
+        bottom.set_xlabel("checkpoint step", fontsize=8)
+        if c == 0:
+            top.set_ylabel(f"EL^ij (nats)\n< 0: {i} earlier helps", fontsize=8)
+            bottom.set_ylabel(f"<g_{i} - g_{j}, g_L>\n> 0: first order favours {i}", fontsize=8)
+    fig.suptitle(f"Second order (bracket, top) against first order (gradient alignment, bottom), {i} vs {j}",
+                 fontsize=9)  # fmt: skip
+    path = Path(path)
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path

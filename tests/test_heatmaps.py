@@ -1,0 +1,53 @@
+"""render/heatmaps.py: the matrices drawn are the analysis's numbers; the figures are written.
+
+The pictures themselves were looked at (issue 16 part 3); here the data path: antisymmetry of the pair
+matrix, significance marks from results.csv, and the decomposition pivot from a real (tiny) run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from commute_cli.commands import analyze as analysis
+from commute_cli.render import heatmaps
+
+from tiny_run import make_run
+
+
+@pytest.fixture(scope="module")
+def analyzed(tmp_path_factory) -> Path:
+    run = make_run(tmp_path_factory.mktemp("run") / "run", steps=(0, 10))
+    out = tmp_path_factory.mktemp("out")
+    opts = analysis.AnalyzeOptions(ckpt_dir=run, out=out, samples=24, blocks=4, decompose="kind")
+    analysis.run_analysis(opts)
+    return out
+
+
+def test_pair_matrix_is_the_antisymmetric_criterion(analyzed: Path, tmp_path: Path) -> None:
+    res = pd.read_csv(analyzed / "results.csv")
+    names = ["en", "xx"]
+    for (target, step), rows in res.groupby(["target", "step"]):
+        values, sig = heatmaps.pair_matrices(res, target, step, names)
+        row = rows.iloc[0]
+        assert values[0, 1] == row["el_ij"] and values[1, 0] == -row["el_ij"]
+        assert np.isnan(values[0, 0]) and sig[0, 1] == bool(row["significant"]) == sig[1, 0]
+    png = heatmaps.plot_pair_heatmap(res, tmp_path / "pairs.png")
+    assert png.stat().st_size > 10_000
+
+
+def test_decomposition_heatmap_is_written(analyzed: Path, tmp_path: Path) -> None:
+    dec = pd.read_csv(analyzed / "decomposition.csv")
+    png = heatmaps.plot_decomposition_heatmap(dec, tmp_path / "dec.png", "en")
+    assert png.stat().st_size > 10_000
+    with pytest.raises(ValueError):
+        heatmaps.plot_decomposition_heatmap(dec, tmp_path / "none.png", "nope")
+
+
+def test_orders_figure_is_written(analyzed: Path, tmp_path: Path) -> None:
+    res = pd.read_csv(analyzed / "results.csv")
+    base = pd.read_csv(analyzed / "baselines.csv")
+    png = heatmaps.plot_orders(res, base, tmp_path / "orders.png")
+    assert png.stat().st_size > 10_000
