@@ -31,8 +31,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from commute_cli.commands import recommend as rc
-from commute_cli.core.schedule import Schedule, load_schedule, parse_schedule_text
+from commute_cli.core.schedule import Schedule, parse_schedule_text
 from commute_cli.errors import CommuteError
+from commute_cli.io.schedules import load_schedule
 
 from cli_runner import cli
 from tiny_run import make_run, pool_grad, pool_loss, save_checkpoint

@@ -12,13 +12,12 @@ from hypothesis import strategies as st
 from commute_cli.core.schedule import (
     Schedule,
     check_weights,
-    load_schedule,
     parse_schedule_csv,
     parse_schedule_text,
     parse_weights,
-    save_schedule,
 )
 from commute_cli.errors import CommuteError
+from commute_cli.io.schedules import load_schedule, save_schedule
 
 # ----------------------------------------------------------------------------------------------- weights
 

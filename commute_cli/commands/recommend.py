@@ -56,7 +56,7 @@ from typing import Any
 import pandas as pd
 
 from commute_cli.core.criterion import Verdict
-from commute_cli.core.schedule import Schedule, save_schedule
+from commute_cli.core.schedule import Schedule
 from commute_cli.core.shifts import (
     DEFAULT_GRID,
     DEFAULT_REGIME,
@@ -75,6 +75,7 @@ from commute_cli.core.shifts import (
 )
 from commute_cli.errors import CommuteError
 from commute_cli.io import atomic
+from commute_cli.io.schedules import save_schedule
 from commute_cli.io.store import RESULTS_COLUMNS, AnalysisRun, load_analysis, load_losses
 
 __all__ = [

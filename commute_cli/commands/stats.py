@@ -21,11 +21,12 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
+from commute_cli.commands.options import AnalyzeOptions, Inputs
 from commute_cli.core.regime import CheckpointStats
 from commute_cli.engine import curvature, distributed, metric
 from commute_cli.engine import groups as param_groups
@@ -33,9 +34,6 @@ from commute_cli.engine.estimator import estimate_checkpoint
 from commute_cli.errors import CommuteError
 from commute_cli.io import checkpoints, store
 from commute_cli.io import data as domains
-
-if TYPE_CHECKING:
-    from commute_cli.commands.analyze import AnalyzeOptions, Inputs
 
 
 def domain_seed(seed: int, name: str) -> int:

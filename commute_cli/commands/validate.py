@@ -539,8 +539,9 @@ def predict(setup: Setup, opts: ValidateOptions, dw: float, note: Note) -> tuple
     sample is analyze's: the held-out data, ``seq_len`` and ``--samples``/``--blocks`` with seed 0, so the
     defaults of both commands meet in the same cache entry. No nested analysis, no float matching.
     """
-    from commute_cli.commands.analyze import AnalyzeOptions, Inputs, _resolve_device
+    from commute_cli.commands.options import AnalyzeOptions, Inputs
     from commute_cli.commands.stats import checkpoint_stats, prepare_samples
+    from commute_cli.commands.stats import resolve_device as _resolve_device
     from commute_cli.core.criterion import choose_plan
     from commute_cli.io import checkpoints
 
@@ -692,7 +693,8 @@ def run_validate(
 
     ``on_start(total_steps)`` is called once with the number of training steps still to run.
     """
-    from commute_cli.commands.analyze import _check_writable, quiet_libraries
+    from commute_cli.commands.stats import quiet_libraries
+    from commute_cli.io.store import check_writable as _check_writable
 
     t0 = time.perf_counter()
     quiet_libraries()

@@ -19,16 +19,13 @@ import io
 import json
 import math
 import numbers
-import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
-from pathlib import Path
 from typing import Any
 
 from commute_cli.errors import CommuteError
-from commute_cli.io import atomic
 
 SUM_TOL = 1e-6
 """How far from 1 the weights of one entry may sum (absolute)."""
@@ -303,23 +300,3 @@ def parse_schedule_text(text: str, domains: Sequence[str] | None = None, context
             ) from err
         return Schedule.from_records(data, domains, context)
     return parse_schedule_csv(text, domains, context)
-
-
-def load_schedule(path: str | os.PathLike[str], domains: Sequence[str] | None = None) -> Schedule:
-    """Read a schedule file (JSON or CSV, by content) and validate it against ``domains`` if given."""
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError as err:
-        raise CommuteError(f"schedule file not found: {p}", "check the path") from err
-    except (OSError, UnicodeDecodeError) as err:
-        raise CommuteError(f"cannot read schedule file {p}: {err}") from err
-    return parse_schedule_text(text, domains, str(p))
-
-
-def save_schedule(schedule: Schedule, path: str | os.PathLike[str]) -> Path:
-    """Write CSV if ``path`` ends in .csv, JSON otherwise; atomically (temp file + os.replace)."""
-    p = Path(path)
-    text = schedule.to_csv() if p.suffix.lower() == ".csv" else schedule.to_json()
-    p.parent.mkdir(parents=True, exist_ok=True)
-    return atomic.write_text(p, text)

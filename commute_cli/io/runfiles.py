@@ -33,10 +33,11 @@ from typing import Any
 import torch
 
 from commute_cli import __version__
-from commute_cli.core.schedule import Schedule, check_weights, load_schedule, parse_weights
+from commute_cli.core.schedule import Schedule, check_weights, parse_weights
 from commute_cli.errors import CommuteError
 from commute_cli.io import atomic, checkpoints
 from commute_cli.io.checkpoints import MANIFEST_FORMAT, MANIFEST_NAME
+from commute_cli.io.schedules import load_schedule
 
 STATE_NAME = "commute_state.json"
 STATE_FORMAT = "commute-train-state/1"
