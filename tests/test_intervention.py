@@ -31,10 +31,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from commute_cli.commands.analyze import AnalyzeOptions, run_analysis
+from commute_cli.commands.analyze import AnalyzeOptions, prepare_samples, resolve_inputs, run_analysis
 from commute_cli.core import criterion
 from commute_cli.io import checkpoints
 from commute_cli.io import data as domains
@@ -217,10 +216,12 @@ def test_analysis_pipeline_predicts_real_intervention(setup: Setup, observed, an
     The pools are the very blocks the analysis sampled (its tokenized-data cache holds the same tensors), so
     observed and predicted refer to one objective."""
     opts, result = analysis_small
-    cached = [load_file(str(f))["blocks"] for f in sorted((Path(opts.out) / "cache").glob("blocks-*"))]
-    assert len(cached) == 2
-    for pool in setup.pools:
-        assert any(c.shape == pool.shape and torch.equal(c, pool) for c in cached)
+    # the sample the analysis drew (the same bounded, seeded draw it used) consists of rows of the pools
+    parts, _, _ = prepare_samples(resolve_inputs(opts), opts)
+    for domain_parts, pool in zip(parts, setup.pools, strict=True):
+        rows = {tuple(r.tolist()) for r in pool}
+        drawn = [tuple(r.tolist()) for blk in domain_parts for part in blk for r in part]
+        assert len(drawn) == opts.samples and all(r in rows for r in drawn)
 
     res = result.results
     assert len(res) == 3 and set(res["target"]) == set(TARGETS)

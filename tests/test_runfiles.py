@@ -136,7 +136,7 @@ def test_train_then_analyze_finds_the_manifest_with_data_outside_the_run(data, t
     assert res.returncode == 0, res.stderr
     assert "using the training data recorded in" in res.stderr
     rows = (tmp_path / "o" / "results.csv").read_text().splitlines()
-    assert rows[0].startswith("step,") and len(rows) > 1
+    assert rows[0].startswith("run_id,step,") and len(rows) > 1
     # the data moved away: a one-line error that says what to pass
     (data / "ru.jsonl").rename(data / "ru.moved")
     try:

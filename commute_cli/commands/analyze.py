@@ -123,7 +123,10 @@ def resolve_inputs(opts: AnalyzeOptions) -> Inputs:
         raise CommuteError(f"need at least two domains, got {names}", hint="pass --domains a=... b=...")
     text_fields = domains.parse_text_fields(opts.text_fields, names)
     if run.tokenizer_path is None:
-        raise CommuteError("no tokenizer in the checkpoint or the manifest", hint="pass --tokenizer FOLDER")
+        raise CommuteError(
+            f"{refs[0].path.name} has no tokenizer files and no manifest names a tokenizer",
+            hint="pass --tokenizer FOLDER (the tokenizer the run was trained with)",
+        )
     tokenizer = run.load_tokenizer()
     checkpoints.check_tokenizer(tokenizer, checkpoints.read_config(refs[0]))
     if run.schedule is None:
