@@ -853,6 +853,7 @@ def _run_analysis(
         "targets": [{"name": t.name, "kind": t.kind} for t in inputs.targets],
         "schedule": json.loads(inputs.schedule.to_json()),
         "plan": plan,
+        "estimator": "cross",  # every block combination, jackknife SE (docs/math_estimator.md)
         "hvps_per_block": criterion.plan_hvp_count(K, T)[plan],
         "samples_per_domain": int(sum(p.shape[0] for blk in parts[0] for p in blk)),
         "sample_digest": sample_digest,
