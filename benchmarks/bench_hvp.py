@@ -22,6 +22,24 @@ forward pass (gradient: 1 forward + 2 backward products per weight matrix; the s
 tangent-forward and 4 tangent-backward products; see docs/DECISIONS.md), so the "/ flops" column says how
 close the time ratio is to what any exact method must do.
 
+Peers, in the same interleaved rounds on the same model and batch (one vector unless said):
+``curvlinops`` -- ``curvlinops.HessianLinearOperator`` of ``curvlinops-for-pytorch`` (the ``bench`` extra;
+forward-over-reverse through ``torch.func``, its matrix product vmapped over columns; also with 4 columns),
+built over the model's logits and ``CrossEntropyLoss(reduction="mean")`` on the shifted tokens, with
+``check_deterministic=False`` (the model is in eval mode); ``torch.func`` -- ``jvp`` over ``grad`` of the
+same loss through ``functional_call`` with the de-duplicated (tied) parameters. Each peer's result is
+checked against ``curvature.hvp`` on the same vector (relative error printed) before it is timed; a peer
+that is not installed is skipped with a note. The 4-column curvlinops product runs on the tiny config only.
+
+Finding (torch 2.13 CPU, curvlinops-for-pytorch 3.0.1): curvlinops' product differs from the exact HVP by
+~1.5e-3 relative *in float64* on GPT-2, all of it in the LayerNorm weights' block (``ln_1``, ``ln_2``,
+``ln_f``); ``torch.func.jvp`` over ``jacrev`` -- what curvlinops runs -- reproduces it without curvlinops,
+while ``jvp`` over ``grad``, reverse-on-reverse and a float64 central finite difference agree with each
+other (1e-16 and 1e-6). So its time is that of a slightly wrong product on this stack.
+
+Results, with the environment (torch/transformers/curvlinops versions, threads, CPU), are written as JSON to
+``benchmarks/results/bench_hvp.json`` (``--out``).
+
 GPU (``--device cuda``): timings with ``torch.cuda.synchronize`` around every call; peak memory is
 ``torch.cuda.max_memory_allocated`` during the call minus the memory allocated before it (in-process, after
 ``reset_peak_memory_stats``), i.e. tensors only. The "gpt2" config (124M parameters, seq 1024, the
@@ -37,6 +55,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import re
 import statistics
 import subprocess
@@ -44,10 +64,14 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from commute_cli.engine import curvature as C
+
+ROOT = Path(__file__).resolve().parent.parent
+PEERS = (("curvlinops", 1), ("curvlinops", 4), ("torch.func", 1))
 
 CONFIGS: dict[str, dict[str, int]] = {
     # the tiny model of the sample checkpoints
@@ -95,9 +119,78 @@ def build(case: Case, seed: int = 0, device: str = "cpu") -> tuple[torch.nn.Modu
     return model, blocks
 
 
+def make_peers(model: torch.nn.Module, blocks: torch.Tensor) -> dict[str, object]:
+    """HVP callables ``f(vectors [m, n]) -> [m, n]`` of the peers installed here (module docstring)."""
+    from torch.func import functional_call, grad, jvp
+
+    plist = C.param_list(model)
+    names = [name for name, _ in plist]
+    shapes = [p.shape for _, p in plist]
+    sizes = [p.numel() for _, p in plist]
+    device = C.model_device(model)
+    ids = blocks.to(device)
+    labels = ids[:, 1:].reshape(-1)
+
+    class Logits(torch.nn.Module):
+        def __init__(self, lm: torch.nn.Module) -> None:
+            super().__init__()
+            self.lm = lm
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            logits = self.lm(x, use_cache=False).logits
+            return logits[:, :-1].reshape(-1, logits.shape[-1])
+
+    def split(v: torch.Tensor) -> list[torch.Tensor]:
+        return [piece.view(shape) for piece, shape in zip(v.split(sizes), shapes, strict=True)]
+
+    peers: dict[str, object] = {}
+
+    def loss_of(params: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = functional_call(model, params, (ids,), {"use_cache": False}).logits
+        return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels)
+
+    primals = {name: p.detach() for name, p in plist}
+    grad_fn = grad(loss_of)
+
+    def torch_func(vectors: torch.Tensor) -> torch.Tensor:
+        out = []
+        for v in vectors:
+            tangents = dict(zip(names, split(v), strict=True))
+            _, hv = jvp(grad_fn, (primals,), (tangents,))
+            out.append(torch.cat([hv[name].reshape(-1) for name in names]))
+        return torch.stack(out)
+
+    peers["torch.func"] = torch_func
+    try:
+        from curvlinops import HessianLinearOperator
+    except ImportError:
+        print("  (curvlinops not installed: pip install -e .[bench])")
+    else:
+        op = HessianLinearOperator(
+            Logits(model),
+            torch.nn.CrossEntropyLoss(reduction="mean"),
+            [p for _, p in plist],
+            [(ids, labels)],
+            check_deterministic=False,
+            num_data=ids.shape[0],
+        )
+
+        def curvlinops_hvp(vectors: torch.Tensor) -> torch.Tensor:
+            return (op @ vectors.T).T
+
+        peers["curvlinops"] = curvlinops_hvp
+    return peers
+
+
+_PEERS: dict[str, object] = {}
+
+
 def run_op(model: torch.nn.Module, blocks: torch.Tensor, op: str, vectors: torch.Tensor | None) -> None:
     if op == "grad":
         C.loss_and_grad(model, blocks, micro_batch=blocks.shape[0])
+    elif op in _PEERS:
+        assert vectors is not None
+        _PEERS[op](vectors)  # type: ignore[operator]
     else:
         assert vectors is not None
         C.hvp(model, blocks, vectors, micro_batch=blocks.shape[0], method=op)  # type: ignore[arg-type]
@@ -167,7 +260,7 @@ def measure_memory(case: Case, op: str, m: int, threads: int) -> str:
 
 def bench_case(
     case: Case, repeats: int, threads: int, memory_counts: tuple[int, ...], device: str = "cpu"
-) -> None:
+) -> dict:
     model, blocks = build(case)
     n = C.num_params(model)
     del model
@@ -199,6 +292,19 @@ def bench_case(
     model, blocks = build(case, device=device)
     vectors = torch.randn(max(VECTOR_COUNTS), n, generator=torch.Generator().manual_seed(1)).to(device)
     ops = [("grad", 0)] + [(method, m) for method in ("rr", "fr") for m in VECTOR_COUNTS]
+    _PEERS.clear()
+    _PEERS.update(make_peers(model, blocks))
+    reference = C.hvp(model, blocks, vectors[:4], micro_batch=blocks.shape[0], method="rr").hvps
+    agreement: dict[str, float] = {}
+    for peer, m in PEERS:
+        if m > 1 and case.name != "tiny":  # 4 vmapped columns: fr-like memory (~7 GB on "small")
+            continue
+        if peer in _PEERS:
+            got = _PEERS[peer](vectors[:m])  # type: ignore[operator]
+            err = float((got - reference[:m]).norm() / reference[:m].norm())
+            agreement[f"{peer} {m}"] = err
+            print(f"  {peer} ({m} vector(s)) vs curvature.hvp rr: relative difference {err:.1e}", flush=True)
+            ops.append((peer, m))
     floor = flop_ratios(model, blocks, vectors, ops)
     times: dict[tuple[str, int], list[float]] = {op: [] for op in ops}
     for op in ops:  # warm-up
@@ -212,18 +318,39 @@ def bench_case(
     print(f"timing: median over {repeats} interleaved rounds after 1 warm-up each")
     print(f"gradient: {statistics.median(grad_times):.3f} s (min {min(grad_times):.3f})")
     print(
-        f"{'method':6} {'vectors':>7} {'time s':>8} {'/ grad':>7} {'per vector / grad':>18} "
+        f"{'method':10} {'vec':>3} {'time s':>8} {'/ grad':>7} {'per vector / grad':>18} "
         f"{'flops / grad per vector':>24} {'time / flops':>13}"
     )
+    rows = []
     for op in ops[1:]:
         ratio = statistics.median(t / g for t, g in zip(times[op], grad_times, strict=True))
         method, m = op
         t = statistics.median(times[op])
         print(
-            f"{method:6} {m:7d} {t:8.3f} {ratio:7.2f} {ratio / m:18.2f} {floor[op] / m:24.2f} "
+            f"{method:10} {m:3d} {t:8.3f} {ratio:7.2f} {ratio / m:18.2f} {floor[op] / m:24.2f} "
             f"{ratio / floor[op]:13.2f}",
             flush=True,
         )
+        rows.append(
+            {
+                "method": method,
+                "vectors": m,
+                "seconds": t,
+                "time_over_grad": ratio,
+                "time_over_grad_per_vector": ratio / m,
+                "flops_over_grad_per_vector": floor[op] / m,
+                "time_over_flops": ratio / floor[op],
+            }
+        )
+    return {
+        "case": case.__dict__,
+        "params": n,
+        "device": device,
+        "repeats": repeats,
+        "grad_seconds": statistics.median(grad_times),
+        "agreement_with_curvature_hvp": agreement,
+        "rows": rows,
+    }
 
 
 def main() -> None:
@@ -235,6 +362,7 @@ def main() -> None:
     parser.add_argument("--small-batch", type=int, default=None, help="batch of the small config (4)")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_hvp.json"))
     parser.add_argument("--_memory-child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -251,13 +379,50 @@ def main() -> None:
         f"(timings on a shared CPU are noisy), {'quick' if args.quick else 'full'} run, device {args.device}"
         + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else ""),
     )
+    results = []
     for name in names:
         spec = dict(CONFIGS[name])
         if name == "small" and args.small_batch:
             spec["batch"] = args.small_batch
         repeats = args.repeats or (3 if args.quick or name != "tiny" else 5)
         memory_counts: tuple[int, ...] = () if args.no_memory else ((1,) if args.quick else (1, 4))
-        bench_case(Case(name=name, **spec), repeats, args.threads, memory_counts, args.device)
+        results.append(bench_case(Case(name=name, **spec), repeats, args.threads, memory_counts, args.device))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        json.dumps({"environment": environment(args.threads, args.device), "cases": results}, indent=2)
+    )
+    print(f"wrote {out}")
+
+
+def environment(threads: int, device: str) -> dict:
+    import transformers
+
+    try:
+        from importlib.metadata import version
+
+        curvlinops = version("curvlinops-for-pytorch")
+    except Exception:
+        curvlinops = None
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "curvlinops-for-pytorch": curvlinops,
+        "python": platform.python_version(),
+        "threads": threads,
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "device": device,
+        "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
+    }
 
 
 if __name__ == "__main__":

@@ -206,8 +206,8 @@ def analyze_command(
     offload: Offload = typer.Option(
         Offload.auto,
         "--offload",
-        help="auto, on or off: keep the per-block gradient stacks (2K parameter-sized vectors) in host "
-        "memory, for models near 1B parameters on one GPU. auto: only when they would take over a quarter "
+        help="auto, on or off: keep the stack of free gradients (--blocks x domains parameter-sized "
+        "vectors) in host memory, for large models on one GPU. auto: only when it would take over a quarter "
         "of the free GPU memory. Same results.",
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the sample draw."),
@@ -241,6 +241,11 @@ def analyze_command(
         "on parameter names. No extra gradient or HVP pass.",
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    dry_run: bool = typer.Option(
+        False,
+        "--dry-run",
+        help="Check the inputs, print the number of gradient and HVP passes and an estimated time, and stop.",
+    ),
     dist_timeout: float = typer.Option(
         1800.0,
         "--dist-timeout",
@@ -298,6 +303,19 @@ def analyze_command(
         dist_timeout=dist_timeout,
         decompose=decompose,
     )
+    if dry_run:
+        p = analysis.preview(opts)
+        typer.echo(
+            f"dry run: {p['checkpoints']} checkpoint(s), domains {', '.join(p['domains'])}, targets "
+            f"{', '.join(p['targets'])}, {p['plan']} plan; {p['samples_used']} sequences of {p['seq_len']} "
+            f"tokens per domain ({p['seqs_per_part']} per part x 3 parts x {blocks} blocks)\n"
+            f"  gradient passes: {p['gradient_sequences']} sequences\n"
+            f"  HVP passes: {p['hvp_sequences']} sequences, {p['vectors_per_hvp']} vector(s) each\n"
+            f"  total: {p['gradient_equivalents']:.0f} gradient-sequence equivalents; one gradient sequence "
+            f"took {p['seconds_per_gradient_sequence'] * 1e3:.1f} ms on {p['device']}\n"
+            f"  estimated compute time: {p['estimated_seconds']:.0f} s (plus loading and tokenizing)"
+        )
+        return
     try:
         with AnalysisProgress(enabled=not quiet and fmt_value == "table" and main_rank) as progress:
             result = analysis.run_analysis(

@@ -1,4 +1,4 @@
-"""The design's estimators are unbiased and their error bars are honest (docs/math_estimator.md).
+"""The design's estimators are unbiased and their error bars are honest (docs/MATH.md "Estimator").
 
 Reference values come from a population whose criterion is computable exactly: two "domains", each a fixed
 pool of ``P`` short token sequences drawn from its own random Markov chain, and a tiny causal LM in float64.
@@ -511,7 +511,7 @@ def test_cross_estimator_has_smaller_variance_than_block_on_same_draws(populatio
     two, mix), interaction entries 0.58-0.82, first-order rates 0.75-0.87. Both stay unbiased (within
     ``Z_MAX`` SE of the exact values), and the cross estimator's intervals still cover: the jackknife is
     conservative here (RMS SE / spread 1.34-1.41, coverage 0.99-1.0), the price of an SE that is linear in
-    the products (docs/math_estimator.md). With m = 8 the ratios are 0.85-1.0: less noise, less to gain."""
+    the products (docs/MATH.md "Estimator"). With m = 8 the ratios are 0.85-1.0: less noise, less to gain."""
     pop = population
     R, m = 100, 1
     exact = exact_quantities(pop, None)

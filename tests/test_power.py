@@ -147,3 +147,25 @@ def test_predicted_factor_resolves_the_effect_on_the_real_estimator() -> None:
     assert flag0.mean() < 0.5, flag0.mean()
     print(f"f = {f:.2f}, m1 = {m1}, flag rate {flag0.mean():.2f} -> {flag1.mean():.2f}")
     assert flag1.mean() >= 0.8 - 2.0 * math.sqrt(0.8 * 0.2 / R), (f, m1, flag1.mean())
+
+
+def test_dry_run_prints_the_cost_and_writes_nothing(tmp_path, capsys) -> None:
+    """``commute analyze sample_checkpoints/ --dry-run``: the inputs are resolved and checked, the printed
+    pass counts are :func:`analysis_cost`'s for the shipped run (5 checkpoints, 2 domains, 3 targets, pair
+    plan, ``--samples 96``, 8 blocks), a time estimate is printed, and nothing is written."""
+    from pathlib import Path
+
+    from cli_runner import cli
+
+    run = Path(__file__).resolve().parent.parent / "sample_checkpoints"
+    out = tmp_path / "out"
+    code, stdout, err = cli(["analyze", run, "--dry-run", "--out", out], capsys)
+    assert code == 0, err
+    cost = power.analysis_cost(96, 8, 2, "pair", n_targets=3, checkpoints=5)
+    assert f"gradient passes: {cost.gradient_sequences} sequences" in stdout
+    assert f"HVP passes: {cost.hvp_sequences} sequences, 1 vector(s) each" in stdout
+    assert f"total: {cost.gradient_equivalents:.0f} gradient-sequence equivalents" in stdout
+    assert "estimated compute time:" in stdout
+    assert not out.exists()
+    code, _, err = cli(["analyze", run, "--dry-run", "--samples", "10", "--out", out], capsys)
+    assert code == 2 and "--samples 10" in err  # the same input checks as a real run

@@ -1,6 +1,6 @@
 """Unbiased estimates, with honest error bars, of the criterion's inner products at one checkpoint.
 
-This is the statistical heart of ``commute analyze`` (docs/math_estimator.md). Every quantity the criterion
+This is the statistical heart of ``commute analyze`` (docs/MATH.md "Estimator"). Every quantity the criterion
 needs is an inner product of the form ``< D g_k, H_a D g_l >`` (and ``< g_k, D g_l >`` for the first-order
 progress used by the regime check). A product of two means taken on the *same* samples is biased by
 ``tr(H Cov)/n``, which is as large as the signal in LLM training, so each domain's sample is split into
@@ -24,7 +24,7 @@ freedom):
 - ``"cross"`` (default): the mean of *all* ``B^2`` entries, with delete-one-block jackknife pseudo-values.
   The noise-only part of a triple product is then averaged over ``B^2`` combinations instead of ``B``;
   at equal gradient and HVP cost it is the lowest-variance unbiased estimator that keeps an exact
-  jackknife (docs/math_estimator.md).
+  jackknife (docs/MATH.md "Estimator").
 - ``"block"``: the diagonal ``W[b, b]``, each block from its own three parts only (the original design).
 
 Two HVP plans give the same per-block numbers (MATH.md "Cost"); the cheaper one is used:
@@ -77,7 +77,7 @@ def jackknife_values(W: np.ndarray) -> np.ndarray:
         ``[B, ...]`` values ``p_b = est + (B - 1) (mean_j est_(-j) - est_(-b))`` with ``est`` the mean of
         all ``B^2`` entries and ``est_(-b)`` the mean over ``d != b, c != b`` (block ``b`` deleted from both
         roles). Their mean is exactly ``est``; ``sd(p) / sqrt(B)`` is exactly the jackknife standard error
-        ``sqrt((B-1)/B sum_b (est_(-b) - mean_j est_(-j))^2)`` (docs/math_estimator.md). Linear in ``W``.
+        ``sqrt((B-1)/B sum_b (est_(-b) - mean_j est_(-j))^2)`` (docs/MATH.md "Estimator"). Linear in ``W``.
 
     Raises:
         ValueError: fewer than 2 blocks, or the first two axes differ.
