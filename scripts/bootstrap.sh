@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up (or refresh) the project's virtual environment in .venv: the CPU build of torch first, so that
 # the package's bare `torch` requirement cannot pull a multi-GB CUDA build, then commute with its test
-# extra. Idempotent; says what it is doing (a fresh setup downloads ~1 GB and takes 1-3 minutes).
+# extra at the versions the tests pass with (constraints.txt). Idempotent; says what it is doing (a fresh setup downloads ~1 GB and takes 1-3 minutes).
 #   TORCH_SPEC   what to install for torch (default: torch==2.13.0, the CPU build on this machine's disk;
 #                on a GPU box use e.g. TORCH_SPEC="torch" or your CUDA wheel)
 #   VENV         where the environment lives (default: .venv)
@@ -34,9 +34,9 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   say "torch installed ($((SECONDS - started)) s so far)"
 fi
 if ! "$VENV/bin/python" -c "import commute_cli, pytest, hypothesis" 2>/dev/null \
-   || [ pyproject.toml -nt "$VENV/.commute-installed" ]; then
+   || [ pyproject.toml -nt "$VENV/.commute-installed" ] || [ constraints.txt -nt "$VENV/.commute-installed" ]; then
   say "installing commute and its dependencies (transformers, datasets, ...; up to a minute) ..."
-  pip_q -e ".[test]"
+  pip_q -e ".[test]" -c constraints.txt
   touch "$VENV/.commute-installed"
   say "commute installed ($((SECONDS - started)) s so far)"
 else
