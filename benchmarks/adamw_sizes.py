@@ -76,9 +76,7 @@ def stage_train(out: Path, threads: int) -> None:
         quiet=True,
     )
     configs = {
-        "adamw-cos": dict(
-            optimizer="adamw", lr=2e-3, betas=(0.9, 0.95), lr_schedule="cosine", warmup=100
-        ),
+        "adamw-cos": dict(optimizer="adamw", lr=2e-3, betas=(0.9, 0.95), lr_schedule="cosine", warmup=100),
         "sgd": dict(optimizer="sgd", lr=0.2),
     }
     for name, extra in configs.items():
@@ -135,7 +133,9 @@ def stage_observe(out: Path, quick: bool, repeats: int, dw: float, runs: list[st
             )
             run_validate(opts, note=lambda t: print(t, file=sys.stderr))
             print(
-                f"{name} step {step} n {n} {metric}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True
+                f"{name} step {step} n {n} {metric}: {time.perf_counter() - t0:.0f} s",
+                file=sys.stderr,
+                flush=True,
             )
 
 
@@ -153,13 +153,16 @@ def environment(threads: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("stage", choices=["train", "observe", "table"])
     parser.add_argument("--out", type=Path, default=ROOT / "commute_out" / "adamw_sizes")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dw", type=float, default=0.15)
+    parser.add_argument("--m", type=int, default=24, help="Krylov basis size of the resummed prediction")
     parser.add_argument("--runs", nargs="*", default=None, help="subset of: " + ", ".join(RUNS))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -168,11 +171,298 @@ def main() -> None:
     elif args.stage == "observe":
         stage_observe(args.out, args.quick, args.repeats, args.dw, args.runs)
     else:
-        stage_table(args.out, args.quick, args.threads)
+        stage_table(args.out, args.quick, args.threads, args.m, args.runs)
 
 
-def stage_table(out: Path, quick: bool, threads: int) -> None:  # filled in below
-    raise SystemExit("table: not yet")
+# ------------------------------------------------------------------------------------------------ table
+
+D_KINDS = ("euclid", "adam")
+"""Metrics of the resummed prediction: D = I; Adam's frozen 1/(sqrt(v_hat)+eps); the same clipped at 100x its
+median (analyze's --metric adam)."""
+
+
+VARIANTS = {
+    "exact": {},
+    "clamp": {"negative": "clamp"},
+    "abs": {"negative": "abs"},
+    "clamp-q": {"negative": "clamp", "quadratic_target": True},
+}
+"""Variants of the resummed prediction (all from the same projection): negative-curvature rule
+(resummed_math.NEGATIVE) and a linear or quadratic ("-q") target."""
+
+
+def _setup(out: Path, name: str, step: int, n: int):
+    from commute_cli.validate import ValidateOptions, resolve_setup
+
+    opts = ValidateOptions(checkpoint=run_dir(out, name) / f"checkpoint-{step}", dw=0.15, steps=n)
+    return resolve_setup(opts, note=lambda _t: None)
+
+
+def _samples(setup, cache_dir: Path):
+    """The same design blocks as validate's prediction (analysis.prepare_samples with validate's options)."""
+    from commute_cli.analysis import AnalyzeOptions, prepare_samples, resolve_inputs
+
+    w = setup.schedule.weights_at(setup.step)
+    aopts = AnalyzeOptions(
+        ckpt_dir=setup.checkpoint,
+        domains=[f"{k}={s}" for k, s in setup.eval_sources.items()],
+        tokenizer=setup.tokenizer_path,
+        seq_len=setup.seq_len,
+        weights=[f"{k}={w[k]!r}" for k in setup.names],
+        targets=list(setup.names),
+        seed=0,
+        out=cache_dir,
+    )
+    inputs = resolve_inputs(aopts)
+    parts, _ = prepare_samples(inputs, aopts, cache_dir / "cache")
+    wbar = np.array([w[k] for k in setup.names])
+    return inputs, parts, wbar
+
+
+def _metric(ref, model, kind: str):
+    from commute_cli import checkpoints, criterion, curvature
+
+    if kind == "euclid":
+        return None
+    state = checkpoints.load_adam_state(ref, model)
+    names = [n for n, _ in curvature.param_list(model)]
+    v = checkpoints.flat_exp_avg_sq(state, names)
+    D = criterion.adam_preconditioner(v, state.step or 1, state.betas[1], state.eps)
+    if kind == "adam-clip":
+        D = D.clamp(max=100.0 * float(D.median()))
+    return D
+
+
+def projections(out: Path, name: str, step: int, kind: str, m: int) -> tuple[object, dict]:
+    """Resummed statistics of one checkpoint (cached in OUT/resummed/*.npz) and their cost."""
+    from commute_cli import checkpoints
+    from commute_cli.resummed import Projection, ResummedStats, estimate_resummed
+
+    file = out / "resummed" / f"{name}-{step}-{kind}-m{m}.npz"
+    setup = _setup(out, name, step, HORIZONS[0])
+    coefs = np.eye(len(setup.names))
+    if file.is_file():
+        z = np.load(file)
+        blocks = [
+            Projection(T=z[f"T{b}"], c=z[f"c{b}"], e=z[f"e{b}"], norms=z[f"n{b}"], hvps=int(z["hvps"]))
+            for b in range(int(z["B"]))
+        ]
+        return ResummedStats(blocks, coefs, z["wbar"]), json.loads(str(z["meta"]))
+    inputs, parts, wbar = _samples(setup, out / "resummed" / "samples")
+    ref = checkpoints.discover(setup.checkpoint)[0]
+    model = checkpoints.load_model(ref)
+    D = _metric(ref, model, kind)
+    t0 = time.perf_counter()
+    stats = estimate_resummed(model, parts, wbar=wbar, target_coefs=coefs, D=D, m=m, micro_batch=8)
+    seconds = time.perf_counter() - t0
+    meta = {"seconds": seconds, "hvps_per_block": stats.blocks[0].hvps, "m": m, "kind": kind}
+    if kind == "euclid":  # today's analysis on the same samples, in the same process: the cost ratio
+        from commute_cli.estimator import estimate_checkpoint
+
+        t0 = time.perf_counter()
+        estimate_checkpoint(model, parts, plan="pair", micro_batch=8, hvp_micro_batch=4)
+        meta["analysis_seconds"] = time.perf_counter() - t0
+    file.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {"B": np.array(len(stats.blocks)), "wbar": wbar, "hvps": np.array(stats.blocks[0].hvps)}
+    for b, p in enumerate(stats.blocks):
+        arrays |= {f"T{b}": p.T, f"c{b}": p.c, f"e{b}": p.e, f"n{b}": p.norms}
+    np.savez(file, meta=np.array(json.dumps(meta)), **arrays)
+    return stats, meta
+
+
+CAL_WINDOW = 200
+"""Steps of the run's own log before the checkpoint used for its observed rate of progress."""
+
+
+def observed_slope(checkpoint: Path, window: int = CAL_WINDOW) -> tuple[float, float]:
+    """Slope of the logged training loss (mixture) against time (sum of lrs) over the last ``window`` steps
+    before the checkpoint: only what the run logged before the checkpoint (trainer_state.json)."""
+    from commute_cli import resummed_math as rm
+
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    step = int(state["global_step"])
+    log = [e for e in state["log_history"] if "loss" in e and "learning_rate" in e]
+    log = [e for e in log if step - window <= e["step"] <= step]
+    times, t, prev = [], 0.0, None
+    for e in log:
+        if prev is not None:
+            t += (e["step"] - prev) * float(e["learning_rate"])
+        times.append(t)
+        prev = e["step"]
+    return rm.loss_slope(times, [float(e["loss"]) for e in log])
+
+
+def observed(out: Path, name: str, step: int, n: int) -> list[dict]:
+    rows = []
+    for metric in ("euclid", "adam"):
+        file = validate_out(out, name, step, n, metric) / "validate.json"
+        if not file.is_file():
+            continue
+        for r in json.loads(file.read_text())["rows"]:
+            rows.append({"metric": metric, **r})
+    return rows
+
+
+def stage_table(out: Path, quick: bool, threads: int, m: int = 24, runs: list[str] | None = None) -> None:
+    from commute_cli import resummed_math as rm
+    from commute_cli.resummed import Prediction, predict
+
+    cases = []
+    costs = []
+    for name, step, n in _cases(quick, runs):
+        obs = observed(out, name, step, n)
+        if not obs:
+            print(f"{name} {step} n{n}: not observed yet", file=sys.stderr)
+            continue
+        setup = _setup(out, name, step, n)
+        lrs = setup.lrs
+        dt = (float(sum(lrs[:n])), float(sum(lrs[n:])))
+        kinds = ("euclid",) if name == "sgd" else D_KINDS
+        preds: dict[str, dict] = {}
+        slope, slope_se = observed_slope(setup.checkpoint)
+        calib = {}
+        for kind in kinds:
+            stats, meta = projections(out, name, step, kind, m)
+            rate = float(np.mean([rm.progress_rate(p.c, p.e, stats.wbar) for p in stats.blocks]))
+            kappa = rm.time_factor(slope, rate)
+            calib[kind] = {
+                "observed_slope": slope,
+                "observed_slope_se": slope_se,
+                "predicted_rate": rate,
+                "kappa": kappa,
+            }
+            if n == HORIZONS[0]:
+                costs.append({"run": name, "step": step, **meta})
+            for t, target in enumerate(setup.names):
+                d = np.zeros(len(setup.names))
+                d[setup.pair[0]], d[setup.pair[1]] = 0.15, -0.15
+                for variant, kw in VARIANTS.items():
+                    p = predict(stats, t, d, dt, **kw).summary()
+                    preds.setdefault(target, {})[f"resummed-{kind}-{variant}"] = p
+                if math.isfinite(kappa):  # the run's own observed progress sets the time scale
+                    dt_eff = (kappa * dt[0], kappa * dt[1])
+                    p = predict(stats, t, d, dt_eff, negative="clamp").summary()
+                    preds[target][f"resummed-{kind}-clamp-cal"] = p
+                    br = predict(stats, t, d, dt_eff, negative="clamp")
+                    preds[target][f"bracket-{kind}-cal"] = {
+                        "el12": float(br.bracket12.mean()),
+                        "el21": -float(br.bracket12.mean()),
+                        "el12_se": Prediction._se(br.bracket12),
+                        "bracket12": float(br.bracket12.mean()),
+                        "saturation": float(np.median(br.saturation)),
+                    }
+        for r in obs:
+            if r["metric"] != "euclid" and r["metric"] != "adam":
+                continue
+            target = r["target"]
+            entry = next(
+                (
+                    c
+                    for c in cases
+                    if c["run"] == name and c["step"] == step and c["n"] == n and c["target"] == target
+                ),
+                None,
+            )
+            if entry is None:
+                entry = {
+                    "run": name,
+                    "step": step,
+                    "n": n,
+                    "target": target,
+                    "dt": dt,
+                    "obs_el12": r["obs_el12"],
+                    "obs_el12_se": r["obs_el12_se"],
+                    "obs_el12_significant": r["obs_el12_significant"],
+                    "obs_el21": r["obs_el21"],
+                    "obs_el21_se": r["obs_el21_se"],
+                    "obs_el21_significant": r["obs_el21_significant"],
+                    "calibration": calib,
+                    "pred": {
+                        k: {
+                            "el12": v["el12"],
+                            "el21": v["el21"],
+                            "el12_se": v["el12_se"],
+                            "bracket12": v["bracket12"],
+                            "saturation": v["saturation"],
+                        }
+                        for k, v in preds.get(target, {}).items()
+                    },
+                }
+                cases.append(entry)
+            entry["pred"][f"bracket-{r['metric']}"] = {
+                "el12": r["pred_el12"],
+                "el21": -r["pred_el12"],
+                "el12_se": r["pred_el12_se"],
+                "regime_ratio": r["regime_ratio"],
+            }
+    summary = summarize(cases)
+    print_table(summary)
+    result = {
+        "benchmark": "adamw_sizes",
+        "environment": environment(threads),
+        "runs": {k: v["desc"] for k, v in RUNS.items()},
+        "settings": {
+            "dw": 0.15,
+            "horizons": HORIZONS,
+            "m": m,
+            "repeats": 3,
+            "eval": "held-out validation shards",
+        },
+        "costs": costs,
+        "summary": summary,
+        "cases": cases,
+    }
+    path = ROOT / "benchmarks" / "results" / "adamw_sizes.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1, default=float) + "\n")
+    print(f"wrote {path}", file=sys.stderr)
+
+
+def summarize(cases: list[dict]) -> dict:
+    """Per method and optimizer family: sign agreement on significant observed effects (both orders), and
+    predicted/observed there (median, range)."""
+    out: dict[str, dict] = {}
+    for family in ("adamw", "sgd"):
+        sel = [c for c in cases if (c["run"] == "sgd") == (family == "sgd")]
+        methods = sorted({k for c in sel for k in c["pred"]})
+        for method in methods:
+            agree, ratios, where = 0, [], []
+            for c in sel:
+                p = c["pred"].get(method)
+                if p is None:
+                    continue
+                for order in ("12", "21"):
+                    if not c[f"obs_el{order}_significant"]:
+                        continue
+                    obs, pred = c[f"obs_el{order}"], p[f"el{order}"]
+                    if not (math.isfinite(pred) and obs != 0.0):
+                        continue
+                    agree += int((pred > 0) == (obs > 0))
+                    ratios.append(pred / obs)
+                    where.append(f"{c['run']}-{c['step']}-n{c['n']}-{c['target']}-{order}")
+            if not ratios:
+                continue
+            r = np.array(ratios)
+            out[f"{family}/{method}"] = {
+                "significant_cases": len(r),
+                "sign_agree": agree,
+                "median_pred_over_obs": float(np.median(r)),
+                "min": float(r.min()),
+                "max": float(r.max()),
+                "median_abs_log10_error": float(np.median(np.abs(np.log10(np.abs(r))))),
+                "cases": where,
+                "ratios": r.tolist(),
+            }
+    return out
+
+
+def print_table(summary: dict) -> None:
+    print(f"{'method':42s} {'signs':>7s} {'median p/o':>11s} {'range':>22s} {'|log10|':>8s}")
+    for key, s in summary.items():
+        print(
+            f"{key:42s} {s['sign_agree']:>3d}/{s['significant_cases']:<3d} {s['median_pred_over_obs']:11.3g} "
+            f"{s['min']:10.3g}..{s['max']:<10.3g} {s['median_abs_log10_error']:8.2f}"
+        )
 
 
 if __name__ == "__main__":

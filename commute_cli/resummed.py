@@ -227,16 +227,20 @@ def predict(
     *,
     quadratic_target: bool = False,
     discrete_lrs: tuple[Sequence[float], Sequence[float]] | None = None,
+    negative: str = "exact",
 ) -> Prediction:
     """The resummed prediction for target ``target`` (row of ``stats.target_coefs``), shift ``d`` and phase
     time ``dt`` (sum of the learning rates of one phase), per block. ``quadratic_target`` adds the target's
-    own curvature term ``1/2 <y, S_L y>`` (``S_L = sum_k c_k S_k``)."""
+    own curvature term ``1/2 <y, S_L y>`` (``S_L = sum_k c_k S_k``); ``negative``: see
+    :data:`commute_cli.resummed_math.NEGATIVE`."""
     coefs = stats.target_coefs[target]
     el12, el21, br, sat = [], [], [], []
     dt_mean = float(np.mean(dt)) if isinstance(dt, tuple) else float(dt)
     for p in stats.blocks:
         TL = np.einsum("k,kij->ij", coefs, p.T) if quadratic_target else None
-        res = rm.intervention(p.T, p.c, p.e[target], stats.wbar, d, dt, TL=TL, discrete_lrs=discrete_lrs)
+        res = rm.intervention(
+            p.T, p.c, p.e[target], stats.wbar, d, dt, TL=TL, discrete_lrs=discrete_lrs, negative=negative
+        )
         el12.append(res.el12)
         el21.append(res.el21)
         br.append(rm.bracket_el(p.T, p.c, p.e[target], stats.wbar, d, dt_mean))

@@ -32,6 +32,7 @@ for Adam the preconditioner carries the units of the parameters over gradients);
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -49,14 +50,33 @@ def _mix(T: np.ndarray, c: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.nd
     return np.einsum("k,kij->ij", w, T), np.einsum("k,ki->i", w, c)
 
 
-def flow(Tw: np.ndarray, cw: np.ndarray, y0: np.ndarray, dt: float) -> np.ndarray:
-    """Exact solution at time ``dt`` of ``y' = -(Tw y + cw)``, ``y(0) = y0``.
+NEGATIVE = ("exact", "clamp", "abs")
+"""How a phase treats negative curvature (eigenvalues ``theta < 0`` of its symmetric matrix): ``exact`` keeps the
+exponential growth ``e^{dt |theta|}`` of the linear model; ``clamp`` sets ``theta = 0`` there (those directions
+drift with their gradient, no growth); ``abs`` uses ``|theta|`` (they settle like positive ones, as in
+saddle-free Newton). Only ``exact`` is the linearized dynamics; the others are safeguards for directions where
+the quadratic model is not trusted (a noisy Hessian from a few sequences, or Adam's bounded steps)."""
+
+
+def flow(Tw: np.ndarray, cw: np.ndarray, y0: np.ndarray, dt: float, negative: str = "exact") -> np.ndarray:
+    """Solution at time ``dt`` of ``y' = -(Tw y + cw)``, ``y(0) = y0`` (``Tw`` symmetric).
 
     ``y(dt) = exp(-dt Tw) y0 - dt phi_1(-dt Tw) cw`` with ``phi_1(z) = (e^z - 1)/z``, computed as one matrix
     exponential of the augmented matrix ``[[-Tw, -cw], [0, 0]]`` (Higham's scaling and squaring, via
     ``scipy.linalg.expm``), which is accurate for stiff ``dt Tw`` (eigenvalues of ``dt Tw`` in the
     thousands: those directions have settled, ``y -> -Tw^{-1} cw`` there). Shapes ``[m, m]``, ``[m]``, ``[m]``.
     """
+    if negative not in NEGATIVE:
+        raise CommuteError(
+            f"unknown negative-curvature rule {negative!r}", hint=f"use one of {', '.join(NEGATIVE)}"
+        )
+    if negative != "exact":
+        theta, Z = np.linalg.eigh(0.5 * (Tw + Tw.T))
+        theta = np.maximum(theta, 0.0) if negative == "clamp" else np.abs(theta)
+        x = dt * theta
+        safe = np.where(x > 0.0, x, 1.0)
+        phi1 = np.where(x > 0.0, -np.expm1(-x) / safe, 1.0)  # (1 - e^{-x}) / x, 1 at x = 0
+        return Z @ (np.exp(-x) * (Z.T @ y0) - dt * phi1 * (Z.T @ cw))
     m = Tw.shape[0]
     A = np.zeros((m + 1, m + 1))
     A[:m, :m] = -Tw
@@ -73,12 +93,18 @@ def steps(Tw: np.ndarray, cw: np.ndarray, y0: np.ndarray, lrs: Sequence[float]) 
     return y
 
 
-def response(T: np.ndarray, c: np.ndarray, phases: Sequence[Phase], y0: np.ndarray | None = None) -> np.ndarray:
-    """The projected displacement ``y`` after the phases (each an exact :func:`flow`), from ``y0`` (default 0)."""
+def response(
+    T: np.ndarray,
+    c: np.ndarray,
+    phases: Sequence[Phase],
+    y0: np.ndarray | None = None,
+    negative: str = "exact",
+) -> np.ndarray:
+    """The projected displacement ``y`` after the phases (each a :func:`flow`), from ``y0`` (default 0)."""
     y = np.zeros(T.shape[1]) if y0 is None else np.asarray(y0, dtype=np.float64)
     for w, dt in phases:
         Tw, cw = _mix(T, c, np.asarray(w, dtype=np.float64))
-        y = flow(Tw, cw, y, float(dt))
+        y = flow(Tw, cw, y, float(dt), negative)
     return y
 
 
@@ -113,6 +139,7 @@ def intervention(
     *,
     TL: np.ndarray | None = None,
     discrete_lrs: tuple[Sequence[float], Sequence[float]] | None = None,
+    negative: str = "exact",
 ) -> Intervention:
     """``EL^12`` (``wbar + d`` for ``dt``, then ``wbar - d`` for ``dt``) and ``EL^21`` (the reverse), each
     against ``wbar`` for both phases, for the linearized dynamics projected on the basis.
@@ -124,6 +151,7 @@ def intervention(
         TL: the target's projected Hessian (``sum_k c_k T_k``) for its quadratic term; ``None``: linear target.
         discrete_lrs: per-step learning rates of the two phases: step the system (:func:`steps`) instead of
             the exact flow (plain gradient descent; unstable where ``lr x curvature > 2``).
+        negative: negative-curvature rule of the flow (:data:`NEGATIVE`).
 
     Returns: :class:`Intervention`. As ``dt -> 0`` with the flow, ``el12 = bracket_el(...) + O(dt^3)`` and
     ``el21 = -el12 + O(dt^3)``.
@@ -136,7 +164,7 @@ def intervention(
 
     def run(first: np.ndarray, second: np.ndarray) -> np.ndarray:
         if discrete_lrs is None:
-            return response(T, c, [(first, dt1), (second, dt2)])
+            return response(T, c, [(first, dt1), (second, dt2)], negative=negative)
         y = np.zeros(T.shape[1])
         for w, lrs in ((first, discrete_lrs[0]), (second, discrete_lrs[1])):
             Tw, cw = _mix(T, c, w)
@@ -150,7 +178,9 @@ def intervention(
     return Intervention(target_change(e, TL, y12) - lb, target_change(e, TL, y21) - lb)
 
 
-def bracket_el(T: np.ndarray, c: np.ndarray, e: np.ndarray, wbar: Sequence[float], d: Sequence[float], dt: float) -> float:
+def bracket_el(
+    T: np.ndarray, c: np.ndarray, e: np.ndarray, wbar: Sequence[float], d: Sequence[float], dt: float
+) -> float:
     """The second-order prediction ``dt^2 <u, S_bar b_d - S_d b_bar>`` (MATH.md "What an intervention does to the
     target", in the coordinates ``y``), from the projected quantities: exact when ``u`` and the ``b_k`` lie in
     the basis (they start the Krylov space)."""
@@ -180,7 +210,12 @@ def rayleigh(S: np.ndarray, v: np.ndarray) -> float:
 
 
 def saturation(
-    T: np.ndarray, c: np.ndarray, e: np.ndarray | None, wbar: Sequence[float], dt: float, names: Sequence[str] = ()
+    T: np.ndarray,
+    c: np.ndarray,
+    e: np.ndarray | None,
+    wbar: Sequence[float],
+    dt: float,
+    names: Sequence[str] = (),
 ) -> Saturation:
     """``dt x`` Rayleigh quotients of ``S_bar`` along ``b_k`` (each domain's preconditioned gradient), ``b_bar``
     and the target vector ``u``, and the share of ``b_bar`` on Ritz directions that settle within ``dt``.
@@ -228,7 +263,50 @@ def saturation_from_stats(Q: np.ndarray, first: np.ndarray, wbar: Sequence[float
     return out
 
 
+def progress_rate(c: np.ndarray, e: np.ndarray, wbar: Sequence[float]) -> float:
+    """The mixture's first-order decrease rate ``<g_bar, D g_bar>`` (nats per unit time) from one projection.
+
+    ``c[k] = V D^{1/2} g_k`` (part 0) and ``e[l] = V D^{1/2} g_l`` (part 2, the per-domain targets, i.e.
+    ``target_coefs`` the identity): both lie in the basis, so ``sum_kl wbar_k wbar_l <c_k, e_l>`` is the
+    product of gradients from disjoint samples, an unbiased estimate. Shapes ``c [K, m]``, ``e [K, m]``.
+    """
+    w = np.asarray(wbar, dtype=np.float64)
+    return float(w @ (c @ e.T) @ w)
+
+
+def loss_slope(times: Sequence[float], losses: Sequence[float]) -> tuple[float, float]:
+    """Least-squares slope of logged losses against training time (sum of learning rates), with its SE.
+
+    The observed rate of progress of the run itself just before a checkpoint (``trainer_state.json``'s
+    ``log_history``), in nats per unit time; negative while the loss falls.
+    """
+    t = np.asarray(times, dtype=np.float64)
+    y = np.asarray(losses, dtype=np.float64)
+    if t.size < 3 or np.ptp(t) <= 0.0:
+        return float("nan"), float("nan")
+    A = np.vstack([t - t.mean(), np.ones_like(t)]).T
+    coef, *_ = np.linalg.lstsq(A, y, rcond=None)
+    resid = y - A @ coef
+    se = float(np.sqrt(resid @ resid / (t.size - 2) / ((t - t.mean()) @ (t - t.mean()))))
+    return float(coef[0]), se
+
+
+def time_factor(observed_slope: float, predicted_rate: float) -> float:
+    """``kappa = -observed_slope / predicted_rate``: how much faster (> 1) or slower (< 1) the run really
+    progresses than the frozen-metric flow ``x' = -D g`` says. Used as an effective time ``kappa dt``
+    (the bracket then scales by ``kappa^2``). nan when either rate is not a decrease."""
+    if not (math.isfinite(observed_slope) and math.isfinite(predicted_rate)):
+        return float("nan")
+    if observed_slope >= 0.0 or predicted_rate <= 0.0:
+        return float("nan")
+    return -observed_slope / predicted_rate
+
+
 __all__ = [
+    "NEGATIVE",
+    "loss_slope",
+    "progress_rate",
+    "time_factor",
     "Intervention",
     "Phase",
     "Saturation",

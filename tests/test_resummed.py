@@ -99,7 +99,7 @@ def test_flow_matches_eigendecomposition_in_both_regimes() -> None:
         np.testing.assert_allclose(rm.flow(S, c, y0, dt), ref, rtol=1e-9, atol=1e-12)
     # settled: the stiff directions sit at -S^{-1} c
     y = rm.flow(S, c, y0, 1e3)
-    settled = Q[:, 3:] @ ((Q[:, 3:].T @ -np.linalg.solve(S, c)))
+    settled = Q[:, 3:] @ (Q[:, 3:].T @ -np.linalg.solve(S, c))
     np.testing.assert_allclose(Q[:, 3:].T @ y, Q[:, 3:].T @ settled, rtol=1e-7, atol=1e-12)  # stiffness 1e8
 
 
@@ -127,6 +127,34 @@ def test_intervention_with_negative_curvature_and_unequal_phases() -> None:
     assert got.el12 == pytest.approx(ref12, rel=1e-6)
 
 
+def test_negative_curvature_rules() -> None:
+    rng = np.random.default_rng(7)
+    n = 5
+    Q, _ = np.linalg.qr(rng.normal(size=(n, n)))
+    lam = np.array([-30.0, -0.5, 0.0, 2.0, 400.0])
+    S = (Q * lam) @ Q.T
+    c, y0 = rng.normal(size=n), rng.normal(size=n)
+    for dt in (1e-3, 0.2):
+        # exact: the same as the augmented expm; clamp / abs: the exact flow of the modified matrix
+        np.testing.assert_allclose(rm.flow(S, c, y0, dt, "exact"), rm.flow(S, c, y0, dt), rtol=1e-12)
+        for rule, mod in (("clamp", np.maximum(lam, 0.0)), ("abs", np.abs(lam))):
+            A = np.zeros((n + 1, n + 1))
+            A[:n, :n] = -(Q * mod) @ Q.T
+            A[:n, n] = -c
+            ref = (expm(dt * A) @ np.append(y0, 1.0))[:n]
+            np.testing.assert_allclose(rm.flow(S, c, y0, dt, rule), ref, rtol=1e-8, atol=1e-12)
+    # PSD systems: every rule is the exact flow
+    H, g, D = random_quadratic(6, 2, seed=8, scale=0.3)
+    T, c2, e, TL = projected_full(H, g, D, COEFS)
+    exact = rm.intervention(T, c2, e, WBAR, DSHIFT, 0.7, TL=TL)
+    for rule in ("clamp", "abs"):
+        assert rm.intervention(T, c2, e, WBAR, DSHIFT, 0.7, TL=TL, negative=rule).el12 == pytest.approx(
+            exact.el12, rel=1e-8
+        )
+    with pytest.raises(CommuteError, match="negative-curvature rule"):
+        rm.flow(S, c, y0, 1.0, "nope")
+
+
 def test_reduces_to_the_bracket_as_dt_goes_to_zero() -> None:
     H, g, D = random_quadratic(8, 2, seed=2, scale=0.01)  # |S| ~ 2
     T, c, e, TL = projected_full(H, g, D, COEFS)
@@ -141,7 +169,9 @@ def test_reduces_to_the_bracket_as_dt_goes_to_zero() -> None:
         errors.append(abs(got.el12 / (unit * dt * dt) - 1.0))
         assert got.el21 / got.el12 == pytest.approx(-1.0, abs=50 * dt)
     assert errors[0] < 1e-2
-    assert errors[1] == pytest.approx(10 * errors[0], rel=0.05)  # the remainder is O(dt^3): one decade per decade
+    assert errors[1] == pytest.approx(
+        10 * errors[0], rel=0.05
+    )  # the remainder is O(dt^3): one decade per decade
     assert errors[2] == pytest.approx(10 * errors[1], rel=0.1)
 
 
@@ -156,7 +186,9 @@ def test_saturates_where_the_bracket_grows_like_dt_squared() -> None:
     ym, yb = -np.linalg.solve(Sm, bm), -np.linalg.solve(Sb, bb)
     limit = rm.target_change(e, TL, ym) - rm.target_change(e, TL, yb)
     assert big[1] == pytest.approx(limit, rel=1e-8)
-    assert rm.bracket_el(T, c, e, WBAR, DSHIFT, 1e4) / rm.bracket_el(T, c, e, WBAR, DSHIFT, 1e3) == pytest.approx(100)
+    assert rm.bracket_el(T, c, e, WBAR, DSHIFT, 1e4) / rm.bracket_el(
+        T, c, e, WBAR, DSHIFT, 1e3
+    ) == pytest.approx(100)
 
 
 def test_discrete_steps_match_matrix_powers_and_approach_the_flow() -> None:
@@ -170,7 +202,9 @@ def test_discrete_steps_match_matrix_powers_and_approach_the_flow() -> None:
     ref = An @ y0 - (np.eye(5) - An) @ np.linalg.solve(Tw, cw)
     np.testing.assert_allclose(rm.steps(Tw, cw, y0, [lr] * n), ref, rtol=1e-10)
     flow = rm.intervention(T, c, e, WBAR, DSHIFT, 1.0, TL=TL).el12
-    fine = rm.intervention(T, c, e, WBAR, DSHIFT, 1.0, TL=TL, discrete_lrs=([1e-3] * 1000, [1e-3] * 1000)).el12
+    fine = rm.intervention(
+        T, c, e, WBAR, DSHIFT, 1.0, TL=TL, discrete_lrs=([1e-3] * 1000, [1e-3] * 1000)
+    ).el12
     assert fine == pytest.approx(flow, rel=1e-2)
 
 
@@ -297,8 +331,17 @@ def test_full_space_projection_equals_dense_exact_flow_on_a_real_model() -> None
     D = rng.uniform(0.5, 3.0, n)
     coefs = np.array([[0.0, 1.0], [0.8, 0.2]])
     proj = R.project_block(
-        model, [p[0] for p in parts], [p[1] for p in parts], [p[2] for p in parts],
-        wbar=WBAR, target_coefs=coefs, D=torch.tensor(D), m=n, micro_batch=2, loss_fn=ce, tol=1e-9,
+        model,
+        [p[0] for p in parts],
+        [p[1] for p in parts],
+        [p[2] for p in parts],
+        wbar=WBAR,
+        target_coefs=coefs,
+        D=torch.tensor(D),
+        m=n,
+        micro_batch=2,
+        loss_fn=ce,
+        tol=1e-9,
     )
     assert proj.asym < 1e-10
     g0, H, g2 = dense_parts(model, parts)
@@ -325,7 +368,13 @@ def test_full_space_projection_equals_dense_exact_flow_on_a_real_model() -> None
 def tiny_gpt2():
     transformers = pytest.importorskip("transformers")
     config = transformers.GPT2Config(
-        n_layer=1, n_embd=8, n_head=2, vocab_size=16, n_positions=8, bos_token_id=0, eos_token_id=0,
+        n_layer=1,
+        n_embd=8,
+        n_head=2,
+        vocab_size=16,
+        n_positions=8,
+        bos_token_id=0,
+        eos_token_id=0,
         attn_implementation="eager",
     )
     torch.manual_seed(0)
@@ -350,8 +399,16 @@ def test_hvp_projection_equals_dense_reference_on_tiny_gpt2() -> None:
     coefs = np.array([[0.0, 1.0]])
     m = 10
     proj = R.project_block(
-        model, [p[0] for p in parts], [p[1] for p in parts], [p[2] for p in parts],
-        wbar=WBAR, target_coefs=coefs, D=torch.tensor(D), m=m, micro_batch=2, loss_fn=ce,
+        model,
+        [p[0] for p in parts],
+        [p[1] for p in parts],
+        [p[2] for p in parts],
+        wbar=WBAR,
+        target_coefs=coefs,
+        D=torch.tensor(D),
+        m=m,
+        micro_batch=2,
+        loss_fn=ce,
     )
     assert proj.m == m and proj.hvps == 2 * m
     g0, H, g2 = dense_parts(model, parts)
@@ -369,16 +426,35 @@ def test_hvp_projection_equals_dense_reference_on_tiny_gpt2() -> None:
     # the bracket is exact on the projection (u and b_k start the basis): equal to the dense formula
     Sbar, Sd = WBAR[0] * Sk[0] + WBAR[1] * Sk[1], DSHIFT[0] * Sk[0] + DSHIFT[1] * Sk[1]
     dense_bracket = float(u @ (Sbar @ (DSHIFT @ b) - Sd @ (WBAR @ b)))
-    assert rm.bracket_el(proj.T, proj.c, proj.e[0], WBAR, DSHIFT, 1.0) == pytest.approx(dense_bracket, rel=1e-9)
+    assert rm.bracket_el(proj.T, proj.c, proj.e[0], WBAR, DSHIFT, 1.0) == pytest.approx(
+        dense_bracket, rel=1e-9
+    )
 
 
 def test_predict_summarizes_blocks_and_reduces_to_the_bracket() -> None:
     model = BigramLM().double().eval()
-    parts = [[[domain_tokens(100 * k + 10 * b + p, 3, 6, VOCAB, skew=2 * k) for p in range(3)] for b in range(3)]
-             for k in range(2)]
-    stats = R.estimate_resummed(model, parts, wbar=WBAR, target_coefs=np.array([[0.0, 1.0]]), m=8, micro_batch=3)
+    parts = [
+        [[domain_tokens(100 * k + 10 * b + p, 3, 6, VOCAB, skew=2 * k) for p in range(3)] for b in range(3)]
+        for k in range(2)
+    ]
+    stats = R.estimate_resummed(
+        model, parts, wbar=WBAR, target_coefs=np.array([[0.0, 1.0]]), m=8, micro_batch=3
+    )
     assert len(stats.blocks) == 3
     small = R.predict(stats, 0, DSHIFT, 1e-4)
     np.testing.assert_allclose(small.el12, small.bracket12, rtol=1e-2)
     s = small.summary()
     assert np.isfinite(s["el12_se"]) and s["saturation"] < 1e-2
+
+
+def test_progress_rate_slope_and_time_factor() -> None:
+    rng = np.random.default_rng(9)
+    c, e = rng.normal(size=(2, 5)), rng.normal(size=(2, 5))
+    w = np.array([0.8, 0.2])
+    assert rm.progress_rate(c, e, w) == pytest.approx(float((w @ c) @ (w @ e)))
+    t = np.linspace(0.0, 0.2, 21)
+    slope, se = rm.loss_slope(t, 5.0 - 0.7 * t + 1e-3 * np.sin(40 * t))
+    assert slope == pytest.approx(-0.7, abs=0.02) and 0.0 < se < 0.05
+    assert np.isnan(rm.loss_slope([0.0, 1.0], [1.0, 0.0])[0])  # two points: no SE, refused
+    assert rm.time_factor(-0.7, 0.35) == pytest.approx(2.0)
+    assert np.isnan(rm.time_factor(0.1, 0.35)) and np.isnan(rm.time_factor(-0.1, -1.0))
