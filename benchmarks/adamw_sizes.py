@@ -41,10 +41,10 @@ RUNS = {
     "shipped": {"path": SAMPLES, "steps": [1000, 2000], "desc": "AdamW b2 0.999, lr 1e-3 constant"},
     "adamw-cos": {
         "path": None,
-        "steps": [500, 1000],
+        "steps": [1000],
         "desc": "AdamW b2 0.95, lr 2e-3, warmup 100, cosine to 1500",
     },
-    "sgd": {"path": None, "steps": [500, 1000], "desc": "SGD (no momentum), lr 0.2 constant"},
+    "sgd": {"path": None, "steps": [1000], "desc": "SGD (no momentum), lr 0.2 constant"},
 }
 HORIZONS = (20, 100)
 """n x batch 10 x dw 0.15 must be whole (the branches see the same rows): 20 and 100 steps."""
@@ -156,7 +156,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("stage", choices=["train", "observe", "table"])
+    parser.add_argument("stage", choices=["train", "observe", "project", "table"])
     parser.add_argument("--out", type=Path, default=ROOT / "commute_out" / "adamw_sizes")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true")
@@ -168,6 +168,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.stage == "train":
         stage_train(args.out, args.threads)
+    elif args.stage == "project":  # the resummed statistics only (no observations needed)
+        for name, step, _n in _cases(args.quick, args.runs):
+            if (run_dir(args.out, name) / f"checkpoint-{step}").is_dir():
+                for kind in ("euclid",) if name == "sgd" else D_KINDS:
+                    projections(args.out, name, step, kind, args.m)
     elif args.stage == "observe":
         stage_observe(args.out, args.quick, args.repeats, args.dw, args.runs)
     else:
@@ -248,7 +253,7 @@ def projections(out: Path, name: str, step: int, kind: str, m: int) -> tuple[obj
             for b in range(int(z["B"]))
         ]
         return ResummedStats(blocks, coefs, z["wbar"]), json.loads(str(z["meta"]))
-    inputs, parts, wbar = _samples(setup, out / "resummed" / "samples")
+    _inputs, parts, wbar = _samples(setup, out / "resummed" / "samples")
     ref = checkpoints.discover(setup.checkpoint)[0]
     model = checkpoints.load_model(ref)
     D = _metric(ref, model, kind)

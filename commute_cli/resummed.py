@@ -7,10 +7,10 @@ Per design block (the three disjoint parts of MATH.md "Noise", as in :mod:`commu
 
 1. ``b_k = D^{1/2} g_k^(0)`` for every domain (part 0) and ``u_t = D^{1/2} sum_k c_tk g_k^(2)`` for every
    target (part 2);
-2. an orthonormal basis ``V`` of the block Krylov space of ``S_bar = D^{1/2} H_bar^(1) D^{1/2}`` started from
-   ``[b_1 .. b_K, u_1 .. u_T]``, the Hessians on part 1: each new block of vectors ``W`` costs one HVP pass per
-   domain (``S_k W = D^{1/2} H_k (D^{1/2} W)``, all vectors through one forward pass), the next block is
-   ``S_bar W = sum_k wbar_k S_k W`` orthogonalized (twice) against ``V``;
+2. an orthonormal basis ``V`` of the block Krylov space of ``S_bar = D^{1/2} H_bar^(1) D^{1/2}`` started
+   from ``[b_1 .. b_K, u_1 .. u_T]``, the Hessians on part 1: each new block of vectors ``W`` costs one HVP
+   pass per domain (``S_k W = D^{1/2} H_k (D^{1/2} W)``, all vectors through one forward pass), the next
+   block is ``S_bar W = sum_k wbar_k S_k W`` orthogonalized (twice) against ``V``;
 3. ``T_k = V S_k V^T``, ``c_k = V b_k``, ``e_t = V u_t``: a few kilobytes, from which every intervention,
    horizon and order is a small dense computation.
 
@@ -61,7 +61,8 @@ class Projection:
 
 @dataclass
 class ResummedStats:
-    """All blocks of one checkpoint: ``blocks[b]`` is a :class:`Projection`; ``target_coefs`` ``[n_targets, K]``."""
+    """All blocks of one checkpoint: ``blocks[b]`` is a :class:`Projection`; ``target_coefs`` is
+    ``[n_targets, K]``."""
 
     blocks: list[Projection]
     target_coefs: np.ndarray
@@ -169,7 +170,8 @@ def estimate_resummed(
     loss_fn: curvature.LossFn = curvature.causal_lm_loss,
     on_block: Callable[[int], None] | None = None,
 ) -> ResummedStats:
-    """:func:`project_block` on every design block; ``parts[k][b][p]`` as in ``estimator.estimate_checkpoint``."""
+    """:func:`project_block` on every design block; ``parts[k][b][p]`` as in
+    ``estimator.estimate_checkpoint``."""
     K, B = len(parts), len(parts[0])
     blocks = []
     for bi in range(B):
@@ -195,8 +197,8 @@ def estimate_resummed(
 
 @dataclass
 class Prediction:
-    """Per-block predicted ``EL^12``/``EL^21`` of one target (``[B]`` each), the bracket's ``EL^12`` on the same
-    projection, and the saturation index; means and standard errors over blocks."""
+    """Per-block predicted ``EL^12``/``EL^21`` of one target (``[B]`` each), the bracket's ``EL^12`` on the
+    same projection, and the saturation index; means and standard errors over blocks."""
 
     el12: np.ndarray
     el21: np.ndarray

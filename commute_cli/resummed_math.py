@@ -1,11 +1,11 @@
 """The resummed prediction of an intervention's effect: exact response of linearized training (numpy only).
 
-docs/math_resummed.md derives everything here. In short: around the checkpoint theta_0 each domain's gradient
-field is taken linear, ``g_k(theta_0 + x) = g_k + H_k x``, and training with weights ``w`` and a frozen diagonal
-preconditioner ``D`` is the flow ``x' = -D (g_w + H_w x)`` in time ``t = sum of learning rates``. In the
-coordinates ``y = D^{-1/2} x`` the flow is ``y' = -(b_w + S_w y)`` with the symmetric ``S_k = D^{1/2} H_k D^{1/2}``
-and ``b_k = D^{1/2} g_k``; a target ``L = sum_k c_k L_k`` is ``L_0 + <u, y> + 1/2 <y, S_L y>`` with
-``u = D^{1/2} g_L``.
+docs/math_resummed.md derives everything here. In short: around the checkpoint theta_0 each domain's
+gradient field is taken linear, ``g_k(theta_0 + x) = g_k + H_k x``, and training with weights ``w`` and a
+frozen diagonal preconditioner ``D`` is the flow ``x' = -D (g_w + H_w x)`` in time ``t = sum of learning
+rates``. In the coordinates ``y = D^{-1/2} x`` the flow is ``y' = -(b_w + S_w y)`` with the symmetric ``S_k
+= D^{1/2} H_k D^{1/2}`` and ``b_k = D^{1/2} g_k``; a target ``L = sum_k c_k L_k`` is ``L_0 + <u, y> + 1/2
+<y, S_L y>`` with ``u = D^{1/2} g_L``.
 
 The parameter space is far too large for dense matrices, so the engine (``commute_cli.resummed``) projects
 onto an orthonormal basis ``V`` (``[m, n]``) of a block Krylov space of ``S_bar`` started from the ``b_k`` and
@@ -51,11 +51,12 @@ def _mix(T: np.ndarray, c: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.nd
 
 
 NEGATIVE = ("exact", "clamp", "abs")
-"""How a phase treats negative curvature (eigenvalues ``theta < 0`` of its symmetric matrix): ``exact`` keeps the
-exponential growth ``e^{dt |theta|}`` of the linear model; ``clamp`` sets ``theta = 0`` there (those directions
-drift with their gradient, no growth); ``abs`` uses ``|theta|`` (they settle like positive ones, as in
-saddle-free Newton). Only ``exact`` is the linearized dynamics; the others are safeguards for directions where
-the quadratic model is not trusted (a noisy Hessian from a few sequences, or Adam's bounded steps)."""
+"""How a phase treats negative curvature (eigenvalues ``theta < 0`` of its symmetric matrix): ``exact``
+keeps the exponential growth ``e^{dt |theta|}`` of the linear model; ``clamp`` sets ``theta = 0`` there
+(those directions drift with their gradient, no growth); ``abs`` uses ``|theta|`` (they settle like positive
+ones, as in saddle-free Newton). Only ``exact`` is the linearized dynamics; the others are safeguards for
+directions where the quadratic model is not trusted (a noisy Hessian from a few sequences, or Adam's bounded
+steps)."""
 
 
 def flow(Tw: np.ndarray, cw: np.ndarray, y0: np.ndarray, dt: float, negative: str = "exact") -> np.ndarray:
@@ -64,7 +65,8 @@ def flow(Tw: np.ndarray, cw: np.ndarray, y0: np.ndarray, dt: float, negative: st
     ``y(dt) = exp(-dt Tw) y0 - dt phi_1(-dt Tw) cw`` with ``phi_1(z) = (e^z - 1)/z``, computed as one matrix
     exponential of the augmented matrix ``[[-Tw, -cw], [0, 0]]`` (Higham's scaling and squaring, via
     ``scipy.linalg.expm``), which is accurate for stiff ``dt Tw`` (eigenvalues of ``dt Tw`` in the
-    thousands: those directions have settled, ``y -> -Tw^{-1} cw`` there). Shapes ``[m, m]``, ``[m]``, ``[m]``.
+    thousands: those directions have settled, ``y -> -Tw^{-1} cw`` there).
+    Shapes ``[m, m]``, ``[m]``, ``[m]``.
     """
     if negative not in NEGATIVE:
         raise CommuteError(
@@ -109,7 +111,8 @@ def response(
 
 
 def target_change(e: np.ndarray, TL: np.ndarray | None, y: np.ndarray) -> float:
-    """``<e, y> + 1/2 <y, TL y>``: the target's change for a displacement ``y`` (``TL=None``: linear part only)."""
+    """``<e, y> + 1/2 <y, TL y>``: the target's change for a displacement ``y`` (``TL=None``: linear part
+    only)."""
     out = float(e @ y)
     if TL is not None:
         out += 0.5 * float(y @ TL @ y)
@@ -145,10 +148,13 @@ def intervention(
     against ``wbar`` for both phases, for the linearized dynamics projected on the basis.
 
     Args:
-        T, c, e: projected Hessians ``[K, m, m]``, gradients ``[K, m]``, target gradient ``[m]`` (see the module).
+        T, c, e: projected Hessians ``[K, m, m]``, gradients ``[K, m]``, target gradient ``[m]``
+            (see the module).
         wbar, d: base weights and shift ``[K]`` (``sum d = 0``).
-        dt: time of each phase (sum of its learning rates), or ``(dt_1, dt_2)`` when they differ (lr schedules).
-        TL: the target's projected Hessian (``sum_k c_k T_k``) for its quadratic term; ``None``: linear target.
+        dt: time of each phase (sum of its learning rates), or ``(dt_1, dt_2)`` when they differ
+            (lr schedules).
+        TL: the target's projected Hessian (``sum_k c_k T_k``) for its quadratic term; ``None``:
+            linear target.
         discrete_lrs: per-step learning rates of the two phases: step the system (:func:`steps`) instead of
             the exact flow (plain gradient descent; unstable where ``lr x curvature > 2``).
         negative: negative-curvature rule of the flow (:data:`NEGATIVE`).
@@ -181,9 +187,9 @@ def intervention(
 def bracket_el(
     T: np.ndarray, c: np.ndarray, e: np.ndarray, wbar: Sequence[float], d: Sequence[float], dt: float
 ) -> float:
-    """The second-order prediction ``dt^2 <u, S_bar b_d - S_d b_bar>`` (MATH.md "What an intervention does to the
-    target", in the coordinates ``y``), from the projected quantities: exact when ``u`` and the ``b_k`` lie in
-    the basis (they start the Krylov space)."""
+    """The second-order prediction ``dt^2 <u, S_bar b_d - S_d b_bar>`` (MATH.md "What an intervention does to
+    the target", in the coordinates ``y``), from the projected quantities: exact when ``u`` and the ``b_k``
+    lie in the basis (they start the Krylov space)."""
     wb = np.asarray(wbar, dtype=np.float64)
     dd = np.asarray(d, dtype=np.float64)
     Sbar, bbar = _mix(T, c, wb)
@@ -217,12 +223,13 @@ def saturation(
     dt: float,
     names: Sequence[str] = (),
 ) -> Saturation:
-    """``dt x`` Rayleigh quotients of ``S_bar`` along ``b_k`` (each domain's preconditioned gradient), ``b_bar``
-    and the target vector ``u``, and the share of ``b_bar`` on Ritz directions that settle within ``dt``.
+    """``dt x`` Rayleigh quotients of ``S_bar`` along ``b_k`` (each domain's preconditioned
+    gradient), ``b_bar`` and the target vector ``u``, and the share of ``b_bar`` on Ritz directions that
+    settle within ``dt``.
 
-    The bracket is the dt^2 term of an expansion whose next terms carry one more factor ``dt S_bar`` each; along
-    a vector ``v`` that factor is ``dt <v, S v>/<v, v>`` on average, so an index above ~1 flags a prediction
-    whose directions saturate (the resummed prediction then differs from the bracket).
+    The bracket is the dt^2 term of an expansion whose next terms carry one more factor ``dt S_bar`` each;
+    along a vector ``v`` that factor is ``dt <v, S v>/<v, v>`` on average, so an index above ~1 flags a
+    prediction whose directions saturate (the resummed prediction then differs from the bracket).
     """
     wb = np.asarray(wbar, dtype=np.float64)
     Sbar, bbar = _mix(T, c, wb)
@@ -245,7 +252,8 @@ def saturation_from_stats(Q: np.ndarray, first: np.ndarray, wbar: Sequence[float
     ``Q[b, k, a, l] = <D g_k, H_a D g_l>`` (``a != l``) and ``first[b, k, l] = <g_k, D g_l>`` give, for each
     domain ``l``, the curvature of the *other* domains along ``D^{1/2} g_l``:
     ``rho_l = sum_{a != l} wbar_a Q[l, a, l] / first[l, l]`` (a Rayleigh quotient of ``S_bar`` without its own
-    term ``wbar_l S_l``, which the pair plan does not compute, so a lower bound when Hessians are PSD). Returns
+    term ``wbar_l S_l``, which the pair plan does not compute, so a lower bound when Hessians are
+    PSD). Returns
     ``[B]``: ``dt x max_l rho_l`` per block. Shapes ``Q [B, K, K, K]``, ``first [B, K, K]``.
     """
     wb = np.asarray(wbar, dtype=np.float64)
@@ -304,19 +312,19 @@ def time_factor(observed_slope: float, predicted_rate: float) -> float:
 
 __all__ = [
     "NEGATIVE",
-    "loss_slope",
-    "progress_rate",
-    "time_factor",
     "Intervention",
     "Phase",
     "Saturation",
     "bracket_el",
     "flow",
     "intervention",
+    "loss_slope",
+    "progress_rate",
     "rayleigh",
     "response",
     "saturation",
     "saturation_from_stats",
     "steps",
     "target_change",
+    "time_factor",
 ]

@@ -4,8 +4,9 @@
   the original coordinates ``x' = -D (g_w + H_w x)``, in the small and the saturating regime;
 - closed forms: eigen-decomposition solution of one phase, the settled limit ``y -> -S^{-1} b``, matrix powers
   for discrete steps, the bracket's dt^2 law (MATH.md) as dt -> 0;
-- on a real model: HVP-based projections against dense float64 Hessians (``torch.autograd.functional.hessian``)
-  with a Krylov space built separately in numpy, and with the full space, against the dense exact flow.
+- on a real model: HVP-based projections against dense float64 Hessians
+  (``torch.autograd.functional.hessian``) with a Krylov space built separately in numpy, and with the full
+  space, against the dense exact flow.
 """
 
 from __future__ import annotations
@@ -59,13 +60,13 @@ def ode_reference(H, g, D, coefs, phases, rtol=1e-11):
         Hw = np.einsum("k,kij->ij", w, H)
         gw = w @ g
         sol = solve_ivp(
-            lambda _t, x: -D * (gw + Hw @ x),
+            lambda _t, x, gw=gw, Hw=Hw: -D * (gw + Hw @ x),
             (0.0, dt),
             x,
             method="Radau",
             rtol=rtol,
             atol=1e-13,
-            jac=lambda _t, _x: -D[:, None] * Hw,
+            jac=lambda _t, _x, Hw=Hw: -D[:, None] * Hw,
         )
         x = sol.y[:, -1]
     gL = coefs @ g
@@ -243,7 +244,8 @@ VOCAB = 6
 
 
 class BigramLM(nn.Module):
-    """A causal LM small enough for the whole Krylov space: 6 x 3 embedding, 3 x 6 output + bias (42 params)."""
+    """A causal LM small enough for the whole Krylov space: 6 x 3 embedding, 3 x 6 output + bias (42
+    parameters)."""
 
     def __init__(self) -> None:
         super().__init__()
