@@ -101,6 +101,16 @@ def _cases(quick: bool, runs: list[str] | None = None) -> list[tuple[str, int, i
     return out
 
 
+def _sources(name: str) -> dict[str, list[str]]:
+    """The study's runs keep absolute data paths out of their manifests: name the data explicitly."""
+    if name == "shipped":
+        return {}
+    return {
+        "domains": [f"{k}={SAMPLES / 'data' / k / 'train.jsonl'}" for k in ("en", "ru")],
+        "eval_domains": [f"{k}={SAMPLES / 'data' / k / 'validation.jsonl'}" for k in ("en", "ru")],
+    }
+
+
 def validate_out(out: Path, name: str, step: int, n: int, metric: str) -> Path:
     return out / "validate" / f"{name}-{step}-n{n}-{metric}"
 
@@ -113,8 +123,13 @@ def stage_observe(out: Path, quick: bool, repeats: int, dw: float, runs: list[st
             if metric == "adam" and name == "sgd":
                 continue
             folder = validate_out(out, name, step, n, metric)
-            if (folder / "validate.json").is_file():
-                continue
+            if (folder / "validate.json").is_file() or (folder / "running").is_file():
+                continue  # done, or another observe process is on it
+            if (
+                metric != "euclid"
+                and not (validate_out(out, name, step, n, "euclid") / "validate.json").is_file()
+            ):
+                continue  # the branches are trained (and cached) by the euclid pass first
             cache_from = validate_out(out, name, step, n, "euclid") / "cache"
             (folder / "cache").mkdir(parents=True, exist_ok=True)
             if metric != "euclid" and cache_from.is_dir():  # the trained branches do not depend on the metric
@@ -130,8 +145,13 @@ def stage_observe(out: Path, quick: bool, repeats: int, dw: float, runs: list[st
                 repeats=repeats,
                 metric=metric,
                 out=folder,
+                **_sources(name),
             )
-            run_validate(opts, note=lambda t: print(t, file=sys.stderr))
+            (folder / "running").write_text(str(os.getpid()))
+            try:
+                run_validate(opts, note=lambda t: print(t, file=sys.stderr))
+            finally:
+                (folder / "running").unlink()
             print(
                 f"{name} step {step} n {n} {metric}: {time.perf_counter() - t0:.0f} s",
                 file=sys.stderr,
@@ -156,7 +176,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("stage", choices=["train", "observe", "project", "table"])
+    parser.add_argument("stage", choices=["train", "observe", "project", "mconv", "table"])
     parser.add_argument("--out", type=Path, default=ROOT / "commute_out" / "adamw_sizes")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true")
@@ -173,6 +193,8 @@ def main() -> None:
             if (run_dir(args.out, name) / f"checkpoint-{step}").is_dir():
                 for kind in ("euclid",) if name == "sgd" else D_KINDS:
                     projections(args.out, name, step, kind, args.m)
+    elif args.stage == "mconv":
+        stage_mconv(args.out)
     elif args.stage == "observe":
         stage_observe(args.out, args.quick, args.repeats, args.dw, args.runs)
     else:
@@ -199,7 +221,9 @@ VARIANTS = {
 def _setup(out: Path, name: str, step: int, n: int):
     from commute_cli.validate import ValidateOptions, resolve_setup
 
-    opts = ValidateOptions(checkpoint=run_dir(out, name) / f"checkpoint-{step}", dw=0.15, steps=n)
+    opts = ValidateOptions(
+        checkpoint=run_dir(out, name) / f"checkpoint-{step}", dw=0.15, steps=n, **_sources(name)
+    )
     return resolve_setup(opts, note=lambda _t: None)
 
 
@@ -297,14 +321,49 @@ def observed_slope(checkpoint: Path, window: int = CAL_WINDOW) -> tuple[float, f
     return rm.loss_slope(times, [float(e["loss"]) for e in log])
 
 
+def stage_mconv(out: Path) -> None:
+    """Convergence in the basis size m of the resummed prediction at the shipped checkpoint 1000."""
+    from commute_cli.resummed import predict
+
+    res: dict[str, object] = {}
+    for m in (12, 24, 40):
+        for kind in ("euclid", "adam"):
+            stats, meta = projections(out, "shipped", 1000, kind, m)
+            for n in (20, 100):
+                for t, name in enumerate(["en", "ru"]):
+                    for neg in ("exact", "clamp"):
+                        p = predict(stats, t, np.array([0.15, -0.15]), 1e-3 * n, negative=neg).summary()
+                        res[f"{kind}-{neg}-m{m}-n{n}-{name}"] = [p["el12"], p["el12_se"], p["bracket12"]]
+            res[f"{kind}-m{m}-seconds"] = meta["seconds"]
+    path = ROOT / "benchmarks" / "results" / "adamw_sizes_mconv.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(res, indent=1) + "\n")
+
+
 def observed(out: Path, name: str, step: int, n: int) -> list[dict]:
+    """validate.json rows of both metrics, each with the observed antisymmetric part
+    ``(EL^12 - EL^21)/2`` (mean, SE and t test over the stream seeds), the part the bracket predicts."""
+    from commute_cli.criterion import summarize_blocks
+
     rows = []
     for metric in ("euclid", "adam"):
         file = validate_out(out, name, step, n, metric) / "validate.json"
         if not file.is_file():
             continue
-        for r in json.loads(file.read_text())["rows"]:
-            rows.append({"metric": metric, **r})
+        data = json.loads(file.read_text())
+        for r in data["rows"]:
+            k = r["target"]
+            anti = [0.5 * (rep["losses"]["12"][k] - rep["losses"]["21"][k]) for rep in data["repeats"]]
+            s = summarize_blocks(anti, 0.95)
+            rows.append(
+                {
+                    "metric": metric,
+                    **r,
+                    "obs_anti": s.mean,
+                    "obs_anti_se": s.se,
+                    "obs_anti_significant": s.significant,
+                }
+            )
     return rows
 
 
@@ -381,6 +440,9 @@ def stage_table(out: Path, quick: bool, threads: int, m: int = 24, runs: list[st
                     "obs_el21": r["obs_el21"],
                     "obs_el21_se": r["obs_el21_se"],
                     "obs_el21_significant": r["obs_el21_significant"],
+                    "obs_anti": r["obs_anti"],
+                    "obs_anti_se": r["obs_anti_se"],
+                    "obs_anti_significant": r["obs_anti_significant"],
                     "calibration": calib,
                     "pred": {
                         k: {
@@ -445,6 +507,41 @@ def summarize(cases: list[dict]) -> dict:
                     agree += int((pred > 0) == (obs > 0))
                     ratios.append(pred / obs)
                     where.append(f"{c['run']}-{c['step']}-n{c['n']}-{c['target']}-{order}")
+            anti_agree, anti_ratios = 0, []
+            for c in sel:
+                p = c["pred"].get(method)
+                if p is None or not c["obs_anti_significant"]:
+                    continue
+                pa = 0.5 * (p["el12"] - p["el21"])
+                if math.isfinite(pa):
+                    anti_agree += int((pa > 0) == (c["obs_anti"] > 0))
+                    anti_ratios.append(pa / c["obs_anti"])
+            growth = []  # antisymmetric part at the long horizon over the short one: predicted vs observed
+            for c in sel:
+                if c["n"] != HORIZONS[1]:
+                    continue
+                short = next(
+                    (
+                        x
+                        for x in sel
+                        if (x["run"], x["step"], x["target"], x["n"])
+                        == (c["run"], c["step"], c["target"], HORIZONS[0])
+                    ),
+                    None,
+                )
+                if short is None or method not in c["pred"] or method not in short["pred"]:
+                    continue
+                pl, ps = c["pred"][method], short["pred"][method]
+                growth.append(
+                    {
+                        "case": f"{c['run']}-{c['step']}-{c['target']}",
+                        "pred": (pl["el12"] - pl["el21"]) / (ps["el12"] - ps["el21"]),
+                        "obs": c["obs_anti"] / short["obs_anti"],
+                        "obs_both_significant": bool(
+                            c["obs_anti_significant"] and short["obs_anti_significant"]
+                        ),
+                    }
+                )
             if not ratios:
                 continue
             r = np.array(ratios)
@@ -457,16 +554,27 @@ def summarize(cases: list[dict]) -> dict:
                 "median_abs_log10_error": float(np.median(np.abs(np.log10(np.abs(r))))),
                 "cases": where,
                 "ratios": r.tolist(),
+                "antisym_significant": len(anti_ratios),
+                "antisym_sign_agree": anti_agree,
+                "antisym_median_pred_over_obs": float(np.median(anti_ratios)) if anti_ratios else math.nan,
+                "antisym_min": float(np.min(anti_ratios)) if anti_ratios else math.nan,
+                "antisym_max": float(np.max(anti_ratios)) if anti_ratios else math.nan,
+                "growth_long_over_short": growth,
             }
     return out
 
 
 def print_table(summary: dict) -> None:
-    print(f"{'method':42s} {'signs':>7s} {'median p/o':>11s} {'range':>22s} {'|log10|':>8s}")
+    print(
+        f"{'method':34s} {'signs':>7s} {'median p/o':>10s} {'range':>21s} {'|log10|':>7s}"
+        f" | {'anti signs':>10s} {'median':>8s} {'range':>19s}"
+    )
     for key, s in summary.items():
         print(
-            f"{key:42s} {s['sign_agree']:>3d}/{s['significant_cases']:<3d} {s['median_pred_over_obs']:11.3g} "
-            f"{s['min']:10.3g}..{s['max']:<10.3g} {s['median_abs_log10_error']:8.2f}"
+            f"{key:34s} {s['sign_agree']:>3d}/{s['significant_cases']:<3d} {s['median_pred_over_obs']:10.3g} "
+            f"{s['min']:10.3g}..{s['max']:<9.3g} {s['median_abs_log10_error']:7.2f}"
+            f" | {s['antisym_sign_agree']:>5d}/{s['antisym_significant']:<4d}"
+            f" {s['antisym_median_pred_over_obs']:8.3g} {s['antisym_min']:9.3g}..{s['antisym_max']:<8.3g}"
         )
 
 
