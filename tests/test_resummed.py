@@ -460,3 +460,29 @@ def test_progress_rate_slope_and_time_factor() -> None:
     assert np.isnan(rm.loss_slope([0.0, 1.0], [1.0, 0.0])[0])  # two points: no SE, refused
     assert rm.time_factor(-0.7, 0.35) == pytest.approx(2.0)
     assert np.isnan(rm.time_factor(0.1, 0.35)) and np.isnan(rm.time_factor(-0.1, -1.0))
+
+
+def test_size_record_notes_and_optimizer_families() -> None:
+    small = rm.SizeRecord("adam", "euclid", 8, 8, 0.3, 0.15, 0.8, "test")
+    assert "~3.3x larger than printed" in small.note()
+    big = rm.SizeRecord("adam", "adam", 8, 5, 150.0, -50.0, 400.0, "test")
+    assert "~1.5e+02x smaller than printed" in big.note()
+    assert "not calibrated" in rm.SizeRecord("sgd", "euclid", 0, 0, float("nan"), 0.0, 0.0, "test").note()
+    assert rm.optimizer_family("AdamW") == "adam" and rm.optimizer_family("adamw") == "adam"
+    assert rm.optimizer_family("SGD") == "sgd" and rm.optimizer_family("Lion") is None
+    assert rm.known_size_error("Lion") is None and rm.known_size_error(None) is None
+
+
+def test_known_sizes_are_the_committed_measurements() -> None:
+    """Every record the product prints comes from benchmarks/results/adamw_sizes.json, number for number."""
+    import json
+    from pathlib import Path
+
+    file = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "adamw_sizes.json"
+    summary = json.loads(file.read_text())["summary"]
+    assert rm.KNOWN_SIZES, "no measured sizes recorded"
+    for (family, method), rec in rm.KNOWN_SIZES.items():
+        s = summary[f"{'adamw' if family == 'adam' else family}/bracket-{method}"]
+        assert (rec.cases, rec.sign_agree) == (s["significant_cases"], s["sign_agree"])
+        assert rec.median == pytest.approx(s["median_pred_over_obs"], rel=1e-2)
+        assert (rec.low, rec.high) == (pytest.approx(s["min"], rel=1e-2), pytest.approx(s["max"], rel=1e-2))
