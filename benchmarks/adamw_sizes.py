@@ -44,7 +44,15 @@ RUNS = {
         "steps": [1000],
         "desc": "AdamW b2 0.95, lr 2e-3, warmup 100, cosine to 1500",
     },
-    "sgd": {"path": None, "steps": [1000], "desc": "SGD (no momentum), lr 0.2 constant"},
+    "sgd": {"path": None, "steps": [1000], "desc": "SGD (no momentum), lr 0.2 constant", "horizons": (20,)},
+    "sgd-lr0.02": {
+        "path": None,
+        "run": "sgd",
+        "lr": 0.02,
+        "steps": [1000],
+        "horizons": (20, 60),
+        "desc": "the SGD run's checkpoint, branches trained with SGD at lr 0.02 (validate --lr)",
+    },
 }
 HORIZONS = (20, 100)
 """n x batch 10 x dw 0.15 must be whole (the branches see the same rows): 20 and 100 steps."""
@@ -52,7 +60,11 @@ HORIZONS = (20, 100)
 
 def run_dir(out: Path, name: str) -> Path:
     path = RUNS[name]["path"]
-    return Path(path) if path is not None else out / "runs" / name
+    return Path(path) if path is not None else out / "runs" / RUNS[name].get("run", name)
+
+
+def horizons(name: str) -> tuple[int, ...]:
+    return tuple(RUNS[name].get("horizons", HORIZONS))
 
 
 def stage_train(out: Path, threads: int) -> None:
@@ -96,16 +108,18 @@ def _cases(quick: bool, runs: list[str] | None = None) -> list[tuple[str, int, i
             continue
         steps = spec["steps"][:1] if quick else spec["steps"]
         for step in steps:
-            for n in HORIZONS:
+            for n in horizons(name):
                 out.append((name, step, n))
     return out
 
 
-def _sources(name: str) -> dict[str, list[str]]:
-    """The study's runs keep absolute data paths out of their manifests: name the data explicitly."""
+def _sources(name: str) -> dict[str, object]:
+    """The study's runs keep absolute data paths out of their manifests: name the data explicitly (and the
+    learning rate of the branches where the study overrides it)."""
     if name == "shipped":
         return {}
-    return {
+    extra: dict[str, object] = {"lr": RUNS[name]["lr"]} if "lr" in RUNS[name] else {}
+    return extra | {
         "domains": [f"{k}={SAMPLES / 'data' / k / 'train.jsonl'}" for k in ("en", "ru")],
         "eval_domains": [f"{k}={SAMPLES / 'data' / k / 'validation.jsonl'}" for k in ("en", "ru")],
     }
@@ -120,7 +134,7 @@ def stage_observe(out: Path, quick: bool, repeats: int, dw: float, runs: list[st
 
     for name, step, n in _cases(quick, runs):
         for metric in ("euclid", "adam"):
-            if metric == "adam" and name == "sgd":
+            if metric == "adam" and name.startswith("sgd"):
                 continue
             folder = validate_out(out, name, step, n, metric)
             if (folder / "validate.json").is_file() or (folder / "running").is_file():
@@ -191,7 +205,7 @@ def main() -> None:
     elif args.stage == "project":  # the resummed statistics only (no observations needed)
         for name, step, _n in _cases(args.quick, args.runs):
             if (run_dir(args.out, name) / f"checkpoint-{step}").is_dir():
-                for kind in ("euclid",) if name == "sgd" else D_KINDS:
+                for kind in ("euclid",) if name.startswith("sgd") else D_KINDS:
                     projections(args.out, name, step, kind, args.m)
     elif args.stage == "mconv":
         stage_mconv(args.out)
@@ -267,8 +281,8 @@ def projections(out: Path, name: str, step: int, kind: str, m: int) -> tuple[obj
     from commute_cli import checkpoints
     from commute_cli.resummed import Projection, ResummedStats, estimate_resummed
 
-    file = out / "resummed" / f"{name}-{step}-{kind}-m{m}.npz"
-    setup = _setup(out, name, step, HORIZONS[0])
+    file = out / "resummed" / f"{RUNS[name].get('run', name)}-{step}-{kind}-m{m}.npz"
+    setup = _setup(out, name, step, horizons(name)[0])
     coefs = np.eye(len(setup.names))
     if file.is_file():
         z = np.load(file)
@@ -381,7 +395,7 @@ def stage_table(out: Path, quick: bool, threads: int, m: int = 24, runs: list[st
         setup = _setup(out, name, step, n)
         lrs = setup.lrs
         dt = (float(sum(lrs[:n])), float(sum(lrs[n:])))
-        kinds = ("euclid",) if name == "sgd" else D_KINDS
+        kinds = ("euclid",) if name.startswith("sgd") else D_KINDS
         preds: dict[str, dict] = {}
         slope, slope_se = observed_slope(setup.checkpoint)
         calib = {}
@@ -395,7 +409,7 @@ def stage_table(out: Path, quick: bool, threads: int, m: int = 24, runs: list[st
                 "predicted_rate": rate,
                 "kappa": kappa,
             }
-            if n == HORIZONS[0]:
+            if n == horizons(name)[0]:
                 costs.append({"run": name, "step": step, **meta})
             for t, target in enumerate(setup.names):
                 d = np.zeros(len(setup.names))
@@ -492,7 +506,7 @@ def summarize(cases: list[dict]) -> dict:
     predicted/observed there (median, range)."""
     out: dict[str, dict] = {}
     for family in ("adamw", "sgd"):
-        sel = [c for c in cases if (c["run"] == "sgd") == (family == "sgd")]
+        sel = [c for c in cases if c["run"].startswith("sgd") == (family == "sgd")]
         methods = sorted({k for c in sel for k in c["pred"]})
         for method in methods:
             agree, ratios, where = 0, [], []
@@ -520,14 +534,15 @@ def summarize(cases: list[dict]) -> dict:
                     anti_ratios.append(pa / c["obs_anti"])
             growth = []  # antisymmetric part at the long horizon over the short one: predicted vs observed
             for c in sel:
-                if c["n"] != HORIZONS[1]:
+                hs = horizons(c["run"])
+                if len(hs) < 2 or c["n"] != hs[1]:
                     continue
                 short = next(
                     (
                         x
                         for x in sel
                         if (x["run"], x["step"], x["target"], x["n"])
-                        == (c["run"], c["step"], c["target"], HORIZONS[0])
+                        == (c["run"], c["step"], c["target"], hs[0])
                     ),
                     None,
                 )
