@@ -465,7 +465,8 @@ def test_progress_rate_slope_and_time_factor() -> None:
 def test_size_record_notes_and_optimizer_families() -> None:
     small = rm.SizeRecord("adam", "euclid", 8, 8, 0.3, 0.15, 0.8, "test")
     assert "~3.3x larger than printed" in small.note()
-    assert "not calibrated" in rm.SizeRecord("adam", "euclid", 6, 3, 0.07, -0.8, 0.8, "t").note()  # half the signs
+    half = rm.SizeRecord("adam", "euclid", 6, 3, 0.07, -0.8, 0.8, "t")
+    assert "not calibrated" in half.note()  # half the signs wrong
     big = rm.SizeRecord("adam", "adam", 8, 5, 150.0, -50.0, 400.0, "test")
     assert "~1.5e+02x smaller than printed" in big.note()
     assert "not calibrated" in rm.SizeRecord("sgd", "euclid", 0, 0, float("nan"), 0.0, 0.0, "test").note()
