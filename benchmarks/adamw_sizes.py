@@ -49,7 +49,7 @@ RUNS = {
         "path": None,
         "run": "sgd",
         "lr": 0.02,
-        "steps": [1000],
+        "steps": [500, 1000],
         "horizons": (20, 60),
         "desc": "the SGD run's checkpoint, branches trained with SGD at lr 0.02 (validate --lr)",
     },
