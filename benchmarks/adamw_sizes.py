@@ -68,7 +68,7 @@ def horizons(name: str) -> tuple[int, ...]:
 
 
 def stage_train(out: Path, threads: int) -> None:
-    from commute_cli.train import TrainConfig, train
+    from commute_cli.commands.train import TrainConfig, train
 
     common = dict(
         domains={"en": str(SAMPLES / "data/en/train.jsonl"), "ru": str(SAMPLES / "data/ru/train.jsonl")},
@@ -130,7 +130,7 @@ def validate_out(out: Path, name: str, step: int, n: int, metric: str) -> Path:
 
 
 def stage_observe(out: Path, quick: bool, repeats: int, dw: float, runs: list[str] | None) -> None:
-    from commute_cli.validate import ValidateOptions, run_validate
+    from commute_cli.commands.validate import ValidateOptions, run_validate
 
     for name, step, n in _cases(quick, runs):
         for metric in ("euclid", "adam"):
@@ -233,7 +233,7 @@ VARIANTS = {
 
 
 def _setup(out: Path, name: str, step: int, n: int):
-    from commute_cli.validate import ValidateOptions, resolve_setup
+    from commute_cli.commands.validate import ValidateOptions, resolve_setup
 
     opts = ValidateOptions(
         checkpoint=run_dir(out, name) / f"checkpoint-{step}", dw=0.15, steps=n, **_sources(name)
@@ -243,7 +243,7 @@ def _setup(out: Path, name: str, step: int, n: int):
 
 def _samples(setup, cache_dir: Path):
     """The same design blocks as validate's prediction (analysis.prepare_samples with validate's options)."""
-    from commute_cli.analysis import AnalyzeOptions, prepare_samples, resolve_inputs
+    from commute_cli.commands.analyze import AnalyzeOptions, prepare_samples, resolve_inputs
 
     w = setup.schedule.weights_at(setup.step)
     aopts = AnalyzeOptions(
@@ -263,7 +263,9 @@ def _samples(setup, cache_dir: Path):
 
 
 def _metric(ref, model, kind: str):
-    from commute_cli import checkpoints, criterion, curvature
+    from commute_cli.core import criterion
+    from commute_cli.engine import curvature
+    from commute_cli.io import checkpoints
 
     if kind == "euclid":
         return None
@@ -278,8 +280,8 @@ def _metric(ref, model, kind: str):
 
 def projections(out: Path, name: str, step: int, kind: str, m: int) -> tuple[object, dict]:
     """Resummed statistics of one checkpoint (cached in OUT/resummed/*.npz) and their cost."""
-    from commute_cli import checkpoints
-    from commute_cli.resummed import Projection, ResummedStats, estimate_resummed
+    from commute_cli.engine.resummed import Projection, ResummedStats, estimate_resummed
+    from commute_cli.io import checkpoints
 
     file = out / "resummed" / f"{RUNS[name].get('run', name)}-{step}-{kind}-m{m}.npz"
     setup = _setup(out, name, step, horizons(name)[0])
@@ -300,7 +302,7 @@ def projections(out: Path, name: str, step: int, kind: str, m: int) -> tuple[obj
     seconds = time.perf_counter() - t0
     meta = {"seconds": seconds, "hvps_per_block": stats.blocks[0].hvps, "m": m, "kind": kind}
     if kind == "euclid":  # today's analysis on the same samples, in the same process: the cost ratio
-        from commute_cli.estimator import estimate_checkpoint
+        from commute_cli.engine.estimator import estimate_checkpoint
 
         t0 = time.perf_counter()
         estimate_checkpoint(model, parts, plan="pair", micro_batch=8, hvp_micro_batch=4)
@@ -320,7 +322,7 @@ CAL_WINDOW = 200
 def observed_slope(checkpoint: Path, window: int = CAL_WINDOW) -> tuple[float, float]:
     """Slope of the logged training loss (mixture) against time (sum of lrs) over the last ``window`` steps
     before the checkpoint: only what the run logged before the checkpoint (trainer_state.json)."""
-    from commute_cli import resummed_math as rm
+    from commute_cli.core import resummed_math as rm
 
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     step = int(state["global_step"])
@@ -337,7 +339,7 @@ def observed_slope(checkpoint: Path, window: int = CAL_WINDOW) -> tuple[float, f
 
 def stage_mconv(out: Path) -> None:
     """Convergence in the basis size m of the resummed prediction at the shipped checkpoint 1000."""
-    from commute_cli.resummed import predict
+    from commute_cli.engine.resummed import predict
 
     res: dict[str, object] = {}
     for m in (12, 24):
@@ -357,7 +359,7 @@ def stage_mconv(out: Path) -> None:
 def observed(out: Path, name: str, step: int, n: int) -> list[dict]:
     """validate.json rows of both metrics, each with the observed antisymmetric part
     ``(EL^12 - EL^21)/2`` (mean, SE and t test over the stream seeds), the part the bracket predicts."""
-    from commute_cli.criterion import summarize_blocks
+    from commute_cli.core.criterion import summarize_blocks
 
     rows = []
     for metric in ("euclid", "adam"):
@@ -382,8 +384,8 @@ def observed(out: Path, name: str, step: int, n: int) -> list[dict]:
 
 
 def stage_table(out: Path, quick: bool, threads: int, m: int = 24, runs: list[str] | None = None) -> None:
-    from commute_cli import resummed_math as rm
-    from commute_cli.resummed import Prediction, predict
+    from commute_cli.core import resummed_math as rm
+    from commute_cli.engine.resummed import Prediction, predict
 
     cases = []
     costs = []
@@ -582,7 +584,7 @@ def summarize(cases: list[dict]) -> dict:
 
 
 def markdown_table(summary: dict) -> str:
-    """The per-method table of docs/math_resummed.md."""
+    """The per-method table of docs/MATH.md "Resummed prediction"."""
     lines = [
         "| runs / method | signs (significant EL^12, EL^21) | median pred/obs | range | "
         "signs (significant antisym.) | median pred/obs (antisym.) |",

@@ -21,8 +21,8 @@ from scipy.integrate import solve_ivp
 from scipy.linalg import expm
 from torch import Tensor, nn
 
-from commute_cli import resummed as R
-from commute_cli import resummed_math as rm
+from commute_cli.core import resummed_math as rm
+from commute_cli.engine import resummed as R
 from commute_cli.errors import CommuteError
 
 # ------------------------------------------------------------------------------------------------ quadratics
@@ -390,7 +390,7 @@ def test_hvp_projection_equals_dense_reference_on_tiny_gpt2() -> None:
     """Truncated basis (m = 10 of ~1.3k parameters): the projection is basis-independent, so the engine's
     predictions must equal those from a numpy Krylov basis of the dense float64 Hessians."""
     model = tiny_gpt2()
-    from commute_cli.curvature import param_list
+    from commute_cli.engine.curvature import param_list
 
     parts = _parts(2, T=6, per=2, vocab=16)
     names = [n for n, _ in param_list(model)]

@@ -60,10 +60,11 @@ from commute_cli.core.regime import (
     parse_targets,
     predict_pair,
 )
+from commute_cli.core.resummed_math import SATURATION_LIMIT, known_size_error, saturation_from_stats
 from commute_cli.core.schedule import Schedule
 from commute_cli.engine import curvature, distributed
 from commute_cli.errors import CommuteError
-from commute_cli.io import atomic, checkpoints, runfiles, store
+from commute_cli.io import atomic, checkpoints, optimizer_state, runfiles, store
 from commute_cli.io import data as domains
 from commute_cli.io.learning_rate import find_learning_rate
 from commute_cli.io.store import check_writable
@@ -235,6 +236,15 @@ def summarize_checkpoint(
                 confidence=confidence, min_effect=min_effect,
             )  # fmt: skip
             el = p.el
+            regime = str(p.regime.regime)
+            saturation = float("nan")  # needs the pair plan's Q (docs/MATH.md "Resummed prediction")
+            if stats.Q is not None:
+                saturation = float(np.mean(saturation_from_stats(stats.Q, stats.first, wbar, p.dt)))
+                if saturation > SATURATION_LIMIT and regime != str(Regime.OUTSIDE):
+                    regime = str(Regime.SATURATED)
+            needed = float("nan")  # how many times --samples would resolve an effect of this size
+            if not el.significant and el.se > 0 and str(p.verdict) != "negligible":
+                needed = power.samples_factor(el.mean, el.se, stats.n_blocks, confidence)
             rows.append(
                 {
                     "step": step,
@@ -257,17 +267,19 @@ def summarize_checkpoint(
                     "dt": p.dt,
                     "first_order": p.regime.progress,
                     "regime_ratio": p.regime.ratio,
-                    "in_regime": p.regime.regime != Regime.OUTSIDE,
+                    "in_regime": regime not in (Regime.OUTSIDE, Regime.SATURATED),
                     "verdict": str(p.verdict),
                     "direction": criterion.direction_words(el.mean, names[i], names[j])
                     if el.significant
                     else "",
                     "n_blocks": stats.n_blocks,
-                    "regime": str(p.regime.regime),
+                    "regime": regime,
                     "regime_ratio_lo": p.regime.ratio_lo,
                     "regime_ratio_hi": p.regime.ratio_hi,
                     "min_effect": p.min_effect,
                     "horizon_reason": horizon_reason,
+                    "saturation": saturation,
+                    "samples_needed": needed,
                 }
             )
     return rows
@@ -431,6 +443,17 @@ def _run_analysis(
             }
         )
 
+    # what real interventions measured about these sizes on this optimizer family (docs/MATH.md, issue 15)
+    optimizer = optimizer_state.optimizer_name(
+        inputs.refs[0], inputs.manifest.optimizer if inputs.manifest is not None else None
+    )
+    known = known_size_error(optimizer, opts.metric)
+    size_note = known.note() if known is not None else None
+    saturated = any(r["regime"] == Regime.SATURATED for r in result_rows)
+    if known is not None and known.family == "sgd" and not saturated:
+        # the SGD record was measured on saturated windows (dt x curvature 1.5-35); inside the regime plain
+        # SGD matches real interventions within a factor 0.6-0.9 (tests/test_intervention.py)
+        size_note = None
     results = pd.DataFrame(result_rows)
     results.insert(0, "run_id", run_id[:8])
     losses = pd.DataFrame(loss_table)
@@ -475,6 +498,8 @@ def _run_analysis(
             "judged_on": "interval",
         },
         "min_effect": opts.min_effect,
+        "optimizer": optimizer,
+        "size_note": size_note,
     }
 
     def write_outputs() -> dict[str, Any]:
@@ -486,7 +511,10 @@ def _run_analysis(
         return merged
 
     run = ctx.agree(write_outputs, main_only=True) or run
-    return AnalysisResult(results, losses, run, out, [note] if note else [], baselines_df, decomposition_df)
+    notes = [note] if note else []
+    if size_note:
+        notes.append(f"note: {size_note}")
+    return AnalysisResult(results, losses, run, out, notes, baselines_df, decomposition_df)
 
 
 def why_rows(

@@ -172,6 +172,9 @@ class Regime(StrEnum):
     INSIDE = "inside"
     OUTSIDE = "outside"
     UNCERTAIN = "uncertain"
+    #: dt x curvature along the directions involved is above 1 (core.resummed_math.SATURATION_LIMIT): those
+    #: directions settle within the window, so the second-order prediction's size is not to be trusted
+    SATURATED = "saturated"
 
 
 @dataclass

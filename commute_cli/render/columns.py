@@ -86,7 +86,21 @@ COLUMNS: dict[str, dict[str, tuple[str, str]]] = {
             "progress; above the regime limit the prediction is outside the local regime",
         ),
         "in_regime": ("", "True when the prediction is inside the local regime (its nats are meaningful)"),
-        "regime": ("", "inside / outside / uncertain: the local-regime check with its uncertainty"),
+        "regime": (
+            "",
+            "inside / outside / uncertain: the local-regime check with its uncertainty; saturated: dt x "
+            "curvature along the directions involved is above 1 (see saturation)",
+        ),
+        "saturation": (
+            "1",
+            "dt x the other domains' curvature along each domain's gradient (a Rayleigh quotient from the "
+            "analysis' own products; pair plan only): above 1 those directions settle within the window",
+        ),
+        "samples_needed": (
+            "1",
+            "for a row that is not significant: about how many times --samples would flag an effect of the "
+            "estimated size (95% test, 80% power; conservative)",
+        ),
         "regime_ratio_lo": ("1", "lower end of the regime ratio's interval at --confidence"),
         "regime_ratio_hi": (
             "1",

@@ -22,6 +22,7 @@ from rich.cells import cell_len
 from rich.console import Group, RenderableType
 from rich.text import Text
 
+from commute_cli.core.power import NICE_FACTORS, nice_factor
 from commute_cli.render.formats import (
     OutputFormat,
     emit,
@@ -175,6 +176,20 @@ def table_confidence(results: pd.DataFrame) -> float:
     return 0.95
 
 
+def samples_advice(row: Any) -> str:
+    """For a row that is not significant: ``"~4x samples"`` from its ``samples_needed`` (results.csv), the
+    factor rounded up to a round number (``core.power.nice_factor``); ``""`` when absent or not needed."""
+    factor = getattr(row, "samples_needed", None)
+    try:
+        factor = float(factor)
+    except (TypeError, ValueError):
+        return ""
+    if not math.isfinite(factor) or factor <= 1.0:
+        return ""
+    nice = nice_factor(factor)
+    return f">{NICE_FACTORS[-1]:g}x samples" if nice is None else f"~{nice:g}x samples"
+
+
 def regime_labels(df: pd.DataFrame) -> pd.Series | None:
     """Per row "inside" / "outside" / another label of the local-regime check (column ``regime`` when
     present, else from ``in_regime``), or None when the table has neither."""
@@ -275,7 +290,7 @@ def analysis_tables(
             cells.append(horizon)
             cells.append(format_si_interval(r.el_ij, half.loc[idx]))
             cells.append(Text(style.word, style=style.style))
-            cells.append(earlier_domain(r) if style.actionable else "")
+            cells.append(earlier_domain(r) if style.actionable else samples_advice(r))
             if show_regime and regimes is not None:
                 label = regimes.loc[idx]
                 cells.append(Text(label, style="" if label == "inside" else "red"))
@@ -334,7 +349,14 @@ def analysis_legend(
     if show_regime:
         lines.append(
             "regime outside: the second-order prediction is not small against training's first-order "
-            "progress over the window, so its nats are unreliable; its sign is a weaker hint."
+            "progress over the window, so its nats are unreliable; its sign is a weaker hint. uncertain: the "
+            "interval of that ratio straddles the limit. saturated: dt x curvature along the directions "
+            "involved is above 1, so they settle within the window and the size is not to be trusted."
+        )
+    if "samples_needed" in results and (pd.to_numeric(results["samples_needed"], errors="coerce") > 1).any():
+        lines.append(
+            "~Nx samples (n.s. rows): about N times --samples would flag an effect of the estimated size "
+            "(the same test, 80% power)."
         )
     where = f"{out}/results.csv" if out is not None else "results.csv"
     lines.append(
@@ -405,7 +427,7 @@ def recommend_report(rec: Any) -> Group:
     if rec.shifts:
         parts.append(
             Text(
-                "ΔL: predicted change at the end of each window (MATH.md; EL scales as shift x window^2 "
+                "ΔL: predicted change at the end of each window (docs/MATH.md; EL scales as shift x window^2 "
                 "from the analysed dw and horizon). Totals add the local predictions; their ± adds the SEs "
                 "(the same samples are used at every checkpoint, so errors are correlated).",
                 style="dim",

@@ -1,13 +1,13 @@
 """The resummed prediction of an intervention's effect: exact response of linearized training (numpy only).
 
-docs/math_resummed.md derives everything here. In short: around the checkpoint theta_0 each domain's
+docs/MATH.md "Resummed prediction" derives all of this. In short: around the checkpoint theta_0 each domain's
 gradient field is taken linear, ``g_k(theta_0 + x) = g_k + H_k x``, and training with weights ``w`` and a
 frozen diagonal preconditioner ``D`` is the flow ``x' = -D (g_w + H_w x)`` in time ``t = sum of learning
 rates``. In the coordinates ``y = D^{-1/2} x`` the flow is ``y' = -(b_w + S_w y)`` with the symmetric ``S_k
 = D^{1/2} H_k D^{1/2}`` and ``b_k = D^{1/2} g_k``; a target ``L = sum_k c_k L_k`` is ``L_0 + <u, y> + 1/2
 <y, S_L y>`` with ``u = D^{1/2} g_L``.
 
-The parameter space is far too large for dense matrices, so the engine (``commute_cli.resummed``) projects
+The parameter space is far too large for dense matrices, so the engine (``engine.resummed``) projects
 onto an orthonormal basis ``V`` (``[m, n]``) of a block Krylov space of ``S_bar`` started from the ``b_k`` and
 the targets' ``u`` (HVPs only). This module takes the projected quantities
 
@@ -246,6 +246,12 @@ def saturation(
     return Saturation(index=max(per.values()), per_vector=per, settled_fraction=settled)
 
 
+SATURATION_LIMIT = 1.0
+"""``dt x`` curvature along the directions involved above which those directions settle within the window
+(their response ``1 - exp(-dt x curvature)`` is far from its second-order expansion): ``commute analyze``
+then marks the row's regime ``saturated`` (docs/MATH.md "Resummed prediction", "What this says")."""
+
+
 def saturation_from_stats(Q: np.ndarray, first: np.ndarray, wbar: Sequence[float], dt: float) -> np.ndarray:
     """A cheap saturation index from the statistics ``commute analyze`` already has (pair plan), per block.
 
@@ -364,7 +370,7 @@ KNOWN_SIZES: dict[tuple[str, str], SizeRecord] = {
 }
 """Predicted / observed ``EL`` of ``commute analyze``'s bracket on significant real interventions, by
 optimizer family and ``--metric``: benchmarks/results/adamw_sizes.json ("summary", ``bracket-*``),
-docs/math_resummed.md "Measurements". A test checks these numbers against that file."""
+docs/MATH.md "Resummed prediction", "Measurements". A test checks these numbers against that file."""
 
 
 def optimizer_family(name: str | None) -> str | None:

@@ -1,9 +1,10 @@
 """The resummed prediction on a real model: a Krylov projection of the linearized training dynamics from HVPs.
 
-docs/math_resummed.md derives it; :mod:`commute_cli.resummed_math` holds the arithmetic on the projection.
-Here the model enters, only through gradients and Hessian-vector products (:mod:`commute_cli.curvature`).
+docs/MATH.md "Resummed prediction" derives it; :mod:`~commute_cli.core.resummed_math` holds the arithmetic
+on the projection. Here the model enters, only through gradients and Hessian-vector products
+(:mod:`~commute_cli.engine.curvature`).
 
-Per design block (the three disjoint parts of MATH.md "Noise", as in :mod:`commute_cli.estimator`):
+Per design block (the three disjoint parts of MATH.md "Noise", as in :mod:`commute_cli.engine.estimator`):
 
 1. ``b_k = D^{1/2} g_k^(0)`` for every domain (part 0) and ``u_t = D^{1/2} sum_k c_tk g_k^(2)`` for every
    target (part 2);
@@ -28,8 +29,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from commute_cli import curvature
-from commute_cli import resummed_math as rm
+from commute_cli.core import resummed_math as rm
+from commute_cli.engine import curvature
 from commute_cli.errors import CommuteError
 
 VEC, HVP, PAIR = 0, 1, 2
@@ -37,7 +38,7 @@ VEC, HVP, PAIR = 0, 1, 2
 
 @dataclass
 class Projection:
-    """One design block's projected linear system (float64 numpy; see :mod:`commute_cli.resummed_math`).
+    """One design block's projected linear system (float64 numpy; see :mod:`commute_cli.core.resummed_math`).
 
     Attributes:
         T: ``[K, m, m]`` ``V S_k V^T`` (symmetrized; ``asym`` is the largest relative asymmetry before that).
@@ -234,7 +235,7 @@ def predict(
     """The resummed prediction for target ``target`` (row of ``stats.target_coefs``), shift ``d`` and phase
     time ``dt`` (sum of the learning rates of one phase), per block. ``quadratic_target`` adds the target's
     own curvature term ``1/2 <y, S_L y>`` (``S_L = sum_k c_k S_k``); ``negative``: see
-    :data:`commute_cli.resummed_math.NEGATIVE`."""
+    :data:`commute_cli.core.resummed_math.NEGATIVE`."""
     coefs = stats.target_coefs[target]
     el12, el21, br, sat = [], [], [], []
     dt_mean = float(np.mean(dt)) if isinstance(dt, tuple) else float(dt)
