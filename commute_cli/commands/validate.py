@@ -776,7 +776,7 @@ def cost_line(
         f"training steps of {batch} sequences x {seq_len} tokens ({steps_left * batch} sequences); "
         f"one step measured {per_step:.3g} s, so about {minutes:.1f} min of training"
         + (" (--quick)" if opts.quick else " (--quick: about half)")
-        + f", then the prediction (the checkpoint's statistics, from or into the cache in {Path(opts.out) / 'cache'})"
+        + f", then the prediction (the checkpoint's statistics, from or into {Path(opts.out) / 'cache'})"
     )
 
 
@@ -851,7 +851,8 @@ def validate_table(result: ValidateResult) -> Any:
     caption = (
         f"EL_k^12 = L_k(theta_12) - L_k(theta_base) in nats on "
         f"{'held-out blocks' if run['eval_held_out'] else 'TRAINING blocks (no held-out data given)'}; "
-        "obs: mean ± SE over stream seeds; pred: the criterion at the checkpoint (docs/MATH.md; EL^21 = -EL^12), "
+        "obs: mean ± SE over stream seeds; pred: the criterion at the checkpoint "
+        "(docs/MATH.md; EL^21 = -EL^12), "
         f"± SE over sample blocks; * significant at {result.run['options']['confidence']:g}; "
         "(12+21)/2: the observed part that is even in dw, zero to second order (Adam's nonlinearity, "
         "higher orders, noise); "
