@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -164,8 +166,17 @@ def analyze_command(
     seq_len: int | None = typer.Option(
         None, "--seq-len", help="Tokens per sequence (default: manifest, else <= 256)."
     ),
-    samples: int = typer.Option(
-        96, "--samples", help="Sequences per domain per checkpoint (the same sequences everywhere)."
+    samples: int | None = typer.Option(
+        None,
+        "--samples",
+        help="Sequences per domain per checkpoint (the same sequences everywhere). Default 96.",
+    ),
+    budget: float | None = typer.Option(
+        None,
+        "--budget",
+        metavar="SECONDS",
+        help="Compute time to spend instead of --samples: the most sequences whose estimated time fits "
+        "(one timed gradient, as --dry-run). Fixed before any estimate, so the test keeps its error rate.",
     ),
     blocks: int = typer.Option(
         8, "--blocks", help="Independent sample blocks (groups of sequences) for the error bars."
@@ -277,7 +288,7 @@ def analyze_command(
         text_fields=text_field,
         tokenizer=tokenizer,
         seq_len=seq_len,
-        samples=samples,
+        samples=96 if samples is None else samples,
         blocks=blocks,
         batch_size=8 if batch_size is None else batch_size,
         hvp_batch_size=hvp_batch_size,
@@ -303,6 +314,11 @@ def analyze_command(
         dist_timeout=dist_timeout,
         decompose=decompose,
     )
+    if budget is not None:
+        if samples is not None:
+            raise CommuteError("give either --samples or --budget, not both")
+        opts.samples = _samples_for_budget(analysis, opts, budget)
+        typer.echo(f"--budget {budget:g} s: --samples {opts.samples}", err=True)
     if dry_run:
         p = analysis.preview(opts)
         typer.echo(
@@ -350,6 +366,22 @@ def analyze_command(
         typer.echo(where + (f"; plot in {plot}" if plot else ""), err=True)
     else:
         tables.emit_dataframe(result.results, fmt_value)
+
+
+def _samples_for_budget(analysis: Any, opts: Any, budget: float) -> int:
+    """``--budget``: the largest ``--samples`` whose estimated compute time fits (``core.power``)."""
+    from commute_cli.core import power
+
+    if not (budget > 0 and math.isfinite(budget)):
+        raise CommuteError(f"--budget must be a positive number of seconds, got {budget:g}")
+    p = analysis.preview(opts)
+    try:
+        return power.samples_for_budget(
+            budget, p["seconds_per_gradient_sequence"], opts.blocks, len(p["domains"]), p["plan"],
+            len(p["targets"]), p["checkpoints"],
+        )  # fmt: skip
+    except ValueError as err:
+        raise CommuteError(str(err), hint="raise --budget, or lower --blocks or the checkpoints") from err
 
 
 @app.command("train")

@@ -169,3 +169,16 @@ def test_dry_run_prints_the_cost_and_writes_nothing(tmp_path, capsys) -> None:
     assert not out.exists()
     code, _, err = cli(["analyze", run, "--dry-run", "--samples", "10", "--out", out], capsys)
     assert code == 2 and "--samples 10" in err  # the same input checks as a real run
+
+
+@pytest.mark.parametrize(("plan", "K", "T"), [("pair", 2, 3), ("target", 8, 1)])
+def test_samples_for_budget_is_the_largest_that_fits(plan, K, T):
+    per_seq, blocks = 0.013, 8
+    for budget in (30.0, 60.0, 900.0):
+        n = power.samples_for_budget(budget, per_seq, blocks, K, plan, T, checkpoints=5)
+        assert n % (3 * blocks) == 0
+        fits = power.estimated_seconds(power.analysis_cost(n, blocks, K, plan, T, 5), per_seq)
+        more = power.estimated_seconds(power.analysis_cost(n + 3 * blocks, blocks, K, plan, T, 5), per_seq)
+        assert fits <= budget < more
+    with pytest.raises(ValueError, match="below"):
+        power.samples_for_budget(0.01, per_seq, blocks, K, plan, T, checkpoints=5)

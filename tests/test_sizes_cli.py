@@ -90,3 +90,16 @@ def test_optimizer_family_from_the_saved_state():
     refs = checkpoints.discover(ROOT / "sample_checkpoints")
     assert optimizer_name(refs[0], None) in ("adam", "adamw")
     assert optimizer_name(refs[0], {"name": "SGD"}) == "sgd"
+
+
+def test_budget_sets_the_samples_before_the_run(run_dir, tmp_path, capsys):
+    """--budget picks --samples from one timed gradient (as --dry-run) before any estimate is made."""
+    code, out, err = cli(["analyze", run_dir, "--budget", "3", "--blocks", "4", "--dry-run"], capsys)
+    assert code == 0, err
+    chosen = int(err.split("--samples ")[1].split()[0])
+    assert chosen >= 12 and chosen % 12 == 0
+    assert f"{chosen} sequences of" in out
+    code, _, err = cli(["analyze", run_dir, "--budget", "3", "--samples", "24"], capsys)
+    assert code == 2 and "either --samples or --budget" in err and len(err.strip().splitlines()) == 1
+    code, _, err = cli(["analyze", run_dir, "--budget", "-1"], capsys)
+    assert code == 2 and "--budget must be a positive" in err

@@ -181,3 +181,36 @@ def estimated_seconds(cost: Cost, seconds_per_gradient_sequence: float) -> float
     if not seconds_per_gradient_sequence > 0.0:
         raise ValueError("seconds_per_gradient_sequence must be positive")
     return cost.gradient_equivalents * seconds_per_gradient_sequence
+
+
+def samples_for_budget(
+    budget_seconds: float,
+    seconds_per_gradient_sequence: float,
+    blocks: int,
+    n_domains: int,
+    plan: str,
+    n_targets: int = 1,
+    checkpoints: int = 1,
+) -> int:
+    """The largest ``--samples`` (a multiple of ``3 x blocks``) whose estimated compute time
+    (:func:`estimated_seconds` of :func:`analysis_cost`) fits in ``budget_seconds``.
+
+    The time is linear in the sequences per part ``m``, so ``m = floor(budget / time of m = 1)``. The sample
+    size is fixed before any estimate is made, so the verdicts' test keeps its error rate (no optional
+    stopping).
+
+    Raises:
+        ValueError: a non-positive budget or per-sequence time, or a budget below one sequence per part.
+    """
+    if not budget_seconds > 0.0 or not seconds_per_gradient_sequence > 0.0:
+        raise ValueError("the budget and the time per gradient sequence must be positive")
+    unit = estimated_seconds(
+        analysis_cost(3 * blocks, blocks, n_domains, plan, n_targets, checkpoints),
+        seconds_per_gradient_sequence,
+    )
+    m = int(budget_seconds // unit)
+    if m < 1:
+        raise ValueError(
+            f"a budget of {budget_seconds:g} s is below the {unit:.3g} s of one sequence per part"
+        )
+    return 3 * blocks * m
