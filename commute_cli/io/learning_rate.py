@@ -44,6 +44,7 @@ from typing import Any
 from commute_cli.errors import CommuteError
 from commute_cli.io import nanogpt
 from commute_cli.io.discovery import CheckpointRef, trainer_state
+from commute_cli.io.optimizer_state import saved_optimizer
 from commute_cli.io.safefiles import torch_load
 
 
@@ -94,14 +95,8 @@ def _from_scheduler(folder: Path) -> float | None:
 
 
 def _from_optimizer(folder: Path) -> float | None:
-    file = folder / "optimizer.pt"
-    if not file.is_file():
-        return None
-    try:
-        saved = torch_load(file, "optimizer state")
-    except CommuteError:
-        return None
-    groups = saved.get("param_groups") if isinstance(saved, dict) else None
+    saved = saved_optimizer(folder) if folder.is_dir() else None
+    groups = saved.get("param_groups") if saved is not None else None
     if isinstance(groups, list) and groups and isinstance(groups[0], dict):
         return _number(groups[0].get("lr"))
     return None

@@ -391,6 +391,27 @@ def flat_exp_avg_sq(state: AdamState, names: Sequence[str]) -> torch.Tensor:
     return torch.cat(parts) if parts else torch.zeros(0)
 
 
+def saved_optimizer(path: Path) -> Mapping[str, Any] | None:
+    """The optimizer state saved with a checkpoint (``torch.load(weights_only=True)``): ``optimizer.pt`` in a
+    checkpoint folder, the ``"optimizer"`` entry of a nanoGPT ``ckpt.pt``; None when there is none or it
+    cannot be read safely."""
+    if path.is_dir():
+        path = path / "optimizer.pt"
+        if not path.is_file():
+            return None
+        try:
+            saved = torch_load(path, "optimizer state")
+        except CommuteError:
+            return None
+    else:
+        try:
+            saved = torch_load(path, "checkpoint")
+        except CommuteError:
+            return None
+        saved = saved.get("optimizer") if isinstance(saved, Mapping) else None
+    return saved if isinstance(saved, Mapping) else None
+
+
 def optimizer_name(ref: Any, manifest_optimizer: Mapping[str, Any] | None = None) -> str | None:
     """The optimizer a run used, as a lower-case name (``"adamw"``, ``"adam"``, ``"sgd"``), or None.
 
@@ -403,21 +424,7 @@ def optimizer_name(ref: Any, manifest_optimizer: Mapping[str, Any] | None = None
     """
     if manifest_optimizer and isinstance(manifest_optimizer.get("name"), str):
         return str(manifest_optimizer["name"]).lower()
-    path = Path(ref.path)
-    if path.is_dir():
-        file = path / "optimizer.pt"
-        if not file.is_file():
-            return None
-        try:
-            saved = torch_load(file, "optimizer state")
-        except CommuteError:
-            return None
-    else:
-        try:
-            saved = torch_load(path, "checkpoint")
-        except CommuteError:
-            return None
-        saved = saved.get("optimizer") if isinstance(saved, Mapping) else None
+    saved = saved_optimizer(Path(ref.path))
     if not isinstance(saved, Mapping):
         return None
     state = saved.get("state") or {}
