@@ -42,7 +42,14 @@ import pandas as pd
 import torch
 
 from commute_cli import __version__
-from commute_cli.core.mixing import BRANCHES, branch_schedules, max_dw, rows_per_domain
+from commute_cli.core.mixing import (
+    BRANCHES,
+    branch_schedules,
+    max_dw,
+    realized_dw,
+    repeat_summary,
+    signs_agree,
+)
 from commute_cli.core.schedule import Schedule
 from commute_cli.engine import training
 from commute_cli.errors import CommuteError
@@ -352,19 +359,7 @@ def prepare_branches(setup: Setup, opts: ValidateOptions) -> Branches:
     schedules = branch_schedules(
         setup.schedule, setup.step, opts.steps, setup.pair, opts.dw, state.batch_size
     )
-    n = opts.steps
-    rows = {
-        b: np.array(rows_per_domain(s, setup.step, 2 * n, state.batch_size)) for b, s in schedules.items()
-    }
-    totals = {b: r.sum(axis=0).tolist() for b, r in rows.items()}
-    if len({tuple(t) for t in totals.values()}) != 1:
-        raise CommuteError(
-            f"cannot give every branch the same data: rows per domain {totals}",
-            hint="choose --horizon and --dw so that steps x batch size x dw is a whole number",
-            exit_code=1,
-        )
-    i = setup.pair[0]
-    realized = float((rows["12"][:n, i].sum() - rows["base"][:n, i].sum()) / (n * state.batch_size))
+    realized = realized_dw(schedules, setup.step, opts.steps, state.batch_size, setup.pair[0])
     eval_blocks = _eval_blocks(setup, opts.eval_samples)
     loss0 = training.evaluate(state.model, eval_blocks)
     for name, value in loss0.items():
@@ -589,23 +584,6 @@ def predict(setup: Setup, opts: ValidateOptions, dw: float, note: Note) -> tuple
 # ------------------------------------------------------------------------------------------------ table
 
 
-def _summary(values: Sequence[float], confidence: float) -> tuple[float, float, bool]:
-    """Mean, SE over repeats and a t test (SE is nan and nothing is significant with one repeat)."""
-    from commute_cli.core.criterion import summarize_blocks
-
-    x = np.asarray(values, dtype=np.float64)
-    if x.size < 2:
-        return float(x.mean()), math.nan, False
-    s = summarize_blocks(x, confidence)
-    return s.mean, s.se, s.significant
-
-
-def _agree(pred: float, obs: float) -> bool | None:
-    if pred == 0.0 or obs == 0.0 or not (math.isfinite(pred) and math.isfinite(obs)):
-        return None
-    return (pred > 0.0) == (obs > 0.0)
-
-
 def combine(
     setup: Setup,
     opts: ValidateOptions,
@@ -624,9 +602,11 @@ def combine(
     for k in setup.names:
         el12 = [r["losses"]["12"][k] - r["losses"]["base"][k] for r in repeats]
         el21 = [r["losses"]["21"][k] - r["losses"]["base"][k] for r in repeats]
-        m12, se12, sig12 = _summary(el12, opts.confidence)
-        m21, se21, sig21 = _summary(el21, opts.confidence)
-        msym, sesym, _ = _summary([(a + b) / 2 for a, b in zip(el12, el21, strict=True)], opts.confidence)
+        m12, se12, sig12 = repeat_summary(el12, opts.confidence)
+        m21, se21, sig21 = repeat_summary(el21, opts.confidence)
+        msym, sesym, _ = repeat_summary(
+            [(a + b) / 2 for a, b in zip(el12, el21, strict=True)], opts.confidence
+        )
         p = predicted[k]
         pred12 = float(p["pred_el12"])
         rows.append(
@@ -656,8 +636,8 @@ def combine(
                 "pred_el21": -pred12,
                 "pred_significant": bool(p["pred_significant"]),
                 "pred_bracket": float(p["pred_bracket"]),
-                "sign_agree_12": _agree(pred12, m12),
-                "sign_agree_21": _agree(-pred12, m21),
+                "sign_agree_12": signs_agree(pred12, m12),
+                "sign_agree_21": signs_agree(-pred12, m21),
                 "ratio_obs_pred": m12 / pred12 if pred12 != 0.0 else math.nan,
                 "regime_ratio": float(p["regime_ratio"]),
                 "in_regime": bool(p["in_regime"]),
@@ -666,7 +646,6 @@ def combine(
     return pd.DataFrame(rows)
 
 
-# ------------------------------------------------------------------------------------------------ run
 # ------------------------------------------------------------------------------------------------ run
 
 
@@ -760,7 +739,7 @@ def run_validate(
     return ValidateResult(table, run, list(repeats), out)
 
 
-# ------------------------------------------------------------------------------------------------ rendering
+# ------------------------------------------------------------------------------------------------ cost
 
 
 def cost_line(
@@ -780,152 +759,13 @@ def cost_line(
     )
 
 
-# ------------------------------------------------------------------------------------------------ rendering
-
-
-def _num(x: float) -> str:
-    """Four decimals (nats); two significant digits in scientific notation below 1e-3 (tiny lr, short N)."""
-    if not math.isfinite(x):
-        return str(x)
-    return f"{x:.4f}" if x == 0.0 or abs(x) >= 1e-3 else f"{x:.1e}"
-
-
-def _pm(mean: float, se: float, significant: bool | None = None) -> str:
-    text = _num(mean)
-    if math.isfinite(se):
-        text += f"±{_num(se)}"
-    return text + ("*" if significant else "")
-
-
-def validate_table(result: ValidateResult) -> Any:
-    """The paper's Table 2 layout: per target domain k, L_k at the checkpoint, observed and predicted
-    EL_k^12 and EL_k^21, whether the signs agree, obs/pred and the prediction's regime."""
-    from rich.console import Group
-    from rich.text import Text
-
-    from commute_cli.render.tables import make_table
-
-    df = result.table
-    run = result.run
-    yes_no = {True: "yes", False: "NO", None: "-"}
-    rows = []
-    for r in df.itertuples(index=False):
-        agree12 = None if pd.isna(r.sign_agree_12) else bool(r.sign_agree_12)
-        agree21 = None if pd.isna(r.sign_agree_21) else bool(r.sign_agree_21)
-        regime = "in" if r.in_regime else "OUT"
-        rows.append(
-            [
-                r.target,
-                f"{r.loss_ckpt:.4f}",
-                _pm(r.obs_el12, r.obs_el12_se, r.obs_el12_significant),
-                _pm(r.pred_el12, r.pred_el12_se, r.pred_significant),
-                yes_no[agree12],
-                _pm(r.obs_el21, r.obs_el21_se, r.obs_el21_significant),
-                _pm(r.pred_el21, r.pred_el12_se, r.pred_significant),
-                yes_no[agree21],
-                _pm(r.obs_sym, r.obs_sym_se),
-                f"{r.ratio_obs_pred:.2g}" if math.isfinite(r.ratio_obs_pred) else "-",
-                f"{regime} ({r.regime_ratio:.2g})",
-            ]
-        )
-    one, two = run["pair"]
-    first = df.iloc[0].to_dict()
-    title = (
-        f"validate {Path(run['checkpoint']).name} (step {run['step']}): '12' = {one} +{first['dw']:g} for "
-        f"{int(first['horizon'])} steps then -{first['dw']:g}; '21' the reverse; dt = {first['dt']:g}, "
-        f"metric {first['metric']}, {int(first['repeats'])} repeats"
-    )
-    columns = [
-        "target k",
-        "L_k (ckpt)",
-        "EL_k^12 obs",
-        "EL_k^12 pred",
-        "sign",
-        "EL_k^21 obs",
-        "EL_k^21 pred",
-        "sign",
-        "obs (12+21)/2",
-        "obs/pred",
-        "regime",
-    ]
-    caption = (
-        f"EL_k^12 = L_k(theta_12) - L_k(theta_base) in nats on "
-        f"{'held-out blocks' if run['eval_held_out'] else 'TRAINING blocks (no held-out data given)'}; "
-        "obs: mean ± SE over stream seeds; pred: the criterion at the checkpoint "
-        "(docs/MATH.md; EL^21 = -EL^12), "
-        f"± SE over sample blocks; * significant at {result.run['options']['confidence']:g}; "
-        "(12+21)/2: the observed part that is even in dw, zero to second order (Adam's nonlinearity, "
-        "higher orders, noise); "
-        f"regime: the prediction's second-order/first-order ratio ('OUT': its nats are meaningless, the sign "
-        f"is a weaker hint). Pair {one}/{two}, batch {run['batch_size']}, {run['optimizer']}, "
-        f"lr {run['lr_mean']:g} ({run['lr_source']}); prediction: {run['prediction']}."
-    )
-    table = make_table(title, columns, rows)
-    return Group(table, Text(caption, style="dim"))
-
-
-class ValidateProgress:
-    """One rich bar over the training steps still to run (stderr, terminals only).
-
-    The ETA is ``remaining steps x mean seconds per step so far`` (all steps of this run, evaluations
-    included), not rich's windowed speed: it does not jump when a branch ends and its evaluation runs.
-    """
-
-    def __init__(self, enabled: bool = True) -> None:
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
-        console = Console(file=sys.stderr)
-        self.enabled = enabled and console.is_terminal
-        self._progress = Progress(
-            TextColumn("validate: branches"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[eta]}"),
-            console=console,
-            transient=True,
-            disable=not self.enabled,
-        )
-        self._task: Any = None
-        self.total = 0
-        self.done = 0
-        self._t0 = 0.0
-
-    def __enter__(self) -> ValidateProgress:
-        self._progress.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._progress.__exit__(None, None, None)
-
-    def start(self, total: int) -> None:
-        self.total, self.done, self._t0 = total, 0, time.perf_counter()
-        if total:
-            self._task = self._progress.add_task("branches", total=total, eta="")
-
-    def eta_seconds(self) -> float | None:
-        """Remaining steps x the mean time per step measured so far (None before the first step)."""
-        if self.done == 0:
-            return None
-        return (self.total - self.done) * (time.perf_counter() - self._t0) / self.done
-
-    def step(self) -> None:
-        self.done += 1
-        if self._task is not None:
-            eta = self.eta_seconds()
-            text = "" if eta is None else f"~{eta / 60:.1f} min left" if eta >= 60 else f"~{eta:.0f} s left"
-            self._progress.update(self._task, advance=1, eta=text)
-
-
 __all__ = [
     "BRANCHES",
     "ValidateOptions",
-    "ValidateProgress",
     "ValidateResult",
     "combine",
     "observe",
     "predict",
     "run_branches",
     "run_validate",
-    "validate_table",
 ]
