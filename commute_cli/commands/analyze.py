@@ -5,7 +5,7 @@ The use case reads top to bottom:
 1. :func:`resolve_inputs` turns arguments (or the manifest next to the checkpoints) into checkpoints,
    domains, tokenizer, schedule and targets, and checks them before any long work (preflight);
 2. :func:`prepare_samples` draws each domain's sample once per run with a bounded read (only the documents
-   the sample needs, spread over the shards: ``io.data.sample_domain``), uses the same sample at every
+   the sample needs, spread over the shards: ``io.sampling.sample_domain``), uses the same sample at every
    checkpoint and splits it into design blocks of three disjoint parts (docs/MATH.md "Noise");
 3. :func:`checkpoint_stats` estimates one checkpoint (``engine.estimator``) or reads it from the shared
    content-addressed cache (``io.store``), so an interrupted run resumes and ``validate`` reuses it;

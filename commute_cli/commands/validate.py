@@ -53,7 +53,7 @@ from commute_cli.core.mixing import (
 from commute_cli.core.schedule import Schedule
 from commute_cli.engine import training
 from commute_cli.errors import CommuteError
-from commute_cli.io import atomic, checkpoints, runfiles
+from commute_cli.io import atomic, checkpoints, runfiles, sampling
 from commute_cli.io import data as domain_data
 
 VALIDATE_FORMAT = "commute-validate/1"
@@ -346,7 +346,7 @@ def _eval_blocks(setup: Setup, n: int) -> dict[str, torch.Tensor]:
     """The held-out blocks (at most ``n`` per domain, a fixed seeded sample): the same for every branch."""
     tokenizer = checkpoints.load_tokenizer(Path(setup.tokenizer_path))
     out = runfiles.load_blocks(setup.eval_sources, tokenizer, setup.seq_len, setup.base_dir)
-    return {k: b if b.shape[0] <= n else domain_data.sample_blocks(b, n, 0) for k, b in out.items()}
+    return {k: b if b.shape[0] <= n else sampling.sample_blocks(b, n, 0) for k, b in out.items()}
 
 
 def _file_sig(path: Path) -> list[Any]:
