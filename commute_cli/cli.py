@@ -304,7 +304,9 @@ def analyze_command(
         decompose=decompose,
     )
     if dry_run:
-        p = analysis.preview(opts)
+        from commute_cli.commands.preview import preview
+
+        p = preview(opts)
         typer.echo(
             f"dry run: {p['checkpoints']} checkpoint(s), domains {', '.join(p['domains'])}, targets "
             f"{', '.join(p['targets'])}, {p['plan']} plan; {p['samples_used']} sequences of {p['seq_len']} "
