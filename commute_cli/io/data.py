@@ -38,6 +38,7 @@ from commute_cli.errors import CommuteError
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 _HUB_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*(:[A-Za-z0-9_.-]+)?$")
+
 #: file suffix -> ``datasets`` packaged builder
 SUPPORTED_SUFFIXES: dict[str, str] = {
     ".jsonl": "json",
@@ -48,6 +49,7 @@ SUPPORTED_SUFFIXES: dict[str, str] = {
     ".parquet": "parquet",
     ".arrow": "arrow",
 }
+
 #: compression suffix -> fsspec compression name (what ``datasets`` decompresses while streaming)
 COMPRESSIONS: dict[str, str] = {
     ".gz": "gzip",
@@ -57,18 +59,23 @@ COMPRESSIONS: dict[str, str] = {
     ".zstd": "zstd",
     ".lz4": "lz4",
 }
+
 #: the Python package each optional compression needs
 _COMPRESSION_PACKAGES = {"zstd": "zstandard", "lz4": "lz4"}
+
 #: builders whose files may be compressed as a whole (Parquet and Arrow compress inside the file)
 _COMPRESSIBLE = {"json", "text", "csv"}
+
 #: the supported set in words, for --help, errors and the README
 SUPPORTED_FORMATS_TEXT = (
     ".jsonl/.ndjson/.json, .txt and .csv, each optionally compressed (.gz, .bz2, .xz, .zst, .lz4); "
     ".parquet; .arrow; a save_to_disk folder; a folder of such files (shards, also nested); "
     "or a hub dataset (c4, mc4, owner/name[:config])"
 )
+
 #: hub aliases: alias -> (dataset name, config or None = the domain name)
 HUB_ALIASES: dict[str, tuple[str, str | None]] = {"c4": ("allenai/c4", "en"), "mc4": ("allenai/c4", None)}
+
 DEFAULT_TEXT_FIELD = "text"
 
 

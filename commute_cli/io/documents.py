@@ -38,16 +38,22 @@ from commute_cli.io.data import DEFAULT_TEXT_FIELD, Source, resolve_source
 
 #: how many characters ``load_texts`` takes from a hub stream when the caller gives no ``max_chars``
 HUB_DEFAULT_MAX_CHARS = 4_000_000
+
 #: seconds the one hub metadata request may take before the hub counts as unreachable
 HUB_PROBE_TIMEOUT_S = 10.0
+
 #: bytes the JSON and text readers take per read (``datasets``' default is 10 MB)
 READ_CHUNK_BYTES = 256 << 10
+
 #: rows per batch of the Parquet and CSV readers
 READ_ROWS = 256
+
 #: a .txt paragraph longer than this many characters is cut into documents of about this size
 MAX_DOC_CHARS = 100_000
+
 #: shards of a save_to_disk dataset in the bounded draw (contiguous row ranges)
 SAVED_SHARDS = 64
+
 #: columns that often hold the text, named in the hint when ``text`` is missing (never used silently)
 _COMMON_TEXT_COLUMNS = (
     "content",

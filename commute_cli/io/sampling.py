@@ -45,14 +45,18 @@ from commute_cli.io.documents import load_texts, no_text, open_stream, shard_doc
 
 #: the bounded draw spreads a sample over at most this many shards (each costs one open and one chunk)
 MAX_SHARDS = 16
+
 #: the draw reads this many times the sample's tokens and picks the sample's blocks among them
 POOL_FACTOR = 4
+
 #: a tokenizer giving fewer content tokens per character than this is refused. Real tokenizers give
 #: 0.15-0.35 on prose (GPT-2 ~0.25 on English; ~4-6 characters per token) and more on code and other
 #: scripts; 0.02 is one token per 50 characters, far below any of them.
 MIN_TOKENS_PER_CHAR = 0.02
+
 #: the draw checks the tokenizer once it has tokenized this many characters (and again at the end)
 GUARD_CHARS = 20_000
+
 _CACHE_FORMAT = "commute-blocks/1"
 
 
