@@ -27,9 +27,9 @@ What is printed, each with its method:
     whole analysis against that of one gradient pass at the same micro-batch (same imports, model load
     and data), each in a fresh process; absolute and above the post-import baseline. Independence of
     ``--samples``: the same analysis at twice the samples (twice the micro-batches per part).
-(e) Data preparation: the number of tokenizations (``domains.pack_blocks`` calls, counted in the child
+(e) Data preparation: the number of tokenizations (``sampling.pack_blocks`` calls, counted in the child
     process) in a run over several checkpoints, with a cold and then a warm cache, and the time of
-    ``domains.cached_blocks`` cold versus warm.
+    ``sampling.cached_blocks`` cold versus warm.
 
 GPU (``--device cuda``): every analysis and the floor run on the GPU, timings synchronize; memory in (d) is
 ``torch.cuda.max_memory_allocated`` of each fresh process (tensors on the GPU, counted from zero) instead of
@@ -203,10 +203,10 @@ def analyze_options(spec: dict):
 
 def child_analysis(spec: dict) -> dict:
     from commute_cli.commands import analyze as analysis
-    from commute_cli.io import data as domains
+    from commute_cli.io import sampling
 
     calls = {"pack_blocks": 0, "prepare_seconds": 0.0}
-    pack, prepare = domains.pack_blocks, analysis.prepare_samples
+    pack, prepare = sampling.pack_blocks, analysis.prepare_samples
 
     def counting_pack(*args, **kwargs):
         calls["pack_blocks"] += 1
@@ -219,7 +219,7 @@ def child_analysis(spec: dict) -> dict:
         finally:
             calls["prepare_seconds"] += time.perf_counter() - t
 
-    domains.pack_blocks = counting_pack
+    sampling.pack_blocks = counting_pack
     analysis.prepare_samples = timed_prepare
     opts = analyze_options(spec)
     base = proc_kib("VmRSS")
@@ -251,8 +251,7 @@ def child_grad(spec: dict) -> dict:
     """One gradient pass over one micro-batch: model load + data + loss_and_grad, like the analysis."""
     from commute_cli.commands.analyze import resolve_inputs
     from commute_cli.engine import curvature
-    from commute_cli.io import checkpoints
-    from commute_cli.io import data as domains
+    from commute_cli.io import checkpoints, sampling
 
     opts = analyze_options(spec)
     base = proc_kib("VmRSS")
@@ -261,7 +260,7 @@ def child_grad(spec: dict) -> dict:
     device = torch.device(spec.get("device", "cpu"))
     model = checkpoints.load_model(inputs.refs[0], device=device)
     name = inputs.names[0]
-    blocks = domains.cached_blocks(
+    blocks = sampling.cached_blocks(
         inputs.sources[name], inputs.tokenizer, inputs.seq_len, Path(spec["out"]) / "cache", domain=name
     )
     t0 = time.perf_counter()
@@ -345,8 +344,7 @@ def bench(
 ) -> None:
     from commute_cli.core import criterion
     from commute_cli.engine import curvature
-    from commute_cli.io import checkpoints
-    from commute_cli.io import data as domains
+    from commute_cli.io import checkpoints, sampling
 
     tok_dir = SAMPLE / "tokenizer"
     from transformers import AutoTokenizer
@@ -385,16 +383,16 @@ def bench(
     # (e) data preparation: cold and warm token cache, and tokenizations per run
     t = time.perf_counter()
     for name in names:
-        domains.cached_blocks(str(data[name]), tokenizer, case.seq, root / f"cold-{case.name}", domain=name)
+        sampling.cached_blocks(str(data[name]), tokenizer, case.seq, root / f"cold-{case.name}", domain=name)
     cold = time.perf_counter() - t
     t = time.perf_counter()
     for name in names:
-        domains.cached_blocks(str(data[name]), tokenizer, case.seq, root / f"cold-{case.name}", domain=name)
+        sampling.cached_blocks(str(data[name]), tokenizer, case.seq, root / f"cold-{case.name}", domain=name)
     warm = time.perf_counter() - t
     first = run_child("analysis", {**k2, "out": str(out)}, threads)  # cold cache in out/cache
     second = run_child("analysis", {**k2, "out": str(out)}, threads)  # warm
     print(
-        "(e) data preparation: domains.cached_blocks for 8 domains "
+        "(e) data preparation: sampling.cached_blocks for 8 domains "
         f"cold {cold:.2f} s, warm {warm:.2f} s ({cold / max(warm, 1e-9):.0f}x); "
         f"analysis over {first['n_checkpoints']} checkpoints: pack_blocks calls = {first['pack_blocks']} "
         f"(cold cache, K=2: once per domain per run, not per checkpoint), then {second['pack_blocks']} "
@@ -404,7 +402,7 @@ def bench(
     )
 
     # interleaved: floor timings in this process, analyses in fresh processes; K=2 runs bracket K=8 runs
-    blocks = domains.cached_blocks(str(data["en0"]), tokenizer, case.seq, out / "cache", domain="en0")
+    blocks = sampling.cached_blocks(str(data["en0"]), tokenizer, case.seq, out / "cache", domain="en0")
     part = blocks[: case.micro_batch]
     op_times: dict[str, list[float]] = {"grad": [], "rr1": [], "rr2": [], "fr1": []}
     k2_one = {**k2, "targets": ["en0"], "steps": first_step}

@@ -1,6 +1,6 @@
 """Cost of preparing one domain's analysis sample: a 2 GB domain against a 10 MB one (issue 12).
 
-``commute analyze`` draws each domain's sample with ``domains.sample_domain`` (a bounded read: only the
+``commute analyze`` draws each domain's sample with ``sampling.sample_domain`` (a bounded read: only the
 documents the sample needs, spread over up to ``MAX_SHARDS`` shards). This script checks that its cost does
 not grow with the corpus. Everything is measured in ONE run of this script:
 
@@ -57,15 +57,14 @@ def child(source: str) -> dict:
 
     torch.set_num_threads(1)
     from commute_cli.commands import analyze as analysis
-    from commute_cli.io import checkpoints
-    from commute_cli.io import data as domains
+    from commute_cli.io import checkpoints, sampling
 
     tokenizer = checkpoints.load_tokenizer(ROOT / "sample_checkpoints" / "tokenizer")
     analysis.quiet_libraries()
     base = proc_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
     t0 = time.perf_counter()
-    drawn = domains.sample_domain(
+    drawn = sampling.sample_domain(
         source, tokenizer, SEQ_LEN, SAMPLES, analysis.domain_seed(SEED, DOMAIN), domain=DOMAIN
     )
     wall = time.perf_counter() - t0
@@ -251,7 +250,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "benchmark": "bench_data",
-        "what": "time and peak RSS of preparing one analysis sample (domains.sample_domain), 2 GB vs 10 MB",
+        "what": "time and peak RSS of preparing one analysis sample (sampling.sample_domain), 2 GB vs 10 MB",
         "settings": {
             "samples": SAMPLES,
             "seq_len": SEQ_LEN,

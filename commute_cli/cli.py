@@ -320,7 +320,9 @@ def analyze_command(
         opts.samples = _samples_for_budget(analysis, opts, budget)
         typer.echo(f"--budget {budget:g} s: --samples {opts.samples}", err=True)
     if dry_run:
-        p = analysis.preview(opts)
+        from commute_cli.commands.preview import preview
+
+        p = preview(opts)
         typer.echo(
             f"dry run: {p['checkpoints']} checkpoint(s), domains {', '.join(p['domains'])}, targets "
             f"{', '.join(p['targets'])}, {p['plan']} plan; {p['samples_used']} sequences of {p['seq_len']} "
@@ -541,6 +543,8 @@ def validate_command(
     """
     from commute_cli.commands import validate
     from commute_cli.render import tables
+    from commute_cli.render.progress import ValidateProgress
+    from commute_cli.render.validate_table import validate_table
 
     if threads is not None:
         if threads < 1:
@@ -574,14 +578,14 @@ def validate_command(
     )
     note = (lambda _text: None) if quiet else (lambda text: typer.echo(text, err=True))
     try:
-        with validate.ValidateProgress(enabled=not quiet and fmt is Format.table) as progress:
+        with ValidateProgress(enabled=not quiet and fmt is Format.table) as progress:
             result = validate.run_validate(opts, note=note, on_step=progress.step, on_start=progress.start)
     except KeyboardInterrupt as ex:
         _interrupted(
             ex, f"interrupted: finished repeats are cached in {out}/cache; run the same command again"
         )
     if fmt is Format.table:
-        tables.print_renderable(validate.validate_table(result))
+        tables.print_renderable(validate_table(result.table, result.run))
         note(f"results in {result.out}/ (validate.csv, validate.json)")
     else:
         tables.emit_dataframe(result.table, fmt.value)

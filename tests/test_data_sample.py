@@ -18,6 +18,7 @@ import torch
 
 from commute_cli.errors import CommuteError
 from commute_cli.io import data as dm
+from commute_cli.io import documents, sampling
 
 _WORD_TEXT = (
     "the of and to in is was for on that with as by at from this are be or it an which "
@@ -133,10 +134,10 @@ def test_every_compression_reads_like_the_plain_file(tmp_path, tokenizer, comp):
     (tmp_path / "d.csv").write_bytes(csv)
     (tmp_path / f"d.csv.{comp}").write_bytes(compress(csv, comp))
     for base in ("d.jsonl", "d.txt", "d.csv"):
-        assert dm.load_texts(str(tmp_path / base)) == docs, base
-        assert dm.load_texts(str(tmp_path / f"{base}.{comp}")) == docs, base
-        a = dm.sample_domain(str(tmp_path / base), tokenizer, 16, 12, seed=3)
-        b = dm.sample_domain(str(tmp_path / f"{base}.{comp}"), tokenizer, 16, 12, seed=3)
+        assert documents.load_texts(str(tmp_path / base)) == docs, base
+        assert documents.load_texts(str(tmp_path / f"{base}.{comp}")) == docs, base
+        a = sampling.sample_domain(str(tmp_path / base), tokenizer, 16, 12, seed=3)
+        b = sampling.sample_domain(str(tmp_path / f"{base}.{comp}"), tokenizer, 16, 12, seed=3)
         assert torch.equal(a.blocks, b.blocks) and a.provenance["text_sha256"] == b.provenance["text_sha256"]
 
 
@@ -153,9 +154,9 @@ def test_c4_and_mc4_shard_folders(tmp_path, tokenizer):
             gzip.compress(jsonl_bytes(make_docs(40, 10 + i, f"shard {i}")))
         )
     for folder in (en, ru):
-        texts = dm.load_texts(str(folder))
+        texts = documents.load_texts(str(folder))
         assert len(texts) == 120 and texts[0].startswith("shard 0") and texts[-1].startswith("shard 2")
-        drawn = dm.sample_domain(str(folder), tokenizer, 16, 24, seed=0)
+        drawn = sampling.sample_domain(str(folder), tokenizer, 16, 24, seed=0)
         assert drawn.blocks.shape == (24, 16)
         assert drawn.provenance["shards_total"] == 3 and len(drawn.provenance["shards"]) == 3
         assert {s["name"] for s in drawn.provenance["shards"]} == {p.name for p in folder.iterdir()}
@@ -167,7 +168,7 @@ def test_missing_compression_package_is_one_line(tmp_path, monkeypatch):
     (tmp_path / "a.jsonl.zst").write_bytes(b"\x28\xb5\x2f\xfd not really")
     monkeypatch.delitem(fsspec.compression.compr, "zstd", raising=False)
     with pytest.raises(CommuteError) as err:
-        dm.load_texts(str(tmp_path / "a.jsonl.zst"))
+        documents.load_texts(str(tmp_path / "a.jsonl.zst"))
     assert "zstandard" in _msg(err) and "pip install" in _msg(err)
 
 
@@ -185,32 +186,34 @@ def test_content_column_parquet_and_jsonl(tmp_path, tokenizer):
     frame.to_parquet(tmp_path / "code.parquet")
     frame.to_json(tmp_path / "code.jsonl", orient="records", lines=True)
     for name in ("code.parquet", "code.jsonl"):
-        assert dm.load_texts(str(tmp_path / name), text_field="content") == docs
-        drawn = dm.sample_domain(str(tmp_path / name), tokenizer, 16, 12, seed=0, text_field="content")
+        assert documents.load_texts(str(tmp_path / name), text_field="content") == docs
+        drawn = sampling.sample_domain(str(tmp_path / name), tokenizer, 16, 12, seed=0, text_field="content")
         assert drawn.provenance["text_column"] == "content"
         with pytest.raises(CommuteError) as err:
-            dm.sample_domain(str(tmp_path / name), tokenizer, 16, 12, seed=0, domain="code")
+            sampling.sample_domain(str(tmp_path / name), tokenizer, 16, 12, seed=0, domain="code")
         line = _msg(err)
         # one line that lists the columns and says how to name the right one
         assert "no 'text' column" in line and name in line
         assert all(c in line for c in ("hexsha", "size", "lang", "content"))
         assert "--text-field code=content" in line
-    a = dm.sample_domain(str(tmp_path / "code.parquet"), tokenizer, 16, 12, seed=0, text_field="content")
-    b = dm.sample_domain(str(tmp_path / "code.jsonl"), tokenizer, 16, 12, seed=0, text_field="content")
+    a = sampling.sample_domain(
+        str(tmp_path / "code.parquet"), tokenizer, 16, 12, seed=0, text_field="content"
+    )
+    b = sampling.sample_domain(str(tmp_path / "code.jsonl"), tokenizer, 16, 12, seed=0, text_field="content")
     assert torch.equal(a.blocks, b.blocks)
 
 
 def test_text_field_errors(tmp_path, tokenizer):
     (tmp_path / "d.jsonl").write_bytes(jsonl_bytes(["a b c"] * 5))
     with pytest.raises(CommuteError) as err:
-        dm.load_texts(str(tmp_path / "d.jsonl"), text_field="body", domain="web")
+        documents.load_texts(str(tmp_path / "d.jsonl"), text_field="body", domain="web")
     assert "no 'body' column" in _msg(err) and "url" in _msg(err) and "--text-field web=" in _msg(err)
     (tmp_path / "n.jsonl").write_text('{"text": "x", "n": 5}\n')
     with pytest.raises(CommuteError, match="not a string"):
-        dm.load_texts(str(tmp_path / "n.jsonl"), text_field="n")
+        documents.load_texts(str(tmp_path / "n.jsonl"), text_field="n")
     (tmp_path / "p.txt").write_text("plain text\n")
     with pytest.raises(CommuteError, match="plain text"):
-        dm.load_texts(str(tmp_path / "p.txt"), text_field="content")
+        documents.load_texts(str(tmp_path / "p.txt"), text_field="content")
     assert dm.parse_text_fields(["code=content", " web = raw_content "], ["en", "code", "web"]) == {
         "code": "content",
         "web": "raw_content",
@@ -242,16 +245,16 @@ def _shards_in(blocks: torch.Tensor, tokenizer) -> set[str]:
 
 def test_draw_is_deterministic_spread_over_shards_and_shuffled(tmp_path, tokenizer):
     folder = _shard_folder(tmp_path / "many", 40, 30, nested=True)
-    a = dm.sample_domain(str(folder), tokenizer, 32, 48, seed=5)
-    again = dm.sample_domain(str(folder), tokenizer, 32, 48, seed=5)
-    other = dm.sample_domain(str(folder), tokenizer, 32, 48, seed=6)
+    a = sampling.sample_domain(str(folder), tokenizer, 32, 48, seed=5)
+    again = sampling.sample_domain(str(folder), tokenizer, 32, 48, seed=5)
+    other = sampling.sample_domain(str(folder), tokenizer, 32, 48, seed=6)
     # the same sample at every call (every checkpoint of a run, and a resumed run)
     assert torch.equal(a.blocks, again.blocks) and a.provenance == again.provenance
     assert not torch.equal(a.blocks, other.blocks)
     # spread: MAX_SHARDS shards, each giving an equal share of the tokens, chosen by the seed
     read = a.provenance["shards"]
-    assert len(read) == dm.MAX_SHARDS == 16 and a.provenance["shards_total"] == 40
-    share = -(-dm.POOL_FACTOR * 48 * 32 // 16)
+    assert len(read) == sampling.MAX_SHARDS == 16 and a.provenance["shards_total"] == 40
+    share = -(-sampling.POOL_FACTOR * 48 * 32 // 16)
     assert all(s["tokens"] >= share for s in read[:-1]) and sum(s["tokens"] for s in read) >= 4 * 48 * 32
     assert {s["name"] for s in read} != {s["name"] for s in other.provenance["shards"]}
     names = sorted(s["name"] for s in read)
@@ -265,12 +268,12 @@ def test_draw_is_deterministic_spread_over_shards_and_shuffled(tmp_path, tokeniz
 
 def test_draw_fills_from_more_shards_when_shards_are_small(tmp_path, tokenizer):
     folder = _shard_folder(tmp_path / "small", 60, 1)  # one short document per shard
-    drawn = dm.sample_domain(str(folder), tokenizer, 16, 40, seed=0)
+    drawn = sampling.sample_domain(str(folder), tokenizer, 16, 40, seed=0)
     read = drawn.provenance["shards"]
-    assert len(read) > dm.MAX_SHARDS and all(s["documents"] == 1 for s in read)
+    assert len(read) > sampling.MAX_SHARDS and all(s["documents"] == 1 for s in read)
     assert drawn.blocks.shape == (40, 16)
     with pytest.raises(CommuteError) as err:
-        dm.sample_domain(str(folder), tokenizer, 16, 4000, seed=0, domain="en")
+        sampling.sample_domain(str(folder), tokenizer, 16, 4000, seed=0, domain="en")
     assert "domain en has" in _msg(err) and "fewer than the 4000 blocks" in _msg(err)
 
 
@@ -278,9 +281,9 @@ def test_draw_equals_the_plain_packing_of_the_documents_it_records(tmp_path, tok
     """Reference: one shard, so the pool is the first POOL_FACTOR*n*T tokens of pack_blocks(documents)."""
     docs = make_docs(100, 7)
     (tmp_path / "d.jsonl").write_bytes(jsonl_bytes(docs))
-    drawn = dm.sample_domain(str(tmp_path / "d.jsonl"), tokenizer, 16, 30, seed=11)
-    n_pool = dm.POOL_FACTOR * 30
-    reference = dm.pack_blocks(docs, tokenizer, 16)
+    drawn = sampling.sample_domain(str(tmp_path / "d.jsonl"), tokenizer, 16, 30, seed=11)
+    n_pool = sampling.POOL_FACTOR * 30
+    reference = sampling.pack_blocks(docs, tokenizer, 16)
     assert reference.shape[0] > n_pool  # the file is larger than the pool: only its start is read
     gen = torch.Generator().manual_seed(11)
     torch.randperm(1, generator=gen)  # the shard permutation comes first
@@ -290,7 +293,7 @@ def test_draw_equals_the_plain_packing_of_the_documents_it_records(tmp_path, tok
     used = drawn.provenance["documents"]
     assert drawn.provenance["shards"][0]["rows_read"] == used < len(docs)
     # a file smaller than the pool is sampled over its whole length
-    small = dm.sample_domain(str(tmp_path / "d.jsonl"), tokenizer, 16, 60, seed=11)
+    small = sampling.sample_domain(str(tmp_path / "d.jsonl"), tokenizer, 16, 60, seed=11)
     assert (
         small.provenance["documents"] == len(docs) and small.provenance["pool_blocks"] == reference.shape[0]
     )
@@ -303,13 +306,13 @@ def test_save_to_disk_and_parquet_shards_use_the_same_draw(tmp_path, tokenizer):
 
     docs = make_docs(200, 3)
     datasets.Dataset.from_dict({"text": docs}).save_to_disk(str(tmp_path / "saved"))
-    drawn = dm.sample_domain(str(tmp_path / "saved"), tokenizer, 16, 24, seed=1)
-    assert drawn.provenance["kind"] == "saved" and drawn.provenance["shards_total"] == dm.SAVED_SHARDS
-    assert len(drawn.provenance["shards"]) >= dm.MAX_SHARDS  # 3 rows per shard: more fill in
+    drawn = sampling.sample_domain(str(tmp_path / "saved"), tokenizer, 16, 24, seed=1)
+    assert drawn.provenance["kind"] == "saved" and drawn.provenance["shards_total"] == documents.SAVED_SHARDS
+    assert len(drawn.provenance["shards"]) >= sampling.MAX_SHARDS  # 3 rows per shard: more fill in
     (tmp_path / "pq").mkdir()
     for i in range(4):
         pd.DataFrame({"text": docs[i * 50 : (i + 1) * 50]}).to_parquet(tmp_path / "pq" / f"{i}.parquet")
-    drawn = dm.sample_domain(str(tmp_path / "pq"), tokenizer, 16, 24, seed=1)
+    drawn = sampling.sample_domain(str(tmp_path / "pq"), tokenizer, 16, 24, seed=1)
     assert drawn.provenance["shards_total"] == 4 and len(drawn.provenance["shards"]) == 4
 
 
@@ -333,11 +336,11 @@ def test_bounded_reads_many_shards_and_one_big_file(tmp_path, tokenizer):
     big.mkdir()
     for i in range(48):
         _big_jsonl(big / f"shard-{i:03d}.jsonl", 2)
-    dm.sample_domain(str(small), tokenizer, 64, 32, seed=0)  # imports and first-call setup
+    sampling.sample_domain(str(small), tokenizer, 64, 32, seed=0)  # imports and first-call setup
 
-    def cost(source: Path) -> tuple[int, dm.DomainSample]:
+    def cost(source: Path) -> tuple[int, sampling.DomainSample]:
         before = rchar()
-        drawn = dm.sample_domain(str(source), tokenizer, 64, 32, seed=0)
+        drawn = sampling.sample_domain(str(source), tokenizer, 64, 32, seed=0)
         return rchar() - before, drawn
 
     read_small, _ = cost(small)
@@ -345,15 +348,15 @@ def test_bounded_reads_many_shards_and_one_big_file(tmp_path, tokenizer):
     total = sum(f.stat().st_size for f in big.iterdir())
     assert total > 90_000_000
     # at most MAX_SHARDS shards opened, one reader chunk each (plus the first file's schema probe)
-    assert read_big < (dm.MAX_SHARDS + 2) * (dm.READ_CHUNK_BYTES + 200_000) < total / 4
-    assert len(drawn.provenance["shards"]) >= dm.MAX_SHARDS  # 3 rows per shard: more fill in
+    assert read_big < (sampling.MAX_SHARDS + 2) * (documents.READ_CHUNK_BYTES + 200_000) < total / 4
+    assert len(drawn.provenance["shards"]) >= sampling.MAX_SHARDS  # 3 rows per shard: more fill in
     assert sum(s["rows_read"] for s in drawn.provenance["shards"]) < 400
-    assert read_small < 3 * dm.READ_CHUNK_BYTES
+    assert read_small < 3 * documents.READ_CHUNK_BYTES
     one_small = _big_jsonl(tmp_path / "one_small.jsonl", 1)
     one_big = _big_jsonl(tmp_path / "one_big.jsonl", 40)
     read_one_small, _ = cost(one_small)
     read_one_big, _ = cost(one_big)
-    assert read_one_big < read_one_small + 300_000 and read_one_big < 3 * dm.READ_CHUNK_BYTES
+    assert read_one_big < read_one_small + 300_000 and read_one_big < 3 * documents.READ_CHUNK_BYTES
 
 
 def test_sentence_per_line_txt_is_not_one_giant_document(tmp_path, tokenizer):
@@ -363,12 +366,12 @@ def test_sentence_per_line_txt_is_not_one_giant_document(tmp_path, tokenizer):
     with path.open("w", encoding="utf-8") as fh:
         while fh.tell() < 3_000_000:
             fh.write(" ".join(rng.choice(WORDS) for _ in range(12)) + ".\n")
-    texts = dm.load_texts(str(path))
-    assert len(texts) >= 3 and max(len(t) for t in texts) < dm.MAX_DOC_CHARS + 200
+    texts = documents.load_texts(str(path))
+    assert len(texts) >= 3 and max(len(t) for t in texts) < documents.MAX_DOC_CHARS + 200
     assert sum(len(t) + 1 for t in texts) == path.stat().st_size
     before = rchar()
-    drawn = dm.sample_domain(str(path), tokenizer, 32, 24, seed=0)
-    assert rchar() - before < 3 * dm.READ_CHUNK_BYTES
+    drawn = sampling.sample_domain(str(path), tokenizer, 32, 24, seed=0)
+    assert rchar() - before < 3 * documents.READ_CHUNK_BYTES
     assert drawn.provenance["documents"] == 1 and drawn.provenance["characters"] < 100_000
 
 
@@ -402,20 +405,20 @@ def test_tokenizer_mapping_the_data_to_nothing_is_refused(tmp_path, tokenizer):
     for bad in cases:
         before = rchar()
         with pytest.raises(CommuteError) as err:
-            dm.sample_domain(str(path), bad, 8, 6, seed=0, domain="en")
+            sampling.sample_domain(str(path), bad, 8, 6, seed=0, domain="en")
         line = _msg(err)
         assert "almost nothing" in line and "domain en" in line and "--tokenizer" in line
         # refused after a bounded read, not after reading the 20 MB
-        assert rchar() - before < 3 * dm.READ_CHUNK_BYTES
+        assert rchar() - before < 3 * documents.READ_CHUNK_BYTES
         with pytest.raises(CommuteError, match="almost nothing"):
-            dm.pack_blocks(make_docs(50, 0), bad, 8)
+            sampling.pack_blocks(make_docs(50, 0), bad, 8)
     # the real tokenizer passes, with a tokens-per-character rate far above the threshold
-    drawn = dm.sample_domain(str(path), tokenizer, 8, 6, seed=0)
-    assert drawn.provenance["tokens_per_character"] > 10 * dm.MIN_TOKENS_PER_CHAR
+    drawn = sampling.sample_domain(str(path), tokenizer, 8, 6, seed=0)
+    assert drawn.provenance["tokens_per_character"] > 10 * sampling.MIN_TOKENS_PER_CHAR
     # a character-level view of the threshold: one token per 50 characters is refused, per 40 is not
-    dm.check_tokenizer_output(1000 // 40, 1000, "x")
+    sampling.check_tokenizer_output(1000 // 40, 1000, "x")
     with pytest.raises(CommuteError):
-        dm.check_tokenizer_output(1000 // 60, 1000, "x")
+        sampling.check_tokenizer_output(1000 // 60, 1000, "x")
 
 
 # --------------------------------------------------------------------------------- hub sources
@@ -431,6 +434,6 @@ def test_hub_sources_take_the_same_draw_and_fail_fast_offline(monkeypatch, tmp_p
     for source, domain in (("c4", "en"), ("mc4", "ru"), ("someone/corpus:sub", "x")):
         start = time.monotonic()
         with pytest.raises(CommuteError) as err:
-            dm.sample_domain(source, tokenizer, 16, 12, seed=0, domain=domain)
+            sampling.sample_domain(source, tokenizer, 16, 12, seed=0, domain=domain)
         assert time.monotonic() - start < 3.0
         assert "can't reach" in _msg(err) and "offline" in _msg(err)

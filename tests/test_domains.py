@@ -12,6 +12,7 @@ import torch
 
 from commute_cli.errors import CommuteError
 from commute_cli.io import data as dm
+from commute_cli.io import documents, sampling
 
 DOCS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -99,32 +100,32 @@ def formats(tmp_path_factory) -> dict[str, Path]:
     "kind", ["jsonl", "json", "txt", "parquet", "arrow", "save_to_disk", "dataset_dict", "folder"]
 )
 def test_load_texts_every_format(formats, kind):
-    assert dm.load_texts(str(formats[kind])) == DOCS
+    assert documents.load_texts(str(formats[kind])) == DOCS
 
 
 def test_load_texts_relative_to_base_dir_and_max_chars(formats):
-    assert dm.load_texts("d.jsonl", base_dir=formats["jsonl"].parent) == DOCS
+    assert documents.load_texts("d.jsonl", base_dir=formats["jsonl"].parent) == DOCS
     # stops once the documents read hold max_chars characters
-    assert dm.load_texts(str(formats["jsonl"]), max_chars=len(DOCS[0]) + 1) == DOCS[:2]
+    assert documents.load_texts(str(formats["jsonl"]), max_chars=len(DOCS[0]) + 1) == DOCS[:2]
 
 
 def test_folder_read_file_by_file(tmp_path):
     (tmp_path / "a.jsonl").write_text(json.dumps({"text": DOCS[0]}) + "\n")
     (tmp_path / "b.jsonl").write_text('{"text": broken\n')
     # enough text in the first file: the broken second one is never opened
-    assert dm.load_texts(str(tmp_path), max_chars=10) == DOCS[:1]
+    assert documents.load_texts(str(tmp_path), max_chars=10) == DOCS[:1]
     with pytest.raises(CommuteError) as err:
-        dm.load_texts(str(tmp_path))
+        documents.load_texts(str(tmp_path))
     assert "b.jsonl" in _msg(err) and "a.jsonl" not in _msg(err)
 
 
 def test_txt_paragraphs_and_blank_documents(tmp_path):
     f = tmp_path / "p.txt"
     f.write_text("one line\nsame doc\n\n\n  \n\nsecond doc\n\n", encoding="utf-8")
-    assert dm.load_texts(str(f)) == ["one line\nsame doc", "second doc"]
+    assert documents.load_texts(str(f)) == ["one line\nsame doc", "second doc"]
     g = tmp_path / "n.jsonl"
     g.write_text('{"text": "a"}\n{"text": ""}\n{"text": null}\n{"text": "b"}\n')
-    assert dm.load_texts(str(g)) == ["a", "b"]
+    assert documents.load_texts(str(g)) == ["a", "b"]
 
 
 def _msg(err: pytest.ExceptionInfo) -> str:
@@ -137,61 +138,61 @@ def test_load_texts_errors(tmp_path):
     latin = tmp_path / "latin.txt"
     latin.write_bytes("caf\xe9 au lait\n".encode("latin-1"))
     with pytest.raises(CommuteError) as err:
-        dm.load_texts(str(latin))
+        documents.load_texts(str(latin))
     assert "not UTF-8" in _msg(err) and "latin.txt" in _msg(err)
 
     latin_json = tmp_path / "latin.jsonl"
     latin_json.write_bytes('{"text": "caf\xe9"}\n'.encode("latin-1"))
     with pytest.raises(CommuteError, match="not UTF-8"):
-        dm.load_texts(str(latin_json))
+        documents.load_texts(str(latin_json))
 
     no_text = tmp_path / "body.jsonl"
     no_text.write_text('{"body": "hello"}\n')
     with pytest.raises(CommuteError) as err:
-        dm.load_texts(str(no_text))
+        documents.load_texts(str(no_text))
     assert "'text'" in _msg(err) and "body" in _msg(err)
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "hello"\n')
     with pytest.raises(CommuteError) as err:
-        dm.load_texts(str(bad))
+        documents.load_texts(str(bad))
     assert "invalid JSON" in _msg(err) and "bad.jsonl" in _msg(err)
 
     number = tmp_path / "number.jsonl"
     number.write_text('{"text": 5}\n')
     with pytest.raises(CommuteError, match="not a string"):
-        dm.load_texts(str(number))
+        documents.load_texts(str(number))
 
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     with pytest.raises(CommuteError, match="empty"):
-        dm.load_texts(str(empty))
+        documents.load_texts(str(empty))
 
     blank = tmp_path / "blank.txt"
     blank.write_text("\n\n   \n")
     with pytest.raises(CommuteError, match="no text"):
-        dm.load_texts(str(blank))
+        documents.load_texts(str(blank))
 
     for name in ("d.docx", "d.parquet.gz", "d.json.zip"):
         (tmp_path / name).write_bytes(b"PK\x03\x04 not a supported data file")
         with pytest.raises(CommuteError, match="unsupported"):
-            dm.load_texts(str(tmp_path / name))
+            documents.load_texts(str(tmp_path / name))
 
     with pytest.raises(CommuteError, match="does not exist"):
-        dm.load_texts(str(tmp_path / "missing.jsonl"))
+        documents.load_texts(str(tmp_path / "missing.jsonl"))
 
     mixed = tmp_path / "mixed"
     mixed.mkdir()
     (mixed / "a.jsonl").write_text('{"text": "a"}\n')
     (mixed / "b.txt").write_text("b\n")
     with pytest.raises(CommuteError, match="mixes"):
-        dm.load_texts(str(mixed))
+        documents.load_texts(str(mixed))
 
     nothing = tmp_path / "nothing"
     nothing.mkdir()
     (nothing / "notes.md").write_text("x")
     with pytest.raises(CommuteError, match="no data files"):
-        dm.load_texts(str(nothing))
+        documents.load_texts(str(nothing))
 
 
 def test_hub_sources_fail_fast_offline(monkeypatch, tmp_path):
@@ -206,16 +207,16 @@ def test_hub_sources_fail_fast_offline(monkeypatch, tmp_path):
     ]:
         start = time.monotonic()
         with pytest.raises(CommuteError) as err:
-            dm.load_texts(source, domain=domain)
+            documents.load_texts(source, domain=domain)
         assert time.monotonic() - start < 3.0
         line = _msg(err)
         assert "can't reach" in line and "hub" in line and shown in line and "local" in line
     with pytest.raises(CommuteError, match="language"):
-        dm.load_texts("mc4")
+        documents.load_texts("mc4")
     # a local path wins over an alias
     (tmp_path / "c4").mkdir()
     (tmp_path / "c4" / "x.txt").write_text("local c4\n")
-    assert dm.load_texts("c4", domain="en") == ["local c4"]
+    assert documents.load_texts("c4", domain="en") == ["local c4"]
 
 
 # --------------------------------------------------------------------------------- blocks
@@ -227,7 +228,7 @@ def test_pack_blocks_count_and_content(tokenizer):
     for doc in DOCS:
         ids += tokenizer(doc, add_special_tokens=False)["input_ids"] + [eos]
     seq_len = 7
-    blocks = dm.pack_blocks(DOCS, tokenizer, seq_len)
+    blocks = sampling.pack_blocks(DOCS, tokenizer, seq_len)
     assert blocks.dtype == torch.long and blocks.shape == (len(ids) // seq_len, seq_len)
     assert blocks.flatten().tolist() == ids[: blocks.numel()]
     assert int((blocks == eos).sum()) == sum(1 for i in ids[: blocks.numel()] if i == eos) >= 1
@@ -242,36 +243,36 @@ def test_pack_blocks_without_eos_and_too_short(tokenizer):
     no_eos = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer)
     assert no_eos.eos_token_id is None
     plain = [i for d in DOCS for i in no_eos(d, add_special_tokens=False)["input_ids"]]
-    blocks = dm.pack_blocks(DOCS, no_eos, 5)
+    blocks = sampling.pack_blocks(DOCS, no_eos, 5)
     assert blocks.flatten().tolist() == plain[: blocks.numel()]
 
     with pytest.raises(CommuteError) as err:
-        dm.pack_blocks(["hi"], tokenizer, 64)
+        sampling.pack_blocks(["hi"], tokenizer, 64)
     assert "tokens" in _msg(err) and "seq_len=64" in _msg(err)
 
 
 def test_sample_blocks_deterministic_without_replacement():
     blocks = torch.arange(100 * 4).view(100, 4)
-    a = dm.sample_blocks(blocks, 30, seed=7)
-    b = dm.sample_blocks(blocks, 30, seed=7)
-    c = dm.sample_blocks(blocks, 30, seed=8)
+    a = sampling.sample_blocks(blocks, 30, seed=7)
+    b = sampling.sample_blocks(blocks, 30, seed=7)
+    c = sampling.sample_blocks(blocks, 30, seed=8)
     assert torch.equal(a, b) and not torch.equal(a, c)
     rows = (a[:, 0] // 4).tolist()
     assert len(set(rows)) == 30 and torch.equal(a, blocks[rows])
-    assert torch.equal(dm.sample_blocks(blocks, 100, 0).sort(dim=0).values, blocks)
+    assert torch.equal(sampling.sample_blocks(blocks, 100, 0).sort(dim=0).values, blocks)
     with pytest.raises(CommuteError, match="only 100 blocks"):
-        dm.sample_blocks(blocks, 101, 0)
+        sampling.sample_blocks(blocks, 101, 0)
 
 
 def test_split_parts_disjoint():
     sample = torch.arange(50 * 3).view(50, 3)
-    parts = dm.split_parts(sample, 4, 3)
+    parts = sampling.split_parts(sample, 4, 3)
     assert len(parts) == 4 and all(len(b) == 3 for b in parts)
     rows = [int(r) for b in parts for p in b for r in p[:, 0] // 3]
     assert all(p.shape == (4, 3) for b in parts for p in b)  # 50 // 12 = 4 rows per part
     assert len(rows) == len(set(rows)) == 48
     with pytest.raises(CommuteError, match="cannot fill"):
-        dm.split_parts(sample[:11], 4, 3)
+        sampling.split_parts(sample[:11], 4, 3)
 
 
 # --------------------------------------------------------------------------------- cache
@@ -283,25 +284,25 @@ def test_cached_blocks_round_trip_and_invalidation(tmp_path, tokenizer):
     src = tmp_path / "d.jsonl"
     src.write_text("".join(json.dumps({"text": t}) + "\n" for t in DOCS))
     cache = tmp_path / "cache"
-    first = dm.cached_blocks(str(src), tokenizer, 8, cache)
-    assert torch.equal(first, dm.pack_blocks(DOCS, tokenizer, 8))
+    first = sampling.cached_blocks(str(src), tokenizer, 8, cache)
+    assert torch.equal(first, sampling.pack_blocks(DOCS, tokenizer, 8))
     entries = list(cache.glob("blocks-*.safetensors"))
     assert len(entries) == 1 and not list(cache.glob(".*"))
 
     # a hit reads the entry: replace it by a sentinel and see the sentinel come back
     sentinel = torch.full((2, 8), 3, dtype=torch.long)
     save_file({"blocks": sentinel}, entries[0])
-    assert torch.equal(dm.cached_blocks(str(src), tokenizer, 8, cache), sentinel)
+    assert torch.equal(sampling.cached_blocks(str(src), tokenizer, 8, cache), sentinel)
 
     # same size, same second, other content: a new entry with the new data
     swapped = [DOCS[1], DOCS[0], *DOCS[2:]]
     src.write_text("".join(json.dumps({"text": t}) + "\n" for t in swapped))
-    changed = dm.cached_blocks(str(src), tokenizer, 8, cache)
-    assert torch.equal(changed, dm.pack_blocks(swapped, tokenizer, 8))
+    changed = sampling.cached_blocks(str(src), tokenizer, 8, cache)
+    assert torch.equal(changed, sampling.pack_blocks(swapped, tokenizer, 8))
     assert len(list(cache.glob("blocks-*.safetensors"))) == 2
 
     # another seq_len is another entry; a damaged entry is recomputed
-    assert dm.cached_blocks(str(src), tokenizer, 4, cache).shape[1] == 4
+    assert sampling.cached_blocks(str(src), tokenizer, 4, cache).shape[1] == 4
     for entry in cache.glob("blocks-*.safetensors"):
         entry.write_bytes(b"damaged")
-    assert torch.equal(dm.cached_blocks(str(src), tokenizer, 8, cache), changed)
+    assert torch.equal(sampling.cached_blocks(str(src), tokenizer, 8, cache), changed)

@@ -3,9 +3,9 @@ intervention does to the target", "Regime of validity").
 
 Set-up: a tiny real training run (``tiny_run.make_run``: two synthetic languages, a BPE tokenizer, GPT-2 from
 a config, 30 SGD steps on the 0.7/0.3 mixture), whose domain files packed exactly as ``commute analyze``
-packs them (``domains.load_texts`` + ``domains.pack_blocks`` with the run's tokenizer and ``seq_len``) are two
-fixed pools. From the checkpoint (float64), deterministic FULL-BATCH gradient descent on the pools with
-learning rate ``lr``:
+packs them (``documents.load_texts`` + ``sampling.pack_blocks`` with the run's tokenizer and ``seq_len``)
+are two fixed pools. From the checkpoint (float64), deterministic FULL-BATCH gradient descent on the pools
+with learning rate ``lr``:
 
 - base: ``wbar = (0.7, 0.3)`` for ``2n`` steps;
 - "12": ``wbar + d`` for ``n`` steps, then ``wbar - d`` for ``n`` steps, ``d = (+dw, -dw)``; "21" the reverse.
@@ -35,8 +35,7 @@ from torch import Tensor, nn
 
 from commute_cli.commands.analyze import AnalyzeOptions, prepare_samples, resolve_inputs, run_analysis
 from commute_cli.core import criterion
-from commute_cli.io import checkpoints
-from commute_cli.io import data as domains
+from commute_cli.io import checkpoints, documents, sampling
 
 from tiny_run import POOL_CHUNK, lm_loss, make_run, pool_grad, pool_loss
 
@@ -103,7 +102,7 @@ def setup(tmp_path_factory) -> Setup:
     manifest = checkpoints.read_manifest(root)
     assert manifest is not None and list(manifest.domains) == ["en", "xx"]
     pools = [
-        domains.pack_blocks(domains.load_texts(manifest.domains[name], base_dir=root), tokenizer, 16)
+        sampling.pack_blocks(documents.load_texts(manifest.domains[name], base_dir=root), tokenizer, 16)
         for name in ("en", "xx")
     ]
     G = [pool_grad(model, pool) for pool in pools]

@@ -456,8 +456,7 @@ def test_recommended_schedule_lowers_the_target_by_the_predicted_amount(tiny, tm
     observed change of L_xx at step 45 is negative and within a factor 2 of the prediction, and so is the
     trade-off on the other targets that are significant."""
     from commute_cli.commands.analyze import AnalyzeOptions, run_analysis
-    from commute_cli.io import checkpoints
-    from commute_cli.io import data as domains
+    from commute_cli.io import checkpoints, documents, sampling
 
     run = tmp_path / "gd-run"
     run.mkdir()
@@ -467,7 +466,8 @@ def test_recommended_schedule_lowers_the_target_by_the_predicted_amount(tiny, tm
     model = checkpoints.load_model(tiny / "checkpoint-30", dtype=torch.float64)
     tok = checkpoints.load_tokenizer(tiny / "tokenizer")
     pools = {
-        n: domains.pack_blocks(domains.load_texts(str(tiny / "data" / f"{n}.jsonl")), tok, 16) for n in WBAR
+        n: sampling.pack_blocks(documents.load_texts(str(tiny / "data" / f"{n}.jsonl")), tok, 16)
+        for n in WBAR
     }
     original = Schedule.constant(WBAR)
     base, states = gd(model, pools, original, 30, 15, record=(40,))

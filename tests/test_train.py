@@ -470,7 +470,8 @@ def test_sample_validation_loss_decreases():
         losses = [evals[s][f"eval_{lang}_loss"] for s in steps]
         assert all(b < a for a, b in itertools.pairwise(losses)), (lang, losses)
 
-    from commute_cli.io.data import load_texts, pack_blocks
+    from commute_cli.io.documents import load_texts
+    from commute_cli.io.sampling import pack_blocks
 
     tok = checkpoints.load_tokenizer(TOKENIZER)
     model = checkpoints.load_model(ckpts[-1])

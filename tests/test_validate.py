@@ -258,7 +258,9 @@ def test_eta_is_remaining_steps_times_the_mean_step_so_far():
     """The bar's ETA does not follow rich's windowed speed: it is (total - done) x elapsed / done."""
     import time
 
-    progress = V.ValidateProgress(enabled=False)
+    from commute_cli.render.progress import ValidateProgress
+
+    progress = ValidateProgress(enabled=False)
     progress.start(40)
     assert progress.eta_seconds() is None
     for _ in range(10):

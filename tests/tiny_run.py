@@ -90,7 +90,7 @@ def make_run(
     """
     from transformers import GPT2LMHeadModel
 
-    from commute_cli.io.data import pack_blocks
+    from commute_cli.io.sampling import pack_blocks
 
     weights = weights or {"en": 0.7, "xx": 0.3}
     root.mkdir(parents=True, exist_ok=True)

@@ -2,10 +2,11 @@
 
 The use case reads top to bottom:
 
-1. :func:`resolve_inputs` turns arguments (or the manifest next to the checkpoints) into checkpoints,
-   domains, tokenizer, schedule and targets, and checks them before any long work (preflight);
+1. :func:`~commute_cli.commands.options.resolve_inputs` turns arguments (or the manifest next to the
+   checkpoints) into checkpoints, domains, tokenizer, schedule and targets, and checks them before any long
+   work (preflight);
 2. :func:`prepare_samples` draws each domain's sample once per run with a bounded read (only the documents
-   the sample needs, spread over the shards: ``io.data.sample_domain``), uses the same sample at every
+   the sample needs, spread over the shards: ``io.sampling.sample_domain``), uses the same sample at every
    checkpoint and splits it into design blocks of three disjoint parts (docs/MATH.md "Noise");
 3. :func:`checkpoint_stats` estimates one checkpoint (``engine.estimator``) or reads it from the shared
    content-addressed cache (``io.store``), so an interrupted run resumes and ``validate`` reuses it;
@@ -18,7 +19,6 @@ The use case reads top to bottom:
 from __future__ import annotations
 
 import json
-import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -32,7 +32,12 @@ import pandas as pd
 import torch
 
 from commute_cli import __version__
-from commute_cli.commands.options import AnalyzeOptions, Inputs
+from commute_cli.commands.options import (  # resolve_inputs, parse_steps: re-exported for old callers
+    AnalyzeOptions,
+    Inputs,
+    parse_steps,
+    resolve_inputs,
+)
 from commute_cli.commands.stats import (  # noqa: F401 (re-exported: benchmarks and tests use them here)
     checkpoint_stats,
     domain_seed,
@@ -61,11 +66,9 @@ from commute_cli.core.regime import (
     predict_pair,
 )
 from commute_cli.core.resummed_math import SATURATION_LIMIT, known_size_error, saturation_from_stats
-from commute_cli.core.schedule import Schedule
-from commute_cli.engine import curvature, distributed
+from commute_cli.engine import distributed
 from commute_cli.errors import CommuteError
-from commute_cli.io import atomic, checkpoints, optimizer_state, runfiles, store
-from commute_cli.io import data as domains
+from commute_cli.io import atomic, checkpoints, optimizer_state, store
 from commute_cli.io.learning_rate import find_learning_rate
 from commute_cli.io.store import check_writable
 
@@ -87,116 +90,15 @@ __all__ = [
 # ------------------------------------------------------------------------------------------------ inputs
 
 
-def resolve_inputs(opts: AnalyzeOptions) -> Inputs:
-    """Checkpoints, domains, tokenizer, schedule and targets, all checked before any long work.
-
-    Run inputs come from ``io.runfiles.resolve_run_inputs`` (the same precedence as validate and train:
-    flag, then the first checkpoint, then the manifest). Without ``--domains`` the manifest's held-out
-    ``eval_domains`` are analysed when it has them (population gradients without memorisation bias).
-    """
-    opts.validate()
-    ckpt_dir = Path(opts.ckpt_dir)
-    if not ckpt_dir.exists():
-        raise CommuteError(f"checkpoint folder {ckpt_dir} does not exist", hint="check the path")
-    runfiles.check_complete(ckpt_dir)
-    refs = checkpoints.select(checkpoints.discover(ckpt_dir), steps=opts.steps, every=opts.every)
-    checkpoints.check_compatible(refs)
-    for ref in refs:  # preflight: a truncated or corrupt weight file fails now, not hours into the run
-        checkpoints.validate_weights(ref.path)
-    run = runfiles.resolve_run_inputs(
-        refs[0].path,
-        domains=domains.parse_domain_specs(opts.domains) if opts.domains else None,
-        manifest=ckpt_dir if checkpoints.read_manifest(ckpt_dir) is not None else None,
-        tokenizer=opts.tokenizer,
-        weights=opts.weights or None,
-        schedule=opts.schedule,
-        seq_len=opts.seq_len,
-        note=lambda text: print(text, file=sys.stderr),
-    )
-    sources = run.eval_domains or run.domains if run.domains_from.startswith("manifest") else run.domains
-    if not sources:
-        raise CommuteError(
-            "no domains given and no commute.json manifest next to the checkpoints",
-            hint="pass --domains name=path ... (at least two domains)",
-        )
-    names = list(sources)
-    if len(names) < 2:
-        raise CommuteError(f"need at least two domains, got {names}", hint="pass --domains a=... b=...")
-    text_fields = domains.parse_text_fields(opts.text_fields, names)
-    if run.tokenizer_path is None:
-        raise CommuteError(
-            f"{refs[0].path.name} has no tokenizer files and no manifest names a tokenizer",
-            hint="pass --tokenizer FOLDER (the tokenizer the run was trained with)",
-        )
-    tokenizer = run.load_tokenizer()
-    checkpoints.check_tokenizer(tokenizer, checkpoints.read_config(refs[0]))
-    if run.schedule is None:
-        raise CommuteError(
-            "no weight schedule: the criterion is evaluated around the schedule the run used",
-            hint="pass --weights "
-            + " ".join(f"{n}={1 / len(names):.2g}" for n in names)
-            + " or --schedule FILE",
-        )
-    schedule = Schedule.from_entries(run.schedule.entries, names)
-    targets = parse_targets(opts.targets, names)
-    return Inputs(
-        refs,
-        names,
-        sources,
-        run.base_dir,
-        tokenizer,
-        str(run.tokenizer_path),
-        int(run.seq_len or 256),
-        schedule,
-        targets,
-        run.manifest,
-        text_fields,
-    )
-
-
-# ------------------------------------------------------------------------------------------------ preview
-
-
-def preview(opts: AnalyzeOptions) -> dict[str, Any]:
-    """What ``commute analyze`` would run, before the long work (``--dry-run``).
-
-    Resolves and checks every input as the real run does, counts the gradient and HVP passes
-    (:func:`commute_cli.core.power.analysis_cost`), and times two gradients of one micro-batch of random
-    tokens on the first checkpoint (the second is kept) to estimate the compute time. Nothing is sampled,
-    cached or written. Returns the numbers as a dict (``seconds_per_gradient_sequence``,
-    ``estimated_seconds``, the :class:`~commute_cli.core.power.Cost` fields, ``checkpoints``, ``plan``,
-    ``domains``, ``targets``).
-    """
-    quiet_libraries()
-    inputs = resolve_inputs(opts)
-    K, T = len(inputs.names), len(inputs.targets)
-    plan = criterion.choose_plan(K, T) if opts.plan == "auto" else opts.plan
-    cost = power.analysis_cost(opts.samples, opts.blocks, K, plan, n_targets=T, checkpoints=len(inputs.refs))
-    device = resolve_device(opts.device)
-    model = checkpoints.load_model(inputs.refs[0], device=device)
-    vocab = int(getattr(model.config, "vocab_size", 2))
-    ids = torch.randint(
-        0, vocab, (opts.batch_size, inputs.seq_len), generator=torch.Generator().manual_seed(0)
-    )
-    seconds = 0.0
-    for _ in range(2):
-        t0 = time.perf_counter()
-        curvature.loss_and_grad(model, ids, opts.batch_size)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - t0
-    per_seq = seconds / opts.batch_size
-    return {
-        **asdict(cost),
-        "checkpoints": len(inputs.refs),
-        "plan": plan,
-        "domains": list(inputs.names),
-        "targets": [t.name for t in inputs.targets],
-        "seq_len": inputs.seq_len,
-        "device": str(device),
-        "seconds_per_gradient_sequence": per_seq,
-        "estimated_seconds": power.estimated_seconds(cost, per_seq),
-    }
+def _data_split(inputs: Inputs) -> str:
+    """Which data was analysed: "validation" (the manifest's held-out eval_domains), "train" (the
+    manifest's training domains) or "given" (--domains)."""
+    m = inputs.manifest
+    if m is not None and m.eval_domains and dict(m.eval_domains) == dict(inputs.sources):
+        return "validation"
+    if m is not None and m.domains and dict(m.domains) == dict(inputs.sources):
+        return "train"
+    return "given"
 
 
 # ------------------------------------------------------------------------------------------------ rows
@@ -294,6 +196,34 @@ def loss_rows(
         s = criterion.summarize_blocks(stats.losses[:, k], confidence)
         rows.append({"step": step, "domain": name, "loss": s.mean, "loss_se": s.se})
     return rows
+
+
+def why_rows(
+    stats: CheckpointStats,
+    step: int | None,
+    names: Sequence[str],
+    wbar: np.ndarray,
+    targets: Sequence[Target],
+    opts: AnalyzeOptions,
+) -> tuple[list[dict], list[dict]]:
+    """First-order baseline rows (core.baselines; always) and per-group bracket rows (core.decomposition;
+    with ``--decompose``) of one checkpoint, from the same per-block statistics as ``results.csv``."""
+    named = [(t.name, t.coefs_at(wbar)) for t in targets]
+    base = first_order_baselines.baseline_rows(
+        stats.first, step=step, names=names, targets=named, confidence=opts.confidence
+    )
+    parts: list[dict] = []
+    if opts.decompose is not None and stats.groups is not None and stats.group_labels is not None:
+        for tname, c in named:
+            parts += decomposition_rows(
+                stats.group_interaction(c),
+                step=step,
+                target=tname,
+                names=names,
+                labels=stats.group_labels,
+                confidence=opts.confidence,
+            )
+    return base, parts
 
 
 # ------------------------------------------------------------------------------------------------ run
@@ -515,59 +445,6 @@ def _run_analysis(
     if size_note:
         notes.append(f"note: {size_note}")
     return AnalysisResult(results, losses, run, out, notes, baselines_df, decomposition_df)
-
-
-def why_rows(
-    stats: CheckpointStats,
-    step: int | None,
-    names: Sequence[str],
-    wbar: np.ndarray,
-    targets: Sequence[Target],
-    opts: AnalyzeOptions,
-) -> tuple[list[dict], list[dict]]:
-    """First-order baseline rows (core.baselines; always) and per-group bracket rows (core.decomposition;
-    with ``--decompose``) of one checkpoint, from the same per-block statistics as ``results.csv``."""
-    named = [(t.name, t.coefs_at(wbar)) for t in targets]
-    base = first_order_baselines.baseline_rows(
-        stats.first, step=step, names=names, targets=named, confidence=opts.confidence
-    )
-    parts: list[dict] = []
-    if opts.decompose is not None and stats.groups is not None and stats.group_labels is not None:
-        for tname, c in named:
-            parts += decomposition_rows(
-                stats.group_interaction(c),
-                step=step,
-                target=tname,
-                names=names,
-                labels=stats.group_labels,
-                confidence=opts.confidence,
-            )
-    return base, parts
-
-
-def _data_split(inputs: Inputs) -> str:
-    """Which data was analysed: "validation" (the manifest's held-out eval_domains), "train" (the
-    manifest's training domains) or "given" (--domains)."""
-    m = inputs.manifest
-    if m is not None and m.eval_domains and dict(m.eval_domains) == dict(inputs.sources):
-        return "validation"
-    if m is not None and m.domains and dict(m.domains) == dict(inputs.sources):
-        return "train"
-    return "given"
-
-
-_STEP_LIST = re.compile(r"^\s*\d+(\s*,\s*\d+)*\s*$")
-
-
-def parse_steps(text: str | None) -> list[int] | None:
-    """``--steps 2000,8000``."""
-    if text is None:
-        return None
-    if not _STEP_LIST.match(text):
-        raise CommuteError(
-            f"--steps must be a comma-separated list of steps, got {text!r}", hint="e.g. --steps 2000,8000"
-        )
-    return [int(s) for s in text.split(",")]
 
 
 _check_writable = check_writable  # the names validate and older callers import

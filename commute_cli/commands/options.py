@@ -1,22 +1,26 @@
 """The typed options of ``commute analyze`` and its resolved inputs, shared by the commands that compute
-per-checkpoint statistics (``analyze`` and ``validate``, through :mod:`commute_cli.commands.stats`).
+per-checkpoint statistics (``analyze`` and ``validate``, through :mod:`commute_cli.commands.stats`), and
+:func:`resolve_inputs`, which turns the options into checked inputs (``analyze`` and its ``--dry-run``).
 
-Not a command: a plain data module of the commands layer (docs/ARCHITECTURE.md).
+Not a command: a service module of the commands layer (docs/ARCHITECTURE.md).
 """
 
 from __future__ import annotations
 
 import math
+import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from commute_cli.core.regime import MIN_EFFECT, Target
+from commute_cli.core.regime import MIN_EFFECT, Target, parse_targets
 from commute_cli.core.schedule import Schedule
 from commute_cli.engine import distributed
 from commute_cli.engine import groups as param_groups
 from commute_cli.errors import CommuteError
-from commute_cli.io import checkpoints
+from commute_cli.io import checkpoints, runfiles
+from commute_cli.io import data as domains
 
 
 @dataclass
@@ -120,3 +124,87 @@ class Inputs:
     targets: list[Target]
     manifest: checkpoints.Manifest | None
     text_fields: dict[str, str] = field(default_factory=dict)  # domain -> text column (default "text")
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+
+
+def resolve_inputs(opts: AnalyzeOptions) -> Inputs:
+    """Checkpoints, domains, tokenizer, schedule and targets, all checked before any long work.
+
+    Run inputs come from ``io.runfiles.resolve_run_inputs`` (the same precedence as validate and train:
+    flag, then the first checkpoint, then the manifest). Without ``--domains`` the manifest's held-out
+    ``eval_domains`` are analysed when it has them (population gradients without memorisation bias).
+    """
+    opts.validate()
+    ckpt_dir = Path(opts.ckpt_dir)
+    if not ckpt_dir.exists():
+        raise CommuteError(f"checkpoint folder {ckpt_dir} does not exist", hint="check the path")
+    runfiles.check_complete(ckpt_dir)
+    refs = checkpoints.select(checkpoints.discover(ckpt_dir), steps=opts.steps, every=opts.every)
+    checkpoints.check_compatible(refs)
+    for ref in refs:  # preflight: a truncated or corrupt weight file fails now, not hours into the run
+        checkpoints.validate_weights(ref.path)
+    run = runfiles.resolve_run_inputs(
+        refs[0].path,
+        domains=domains.parse_domain_specs(opts.domains) if opts.domains else None,
+        manifest=ckpt_dir if checkpoints.read_manifest(ckpt_dir) is not None else None,
+        tokenizer=opts.tokenizer,
+        weights=opts.weights or None,
+        schedule=opts.schedule,
+        seq_len=opts.seq_len,
+        note=lambda text: print(text, file=sys.stderr),
+    )
+    sources = run.eval_domains or run.domains if run.domains_from.startswith("manifest") else run.domains
+    if not sources:
+        raise CommuteError(
+            "no domains given and no commute.json manifest next to the checkpoints",
+            hint="pass --domains name=path ... (at least two domains)",
+        )
+    names = list(sources)
+    if len(names) < 2:
+        raise CommuteError(f"need at least two domains, got {names}", hint="pass --domains a=... b=...")
+    text_fields = domains.parse_text_fields(opts.text_fields, names)
+    if run.tokenizer_path is None:
+        raise CommuteError(
+            f"{refs[0].path.name} has no tokenizer files and no manifest names a tokenizer",
+            hint="pass --tokenizer FOLDER (the tokenizer the run was trained with)",
+        )
+    tokenizer = run.load_tokenizer()
+    checkpoints.check_tokenizer(tokenizer, checkpoints.read_config(refs[0]))
+    if run.schedule is None:
+        raise CommuteError(
+            "no weight schedule: the criterion is evaluated around the schedule the run used",
+            hint="pass --weights "
+            + " ".join(f"{n}={1 / len(names):.2g}" for n in names)
+            + " or --schedule FILE",
+        )
+    schedule = Schedule.from_entries(run.schedule.entries, names)
+    targets = parse_targets(opts.targets, names)
+    return Inputs(
+        refs,
+        names,
+        sources,
+        run.base_dir,
+        tokenizer,
+        str(run.tokenizer_path),
+        int(run.seq_len or 256),
+        schedule,
+        targets,
+        run.manifest,
+        text_fields,
+    )
+
+
+_STEP_LIST = re.compile(r"^\s*\d+(\s*,\s*\d+)*\s*$")
+
+
+def parse_steps(text: str | None) -> list[int] | None:
+    """``--steps 2000,8000``."""
+    if text is None:
+        return None
+    if not _STEP_LIST.match(text):
+        raise CommuteError(
+            f"--steps must be a comma-separated list of steps, got {text!r}", hint="e.g. --steps 2000,8000"
+        )
+    return [int(s) for s in text.split(",")]

@@ -32,8 +32,7 @@ from commute_cli.engine import curvature, distributed, metric
 from commute_cli.engine import groups as param_groups
 from commute_cli.engine.estimator import estimate_checkpoint
 from commute_cli.errors import CommuteError
-from commute_cli.io import checkpoints, store
-from commute_cli.io import data as domains
+from commute_cli.io import checkpoints, sampling, store
 
 
 def domain_seed(seed: int, name: str) -> int:
@@ -46,7 +45,7 @@ def prepare_samples(
 ) -> tuple[list, str, dict[str, dict]]:
     """Per domain: a fixed sample of ``--samples`` blocks and its split into design blocks x 3 parts.
 
-    Each sample is drawn by :func:`commute_cli.io.data.sample_domain` with the domain's seed
+    Each sample is drawn by :func:`commute_cli.io.sampling.sample_domain` with the domain's seed
     (:func:`domain_seed`): a bounded read whose cost does not grow with the corpus, deterministic for the
     same files, tokenizer and seed, so a resumed run gets the same sample. Returns ``parts[k][b][p]``, a
     digest of all sampled token ids (part of every statistics cache key) and each domain's provenance (which
@@ -59,7 +58,7 @@ def prepare_samples(
     h = hashlib.sha256()
     n = (opts.samples // (3 * opts.blocks)) * 3 * opts.blocks
     for name in inputs.names:
-        drawn = domains.sample_domain(
+        drawn = sampling.sample_domain(
             inputs.sources[name],
             inputs.tokenizer,
             inputs.seq_len,
@@ -71,7 +70,7 @@ def prepare_samples(
         )
         h.update(name.encode())
         h.update(drawn.blocks.numpy().tobytes())
-        parts.append(domains.split_parts(drawn.blocks, opts.blocks, 3))
+        parts.append(sampling.split_parts(drawn.blocks, opts.blocks, 3))
         provenance[name] = drawn.provenance
     return parts, h.hexdigest(), provenance
 

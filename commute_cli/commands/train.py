@@ -52,7 +52,7 @@ class TrainConfig:
     """Everything ``train`` needs; the CLI builds one from its flags.
 
     ``domains``/``eval_domains`` map names to sources (paths relative to ``base_dir`` or the working
-    directory, or hub names; see ``io.data.load_texts``). Without ``schedule`` or ``weights`` the weights
+    directory, or hub names; see ``io.documents.load_texts``). Without ``schedule`` or ``weights`` the weights
     are uniform. ``init`` is a model config JSON, a model folder, or a checkpoint to continue.
     ``seq_len``/``batch_size`` None: from ``--init``'s checkpoint or the manifest, else 128 / 16.
     """
@@ -401,7 +401,7 @@ def _resume_command(config: TrainConfig, last: Path | None) -> str:
 
 
 def _at_most(blocks: torch.Tensor, n: int, seed: int) -> torch.Tensor:
-    from commute_cli.io.data import sample_blocks
+    from commute_cli.io.sampling import sample_blocks
 
     return blocks if blocks.shape[0] <= n else sample_blocks(blocks, n, seed)
 

@@ -11,13 +11,17 @@ are ``n_i / B``. Two roundings are used:
   +0.2 / -0.1, neither the intervention asked for nor data-conserving).
 
 :func:`branch_schedules` writes realized counts back as weights ``n / B``, so that
-``batch_counts`` reproduces them exactly when the branches are trained.
+``batch_counts`` reproduces them exactly when the branches are trained; :func:`realized_dw` checks that
+the branches read the same rows and says which shift they realize. :func:`repeat_summary` and
+:func:`signs_agree` are validate's arithmetic on the observed excess losses.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+
+import numpy as np
 
 from commute_cli.core.schedule import Schedule
 from commute_cli.errors import CommuteError
@@ -150,3 +154,40 @@ def rows_per_domain(schedule: Schedule, start: int, n_steps: int, batch_size: in
         batch_counts([schedule.weights_at(s)[d] for d in schedule.domains], batch_size)
         for s in range(start, start + n_steps)
     ]
+
+
+def realized_dw(schedules: Mapping[str, Schedule], start: int, n: int, batch_size: int, first: int) -> float:
+    """The shift the branches' whole rows realize on the pair's ``first`` domain over the first half:
+    ``(rows of "12" - rows of "base") / (n B)`` over steps ``[start, start + n)``.
+
+    Raises:
+        CommuteError: the branches (keys of ``schedules``, ``"12"`` and ``"base"`` among them) would not read
+            the same number of rows of every domain over the window of ``2n`` steps.
+    """
+    rows = {b: np.array(rows_per_domain(s, start, 2 * n, batch_size)) for b, s in schedules.items()}
+    totals = {b: r.sum(axis=0).tolist() for b, r in rows.items()}
+    if len({tuple(t) for t in totals.values()}) != 1:
+        raise CommuteError(
+            f"cannot give every branch the same data: rows per domain {totals}",
+            hint="choose --horizon and --dw so that steps x batch size x dw is a whole number",
+            exit_code=1,
+        )
+    return float((rows["12"][:n, first].sum() - rows["base"][:n, first].sum()) / (n * batch_size))
+
+
+def repeat_summary(values: Sequence[float], confidence: float) -> tuple[float, float, bool]:
+    """Mean, SE over repeats and a t test (SE is nan and nothing is significant with one repeat)."""
+    from commute_cli.core.criterion import summarize_blocks
+
+    x = np.asarray(values, dtype=np.float64)
+    if x.size < 2:
+        return float(x.mean()), math.nan, False
+    s = summarize_blocks(x, confidence)
+    return s.mean, s.se, s.significant
+
+
+def signs_agree(pred: float, obs: float) -> bool | None:
+    """Whether a predicted and an observed effect have the same sign (None when either is 0 or not finite)."""
+    if pred == 0.0 or obs == 0.0 or not (math.isfinite(pred) and math.isfinite(obs)):
+        return None
+    return (pred > 0.0) == (obs > 0.0)

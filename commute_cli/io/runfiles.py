@@ -491,7 +491,8 @@ def load_blocks(
     sources: Mapping[str, str], tokenizer: Any, seq_len: int, base_dir: Path | None = None
 ) -> dict[str, torch.Tensor]:
     """Each domain's text packed into fixed-length blocks ``[N, seq_len]`` (token ids), in order."""
-    from commute_cli.io.data import load_texts, pack_blocks
+    from commute_cli.io.documents import load_texts
+    from commute_cli.io.sampling import pack_blocks
 
     return {
         name: pack_blocks(load_texts(src, domain=name, base_dir=base_dir), tokenizer, seq_len)
