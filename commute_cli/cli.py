@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import math
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Any
 
 import typer
 
@@ -317,7 +315,9 @@ def analyze_command(
     if budget is not None:
         if samples is not None:
             raise CommuteError("give either --samples or --budget, not both")
-        opts.samples = _samples_for_budget(analysis, opts, budget)
+        from commute_cli.commands.preview import samples_for_budget
+
+        opts.samples = samples_for_budget(opts, budget)
         typer.echo(f"--budget {budget:g} s: --samples {opts.samples}", err=True)
     if dry_run:
         from commute_cli.commands.preview import preview
@@ -368,22 +368,6 @@ def analyze_command(
         typer.echo(where + (f"; plot in {plot}" if plot else ""), err=True)
     else:
         tables.emit_dataframe(result.results, fmt_value)
-
-
-def _samples_for_budget(analysis: Any, opts: Any, budget: float) -> int:
-    """``--budget``: the largest ``--samples`` whose estimated compute time fits (``core.power``)."""
-    from commute_cli.core import power
-
-    if not (budget > 0 and math.isfinite(budget)):
-        raise CommuteError(f"--budget must be a positive number of seconds, got {budget:g}")
-    p = analysis.preview(opts)
-    try:
-        return power.samples_for_budget(
-            budget, p["seconds_per_gradient_sequence"], opts.blocks, len(p["domains"]), p["plan"],
-            len(p["targets"]), p["checkpoints"],
-        )  # fmt: skip
-    except ValueError as err:
-        raise CommuteError(str(err), hint="raise --budget, or lower --blocks or the checkpoints") from err
 
 
 @app.command("train")

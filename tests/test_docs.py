@@ -42,7 +42,7 @@ def test_every_math_citation_names_a_section():
         if path.suffix != ".py":
             continue
         text = " ".join(path.read_text(encoding="utf-8").split())
-        for m in re.finditer(r'MATH\.md[,:]?\s*\(?"([^"]+)"', text):
+        for m in re.finditer(r'MATH\.md[,:]?\s+\(?"([^"]+)"', text):
             cited.setdefault(m.group(1), set()).add(str(path.relative_to(ROOT)))
     assert len(cited) > 10  # the checker sees the citations
     missing = {c: sorted(files) for c, files in cited.items() if not any(h.startswith(c) for h in headings)}

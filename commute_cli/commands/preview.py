@@ -8,6 +8,7 @@ estimating: nothing is sampled, cached or written.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict
 from typing import Any
@@ -18,6 +19,7 @@ from commute_cli.commands.options import AnalyzeOptions, resolve_inputs
 from commute_cli.commands.stats import quiet_libraries, resolve_device
 from commute_cli.core import criterion, power
 from commute_cli.engine import curvature
+from commute_cli.errors import CommuteError
 from commute_cli.io import checkpoints
 
 __all__ = ["preview"]
@@ -63,3 +65,23 @@ def preview(opts: AnalyzeOptions) -> dict[str, Any]:
         "seconds_per_gradient_sequence": per_seq,
         "estimated_seconds": power.estimated_seconds(cost, per_seq),
     }
+
+
+def samples_for_budget(opts: AnalyzeOptions, budget: float) -> int:
+    """``--budget SECONDS``: the largest ``--samples`` whose estimated compute time fits
+    (:func:`commute_cli.core.power.samples_for_budget`, timed by :func:`preview`). Chosen before any estimate
+    is made, so the verdicts' test keeps its error rate.
+
+    Raises:
+        CommuteError: a budget that is not a positive number, or below one sequence per part.
+    """
+    if not (budget > 0 and math.isfinite(budget)):
+        raise CommuteError(f"--budget must be a positive number of seconds, got {budget:g}")
+    p = preview(opts)
+    try:
+        return power.samples_for_budget(
+            budget, p["seconds_per_gradient_sequence"], opts.blocks, len(p["domains"]), p["plan"],
+            len(p["targets"]), p["checkpoints"],
+        )  # fmt: skip
+    except ValueError as err:
+        raise CommuteError(str(err), hint="raise --budget, or lower --blocks or the checkpoints") from err
