@@ -27,13 +27,14 @@ import argparse
 import json
 import math
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from benchenv import environment
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "sample_checkpoints"
@@ -171,19 +172,6 @@ def stage_observe(out: Path, quick: bool, repeats: int, dw: float, runs: list[st
                 file=sys.stderr,
                 flush=True,
             )
-
-
-def environment(threads: int) -> dict:
-    import transformers
-
-    return {
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "threads": threads,
-        "cpu": platform.processor() or platform.machine(),
-        "cpus_visible": os.cpu_count(),
-    }
 
 
 def main() -> None:

@@ -30,7 +30,6 @@ import argparse
 import gzip
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -38,6 +37,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchenv import environment
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES, SEQ_LEN, SEED, DOMAIN = 96, 256, 0, "en"
@@ -172,31 +173,6 @@ def shards(side: dict) -> str:
     return f"{run['shards_read']}/{run['shards_total']}"
 
 
-def environment() -> dict:
-    import datasets
-    import torch
-    import transformers
-
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "datasets": datasets.__version__,
-        "threads": 1,
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "platform": platform.platform(),
-    }
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -259,7 +235,7 @@ def main() -> None:
             "small_mb": args.small_mb,
             "big_mb": args.big_mb,
         },
-        "environment": environment(),
+        "environment": environment(1),
         "results": results,
         "goal_met": goal,
     }

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -33,6 +31,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from benchenv import environment
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -44,27 +44,6 @@ from commute_cli.engine.groups import param_groups, segment_gram  # noqa: E402
 from commute_cli.io import checkpoints  # noqa: E402
 
 RUN = ROOT / "sample_checkpoints"
-
-
-def environment(threads: int) -> dict:
-    import transformers
-
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "threads": threads,
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-    }
 
 
 def main() -> None:

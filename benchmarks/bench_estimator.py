@@ -28,8 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -37,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from benchenv import environment
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -81,27 +81,6 @@ def rows_for(opts: analysis.AnalyzeOptions, cache: Path, refs_wanted: list[str] 
                 confidence=opts.confidence,
             )
     return out
-
-
-def environment(threads: int) -> dict:
-    import transformers
-
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "threads": threads,
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-    }
 
 
 def main() -> None:

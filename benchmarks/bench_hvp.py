@@ -55,8 +55,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import re
 import statistics
 import subprocess
@@ -69,6 +67,8 @@ from pathlib import Path
 import torch
 
 from commute_cli.engine import curvature as C
+
+import benchenv
 
 ROOT = Path(__file__).resolve().parent.parent
 PEERS = (("curvlinops", 1), ("curvlinops", 4), ("torch.func", 1))
@@ -396,33 +396,18 @@ def main() -> None:
 
 
 def environment(threads: int, device: str) -> dict:
-    import transformers
-
     try:
         from importlib.metadata import version
 
         curvlinops = version("curvlinops-for-pytorch")
     except Exception:
         curvlinops = None
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "curvlinops-for-pytorch": curvlinops,
-        "python": platform.python_version(),
-        "threads": threads,
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "device": device,
-        "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
-    }
+    return benchenv.environment(
+        threads,
+        **{"curvlinops-for-pytorch": curvlinops},
+        device=device,
+        gpu=torch.cuda.get_device_name() if device == "cuda" else None,
+    )
 
 
 if __name__ == "__main__":
