@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import math
-import warnings
 
 import numpy as np
 import pytest
@@ -36,34 +35,13 @@ from test_estimator import (
     draw_parts,
     make_population,
     random_diag,
+    tiny_gpt2,
 )
 
 
 def tiny_gpt2_two_layers(seed: int = 0) -> nn.Module:
     """GPT-2 with 2 blocks (so layers differ), tied embeddings, eager attention, float64, scaled weights."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    config = GPT2Config(
-        n_layer=2,
-        n_embd=4,
-        n_head=2,
-        vocab_size=16,
-        n_positions=8,
-        bos_token_id=0,
-        eos_token_id=0,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        attn_implementation="eager",
-    )
-    torch.manual_seed(seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = GPT2LMHeadModel(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(6.0)
-    return model.eval().double()
+    return tiny_gpt2(seed, n_layer=2, scale=6.0)
 
 
 # ---------------------------------------------------------------------------------------------- grouping

@@ -284,11 +284,12 @@ def test_exact_reference_formulas_agree(population: Population) -> None:
             ) == pytest.approx(dt**2 * direct, rel=1e-12)
 
 
-def tiny_gpt2(seed: int = 0) -> nn.Module:
+def tiny_gpt2(seed: int = 0, n_layer: int = 1, scale: float = 10.0) -> nn.Module:
+    """GPT-2 with tied embeddings, eager attention, float64, weights scaled by ``scale``."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config(
-        n_layer=1,
+        n_layer=n_layer,
         n_embd=4,
         n_head=2,
         vocab_size=16,
@@ -306,7 +307,7 @@ def tiny_gpt2(seed: int = 0) -> nn.Module:
         model = GPT2LMHeadModel(config)
     with torch.no_grad():  # away from the near-uniform init, so every term is sizeable
         for p in model.parameters():
-            p.mul_(10.0)
+            p.mul_(scale)
     return model.eval().double()
 
 
