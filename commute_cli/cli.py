@@ -73,6 +73,13 @@ class LrSchedule(str, Enum):
     cosine = "cosine"
 
 
+class PlotKind(str, Enum):
+    criterion = "criterion"
+    pairs = "pairs"
+    decomposition = "decomposition"
+    orders = "orders"
+
+
 def _alias(new: int | None, old: int | None, new_flag: str, old_flag: str) -> int | None:
     """The value of a renamed option: the new flag, or its hidden old name (not both)."""
     if old is None:
@@ -646,6 +653,16 @@ def plot_command(
     validate_csv: Path | None = typer.Option(
         None, "--validate", help="validate.csv for the loss plane (default: FROM/validate.csv if present)."
     ),
+    kind: PlotKind = typer.Option(
+        PlotKind.criterion,
+        "--kind",
+        help="criterion (over steps, with the loss panel), pairs (domains x domains heatmap per checkpoint), "
+        "decomposition (parameter groups x checkpoints; needs analyze --decompose), orders (the bracket "
+        "beside the first-order alignment).",
+    ),
+    target: str | None = typer.Option(
+        None, "--target", help="Target of the decomposition heatmap (default: the first in the file)."
+    ),
 ) -> None:
     """Draw the criterion figure: per target, the table's numbers with their 95% intervals.
 
@@ -653,6 +670,7 @@ def plot_command(
     per-domain losses.
 
     With `commute validate` results (validate.csv), also the loss plane of the paper's Figures 3-4.
+    `--kind pairs|decomposition|orders` draws the heatmaps and the first-order comparison instead.
 
     Example: commute plot --from commute_out/ -o criterion.png
     """
@@ -661,6 +679,9 @@ def plot_command(
     from commute_cli.io import atomic, store
     from commute_cli.render import figures
 
+    if kind is not PlotKind.criterion:
+        _plot_heatmap(kind, output, from_dir, target)
+        return
     result = store.load_analysis(from_dir)
     losses = store.load_losses(from_dir)
     vfile = validate_csv if validate_csv is not None else from_dir / "validate.csv"
@@ -677,6 +698,43 @@ def plot_command(
     fig = figures.criterion_figure(result.results, losses, validate, run=result.run)
     path = atomic.write_bytes(output, figures.png_bytes(fig))
     typer.echo(f"wrote {path} ({result.label()})", err=True)
+
+
+def _plot_heatmap(kind: PlotKind, output: Path, from_dir: Path, target: str | None) -> None:
+    """``commute plot --kind pairs|decomposition|orders``: render/heatmaps.py, written atomically."""
+    import pandas as pd
+
+    from commute_cli.io import atomic, store
+    from commute_cli.render import heatmaps
+
+    result = store.load_analysis(from_dir)
+    needs = {PlotKind.decomposition: "decomposition.csv", PlotKind.orders: "baselines.csv"}.get(kind)
+    extra = None
+    if needs is not None:
+        file = from_dir / needs
+        if not file.is_file():
+            hint = (
+                "run `commute analyze ... --decompose kind`"
+                if kind is PlotKind.decomposition
+                else ("run `commute analyze` again (it writes baselines.csv)")
+            )
+            raise CommuteError(f"{file} does not exist", hint=hint)
+        extra = pd.read_csv(file)
+    with atomic.replacing(output, suffix=".png") as tmp:
+        if kind is PlotKind.pairs:
+            heatmaps.plot_pair_heatmap(result.results, tmp)
+        elif kind is PlotKind.orders:
+            heatmaps.plot_orders(result.results, extra, tmp)
+        else:
+            assert extra is not None
+            name = target or str(extra["target"].iloc[0])
+            if name not in set(extra["target"].astype(str)):
+                raise CommuteError(
+                    f"no decomposition rows for target {name!r}",
+                    hint="targets in the file: " + ", ".join(dict.fromkeys(extra["target"].astype(str))),
+                )
+            heatmaps.plot_decomposition_heatmap(extra, tmp, name)
+    typer.echo(f"wrote {output} ({result.label()})", err=True)
 
 
 @app.command("help")

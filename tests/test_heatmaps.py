@@ -51,3 +51,32 @@ def test_orders_figure_is_written(analyzed: Path, tmp_path: Path) -> None:
     base = pd.read_csv(analyzed / "baselines.csv")
     png = heatmaps.plot_orders(res, base, tmp_path / "orders.png")
     assert png.stat().st_size > 10_000
+
+
+def test_plot_kinds_through_the_cli(tmp_path, capsys):
+    """`commute plot --kind pairs|decomposition|orders` writes each figure (a real PNG) from analyze's files,
+    and says in one line what to run when decomposition.csv is missing."""
+    from cli_runner import cli
+    from tiny_run import make_run
+
+    run = make_run(tmp_path / "run", steps=(0, 10))
+    out = tmp_path / "out"
+    code, _, err = cli(["analyze", run, "--out", out, "--samples", "24", "--blocks", "4", "-q"], capsys)
+    assert code == 0, err
+    code, _, err = cli(["plot", "--from", out, "--kind", "decomposition", "-o", tmp_path / "d.png"], capsys)
+    assert code == 2 and "--decompose" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "d.png").exists()
+    for kind in ("pairs", "orders"):
+        code, _, err = cli(["plot", "--from", out, "--kind", kind, "-o", tmp_path / f"{kind}.png"], capsys)
+        assert code == 0, err
+        assert (tmp_path / f"{kind}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    args = ["analyze", run, "--out", out, "--samples", "24", "--blocks", "4", "-q", "--decompose", "kind"]
+    code, _, err = cli(args, capsys)
+    assert code == 0, err
+    code, _, err = cli(["plot", "--from", out, "--kind", "decomposition", "-o", tmp_path / "d.png"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "d.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    code, _, err = cli(
+        ["plot", "--from", out, "--kind", "decomposition", "--target", "zz", "-o", tmp_path / "z.png"], capsys
+    )
+    assert code == 2 and "no decomposition rows for target 'zz'" in err
