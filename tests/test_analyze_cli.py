@@ -78,16 +78,24 @@ def test_resume_uses_cache_and_gives_same_numbers(run_dir, tmp_path, capsys):
     # an interrupted run: only the first two checkpoints finished
     code, _, err = cli(["analyze", run_dir, "--out", out, "--steps", "0,10", *FAST], capsys)
     assert code == 0, err
+    subset = (out / "results.csv").read_bytes()
     code, _, err = cli(["analyze", run_dir, "--out", out, *FAST], capsys)
     assert code == 0, err
-    run = json.loads((out / "run.json").read_text())
+    # all checkpoints is another analysis than a subset of them: it goes to its own folder, the subset stays
+    assert "holds the analysis of another run" in err and (out / "results.csv").read_bytes() == subset
+    (full,) = list(out.glob("run-*"))
+    run = json.loads((full / "run.json").read_text())
     computed = [c["step"] for c in run["checkpoints"] if not c["cached"]]
-    assert computed == [20], "finished checkpoints must come from the cache"
+    assert computed == [20], "finished checkpoints must come from the cache (shared under --out)"
     assert all(c["seconds"] > 0 for c in run["checkpoints"])  # cached ones keep their real compute time
     fresh = tmp_path / "fresh"
     code, _, err = cli(["analyze", run_dir, "--out", fresh, *FAST], capsys)
     assert code == 0, err
-    assert (out / "results.csv").read_bytes() == (fresh / "results.csv").read_bytes()
+    assert (full / "results.csv").read_bytes() == (fresh / "results.csv").read_bytes()
+    # and selecting checkpoints does not change the question asked at them (the horizon uses every checkpoint)
+    a = pd.read_csv(fresh / "results.csv").drop(columns="run_id")
+    b = pd.read_csv(out / "results.csv").drop(columns="run_id")
+    pd.testing.assert_frame_equal(a[a["step"].isin([0, 10])].reset_index(drop=True), b)
 
 
 def test_cached_rerun_keeps_the_real_time_and_memory(run_dir, tmp_path, capsys):

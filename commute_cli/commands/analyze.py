@@ -286,6 +286,8 @@ def _run_analysis(
         "text_fields": dict(inputs.text_fields),
         "schedule": json.loads(inputs.schedule.to_json()),
         "targets": [{"name": t.name, "kind": t.kind} for t in inputs.targets],
+        # a subset of the checkpoints (--steps, --every) is another analysis: it never replaces the full one
+        "selected_steps": [r.step for r in inputs.refs],
     }
     run_id = store.run_identity(identity_fields)
     chosen = ctx.agree(lambda: store.choose_folder(root, run_id, opts.name), main_only=True)
@@ -299,7 +301,9 @@ def _run_analysis(
     local_parts = [[[ctx.shard(p) for p in blk] for blk in dom] for dom in parts]
     K, T = len(inputs.names), len(inputs.targets)
     plan = criterion.choose_plan(K, T) if opts.plan == "auto" else opts.plan
-    steps = [r.step for r in inputs.refs]
+    # the horizon comes from the spacing of ALL the run's checkpoints, not only the selected ones (--steps,
+    # --every), so that selecting checkpoints never changes the question asked at them
+    all_steps = sorted({r.step for r in checkpoints.discover(Path(opts.ckpt_dir)) if r.step is not None})
     result_rows: list[dict] = []
     loss_table: list[dict] = []
     baseline_table: list[dict] = []
@@ -349,7 +353,11 @@ def _run_analysis(
                 hint="check the checkpoint, or leave it out with --steps",
                 exit_code=2,
             )
-        horizon, reason = choose_horizon(steps, idx, opts.horizon)
+        horizon, reason = (
+            choose_horizon(all_steps, all_steps.index(ref.step), opts.horizon)
+            if ref.step in all_steps
+            else choose_horizon([ref.step], 0, opts.horizon)
+        )
         result_rows += summarize_checkpoint(
             stats, step=ref.step, names=inputs.names, wbar=wbar, targets=inputs.targets, lr=float(lr),
             horizon=horizon, dw=opts.dw, confidence=opts.confidence, min_effect=opts.min_effect,

@@ -142,7 +142,8 @@ def save_stats(file: Path, stats: CheckpointStats, meta: dict[str, Any]) -> None
 
 
 def run_identity(run: dict[str, Any]) -> str:
-    """Which run and schedule an analysis is about: checkpoints, data, schedule, targets and metric.
+    """Which run and schedule an analysis is about: checkpoints (and which were selected), data and its
+    text columns, schedule, targets and metric.
 
     Options that only change how precisely or at which intervention the same question is answered
     (``--samples``, ``--dw``, ``--horizon``, ``--confidence``, ...) are not part of it: a rerun with more
@@ -157,6 +158,8 @@ def run_identity(run: dict[str, Any]) -> str:
             run.get("schedule"),
             [t.get("name") for t in run.get("targets", [])],
             options.get("metric", "euclid"),
+            run.get("selected_steps"),
+            run.get("text_fields") or {},
         ]
     )
 
@@ -312,7 +315,8 @@ def choose_folder(out: Path, identity: str, name: str | None = None) -> tuple[Pa
         return out, None
     folder = out / f"run-{identity[:8]}"
     return folder, (
-        f"note: {out}/ holds the analysis of another run or schedule (run {other[:8]}); "
+        f"note: {out}/ holds the analysis of another run or schedule (run {other[:8]}: other checkpoints, "
+        "targets, domains or weights); "
         f"this one is in {folder}/ (use --name to choose the folder)"
     )
 
