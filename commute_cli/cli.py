@@ -338,7 +338,9 @@ def analyze_command(
             f"  HVP passes: {p['hvp_sequences']} sequences, {p['vectors_per_hvp']} vector(s) each\n"
             f"  total: {p['gradient_equivalents']:.0f} gradient-sequence equivalents; one gradient sequence "
             f"took {p['seconds_per_gradient_sequence'] * 1e3:.1f} ms on {p['device']}\n"
-            f"  estimated compute time: {p['estimated_seconds']:.0f} s (plus loading and tokenizing)"
+            f"  estimated compute time: {p['estimated_seconds']:.0f} s without the cache (plus loading and "
+            "sampling; checkpoints already in --out's cache take seconds; the FLOP-count model is an upper "
+            "bound where HVPs run faster than 1+2v gradients)"
         )
         return
     try:
@@ -347,9 +349,10 @@ def analyze_command(
                 opts, on_checkpoint_start=progress.checkpoint, on_block=progress.block
             )
     except KeyboardInterrupt:
+        again = "the same command without --no-cache" if no_cache else "the same command again"
         typer.echo(
-            f"interrupted: finished checkpoints are cached in {out}/cache; "
-            "run the same command again to resume where it stopped",
+            f"interrupted: nothing was written but the statistics of finished checkpoints ({out}/cache); "
+            f"run {again} to resume where it stopped",
             err=True,
         )
         sys.exit(130)
@@ -371,7 +374,8 @@ def analyze_command(
         tables.print_renderable(
             tables.analysis_tables(result.results, result.losses, run=result.run, out=result.out)
         )
-        where = f"results in {result.out}/ (results.csv, losses.csv, run.json)"
+        files = "results.csv, losses.csv, baselines.csv" + (", decomposition.csv" if decompose else "")
+        where = f"results in {result.out}/ ({files}, run.json)"
         typer.echo(where + (f"; plot in {plot}" if plot else ""), err=True)
     else:
         tables.emit_dataframe(result.results, fmt_value)

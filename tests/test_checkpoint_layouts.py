@@ -191,3 +191,20 @@ def test_empty_tokenizer_refused(tmp_path):
         ck.load_tokenizer(tmp_path / "tok")
     with pytest.raises(CommuteError, match="neither a local path nor in the local Hugging Face cache"):
         ck.load_tokenizer("surely-not-cached-tokenizer-xyz")
+
+
+def test_a_few_empty_tensors_are_a_damaged_file_not_zero3(tmp_path):
+    """One emptied tensor among many, with no DeepSpeed shards beside it: the file is damaged; the ZeRO-3
+    diagnosis (and its zero_to_fp32.py hint) is kept for saves whose tensors are (mostly) placeholders."""
+    from safetensors.torch import load_file, save_file
+
+    src = Path(__file__).resolve().parents[1] / "sample_checkpoints" / "checkpoint-500"
+    ckpt = tmp_path / "checkpoint-500"
+    shutil.copytree(src, ckpt)
+    tensors = load_file(str(ckpt / "model.safetensors"))
+    name = sorted(tensors)[0]
+    tensors[name] = torch.empty(0, dtype=tensors[name].dtype)
+    save_file(tensors, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CommuteError, match="incomplete or damaged") as err:
+        ck.validate_weights(ckpt)
+    assert "zero_to_fp32" not in err.value.one_line() and name in err.value.one_line()

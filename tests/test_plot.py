@@ -180,7 +180,7 @@ def test_figure_words_are_plain():
         legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
         assert "predicted change EL (95% interval)" in legend
         assert "window (± horizon): suboptimal" in legend and "window (± horizon): not significant" in legend
-        assert "outside the local regime" in legend
+        assert "outside the local regime (or saturated)" in legend
         assert any("runs/mine, schedule en 0.8, ru 0.2 (constant)" in t for t in texts)
         # the ring marks exactly the rows outside the regime
         rings = [ln for ln in fig.axes[0].get_lines() if ln.get_markeredgecolor() == "red"]

@@ -190,7 +190,7 @@ def test_table_is_tolerant_of_new_columns_and_verdicts(analyzed):
     assert "¹ horizon: shortened to stay in the local regime" in flat and "² horizon: --horizon" in flat
     assert re.search(r"\s\d+¹\s", text) and re.search(r"\s\d+²\s", text)
     assert "regime" in text and "uncertain" in text
-    assert "negligible: the interval excludes 0, but the effect is below" in flat
+    assert "negligible: below the smallest effect worth reporting" in flat
     assert "surprising" in text
     inside = load(analyzed)[0].assign(regime="inside")
     plain = render(tables.analysis_tables(inside, losses), 120)

@@ -134,7 +134,7 @@ def test_train_then_analyze_finds_the_manifest_with_data_outside_the_run(data, t
     assert "domains" not in manifest and set(manifest["external_sources"]["domains"]) == {"en", "ru"}
     res = commute("analyze", out, "--samples", "12", "--blocks", "2", "--quiet", "--out", tmp_path / "o")
     assert res.returncode == 0, res.stderr
-    assert "using the training data recorded in" in res.stderr
+    assert "records data outside the run folder (training: " in " ".join(res.stderr.split())
     rows = (tmp_path / "o" / "results.csv").read_text().splitlines()
     assert rows[0].startswith("run_id,step,") and len(rows) > 1
     # the data moved away: a one-line error that says what to pass

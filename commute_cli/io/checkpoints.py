@@ -127,6 +127,13 @@ def validate_weights(ref: CheckpointRef | Path) -> dict[str, tuple[int, ...]]:
         empty = [name for name, shape in found.items() if 0 in shape and not name.endswith(".attn.bias")]
         if empty:
             folder = file.parent
+            zero = 2 * len(empty) >= len(found) or any(folder.glob("global_step*"))
+            if not zero:  # a few empty tensors and no DeepSpeed shards: a damaged file, not a ZeRO-3 save
+                raise CommuteError(
+                    f"{file} holds empty (0-element) tensors ({len(empty)} of {len(found)}, "
+                    f"e.g. {empty[0]}): the file is incomplete or damaged",
+                    hint="save the checkpoint again (or leave it out with --steps)",
+                )
             raise CommuteError(
                 f"{file} holds empty (0-element) tensors ({len(empty)} of {len(found)}, e.g. {empty[0]}): "
                 "a DeepSpeed ZeRO-3 save without gathered weights",

@@ -413,8 +413,6 @@ def resolve_run_inputs(
         train, origin, base_dir = dict(found.domains), "manifest", found.root
     elif found is not None and _external(found, "domains"):
         train, origin = _external(found, "domains"), "manifest (external_sources)"
-        if note is not None:
-            note(f"note: using the training data recorded in {found.path}: " + ", ".join(train.values()))
     else:
         train, origin = {}, "none"
     if eval_domains:
@@ -423,6 +421,11 @@ def resolve_run_inputs(
         held = dict(found.eval_domains) if found and found.eval_domains else _external(found, "eval_domains")
     else:
         held = {}
+    if origin == "manifest (external_sources)" and note is not None and found is not None:
+        where = f"training: {', '.join(train.values())}" + (
+            f"; held-out: {', '.join(held.values())}" if held else ""
+        )
+        note(f"note: {found.path} records data outside the run folder ({where})")
 
     if tokenizer:
         tok, tok_from = Path(tokenizer).expanduser(), "--tokenizer"

@@ -110,12 +110,12 @@ COLUMNS: dict[str, dict[str, tuple[str, str]]] = {
         "min_effect": (
             "nat",
             "the smallest effect worth reporting here: --min-effect x first_order (at least 1e-6 nat); "
-            "significant rows below it are 'negligible'",
+            "rows below it (significant, or with the whole interval below it) are 'negligible'",
         ),
         "verdict": (
             "",
             "suboptimal (significant, both weights > 0: the schedule can be improved here), "
-            "consistent (significant, a weight is 0), negligible (significant but below the "
+            "consistent (significant, a weight is 0), negligible (below the "
             "smallest effect worth reporting), insufficient signal (not significant; 'n.s.' in "
             "the table)",
         ),

@@ -73,7 +73,7 @@ def draw_criterion(ax: Any, df: pd.DataFrame, target: str, conf_pct: str) -> Non
     the table's confidence interval as error bars; each checkpoint's intervention window
     ``[step - horizon, step + horizon]`` shaded in the colour of its verdict (the highest-ranked one when
     pairs differ); above an actionable window, the domain to move earlier; a red ring: outside the local
-    regime (its nats are unreliable, the sign is a weaker hint)."""
+    regime or saturated (its nats are unreliable, the sign is a weaker hint)."""
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
     from matplotlib.ticker import EngFormatter
@@ -110,7 +110,9 @@ def draw_criterion(ax: Any, df: pd.DataFrame, target: str, conf_pct: str) -> Non
         x = g["step"].astype(float) + dodge
         ax.errorbar(x, g["el_ij"], yerr=half.loc[g.index], ls="none", marker="o", capsize=3, label=label)
         if regimes is not None:
-            out = regimes.loc[g.index] != "inside"
+            # the same rows the table calls outside or saturated ("uncertain" is not flagged: its interval
+            # straddles the limit)
+            out = regimes.loc[g.index].isin(["outside", "saturated"])
             if out.any():
                 ax.plot(
                     x[out],
@@ -142,7 +144,14 @@ def draw_criterion(ax: Any, df: pd.DataFrame, target: str, conf_pct: str) -> Non
     if outside:
         handles.append(
             Line2D(
-                [], [], ls="none", marker="o", ms=9, mfc="none", mec="red", label="outside the local regime"
+                [],
+                [],
+                ls="none",
+                marker="o",
+                ms=9,
+                mfc="none",
+                mec="red",
+                label="outside the local regime (or saturated)",
             )
         )
     ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.005, 1.0), borderaxespad=0.0)

@@ -189,7 +189,8 @@ VERDICTS: dict[str, VerdictStyle] = {
     ),
     "negligible": VerdictStyle(
         word="negligible",
-        legend="the interval excludes 0, but the effect is below the smallest one worth reporting",
+        legend="below the smallest effect worth reporting (--min-effect of the window's own progress): "
+        "significant but smaller than that, or an interval that lies entirely below it",
         style="dim",
         color="0.65",
         rank=1,

@@ -340,7 +340,7 @@ def analysis_legend(
         f"many steps after (the same data in total), against the schedule; EL < 0: moving {i} earlier "
         "helps ('earlier' names the domain to move).",
         f"±: {conf_pct} confidence interval {blocks}(Student t: the verdict's test). "
-        "Units: 1 mnat = 0.001 nat, 1 µnat = 1e-6 nat.",
+        "Units: 1 mnat = 0.001 nat, 1 µnat = 1e-6 nat, 1 nnat = 1e-9 nat.",
     ]
     order = sorted(verdicts, key=lambda v: -verdict_style(v).rank)
     lines += [f"{verdict_style(v).word}: {verdict_style(v).legend}." for v in order]
