@@ -243,7 +243,7 @@ class AnalysisResult:
 def run_analysis(
     opts: AnalyzeOptions,
     *,
-    on_checkpoint_start: Callable[[int, checkpoints.CheckpointRef, int, bool], None] | None = None,
+    on_checkpoint_start: Callable[[int, checkpoints.CheckpointRef, int, bool, int], None] | None = None,
     on_block: Callable[[int], None] | None = None,
 ) -> AnalysisResult:
     """The whole ``analyze`` job. Progress callbacks let the CLI draw bars without this module knowing.
