@@ -292,7 +292,12 @@ def _run_analysis(
     run_id = store.run_identity(identity_fields)
     chosen = ctx.agree(lambda: store.choose_folder(root, run_id, opts.name), main_only=True)
     out, note = chosen if chosen is not None else (root, None)
-    ctx.agree(lambda: (check_writable(root), check_writable(out)), main_only=True)
+
+    def check_folders() -> None:
+        check_writable(root)
+        check_writable(out)
+
+    ctx.agree(check_folders, main_only=True)
     cache_dir = root / "cache"
     # Drawn once per run by rank 0 (a bounded read); the sample goes to the other ranks.
     prepared = ctx.broadcast(ctx.agree(lambda: prepare_samples(inputs, opts), main_only=True))
@@ -337,6 +342,7 @@ def _run_analysis(
         if lr_found[ref.name].is_zero:
             continue
         lr = lr_found[ref.name].value
+        assert lr is not None  # checked above, before any long work
         start = (
             None
             if on_checkpoint_start is None

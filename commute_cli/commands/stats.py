@@ -11,6 +11,7 @@ before computing anything.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import platform
@@ -21,7 +22,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -218,8 +219,9 @@ def checkpoint_stats(
     tc = time.perf_counter()
     # every rank loads its own copy; a failure on any rank stops all of them
     model = ctx.agree(lambda: checkpoints.load_model(ref, device=device))
-    got = ctx.agree(lambda m=model: checkpoint_metric(ref, m, opts.metric))
-    assert model is not None and got is not None
+    assert model is not None  # agree() raises on every rank when any rank failed
+    got = ctx.agree(functools.partial(checkpoint_metric, ref, model, opts.metric))
+    assert got is not None
     D, info = got
     K = len(parts)
     offload = offload_stacks(opts, model, K, 0 if coefs is None else len(coefs), plan)
@@ -230,7 +232,7 @@ def checkpoint_stats(
         plan=plan,
         target_coefs=coefs,
         D=D,
-        method=opts.hvp,
+        method=cast("curvature.HVPMethod", opts.hvp),
         micro_batch=opts.batch_size,
         hvp_micro_batch=hvp_micro_batch(opts),
         offload=offload,

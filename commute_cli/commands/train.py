@@ -149,7 +149,7 @@ def _model_and_optimizer(
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     """A new model (default or config JSON) or a saved one (the one loader), and its optimizer."""
     if init_dir is not None:
-        model = checkpoints.load_model(init_dir, device=device)
+        model: Any = checkpoints.load_model(init_dir, device=device)  # a transformers model
         if model.config.vocab_size < len(tokenizer):
             raise CommuteError(f"the model at {init_dir} has a smaller vocabulary than the tokenizer")
     else:
@@ -203,7 +203,7 @@ def train(config: TrainConfig) -> Path:
         manifest=config.manifest,
         tokenizer=config.tokenizer,
         weights=config.weights,
-        schedule=config.schedule,
+        schedule=Path(config.schedule) if isinstance(config.schedule, str) else config.schedule,
         seq_len=config.seq_len,
         batch_size=config.batch_size,
         seed=config.seed,

@@ -127,7 +127,7 @@ def predict(setup: Setup, opts: ValidateOptions, dw: float, note: Note) -> tuple
     dirs = [out / "cache"]
     if opts.from_dir is not None:
         dirs += [Path(opts.from_dir) / "cache", Path(opts.from_dir).parent / "cache"]
-    sized = {} if opts.samples is None else {"samples": opts.samples}
+    sized: dict[str, Any] = {} if opts.samples is None else {"samples": opts.samples}
     aopts = AnalyzeOptions(
         ckpt_dir=setup.checkpoint,
         blocks=opts.blocks,

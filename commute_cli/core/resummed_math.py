@@ -136,8 +136,8 @@ def intervention(
     T: np.ndarray,
     c: np.ndarray,
     e: np.ndarray,
-    wbar: Sequence[float],
-    d: Sequence[float],
+    wbar: Sequence[float] | np.ndarray,
+    d: Sequence[float] | np.ndarray,
     dt: float | tuple[float, float],
     *,
     TL: np.ndarray | None = None,
@@ -185,7 +185,12 @@ def intervention(
 
 
 def bracket_el(
-    T: np.ndarray, c: np.ndarray, e: np.ndarray, wbar: Sequence[float], d: Sequence[float], dt: float
+    T: np.ndarray,
+    c: np.ndarray,
+    e: np.ndarray,
+    wbar: Sequence[float] | np.ndarray,
+    d: Sequence[float] | np.ndarray,
+    dt: float,
 ) -> float:
     """The second-order prediction ``dt^2 <u, S_bar b_d - S_d b_bar>`` (MATH.md "What an intervention does to
     the target", in the coordinates ``y``), from the projected quantities: exact when ``u`` and the ``b_k``
@@ -219,7 +224,7 @@ def saturation(
     T: np.ndarray,
     c: np.ndarray,
     e: np.ndarray | None,
-    wbar: Sequence[float],
+    wbar: Sequence[float] | np.ndarray,
     dt: float,
     names: Sequence[str] = (),
 ) -> Saturation:
@@ -252,7 +257,9 @@ SATURATION_LIMIT = 1.0
 then marks the row's regime ``saturated`` (docs/MATH.md "Resummed prediction", "What this says")."""
 
 
-def saturation_from_stats(Q: np.ndarray, first: np.ndarray, wbar: Sequence[float], dt: float) -> np.ndarray:
+def saturation_from_stats(
+    Q: np.ndarray, first: np.ndarray, wbar: Sequence[float] | np.ndarray, dt: float
+) -> np.ndarray:
     """A cheap saturation index from the statistics ``commute analyze`` already has (pair plan), per block.
 
     ``Q[b, k, a, l] = <D g_k, H_a D g_l>`` (``a != l``) and ``first[b, k, l] = <g_k, D g_l>`` give, for each
@@ -277,7 +284,7 @@ def saturation_from_stats(Q: np.ndarray, first: np.ndarray, wbar: Sequence[float
     return out
 
 
-def progress_rate(c: np.ndarray, e: np.ndarray, wbar: Sequence[float]) -> float:
+def progress_rate(c: np.ndarray, e: np.ndarray, wbar: Sequence[float] | np.ndarray) -> float:
     """The mixture's first-order decrease rate ``<g_bar, D g_bar>`` (nats per unit time) from one projection.
 
     ``c[k] = V D^{1/2} g_k`` (part 0) and ``e[l] = V D^{1/2} g_l`` (part 2, the per-domain targets, i.e.

@@ -166,7 +166,8 @@ class Schedule:
         if not entries:
             raise CommuteError("empty schedule", "give at least one entry, at step 0")
         order = tuple(domains) if domains is not None else tuple(entries[0][1])
-        steps, values = [], []
+        steps: list[int] = []
+        values: list[tuple[float, ...]] = []
         for step, weights in entries:
             if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
                 raise CommuteError(f"bad schedule step {step!r}", "steps are non-negative integers")

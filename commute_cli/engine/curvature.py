@@ -496,7 +496,7 @@ def _fr_micro_batch(
     def one(tangent_flat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         pieces = tangent_flat.split(sizes)
         tangents = {key: t.view(s) for key, t, s in zip(names, pieces, shapes, strict=True)}
-        (g, loss), (hv, _) = jvp(grad_value, (primals,), (tangents,))
+        (g, loss), (hv, _) = jvp(grad_value, (primals,), (tangents,))  # type: ignore[misc]  # (out, tangent)
         return loss, flatten([g[k] for k in names]), flatten([hv[k] for k in names])
 
     with torch.enable_grad():

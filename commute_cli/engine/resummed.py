@@ -146,7 +146,7 @@ def project_block(
         for k in range(K):
             images[k] += list(SW[k])
         nxt = sum(float(wb[k]) * SW[k] for k in range(K))
-        block = _orthonormalize(nxt, basis, tol)
+        block = _orthonormalize(nxt, basis, tol)  # type: ignore[arg-type]  # K >= 2: a Tensor
     V = torch.stack(basis).double()
     T = np.stack([(V @ torch.stack(images[k]).double().T).cpu().numpy() for k in range(K)])
     scale = max(float(np.abs(T).max()), 1e-300)

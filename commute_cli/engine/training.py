@@ -316,7 +316,7 @@ def copy_optimizer(
         names = [name_of[id(p)] for p in g["params"]]
         hyper = {k: v for k, v in g.items() if k not in ("params", "param_names")}
         groups.append({**hyper, "params": [(n, params[n]) for n in names]})
-    out = type(optimizer)(groups)
+    out = type(optimizer)(groups)  # type: ignore[call-arg]  # torch's optimizers take params (+ defaults)
     out.load_state_dict(copy.deepcopy(optimizer.state_dict()))
     return out
 

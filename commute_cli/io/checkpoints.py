@@ -204,7 +204,8 @@ def _from_pretrained(path: Path, dtype: torch.dtype) -> torch.nn.Module:
     if "weights_only" in inspect.signature(PreTrainedModel.from_pretrained).parameters:
         kwargs["weights_only"] = True
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+        loaded: Any = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)  # (model, loading info)
+        model, info = loaded
     except CommuteError:
         raise
     except Exception as err:

@@ -27,6 +27,7 @@ Decisions worth knowing (also why):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -218,7 +219,7 @@ def resolve_source(source: str, *, domain: str | None = None, base_dir: Path | N
                 f"folder {path} mixes data file types ({', '.join(sorted(builders))})",
                 hint="keep one type of file per domain folder, or pass the files as separate domains",
             )
-        for compression in {k[1] for k in kinds if k is not None} - {None}:
+        for compression in sorted({k[1] for k in kinds if k is not None and k[1] is not None}):
             _check_compression(compression, files[0])
         return Source(source, "files", builder=kinds[0][0], files=files, root=path)
     target = _hub_target(source, domain)
@@ -283,6 +284,6 @@ def source_fingerprint(source: str, *, domain: str | None = None, base_dir: Path
         rel = file.name if file == path else file.relative_to(path).as_posix()
         h.update(f"{rel}\0{file.stat().st_size}\0".encode())
         with open(file, "rb") as fh:
-            for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
+            for chunk in iter(functools.partial(fh.read, 1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()

@@ -110,12 +110,13 @@ def open_stream(src: Source) -> Any:
     for f in src.files:  # only the files handed to datasets: a draw stats its selected shards alone
         if f.stat().st_size == 0:
             raise CommuteError(f"data file {f} is empty", hint="remove it or point the domain at real data")
-    kwargs: dict[str, Any] = {
+    readers: dict[str, dict[str, Any]] = {
         "json": {"chunksize": READ_CHUNK_BYTES},
         "text": {"chunksize": READ_CHUNK_BYTES, "sample_by": "line"},
         "csv": {"chunksize": READ_ROWS},
         "parquet": {"batch_size": READ_ROWS},
-    }.get(src.builder or "", {})
+    }
+    kwargs = readers.get(src.builder or "", {})
     try:
         return datasets.load_dataset(
             src.builder, data_files=[str(f) for f in src.files], split="train", streaming=True, **kwargs

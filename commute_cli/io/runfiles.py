@@ -109,7 +109,8 @@ def rng_state() -> dict[str, Any]:
     """Python, NumPy and torch RNG states in a form ``torch.load(weights_only=True)`` accepts."""
     import numpy as np
 
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    legacy: Any = np.random.get_state()  # the legacy 5-tuple (kind, keys, pos, has_gauss, gauss)
+    kind, keys, pos, has_gauss, gauss = legacy
     state: dict[str, Any] = {
         "python": random.getstate(),
         "numpy": (kind, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(gauss)),
@@ -154,7 +155,7 @@ def trainer_state_json(**fields: Any) -> str:
     return json.dumps(dataclasses.asdict(state), indent=2, sort_keys=True) + "\n"
 
 
-def _save_model_quietly(model: torch.nn.Module, folder: Path) -> None:
+def _save_model_quietly(model: Any, folder: Path) -> None:
     """``save_pretrained`` (safetensors) without transformers' per-save progress bar."""
     from transformers.utils import logging as hf_logging
 
@@ -270,7 +271,10 @@ def check_complete(folder: Path) -> None:
     for where in (Path(folder), Path(folder).parent):
         marker = where / INCOMPLETE_NAME
         if marker.is_file():
-            done = sorted((p for p in where.iterdir() if checkpoint_step(p) is not None), key=checkpoint_step)
+            done = sorted(
+                (p for p in where.iterdir() if checkpoint_step(p) is not None),
+                key=lambda p: checkpoint_step(p) or 0,
+            )
             last = f"; its last checkpoint is {done[-1].name}" if done else ""
             raise CommuteError(
                 f"the run in {where} is incomplete: `commute train` was interrupted{last}",
@@ -418,7 +422,8 @@ def resolve_run_inputs(
     if eval_domains:
         held = dict(eval_domains)
     elif origin.startswith("manifest"):
-        held = dict(found.eval_domains) if found and found.eval_domains else _external(found, "eval_domains")
+        assert found is not None  # origin "manifest..." is only set from a manifest
+        held = dict(found.eval_domains) if found.eval_domains else _external(found, "eval_domains")
     else:
         held = {}
     if origin == "manifest (external_sources)" and note is not None and found is not None:
@@ -453,7 +458,7 @@ def resolve_run_inputs(
     elif len(names) < 2:
         pass  # one domain: nothing to mix; a run's saved schedule cannot be for it
     elif saved.get("schedule"):
-        sched = Schedule.from_records(saved["schedule"], names, context=str(ckpt / STATE_NAME))
+        sched = Schedule.from_records(saved["schedule"], names, context=f"{ckpt}/{STATE_NAME}")
     elif found is not None and found.schedule:
         sched = Schedule.from_records(found.schedule, names, context=str(found.path))
 

@@ -231,7 +231,7 @@ def sample_domain(
     n_pool = min(len(ids), pool) // seq_len
     chosen = torch.randperm(n_pool, generator=gen)[:n]
     blocks = torch.tensor(ids[: n_pool * seq_len], dtype=torch.long).view(n_pool, seq_len)[chosen]
-    provenance = {
+    provenance: dict[str, Any] = {
         "source": src.label,
         "kind": src.kind,
         "text_column": column if src.builder != "text" else None,

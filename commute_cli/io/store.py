@@ -16,6 +16,7 @@ next to their writers.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -82,7 +83,7 @@ def weights_digest(files: Sequence[Path]) -> str:
     for file in files:
         h.update(file.name.encode() + b"\0")
         with file.open("rb") as fh:
-            for chunk in iter(lambda fh=fh: fh.read(1 << 22), b""):
+            for chunk in iter(functools.partial(fh.read, 1 << 22), b""):
                 h.update(chunk)
     return h.hexdigest()
 

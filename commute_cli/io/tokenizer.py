@@ -52,6 +52,7 @@ def load_tokenizer(path: Path | str):
             "tokenizer saves none)",
             hint="pass --tokenizer PATH with the tokenizer the model was trained with",
         )
+    tokenizer: Any
     try:
         if path.is_file():
             tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(path))

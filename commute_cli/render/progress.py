@@ -116,7 +116,7 @@ class Bars:
 
     def add(self, label: str, total: float | None, completed: float = 0, **fields: Any) -> int:
         """A new bar; ``fields`` feed extra columns (``deadline=`` the ETA column)."""
-        return int(self._progress.add_task(label, total=total, completed=completed, **fields))
+        return int(self._progress.add_task(label, total=total, completed=completed, **fields))  # type: ignore[arg-type]  # rich takes floats
 
     def update(self, task: int, **kwargs: Any) -> None:
         """``rich.progress.Progress.update`` (``completed=``, ``advance=``, ``total=``, fields)."""

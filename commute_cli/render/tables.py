@@ -179,9 +179,9 @@ def table_confidence(results: pd.DataFrame) -> float:
 def samples_advice(row: Any) -> str:
     """For a row that is not significant: ``"~4x samples"`` from its ``samples_needed`` (results.csv), the
     factor rounded up to a round number (``core.power.nice_factor``); ``""`` when absent or not needed."""
-    factor = getattr(row, "samples_needed", None)
+    value = getattr(row, "samples_needed", None)
     try:
-        factor = float(factor)
+        factor = float(value)  # type: ignore[arg-type]  # None or text: the except below
     except (TypeError, ValueError):
         return ""
     if not math.isfinite(factor) or factor <= 1.0:
