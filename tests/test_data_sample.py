@@ -20,6 +20,8 @@ from commute_cli.errors import CommuteError
 from commute_cli.io import data as dm
 from commute_cli.io import documents, sampling
 
+from tiny_run import make_tokenizer
+
 _WORD_TEXT = (
     "the of and to in is was for on that with as by at from this are be or it an which "
     "river stone garden window winter summer letter market silver paper yellow"
@@ -38,20 +40,7 @@ def make_docs(n: int, seed: int, tag: str = "") -> list[str]:
 @pytest.fixture(scope="module")
 def tokenizer():
     """A byte-level BPE (vocab 400) with an EOS token, trained in well under a second."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(make_docs(400, 99) + ["shard 0123456789 doc"] * 20, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    return make_tokenizer(make_docs(400, 99) + ["shard 0123456789 doc"] * 20, None, vocab_size=400)
 
 
 def _msg(err: pytest.ExceptionInfo) -> str:

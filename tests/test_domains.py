@@ -14,6 +14,8 @@ from commute_cli.errors import CommuteError
 from commute_cli.io import data as dm
 from commute_cli.io import documents, sampling
 
+from tiny_run import make_tokenizer
+
 DOCS = [
     "The quick brown fox jumps over the lazy dog.",
     "Pack my box with five dozen liquor jugs.",
@@ -25,20 +27,7 @@ DOCS = [
 @pytest.fixture(scope="module")
 def tokenizer():
     """A throwaway byte-level BPE (vocab 300) with an EOS token, trained in well under a second."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(DOCS * 20, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    return make_tokenizer(DOCS * 20, None, vocab_size=300)
 
 
 # --------------------------------------------------------------------------------- specs

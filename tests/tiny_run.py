@@ -30,7 +30,9 @@ def write_jsonl(path: Path, texts: list[str]) -> Path:
     return path
 
 
-def make_tokenizer(texts: list[str], folder: Path, vocab_size: int = 300):
+def make_tokenizer(texts: list[str], folder: Path | None, vocab_size: int = 300):
+    """A byte-level BPE with ``<|endoftext|>`` as eos (and bos), trained in well under a second; saved to
+    ``folder`` unless it is None."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -45,7 +47,8 @@ def make_tokenizer(texts: list[str], folder: Path, vocab_size: int = 300):
     )
     tok.train_from_iterator(texts, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
-    fast.save_pretrained(str(folder))
+    if folder is not None:
+        fast.save_pretrained(str(folder))
     return fast
 
 
