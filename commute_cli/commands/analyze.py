@@ -260,10 +260,13 @@ def run_analysis(
         err.silent = not distributed.is_main_process()  # type: ignore[attr-defined]
         raise
     ctx, device = distributed.setup(resolve_device(opts.device), timeout_s=opts.dist_timeout)
+    finished = False
     try:
-        return _run_analysis(opts, ctx, device, t0, on_checkpoint_start, on_block)
+        result = _run_analysis(opts, ctx, device, t0, on_checkpoint_start, on_block)
+        finished = True
+        return result
     finally:
-        ctx.close()
+        ctx.close(finished=finished)
 
 
 def _run_analysis(

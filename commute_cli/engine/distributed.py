@@ -189,11 +189,23 @@ class DistContext:
             except _COLLECTIVE_ERRORS as err:
                 raise self._lost_peer(err) from err
 
-    def close(self) -> None:
-        """Destroy the process group if this context created it."""
-        if self.owns_group and dist.is_initialized():
-            dist.destroy_process_group()
-            self.owns_group = False
+    def close(self, *, finished: bool = True) -> None:
+        """Destroy the process group if this context created it.
+
+        ``finished``: the run ended normally on this rank, so every rank reaches this point; they meet at a
+        barrier first. Destroying a gloo group while a peer still has traffic in flight (rank 0 writing the
+        outputs while rank 1 tears down) can abort the faster rank at exit ("terminate called without an
+        active exception"). After a failure the peers may be gone, so there is no barrier then.
+        """
+        if not (self.owns_group and dist.is_initialized()):
+            return
+        if finished and self.enabled:
+            try:
+                dist.barrier()
+            except _COLLECTIVE_ERRORS:
+                pass  # a peer that left after finishing: nothing is waiting for us
+        dist.destroy_process_group()
+        self.owns_group = False
 
 
 def _error_payload(err: BaseException, rank: int) -> dict[str, Any]:
