@@ -6,7 +6,7 @@ It gets ``validate``'s rows and run record and draws them; nothing here computes
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,18 +19,47 @@ from commute_cli.render.formats import make_table
 __all__ = ["validate_table"]
 
 
-def _num(x: float) -> str:
-    """Four decimals (nats); two significant digits in scientific notation below 1e-3 (tiny lr, short N)."""
-    if not math.isfinite(x):
-        return str(x)
-    return f"{x:.4f}" if x == 0.0 or abs(x) >= 1e-3 else f"{x:.1e}"
+NAT_COLUMNS = (
+    "obs_el12",
+    "obs_el12_se",
+    "pred_el12",
+    "pred_el12_se",
+    "obs_el21",
+    "obs_el21_se",
+    "pred_el21",
+    "obs_sym",
+    "obs_sym_se",
+)
+"""The columns drawn in nats: one fixed-point precision for all of them, so a column never mixes 0.0012
+with 4.5e-04."""
 
 
-def _pm(mean: float, se: float, significant: bool | None = None) -> str:
-    text = _num(mean)
+def nat_decimals(values: Sequence[float], least: int = 4, most: int = 8) -> int:
+    """Decimals that show the smallest nonzero ``|value|`` with two significant digits, within [least, most].
+
+    ``least`` = 4 (a tenth of a millinat) is enough for the usual sizes; tiny learning rates or short
+    horizons give effects of 1e-5 nats, which then get 6 decimals instead of turning into 0.0000.
+    """
+    finite = [abs(float(v)) for v in values if math.isfinite(float(v)) and float(v) != 0.0]
+    if not finite:
+        return least
+    need = 1 - math.floor(math.log10(min(finite)))
+    return max(least, min(most, need))
+
+
+def _num(x: float, decimals: int) -> str:
+    return f"{x:.{decimals}f}" if math.isfinite(x) else str(x)
+
+
+def _pm(mean: float, se: float, decimals: int, significant: bool | None = None) -> str:
+    text = _num(mean, decimals)
     if math.isfinite(se):
-        text += f"±{_num(se)}"
+        text += f"±{_num(se, decimals)}"
     return text + ("*" if significant else "")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def validate_table(table: pd.DataFrame, run: Mapping[str, Any]) -> RenderableType:
@@ -41,6 +70,7 @@ def validate_table(table: pd.DataFrame, run: Mapping[str, Any]) -> RenderableTyp
     ``ValidateResult.run`` (``validate.json``'s ``run``).
     """
     df = table
+    d = nat_decimals([v for c in NAT_COLUMNS if c in df for v in df[c]])
     yes_no = {True: "yes", False: "NO", None: "-"}
     rows = []
     for r in df.itertuples(index=False):
@@ -51,13 +81,13 @@ def validate_table(table: pd.DataFrame, run: Mapping[str, Any]) -> RenderableTyp
             [
                 r.target,
                 f"{r.loss_ckpt:.4f}",
-                _pm(r.obs_el12, r.obs_el12_se, r.obs_el12_significant),
-                _pm(r.pred_el12, r.pred_el12_se, r.pred_significant),
+                _pm(r.obs_el12, r.obs_el12_se, d, r.obs_el12_significant),
+                _pm(r.pred_el12, r.pred_el12_se, d, r.pred_significant),
                 yes_no[agree12],
-                _pm(r.obs_el21, r.obs_el21_se, r.obs_el21_significant),
-                _pm(r.pred_el21, r.pred_el12_se, r.pred_significant),
+                _pm(r.obs_el21, r.obs_el21_se, d, r.obs_el21_significant),
+                _pm(r.pred_el21, r.pred_el12_se, d, r.pred_significant),
                 yes_no[agree21],
-                _pm(r.obs_sym, r.obs_sym_se),
+                _pm(r.obs_sym, r.obs_sym_se, d),
                 f"{r.ratio_obs_pred:.2g}" if math.isfinite(r.ratio_obs_pred) else "-",
                 f"{regime} ({r.regime_ratio:.2g})",
             ]
@@ -67,7 +97,7 @@ def validate_table(table: pd.DataFrame, run: Mapping[str, Any]) -> RenderableTyp
     title = (
         f"validate {Path(run['checkpoint']).name} (step {run['step']}): '12' = {one} +{first['dw']:g} for "
         f"{int(first['horizon'])} steps then -{first['dw']:g}; '21' the reverse; dt = {first['dt']:g}, "
-        f"metric {first['metric']}, {int(first['repeats'])} repeats"
+        f"metric {first['metric']}, {_count(int(first['repeats']), 'repeat')}"
     )
     columns = [
         "target k",
