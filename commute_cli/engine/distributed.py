@@ -28,6 +28,7 @@ watchdog, which ends the process with its own message after the same time.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import re
@@ -200,10 +201,8 @@ class DistContext:
         if not (self.owns_group and dist.is_initialized()):
             return
         if finished and self.enabled:
-            try:
+            with contextlib.suppress(_COLLECTIVE_ERRORS):  # a peer that left after finishing: nobody waits
                 dist.barrier()
-            except _COLLECTIVE_ERRORS:
-                pass  # a peer that left after finishing: nothing is waiting for us
         dist.destroy_process_group()
         self.owns_group = False
 
