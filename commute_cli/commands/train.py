@@ -4,7 +4,7 @@ It exists to make real checkpoint series for the analyzer (``sample_checkpoints/
 of ``commute validate``. The step itself is ``engine.training`` (read it top to bottom); the files of the
 run folder are ``io.runfiles``; this module wires them together:
 
-- inputs: ``io.runfiles.resolve_run_inputs`` (flags, then ``--init``'s checkpoint, then ``--manifest``);
+- inputs: ``io.run_inputs.resolve_run_inputs`` (flags, then ``--init``'s checkpoint, then ``--manifest``);
 - the model: ``DEFAULT_MODEL`` or a config JSON (new), or ``--init`` a checkpoint, loaded through the one
   checkpoint loader (``io.checkpoints.load_model``: pickle and weight preflight always run), continuing its
   optimizer state, step, stream positions and RNG;
@@ -44,7 +44,7 @@ from commute_cli.core.schedule import Schedule
 from commute_cli.engine import training
 from commute_cli.engine.models import model_config, new_model
 from commute_cli.errors import CommuteError
-from commute_cli.io import checkpoints, runfiles
+from commute_cli.io import checkpoints, run_inputs, runfiles
 
 
 @dataclass
@@ -196,7 +196,7 @@ def train(config: TrainConfig) -> Path:
         if not checkpoints.is_checkpoint_dir(init_dir):
             raise CommuteError(f"--init {init_dir} is not a model folder", "it needs config.json and weights")
         checkpoints.validate_weights(init_dir)
-    inputs = runfiles.resolve_run_inputs(
+    inputs = run_inputs.resolve_run_inputs(
         init_dir,
         domains=config.domains,
         eval_domains=config.eval_domains,
@@ -215,8 +215,8 @@ def train(config: TrainConfig) -> Path:
         raise CommuteError("no tokenizer given", "pass --tokenizer FOLDER, or --init a checkpoint with one")
     names = inputs.names
     schedule = inputs.schedule or Schedule.constant({n: 1.0 / len(names) for n in names}, names)
-    seq_len = int(inputs.seq_len or runfiles.DEFAULT_SEQ_LEN)
-    batch_size = int(inputs.batch_size or runfiles.DEFAULT_BATCH_SIZE)
+    seq_len = int(inputs.seq_len or run_inputs.DEFAULT_SEQ_LEN)
+    batch_size = int(inputs.batch_size or run_inputs.DEFAULT_BATCH_SIZE)
     tokenizer = inputs.load_tokenizer()
     tok_src = inputs.tokenizer_path
     resumed = runfiles.read_training_state(init_dir) if init_dir is not None else None
@@ -229,10 +229,10 @@ def train(config: TrainConfig) -> Path:
     clash = _clashing_checkpoints(out, init_dir, start_step, config.overwrite)
 
     # Data: fixed-length blocks per domain; streams positioned where the checkpoint left them.
-    train_blocks = runfiles.load_blocks(
+    train_blocks = run_inputs.load_blocks(
         inputs.domains, tokenizer, seq_len, inputs.base_dir or config.base_dir
     )
-    eval_blocks = runfiles.load_blocks(
+    eval_blocks = run_inputs.load_blocks(
         inputs.eval_domains, tokenizer, seq_len, inputs.base_dir or config.base_dir
     )
     eval_blocks = {n: _at_most(b, config.eval_blocks, config.seed) for n, b in eval_blocks.items()}
@@ -347,7 +347,7 @@ def train(config: TrainConfig) -> Path:
 
 def _manifest(
     config: TrainConfig,
-    inputs: runfiles.RunInputs,
+    inputs: run_inputs.RunInputs,
     schedule: Schedule,
     tok_rel: str,
     seq_len: int,
