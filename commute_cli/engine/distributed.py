@@ -201,7 +201,7 @@ class DistContext:
         if not (self.owns_group and dist.is_initialized()):
             return
         if finished and self.enabled:
-            with contextlib.suppress(_COLLECTIVE_ERRORS):  # a peer that left after finishing: nobody waits
+            with contextlib.suppress(*_COLLECTIVE_ERRORS):  # a peer that left after finishing: nobody waits
                 dist.barrier()
         dist.destroy_process_group()
         self.owns_group = False
