@@ -32,6 +32,7 @@ from commute_cli.core.regime import CheckpointStats
 from commute_cli.engine import curvature, distributed, metric
 from commute_cli.engine import groups as param_groups
 from commute_cli.engine.estimator import estimate_checkpoint
+from commute_cli.engine.hvp import HVPMethod
 from commute_cli.errors import CommuteError
 from commute_cli.io import checkpoints, sampling, store
 
@@ -232,7 +233,7 @@ def checkpoint_stats(
         plan=plan,
         target_coefs=coefs,
         D=D,
-        method=cast("curvature.HVPMethod", opts.hvp),
+        method=cast("HVPMethod", opts.hvp),
         micro_batch=opts.batch_size,
         hvp_micro_batch=hvp_micro_batch(opts),
         offload=offload,
