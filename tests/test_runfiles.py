@@ -299,6 +299,16 @@ def test_ctrl_c_in_validate_keeps_finished_repeats_and_resumes(run, tmp_path):
         ("io/run_inputs.py", ("commute_cli.core", "commute_cli.errors", "commute_cli.io")),
         (
             "commands/train.py",
+            (
+                "commute_cli.core",
+                "commute_cli.errors",
+                "commute_cli.engine",
+                "commute_cli.io",
+                "commute_cli.commands.train_setup",
+            ),
+        ),
+        (
+            "commands/train_setup.py",
             ("commute_cli.core", "commute_cli.errors", "commute_cli.engine", "commute_cli.io"),
         ),
     ],
