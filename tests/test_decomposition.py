@@ -15,9 +15,9 @@ import pytest
 import torch
 from torch import nn
 
-from commute_cli.commands.analyze import summarize_checkpoint
 from commute_cli.core import baselines
 from commute_cli.core.decomposition import decomposition_rows
+from commute_cli.core.rows import summarize_checkpoint
 from commute_cli.engine import curvature as C
 from commute_cli.engine.estimator import HVP, PAIR, VEC, estimate_products
 from commute_cli.engine.groups import groups_from_names, label_names, param_groups, segment_gram
@@ -297,7 +297,7 @@ def test_baselines_unbiased_with_honest_error_bars(population: Population) -> No
 
 def test_compare_orders_and_attach_second_order() -> None:
     """Who is favoured "first": first order by the alignment difference, second order by the sign of
-    ``EL^{ij}`` (negative: i earlier); rows from analyze's summarize_checkpoint are matched by key."""
+    ``EL^{ij}`` (negative: i earlier); rows from core.rows.summarize_checkpoint are matched by key."""
     assert baselines.compare_orders("a", -1.0, True, "a", "b") == "agree"
     assert baselines.compare_orders("b", -1.0, True, "a", "b") == "disagree"
     assert baselines.compare_orders("", 1.0, True, "a", "b") == "second order only"

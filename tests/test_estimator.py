@@ -40,8 +40,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from commute_cli.commands.analyze import Target, summarize_checkpoint
 from commute_cli.core import criterion
+from commute_cli.core.regime import Target
+from commute_cli.core.rows import summarize_checkpoint
 from commute_cli.engine import curvature as C
 from commute_cli.engine.estimator import (
     HVP,
