@@ -64,7 +64,7 @@ from commute_cli.core.resummed_math import known_size_error
 from commute_cli.core.rows import loss_rows, summarize_checkpoint, why_rows
 from commute_cli.engine import distributed
 from commute_cli.errors import CommuteError
-from commute_cli.io import atomic, checkpoints, optimizer_state, store
+from commute_cli.io import atomic, checkpoints, saved_optimizer, store
 from commute_cli.io.learning_rate import find_learning_rate
 from commute_cli.io.store import check_writable
 
@@ -263,7 +263,7 @@ def _run_analysis(
         )
 
     # what real interventions measured about these sizes on this optimizer family (docs/MATH.md, issue 15)
-    optimizer = optimizer_state.optimizer_name(
+    optimizer = saved_optimizer.optimizer_name(
         inputs.refs[0], inputs.manifest.optimizer if inputs.manifest is not None else None
     )
     known = known_size_error(optimizer, opts.metric)
