@@ -65,6 +65,7 @@ def recommend_command(
     from commute_cli.commands import recommend
     from commute_cli.io import store
     from commute_cli.render import tables
+    from commute_cli.render.recommend_table import recommend_report
 
     result = store.load_analysis(from_dir)
     batch = batch_size if batch_size is not None else recommend.run_batch_size(result)
@@ -88,7 +89,7 @@ def recommend_command(
             f"note: the files in {folder}/ are from an earlier recommend ({stale}); left unchanged", err=True
         )
     if fmt is Format.table:
-        tables.print_renderable(tables.recommend_report(rec))
+        tables.print_renderable(recommend_report(rec))
         if files:
             where = ", ".join(str(f) for f in files)
             typer.echo(f"wrote {where}; rerun with: commute train RUN --schedule {files[0]}", err=True)
