@@ -159,7 +159,7 @@ def analyze_command(
     from commute_cli.commands import analyze as analysis
     from commute_cli.engine.distributed import is_main_process
     from commute_cli.render import tables
-    from commute_cli.render.progress import AnalysisProgress
+    from commute_cli.render.analysis_progress import AnalysisProgress
 
     batch_size = alias(micro_batch, batch_size_old, "--micro-batch", "--batch-size")
     fmt_value = fmt.value
