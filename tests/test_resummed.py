@@ -21,6 +21,7 @@ from scipy.integrate import solve_ivp
 from scipy.linalg import expm
 from torch import Tensor, nn
 
+from commute_cli.core import known_sizes as ks
 from commute_cli.core import resummed_math as rm
 from commute_cli.engine import resummed as R
 from commute_cli.errors import CommuteError
@@ -463,16 +464,16 @@ def test_progress_rate_slope_and_time_factor() -> None:
 
 
 def test_size_record_notes_and_optimizer_families() -> None:
-    small = rm.SizeRecord("adam", "euclid", 8, 8, 0.3, 0.15, 0.8, "test")
+    small = ks.SizeRecord("adam", "euclid", 8, 8, 0.3, 0.15, 0.8, "test")
     assert "~3.3x larger than printed" in small.note()
-    half = rm.SizeRecord("adam", "euclid", 6, 3, 0.07, -0.8, 0.8, "t")
+    half = ks.SizeRecord("adam", "euclid", 6, 3, 0.07, -0.8, 0.8, "t")
     assert "not calibrated" in half.note()  # half the signs wrong
-    big = rm.SizeRecord("adam", "adam", 8, 5, 150.0, -50.0, 400.0, "test")
+    big = ks.SizeRecord("adam", "adam", 8, 5, 150.0, -50.0, 400.0, "test")
     assert "~1.5e+02x smaller than printed" in big.note()
-    assert "not calibrated" in rm.SizeRecord("sgd", "euclid", 0, 0, float("nan"), 0.0, 0.0, "test").note()
-    assert rm.optimizer_family("AdamW") == "adam" and rm.optimizer_family("adamw") == "adam"
-    assert rm.optimizer_family("SGD") == "sgd" and rm.optimizer_family("Lion") is None
-    assert rm.known_size_error("Lion") is None and rm.known_size_error(None) is None
+    assert "not calibrated" in ks.SizeRecord("sgd", "euclid", 0, 0, float("nan"), 0.0, 0.0, "test").note()
+    assert ks.optimizer_family("AdamW") == "adam" and ks.optimizer_family("adamw") == "adam"
+    assert ks.optimizer_family("SGD") == "sgd" and ks.optimizer_family("Lion") is None
+    assert ks.known_size_error("Lion") is None and ks.known_size_error(None) is None
 
 
 def test_known_sizes_are_the_committed_measurements() -> None:
@@ -482,8 +483,8 @@ def test_known_sizes_are_the_committed_measurements() -> None:
 
     file = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "adamw_sizes.json"
     summary = json.loads(file.read_text())["summary"]
-    assert rm.KNOWN_SIZES, "no measured sizes recorded"
-    for (family, method), rec in rm.KNOWN_SIZES.items():
+    assert ks.KNOWN_SIZES, "no measured sizes recorded"
+    for (family, method), rec in ks.KNOWN_SIZES.items():
         s = summary[f"{'adamw' if family == 'adam' else family}/bracket-{method}"]
         assert (rec.cases, rec.sign_agree) == (s["significant_cases"], s["sign_agree"])
         assert rec.median == pytest.approx(s["median_pred_over_obs"], rel=1e-2)

@@ -52,6 +52,7 @@ from commute_cli.commands.stats import (  # noqa: F401 (re-exported: benchmarks 
 )
 from commute_cli.core import baselines as first_order_baselines
 from commute_cli.core import criterion
+from commute_cli.core.known_sizes import known_size_error
 from commute_cli.core.regime import (
     REGIME_MAX_PROGRESS,
     REGIME_MAX_RATIO,
@@ -60,7 +61,6 @@ from commute_cli.core.regime import (
     choose_horizon,
     parse_targets,
 )
-from commute_cli.core.resummed_math import known_size_error
 from commute_cli.core.rows import loss_rows, summarize_checkpoint, why_rows
 from commute_cli.engine import distributed
 from commute_cli.errors import CommuteError

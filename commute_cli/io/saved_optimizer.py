@@ -40,7 +40,7 @@ def optimizer_name(ref: Any, manifest_optimizer: Mapping[str, Any] | None = None
     optimizer state saved with the checkpoint, read with ``weights_only=True``: Adam keeps ``exp_avg_sq`` per
     parameter and its param groups carry ``betas``; SGD with momentum keeps ``momentum_buffer`` and its groups
     carry ``momentum``. A nanoGPT ``ckpt.pt`` holds its optimizer under ``"optimizer"``. The name only selects
-    which measured size error the output quotes (``core.resummed_math.known_size_error``); nothing is
+    which measured size error the output quotes (``core.known_sizes.known_size_error``); nothing is
     computed from it.
     """
     if manifest_optimizer and isinstance(manifest_optimizer.get("name"), str):
