@@ -307,7 +307,7 @@ def test_compare_orders_and_attach_second_order() -> None:
     first = rng.normal(size=(6, 2, 2)) + np.array([[3.0, 1.0], [1.0, 1.0]])
     Q = np.zeros((6, 2, 2, 2))
     Q[:, :, 1, 0] = rng.normal(size=(6, 2)) - 5.0  # < D g_k, H_2 D g_1 > strongly negative
-    from commute_cli.core.regime import CheckpointStats
+    from commute_cli.core.checkpoint_stats import CheckpointStats
 
     stats = CheckpointStats(plan="pair", losses=np.ones((6, 2)), first=first, Q=Q)
     res = summarize_checkpoint(

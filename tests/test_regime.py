@@ -17,8 +17,9 @@ import pytest
 import scipy.linalg
 
 from commute_cli.core import criterion, regime
+from commute_cli.core.checkpoint_stats import CheckpointStats
 from commute_cli.core.criterion import BlockSummary, Verdict
-from commute_cli.core.regime import CheckpointStats, Regime
+from commute_cli.core.regime import Regime
 from commute_cli.io import store
 
 # ----------------------------------------------------------------------------------------------- helpers

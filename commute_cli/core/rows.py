@@ -13,8 +13,9 @@ import numpy as np
 
 from commute_cli.core import baselines as first_order_baselines
 from commute_cli.core import criterion, power
+from commute_cli.core.checkpoint_stats import CheckpointStats
 from commute_cli.core.decomposition import decomposition_rows
-from commute_cli.core.regime import MIN_EFFECT, CheckpointStats, Regime, Target, pair_list, predict_pair
+from commute_cli.core.regime import MIN_EFFECT, Regime, Target, pair_list, predict_pair
 from commute_cli.core.resummed_math import SATURATION_LIMIT, saturation_from_stats
 
 

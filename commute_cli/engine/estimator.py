@@ -52,7 +52,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from commute_cli.core.regime import CheckpointStats
+from commute_cli.core.checkpoint_stats import CheckpointStats
 from commute_cli.engine import curvature
 from commute_cli.engine.groups import ParamGroups, segment_gram
 from commute_cli.engine.hvp import HVPMethod, hvp
