@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from commute_cli.cli import expand_multi_value
+from commute_cli.cli.entry import expand_multi_value
 from commute_cli.core.regime import parse_targets
 from commute_cli.core.schedule import parse_weights
 from commute_cli.errors import CommuteError
