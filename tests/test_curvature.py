@@ -25,6 +25,8 @@ from commute_cli.errors import CommuteError
 transformers = pytest.importorskip("transformers")
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
+from references import dense_hessian  # noqa: E402
+
 VOCAB = 32
 T = 8
 
@@ -97,27 +99,6 @@ def rand_vectors(m: int, n: int, dtype: torch.dtype = torch.float64, seed: int =
 
 def reference_ce(logits: Tensor, ids: Tensor) -> Tensor:
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
-
-
-def dense_hessian(model: nn.Module, ids: Tensor, loss_of_output) -> Tensor:
-    """Hessian of the mean loss as a function of the flat parameter vector (float64)."""
-    plist = C.param_list(model)
-    tied = {
-        name: other
-        for name, p in model.named_parameters(remove_duplicate=False)
-        for other, q in plist
-        if p is q and name != other
-    }
-    sizes = [p.numel() for _, p in plist]
-
-    def f(theta: Tensor) -> Tensor:
-        d = {n: piece.view(p.shape) for (n, p), piece in zip(plist, theta.split(sizes), strict=True)}
-        for name, other in tied.items():
-            d[name] = d[other]
-        return loss_of_output(functional_call(model, d, (ids,), tie_weights=False), ids)
-
-    theta = torch.cat([p.detach().reshape(-1) for _, p in plist])
-    return torch.autograd.functional.hessian(f, theta, vectorize=True)
 
 
 def gpt2_loss(out, ids: Tensor) -> Tensor:

@@ -23,6 +23,7 @@ from commute_cli.engine.estimator import HVP, PAIR, VEC, estimate_products
 from commute_cli.engine.groups import groups_from_names, label_names, param_groups, segment_gram
 from commute_cli.errors import CommuteError
 
+from references import dense_grad, dense_hess
 from test_estimator import (
     NAMES,
     TARGET_COEFS,
@@ -30,8 +31,6 @@ from test_estimator import (
     WBAR,
     Population,
     brute_force_jackknife,
-    dense_grad,
-    dense_hess,
     draw_parts,
     make_population,
     random_diag,

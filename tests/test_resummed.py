@@ -26,6 +26,8 @@ from commute_cli.core import resummed_math as rm
 from commute_cli.engine import resummed as R
 from commute_cli.errors import CommuteError
 
+from references import dense_grad, dense_hess
+
 # ------------------------------------------------------------------------------------------------ quadratics
 
 
@@ -273,39 +275,11 @@ def domain_tokens(seed: int, n: int, T: int, vocab: int, skew: int) -> Tensor:
     return torch.multinomial(probs / probs.sum(), n * T, replacement=True, generator=g).view(n, T)
 
 
-def flat_fn(model: nn.Module, ids: Tensor):
-    from torch.func import functional_call
-
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for _, p in model.named_parameters()]
-    sizes = [p.numel() for _, p in model.named_parameters()]
-
-    def f(theta: Tensor) -> Tensor:
-        d = {n: t.view(s) for n, t, s in zip(names, theta.split(sizes), shapes, strict=True)}
-        return ce(_Wrapped(model, d), ids)
-
-    class _Wrapped(nn.Module):
-        def __init__(self, model: nn.Module, params: dict) -> None:
-            super().__init__()
-            self.model, self.params = model, params
-
-        def forward(self, x: Tensor) -> Tensor:
-            return functional_call(self.model, self.params, (x,))
-
-    theta = torch.cat([p.detach().reshape(-1) for _, p in model.named_parameters()])
-    return f, theta
-
-
 def dense_parts(model: nn.Module, parts: list[list[Tensor]]):
-    """Dense float64 gradients (parts 0 and 2) and Hessians (part 1) per domain."""
-    g0, H, g2 = [], [], []
-    for p in parts:
-        f0, theta = flat_fn(model, p[0])
-        g0.append(torch.autograd.functional.jacobian(f0, theta).numpy())
-        f1, _ = flat_fn(model, p[1])
-        H.append(torch.autograd.functional.hessian(f1, theta).numpy())
-        f2, _ = flat_fn(model, p[2])
-        g2.append(torch.autograd.functional.jacobian(f2, theta).numpy())
+    """Dense float64 gradients (parts 0 and 2) and Hessians (part 1) per domain (tests/references.py)."""
+    g0 = [dense_grad(model, p[0]).numpy() for p in parts]
+    H = [dense_hess(model, p[1]).numpy() for p in parts]
+    g2 = [dense_grad(model, p[2]).numpy() for p in parts]
     return np.array(g0), np.array(H), np.array(g2)
 
 
