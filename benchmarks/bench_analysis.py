@@ -304,6 +304,7 @@ def child_main(payload: str) -> None:
 def time_ops(model, part: torch.Tensor, mb: int, rounds: int) -> dict[str, list[float]]:
     """Interleaved timings of grad / rr 1 / rr 2 / fr 1 on one part (after one warm-up each)."""
     from commute_cli.engine import curvature as C
+    from commute_cli.engine.hvp import hvp
 
     n = C.num_params(model)
     device = C.model_device(model)
@@ -311,9 +312,9 @@ def time_ops(model, part: torch.Tensor, mb: int, rounds: int) -> dict[str, list[
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     ops = {
         "grad": lambda: C.loss_and_grad(model, part, mb),
-        "rr1": lambda: C.hvp(model, part, vecs[:1], mb, "rr"),
-        "rr2": lambda: C.hvp(model, part, vecs[:2], mb, "rr"),
-        "fr1": lambda: C.hvp(model, part, vecs[:1], mb, "fr"),
+        "rr1": lambda: hvp(model, part, vecs[:1], mb, "rr"),
+        "rr2": lambda: hvp(model, part, vecs[:2], mb, "rr"),
+        "fr1": lambda: hvp(model, part, vecs[:1], mb, "fr"),
     }
     times: dict[str, list[float]] = {k: [] for k in ops}
     for fn in ops.values():

@@ -1,6 +1,7 @@
 """How honest is analyze's ETA? One real ``commute analyze`` of the shipped run, measured in one run.
 
-The analysis runs with no cache into a temporary folder, with :class:`commute_cli.render.progress.AnalysisEta`
+The analysis runs with no cache into a temporary folder, with
+:class:`commute_cli.render.analysis_progress.AnalysisEta`
 fed by the real callbacks. At every event (checkpoint start, block end) the predicted finish time
 (``deadline``) is recorded; at the end it is compared with the actual finish: the ratio
 ``(predicted finish - start) / (actual finish - start)`` at 10%, 25%, 50% and 75% of the events, and how
@@ -39,7 +40,7 @@ def main() -> None:
     import transformers
 
     from commute_cli.commands.analyze import AnalyzeOptions, parse_steps, run_analysis
-    from commute_cli.render.progress import AnalysisEta
+    from commute_cli.render.analysis_progress import AnalysisEta
 
     torch.set_num_threads(args.threads)
     events: list[dict] = []

@@ -1,6 +1,6 @@
 """Cost of exact Hessian-vector products relative to one gradient over the same batch.
 
-For each model config: time of ``curvature.hvp`` (reverse-on-reverse "rr" and forward-over-reverse
+For each model config: time of ``engine.hvp.hvp`` (reverse-on-reverse "rr" and forward-over-reverse
 "fr", with 1, 2 and 4 vectors through the same batch; "fr" batches the tangents with ``vmap``) divided
 by the time of ``curvature.loss_and_grad`` on that batch. All in one process pinned to a fixed number
 of threads (1 by default; torch's default of 2 on a shared 2-core machine is 2-2.5x slower whenever
@@ -28,7 +28,7 @@ forward-over-reverse through ``torch.func``, its matrix product vmapped over col
 built over the model's logits and ``CrossEntropyLoss(reduction="mean")`` on the shifted tokens, with
 ``check_deterministic=False`` (the model is in eval mode); ``torch.func`` -- ``jvp`` over ``grad`` of the
 same loss through ``functional_call`` with the de-duplicated (tied) parameters. Each peer's result is
-checked against ``curvature.hvp`` on the same vector (relative error printed) before it is timed; a peer
+checked against ``engine.hvp.hvp`` on the same vector (relative error printed) before it is timed; a peer
 that is not installed is skipped with a note. The 4-column curvlinops product runs on the tiny config only.
 
 Finding (torch 2.13 CPU, curvlinops-for-pytorch 3.0.1): curvlinops' product differs from the exact HVP by
@@ -67,6 +67,7 @@ from pathlib import Path
 import torch
 
 from commute_cli.engine import curvature as C
+from commute_cli.engine.hvp import hvp
 
 import benchenv
 
@@ -193,7 +194,7 @@ def run_op(model: torch.nn.Module, blocks: torch.Tensor, op: str, vectors: torch
         _PEERS[op](vectors)  # type: ignore[operator]
     else:
         assert vectors is not None
-        C.hvp(model, blocks, vectors, micro_batch=blocks.shape[0], method=op)  # type: ignore[arg-type]
+        hvp(model, blocks, vectors, micro_batch=blocks.shape[0], method=op)  # type: ignore[arg-type]
     if C.model_device(model).type == "cuda":  # blocks stay on the CPU; hvp moves each micro-batch
         torch.cuda.synchronize()
 
@@ -294,7 +295,7 @@ def bench_case(
     ops = [("grad", 0)] + [(method, m) for method in ("rr", "fr") for m in VECTOR_COUNTS]
     _PEERS.clear()
     _PEERS.update(make_peers(model, blocks))
-    reference = C.hvp(model, blocks, vectors[:4], micro_batch=blocks.shape[0], method="rr").hvps
+    reference = hvp(model, blocks, vectors[:4], micro_batch=blocks.shape[0], method="rr").hvps
     agreement: dict[str, float] = {}
     for peer, m in PEERS:
         if m > 1 and case.name != "tiny":  # 4 vmapped columns: fr-like memory (~7 GB on "small")

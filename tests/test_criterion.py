@@ -19,55 +19,15 @@ from commute_cli.core import criterion
 from commute_cli.engine import metric
 from commute_cli.errors import CommuteError
 
+from references import Quadratics
+
 # --------------------------------------------------------------------------------------------------
 # independent reference: quadratic domains and exact flows in numpy
 
 
-class Quad:
-    """K quadratics L_k = 1/2 (x - b_k)^T A_k (x - b_k), A_k = Q diag(lam) Q^T with lam in (0, 1]."""
-
-    def __init__(self, K: int, n: int, seed: int) -> None:
-        rng = np.random.default_rng(seed)
-        lam = 0.7 ** np.arange(n)
-        self.A = []
-        for _ in range(K):
-            Q, _ = np.linalg.qr(rng.standard_normal((n, n)))
-            A = Q @ np.diag(lam) @ Q.T
-            self.A.append(0.5 * (A + A.T))
-        self.A = np.array(self.A)
-        self.b = rng.standard_normal((K, n))
-        self.x0 = rng.standard_normal(n)
-        self.K, self.n = K, n
-
-    def grads(self, x: np.ndarray) -> np.ndarray:
-        return np.einsum("kij,kj->ki", self.A, x[None, :] - self.b)
-
-    def flow(self, x: np.ndarray, w, t: float, D: np.ndarray | None = None) -> np.ndarray:
-        """theta' = -D sum_k w_k A_k (theta - b_k), exactly (augmented matrix exponential)."""
-        w = np.asarray(w, dtype=float)
-        Dv = np.ones(self.n) if D is None else D
-        Aw = np.einsum("k,kij->ij", w, self.A)
-        cw = np.einsum("k,kij,kj->i", w, self.A, self.b)
-        G = np.zeros((self.n + 1, self.n + 1))
-        G[: self.n, : self.n] = -Dv[:, None] * Aw
-        G[: self.n, self.n] = Dv * cw
-        E = scipy.linalg.expm(t * G)
-        return E[: self.n, : self.n] @ x + E[: self.n, self.n]
-
-    def loss_diff(self, x: np.ndarray, y: np.ndarray, c) -> float:
-        """L_c(x) - L_c(y), exact for quadratics and free of cancellation."""
-        c = np.asarray(c, dtype=float)
-        gL = c @ self.grads(y)
-        HL = np.einsum("k,kij->ij", c, self.A)
-        dlt = x - y
-        return float(gL @ dlt + 0.5 * dlt @ HL @ dlt)
-
-    def intervention(self, x, wbar, d, dt, c, D=None) -> float:
-        """Observed L(theta_int) - L(theta_base): wbar+d for dt then wbar-d for dt, vs wbar for 2 dt."""
-        wbar, d = np.asarray(wbar, float), np.asarray(d, float)
-        x_int = self.flow(self.flow(x, wbar + d, dt, D), wbar - d, dt, D)
-        x_base = self.flow(x, wbar, 2 * dt, D)
-        return self.loss_diff(x_int, x_base, c)
+class Quad(Quadratics):
+    """The reference quadratics (tests/references.py) with the criterion's quantities: ``M`` through
+    criterion.py from dense HVPs, ``P`` typed from MATH.md with dense matrices."""
 
     def M(self, x, c, D=None, plan: str = "pair") -> np.ndarray:
         """Interaction matrix through criterion.py, from HVPs computed with the dense A_k."""

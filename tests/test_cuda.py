@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from commute_cli.engine import curvature as C
+from commute_cli.engine.hvp import hvp
 from commute_cli.io import checkpoints as ck
 
 from cli_runner import cli
@@ -55,8 +56,8 @@ def test_float32_curvature_gpu_matches_cpu(method: str) -> None:
     gpu = small_gpt2().to(CUDA)
     blocks = torch.randint(0, 512, (6, 64), generator=torch.Generator().manual_seed(1))
     vecs = torch.randn(2, C.num_params(cpu), generator=torch.Generator().manual_seed(2))
-    ref = C.hvp(cpu, blocks, vecs, micro_batch=3, method=method)  # type: ignore[arg-type]
-    got = C.hvp(gpu, blocks, vecs, micro_batch=3, method=method)  # type: ignore[arg-type]
+    ref = hvp(cpu, blocks, vecs, micro_batch=3, method=method)  # type: ignore[arg-type]
+    got = hvp(gpu, blocks, vecs, micro_batch=3, method=method)  # type: ignore[arg-type]
     assert got.hvps.device.type == "cuda"
     assert got.loss == pytest.approx(ref.loss, rel=1e-6)
     for a, b in ((got.grad, ref.grad), (got.hvps, ref.hvps)):
@@ -79,8 +80,8 @@ def test_bf16_checkpoint_upcast_on_gpu(tmp_path: Path) -> None:
     assert gpu.config._attn_implementation == "eager"
     blocks = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(3))
     v = torch.randn(C.num_params(cpu), generator=torch.Generator().manual_seed(4))
-    a = C.hvp(gpu, blocks, v, micro_batch=4).hvps.cpu()
-    b = C.hvp(cpu, blocks, v, micro_batch=4).hvps
+    a = hvp(gpu, blocks, v, micro_batch=4).hvps.cpu()
+    b = hvp(cpu, blocks, v, micro_batch=4).hvps
     assert float((a - b).norm() / b.norm()) < 1e-5
 
 

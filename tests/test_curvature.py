@@ -19,10 +19,13 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from commute_cli.engine import curvature as C
+from commute_cli.engine.hvp import hvp
 from commute_cli.errors import CommuteError
 
 transformers = pytest.importorskip("transformers")
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
+
+from references import dense_hessian  # noqa: E402
 
 VOCAB = 32
 T = 8
@@ -98,27 +101,6 @@ def reference_ce(logits: Tensor, ids: Tensor) -> Tensor:
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
 
 
-def dense_hessian(model: nn.Module, ids: Tensor, loss_of_output) -> Tensor:
-    """Hessian of the mean loss as a function of the flat parameter vector (float64)."""
-    plist = C.param_list(model)
-    tied = {
-        name: other
-        for name, p in model.named_parameters(remove_duplicate=False)
-        for other, q in plist
-        if p is q and name != other
-    }
-    sizes = [p.numel() for _, p in plist]
-
-    def f(theta: Tensor) -> Tensor:
-        d = {n: piece.view(p.shape) for (n, p), piece in zip(plist, theta.split(sizes), strict=True)}
-        for name, other in tied.items():
-            d[name] = d[other]
-        return loss_of_output(functional_call(model, d, (ids,), tie_weights=False), ids)
-
-    theta = torch.cat([p.detach().reshape(-1) for _, p in plist])
-    return torch.autograd.functional.hessian(f, theta, vectorize=True)
-
-
 def gpt2_loss(out, ids: Tensor) -> Tensor:
     return reference_ce(out.logits, ids)
 
@@ -177,7 +159,7 @@ def test_param_list_skips_frozen() -> None:
 def test_hvp_matches_dense_hessian_gpt2(gpt2_case, method: str) -> None:
     model, ids, H = gpt2_case
     V = rand_vectors(3, H.shape[0])
-    res = C.hvp(model, ids, V, micro_batch=4, method=method)
+    res = hvp(model, ids, V, micro_batch=4, method=method)
     ref = V @ H
     assert res.hvps.shape == (3, H.shape[0]) and res.hvps.dtype == torch.float64
     assert (res.hvps - ref).abs().max() <= 1e-10 * ref.abs().max()
@@ -192,7 +174,7 @@ def test_hvp_matches_dense_hessian_gpt2(gpt2_case, method: str) -> None:
 def test_hvp_matches_dense_hessian_mlp_lm(mlp_case, method: str) -> None:
     model, ids, H = mlp_case
     V = rand_vectors(4, H.shape[0], seed=5)
-    res = C.hvp(model, ids, V, micro_batch=2, method=method)
+    res = hvp(model, ids, V, micro_batch=2, method=method)
     ref = V @ H
     assert (res.hvps - ref).abs().max() <= 1e-10 * ref.abs().max()
 
@@ -203,7 +185,7 @@ def test_hvp_custom_loss_hook_regression(method: str) -> None:
     model = MLPRegressor().double()
     ids = blocks(6, seed=7)
     V = rand_vectors(2, C.num_params(model), seed=8)
-    res = C.hvp(model, ids, V, micro_batch=4, method=method, loss_fn=regression_loss)
+    res = hvp(model, ids, V, micro_batch=4, method=method, loss_fn=regression_loss)
 
     def f(theta: Tensor) -> Tensor:
         d = C.unflatten(theta, model)
@@ -226,16 +208,16 @@ def test_rr_fr_symmetry_and_float32(gpt2_case) -> None:
     n = H.shape[0]
     V = rand_vectors(2, n, seed=9)
     u, v = V[0], V[1]
-    rr = C.hvp(model64, ids, V, 4, "rr").hvps
-    fr = C.hvp(model64, ids, V, 4, "fr").hvps
+    rr = hvp(model64, ids, V, 4, "rr").hvps
+    fr = hvp(model64, ids, V, 4, "fr").hvps
     assert (rr - fr).abs().max() <= 1e-12 * rr.abs().max()
     assert float(u @ rr[1]) == pytest.approx(float(v @ rr[0]), rel=1e-12)
 
     model32 = tiny_gpt2(torch.float32)
     model32.load_state_dict({k: t.float() for k, t in model64.state_dict().items()})
     V32 = V.float()
-    rr32 = C.hvp(model32, ids, V32, 4, "rr")
-    fr32 = C.hvp(model32, ids, V32, 4, "fr")
+    rr32 = hvp(model32, ids, V32, 4, "rr")
+    fr32 = hvp(model32, ids, V32, 4, "fr")
     assert rr32.hvps.dtype == torch.float32 and rr32.grad.dtype == torch.float32
     scale = rr.abs().max()
     assert (rr32.hvps.double() - rr).abs().max() <= 1e-5 * scale
@@ -248,9 +230,9 @@ def test_rr_fr_symmetry_and_float32(gpt2_case) -> None:
 def test_fr_chunks_and_single_vector(gpt2_case) -> None:
     model, ids, H = gpt2_case
     V = rand_vectors(3, H.shape[0], seed=10)
-    full = C.hvp(model, ids, V, 4, "fr").hvps
-    chunked = C.hvp(model, ids, V, 4, "fr", fr_chunk=2).hvps
-    single = C.hvp(model, ids, V[1], 4, "fr").hvps
+    full = hvp(model, ids, V, 4, "fr").hvps
+    chunked = hvp(model, ids, V, 4, "fr", fr_chunk=2).hvps
+    single = hvp(model, ids, V[1], 4, "fr").hvps
     assert single.shape == (1, H.shape[0])
     assert torch.allclose(chunked, full, rtol=0, atol=1e-13)
     assert torch.allclose(single[0], full[1], rtol=0, atol=1e-13)
@@ -300,7 +282,7 @@ def test_gradient_matches_finite_differences_and_backward() -> None:
 def test_loss_and_grad_leave_model_grads_alone() -> None:
     model = tiny_gpt2()
     C.loss_and_grad(model, blocks(2), 1)
-    C.hvp(model, blocks(2), rand_vectors(1, C.num_params(model)), 1, "rr")
+    hvp(model, blocks(2), rand_vectors(1, C.num_params(model)), 1, "rr")
     assert all(p.grad is None for p in model.parameters())
 
 
@@ -342,9 +324,9 @@ def test_micro_batch_accumulation(method: str) -> None:
     model = tiny_gpt2()
     ids = blocks(5, seed=14)
     V = rand_vectors(2, C.num_params(model), seed=15)
-    ref = C.hvp(model, ids, V, 5, method)
+    ref = hvp(model, ids, V, 5, method)
     for mb in (1, 2, 3):
-        res = C.hvp(model, ids, V, mb, method)
+        res = hvp(model, ids, V, mb, method)
         assert res.loss == pytest.approx(ref.loss, rel=1e-13)
         assert torch.allclose(res.grad, ref.grad, rtol=0, atol=1e-13)
         assert torch.allclose(res.hvps, ref.hvps, rtol=0, atol=1e-12)
@@ -359,14 +341,14 @@ def test_reduce_hook_is_applied() -> None:
     model = tiny_gpt2()
     ids = blocks(3, seed=16)
     V = rand_vectors(1, C.num_params(model), seed=17)
-    ref = C.hvp(model, ids, V, 2, "rr")
+    ref = hvp(model, ids, V, 2, "rr")
     calls: list[int] = []
 
     def twice(t: Tensor) -> Tensor:
         calls.append(t.numel())
         return 2 * t
 
-    res = C.hvp(model, ids, V, 2, "rr", reduce=twice)
+    res = hvp(model, ids, V, 2, "rr", reduce=twice)
     assert calls and res.loss == pytest.approx(ref.loss, rel=1e-14)
     assert torch.allclose(res.hvps, ref.hvps, rtol=0, atol=1e-14)
 
@@ -383,7 +365,7 @@ def test_train_mode_with_dropout_is_refused() -> None:
     for call in (
         lambda: C.loss_only(model, ids, 2),
         lambda: C.loss_and_grad(model, ids, 2),
-        lambda: C.hvp(model, ids, V, 2, "rr"),
+        lambda: hvp(model, ids, V, 2, "rr"),
     ):
         with pytest.raises(CommuteError, match="dropout") as info:
             call()
@@ -412,7 +394,7 @@ def test_sdpa_attention_gives_a_clear_error(method: str) -> None:
     C.loss_and_grad(model, ids, 2)  # first order is fine
     V = rand_vectors(1, C.num_params(model))
     with pytest.raises(CommuteError, match="sdpa") as info:
-        C.hvp(model, ids, V, 2, method)
+        hvp(model, ids, V, 2, method)
     assert 'attn_implementation="eager"' in (info.value.hint or "")
 
 
@@ -423,9 +405,9 @@ def test_sdpa_math_backend_works() -> None:
     eager, sdpa = tiny_gpt2(), tiny_gpt2(attn="sdpa")
     ids = blocks(2)
     V = rand_vectors(1, C.num_params(eager))
-    ref = C.hvp(eager, ids, V, 2, "rr").hvps
+    ref = hvp(eager, ids, V, 2, "rr").hvps
     with sdpa_kernel(SDPBackend.MATH):
-        got = C.hvp(sdpa, ids, V, 2, "rr").hvps
+        got = hvp(sdpa, ids, V, 2, "rr").hvps
     assert torch.allclose(got, ref, rtol=0, atol=1e-12 * float(ref.abs().max()))
 
 
@@ -433,9 +415,9 @@ def test_bad_inputs() -> None:
     model = tiny_gpt2()
     n = C.num_params(model)
     with pytest.raises(CommuteError):
-        C.hvp(model, blocks(2), torch.zeros(1, n + 1, dtype=torch.float64), 1)
+        hvp(model, blocks(2), torch.zeros(1, n + 1, dtype=torch.float64), 1)
     with pytest.raises(CommuteError):
-        C.hvp(model, blocks(2), torch.zeros(1, n, dtype=torch.float64), 1, method="fd")  # type: ignore[arg-type]
+        hvp(model, blocks(2), torch.zeros(1, n, dtype=torch.float64), 1, method="fd")  # type: ignore[arg-type]
     with pytest.raises(CommuteError):
         C.loss_and_grad(model, blocks(2).float(), 1)
     with pytest.raises(CommuteError):
@@ -471,5 +453,5 @@ def test_hvp_flops_are_three_gradients_and_shared_per_vector(method: str) -> Non
     grad = flops(lambda: C.loss_and_grad(model, blocks, micro_batch=4))
     assert grad > 0
     for m in (1, 2, 4):
-        total = flops(lambda m=m: C.hvp(model, blocks, vecs[:m], micro_batch=4, method=method))
+        total = flops(lambda m=m: hvp(model, blocks, vecs[:m], micro_batch=4, method=method))
         assert total / grad / m == pytest.approx((1 + 2 * m) / m, rel=1e-3), (m, total / grad)

@@ -15,14 +15,15 @@ import pytest
 import torch
 from torch import nn
 
-from commute_cli.commands.analyze import summarize_checkpoint
 from commute_cli.core import baselines
 from commute_cli.core.decomposition import decomposition_rows
+from commute_cli.core.rows import summarize_checkpoint
 from commute_cli.engine import curvature as C
 from commute_cli.engine.estimator import HVP, PAIR, VEC, estimate_products
 from commute_cli.engine.groups import groups_from_names, label_names, param_groups, segment_gram
 from commute_cli.errors import CommuteError
 
+from references import dense_grad, dense_hess
 from test_estimator import (
     NAMES,
     TARGET_COEFS,
@@ -30,8 +31,6 @@ from test_estimator import (
     WBAR,
     Population,
     brute_force_jackknife,
-    dense_grad,
-    dense_hess,
     draw_parts,
     make_population,
     random_diag,
@@ -297,7 +296,7 @@ def test_baselines_unbiased_with_honest_error_bars(population: Population) -> No
 
 def test_compare_orders_and_attach_second_order() -> None:
     """Who is favoured "first": first order by the alignment difference, second order by the sign of
-    ``EL^{ij}`` (negative: i earlier); rows from analyze's summarize_checkpoint are matched by key."""
+    ``EL^{ij}`` (negative: i earlier); rows from core.rows.summarize_checkpoint are matched by key."""
     assert baselines.compare_orders("a", -1.0, True, "a", "b") == "agree"
     assert baselines.compare_orders("b", -1.0, True, "a", "b") == "disagree"
     assert baselines.compare_orders("", 1.0, True, "a", "b") == "second order only"
@@ -307,7 +306,7 @@ def test_compare_orders_and_attach_second_order() -> None:
     first = rng.normal(size=(6, 2, 2)) + np.array([[3.0, 1.0], [1.0, 1.0]])
     Q = np.zeros((6, 2, 2, 2))
     Q[:, :, 1, 0] = rng.normal(size=(6, 2)) - 5.0  # < D g_k, H_2 D g_1 > strongly negative
-    from commute_cli.core.regime import CheckpointStats
+    from commute_cli.core.checkpoint_stats import CheckpointStats
 
     stats = CheckpointStats(plan="pair", losses=np.ones((6, 2)), first=first, Q=Q)
     res = summarize_checkpoint(

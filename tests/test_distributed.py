@@ -137,6 +137,7 @@ def _blocks() -> torch.Tensor:
 def _reduce_worker(rank: int, init_file: str, out_dir: str) -> None:
     from commute_cli.engine import curvature as C
     from commute_cli.engine.distributed import DistContext
+    from commute_cli.engine.hvp import hvp
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
@@ -148,11 +149,11 @@ def _reduce_worker(rank: int, init_file: str, out_dir: str) -> None:
         assert mine.shape[0] == (1 if rank == 0 else 0)
         vecs = torch.randn(2, C.num_params(model), generator=torch.Generator().manual_seed(2))
         loss, grad = C.loss_and_grad(model, mine, 2, reduce=ctx.reduce_fn())
-        res = C.hvp(model, mine, vecs, 2, reduce=ctx.reduce_fn())
+        res = hvp(model, mine, vecs, 2, reduce=ctx.reduce_fn())
         # three sequences split 2 / 1
         part = ctx.shard(_blocks())
         loss3, grad3 = C.loss_and_grad(model, part, 1, reduce=ctx.reduce_fn())
-        res3 = C.hvp(model, part, vecs, 1, reduce=ctx.reduce_fn())
+        res3 = hvp(model, part, vecs, 1, reduce=ctx.reduce_fn())
         torch.save(
             {
                 "loss": loss,
@@ -176,14 +177,15 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def test_reduce_hook_with_an_empty_rank(tmp_path):
     from commute_cli.engine import curvature as C
+    from commute_cli.engine.hvp import hvp
 
     mp.spawn(_reduce_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     model = _tiny_model()
     vecs = torch.randn(2, C.num_params(model), generator=torch.Generator().manual_seed(2))
     loss, grad = C.loss_and_grad(model, _blocks()[:1], 2)
-    hv = C.hvp(model, _blocks()[:1], vecs, 2).hvps
+    hv = hvp(model, _blocks()[:1], vecs, 2).hvps
     loss3, grad3 = C.loss_and_grad(model, _blocks(), 3)
-    hv3 = C.hvp(model, _blocks(), vecs, 3)
+    hv3 = hvp(model, _blocks(), vecs, 3)
     for rank in (0, 1):  # every rank ends with the same global means
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert got["loss"] == pytest.approx(loss, rel=1e-6)

@@ -36,12 +36,11 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
 
-from commute_cli.commands.analyze import Target, summarize_checkpoint
 from commute_cli.core import criterion
+from commute_cli.core.regime import Target
+from commute_cli.core.rows import summarize_checkpoint
 from commute_cli.engine import curvature as C
 from commute_cli.engine.estimator import (
     HVP,
@@ -53,6 +52,8 @@ from commute_cli.engine.estimator import (
     estimate_products,
     jackknife_values,
 )
+
+from references import dense_grad, dense_hess, functional_loss
 
 V, T = 8, 5  # vocabulary, sequence length
 P = 20_000  # sequences per domain pool
@@ -102,41 +103,6 @@ def markov_pool(seed: int, n: int = P, concentration: float = 0.1) -> Tensor:
     for t in range(1, T):
         x[:, t] = torch.multinomial(trans[x[:, t - 1]], 1, generator=gen).squeeze(1)
     return x
-
-
-def functional_loss(model: nn.Module, ids: Tensor, weights: Tensor | None = None):
-    """The mean next-token cross-entropy as a function of the flat parameter vector (``param_list`` order).
-
-    ``weights`` (summing to 1) weight the sequences: a pool is passed as its distinct sequences with their
-    frequencies. Tied weights (GPT-2's lm_head = wte) are handled by ``functional_call``'s default tying with
-    the de-duplicated names (FACTS.md).
-    """
-    plist = C.param_list(model)
-    sizes = [p.numel() for _, p in plist]
-    w = torch.full((ids.shape[0],), 1.0 / ids.shape[0], dtype=torch.float64) if weights is None else weights
-
-    def f(theta: Tensor) -> Tensor:
-        params = {
-            name: piece.view(p.shape) for (name, p), piece in zip(plist, theta.split(sizes), strict=True)
-        }
-        out = functional_call(model, params, (ids,))
-        logits = out if isinstance(out, Tensor) else out.logits
-        tok = F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
-        )
-        return (w * tok.view(ids.shape[0], -1).mean(1)).sum()
-
-    return f
-
-
-def dense_grad(model: nn.Module, ids: Tensor, weights: Tensor | None = None) -> Tensor:
-    theta = torch.cat([p.detach().reshape(-1) for _, p in C.param_list(model)])
-    return torch.autograd.functional.jacobian(functional_loss(model, ids, weights), theta)
-
-
-def dense_hess(model: nn.Module, ids: Tensor, weights: Tensor | None = None) -> Tensor:
-    theta = torch.cat([p.detach().reshape(-1) for _, p in C.param_list(model)])
-    return torch.autograd.functional.hessian(functional_loss(model, ids, weights), theta, vectorize=True)
 
 
 @dataclass

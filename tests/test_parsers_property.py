@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from commute_cli.cli import expand_multi_value
-from commute_cli.commands.analyze import parse_targets
+from commute_cli.cli.entry import expand_multi_value
+from commute_cli.core.regime import parse_targets
 from commute_cli.core.schedule import parse_weights
 from commute_cli.errors import CommuteError
 from commute_cli.io.data import parse_domain_specs

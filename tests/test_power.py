@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from commute_cli.commands.analyze import summarize_checkpoint
 from commute_cli.core import power
+from commute_cli.core.rows import summarize_checkpoint
 from commute_cli.engine.estimator import HVP, estimate_products
 
 import test_estimator as te  # the exact population and its helpers

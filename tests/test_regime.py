@@ -14,12 +14,14 @@ import math
 
 import numpy as np
 import pytest
-import scipy.linalg
 
 from commute_cli.core import criterion, regime
+from commute_cli.core.checkpoint_stats import CheckpointStats
 from commute_cli.core.criterion import BlockSummary, Verdict
-from commute_cli.core.regime import CheckpointStats, Regime
+from commute_cli.core.regime import Regime
 from commute_cli.io import store
+
+from references import Quadratics
 
 # ----------------------------------------------------------------------------------------------- helpers
 
@@ -33,34 +35,8 @@ def summary(mean: float, se: float, B: int = 8) -> BlockSummary:
     return s
 
 
-class Quad:
-    """Independent reference: K quadratics, exact flows by scipy's expm of the augmented affine system."""
-
-    def __init__(self, K: int, n: int, seed: int) -> None:
-        rng = np.random.default_rng(seed)
-        lam = 0.7 ** np.arange(n)
-        self.A = np.array(
-            [(Q := np.linalg.qr(rng.standard_normal((n, n)))[0]) @ np.diag(lam) @ Q.T for _ in range(K)]
-        )
-        self.A = 0.5 * (self.A + self.A.transpose(0, 2, 1))
-        self.b = rng.standard_normal((K, n))
-        self.x0 = rng.standard_normal(n)
-        self.K, self.n = K, n
-
-    def grads(self, x):
-        return np.einsum("kij,kj->ki", self.A, x[None] - self.b)
-
-    def losses(self, x):
-        d = x[None] - self.b
-        return 0.5 * np.einsum("ki,kij,kj->k", d, self.A, d)
-
-    def flow(self, x, w, t):
-        Aw = np.einsum("k,kij->ij", w, self.A)
-        cw = np.einsum("k,kij,kj->i", w, self.A, self.b)
-        G = np.zeros((self.n + 1, self.n + 1))
-        G[: self.n, : self.n], G[: self.n, self.n] = -Aw, cw
-        E = scipy.linalg.expm(t * G)
-        return E[: self.n, : self.n] @ x + E[: self.n, self.n]
+class Quad(Quadratics):
+    """The reference quadratics (tests/references.py) with their exact per-block statistics."""
 
     def stats(self, x, B: int = 4, noise: float = 0.0, seed: int = 0) -> CheckpointStats:
         """Per-block statistics in the estimator's layout (``Q[b, k, a, l] = <g_k, H_a g_l>``), exact plus

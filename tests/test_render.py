@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 from rich.console import Console
 
-from commute_cli.render import columns, progress, style, tables
+from commute_cli.render import analysis_progress, columns, progress, style, tables
 
 from cli_runner import cli
 from tiny_run import make_run
@@ -253,7 +253,7 @@ def test_analysis_eta_from_measured_times():
     """5 checkpoints x 4 blocks, 3 s model load then 2 s per block: no estimate until a block interval is
     measured; from then on it is exact, and it does not change while the work runs at the measured pace."""
     clock = Clock()
-    eta = progress.AnalysisEta(5, clock)
+    eta = analysis_progress.AnalysisEta(5, clock)
     eta.checkpoint(0, 4, cached=False)
     assert eta.remaining() is None  # nothing measured yet
     clock.now += 5.0  # load 3 s + block 2 s
@@ -286,7 +286,7 @@ def test_analysis_eta_leaves_out_the_warm_up():
     checkpoint's first two blocks are measured, the estimate is exact again (the warm-up is not repeated
     for the checkpoints left)."""
     clock = Clock()
-    eta = progress.AnalysisEta(4, clock)
+    eta = analysis_progress.AnalysisEta(4, clock)
     eta.checkpoint(0, 4, cached=False)
     clock.now += 10.0 + 3.0 + 2.0
     eta.block()
@@ -308,7 +308,7 @@ def test_analysis_eta_leaves_out_the_warm_up():
 
 def test_analysis_eta_with_cached_checkpoints():
     clock = Clock()
-    eta = progress.AnalysisEta(3, clock)
+    eta = analysis_progress.AnalysisEta(3, clock)
     eta.checkpoint(0, 8, cached=True)
     assert eta.remaining() is None  # the two left are unmeasured
     eta.checkpoint(1, 8, cached=True)
@@ -339,7 +339,7 @@ def test_analysis_bars_show_the_real_total(analyzed, tmp_path):
     run = json.loads((analyzed / "run.json").read_text())
     console = Console(file=io.StringIO(), force_terminal=True, width=120, record=True)
     frames: list[str] = []
-    with progress.AnalysisProgress(enabled=True, console=console) as bars:
+    with analysis_progress.AnalysisProgress(enabled=True, console=console) as bars:
 
         def on_block(b: int) -> None:
             bars.block(b)

@@ -21,9 +21,12 @@ from scipy.integrate import solve_ivp
 from scipy.linalg import expm
 from torch import Tensor, nn
 
+from commute_cli.core import known_sizes as ks
 from commute_cli.core import resummed_math as rm
 from commute_cli.engine import resummed as R
 from commute_cli.errors import CommuteError
+
+from references import dense_grad, dense_hess
 
 # ------------------------------------------------------------------------------------------------ quadratics
 
@@ -272,39 +275,11 @@ def domain_tokens(seed: int, n: int, T: int, vocab: int, skew: int) -> Tensor:
     return torch.multinomial(probs / probs.sum(), n * T, replacement=True, generator=g).view(n, T)
 
 
-def flat_fn(model: nn.Module, ids: Tensor):
-    from torch.func import functional_call
-
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for _, p in model.named_parameters()]
-    sizes = [p.numel() for _, p in model.named_parameters()]
-
-    def f(theta: Tensor) -> Tensor:
-        d = {n: t.view(s) for n, t, s in zip(names, theta.split(sizes), shapes, strict=True)}
-        return ce(_Wrapped(model, d), ids)
-
-    class _Wrapped(nn.Module):
-        def __init__(self, model: nn.Module, params: dict) -> None:
-            super().__init__()
-            self.model, self.params = model, params
-
-        def forward(self, x: Tensor) -> Tensor:
-            return functional_call(self.model, self.params, (x,))
-
-    theta = torch.cat([p.detach().reshape(-1) for _, p in model.named_parameters()])
-    return f, theta
-
-
 def dense_parts(model: nn.Module, parts: list[list[Tensor]]):
-    """Dense float64 gradients (parts 0 and 2) and Hessians (part 1) per domain."""
-    g0, H, g2 = [], [], []
-    for p in parts:
-        f0, theta = flat_fn(model, p[0])
-        g0.append(torch.autograd.functional.jacobian(f0, theta).numpy())
-        f1, _ = flat_fn(model, p[1])
-        H.append(torch.autograd.functional.hessian(f1, theta).numpy())
-        f2, _ = flat_fn(model, p[2])
-        g2.append(torch.autograd.functional.jacobian(f2, theta).numpy())
+    """Dense float64 gradients (parts 0 and 2) and Hessians (part 1) per domain (tests/references.py)."""
+    g0 = [dense_grad(model, p[0]).numpy() for p in parts]
+    H = [dense_hess(model, p[1]).numpy() for p in parts]
+    g2 = [dense_grad(model, p[2]).numpy() for p in parts]
     return np.array(g0), np.array(H), np.array(g2)
 
 
@@ -463,16 +438,16 @@ def test_progress_rate_slope_and_time_factor() -> None:
 
 
 def test_size_record_notes_and_optimizer_families() -> None:
-    small = rm.SizeRecord("adam", "euclid", 8, 8, 0.3, 0.15, 0.8, "test")
+    small = ks.SizeRecord("adam", "euclid", 8, 8, 0.3, 0.15, 0.8, "test")
     assert "~3.3x larger than printed" in small.note()
-    half = rm.SizeRecord("adam", "euclid", 6, 3, 0.07, -0.8, 0.8, "t")
+    half = ks.SizeRecord("adam", "euclid", 6, 3, 0.07, -0.8, 0.8, "t")
     assert "not calibrated" in half.note()  # half the signs wrong
-    big = rm.SizeRecord("adam", "adam", 8, 5, 150.0, -50.0, 400.0, "test")
+    big = ks.SizeRecord("adam", "adam", 8, 5, 150.0, -50.0, 400.0, "test")
     assert "~1.5e+02x smaller than printed" in big.note()
-    assert "not calibrated" in rm.SizeRecord("sgd", "euclid", 0, 0, float("nan"), 0.0, 0.0, "test").note()
-    assert rm.optimizer_family("AdamW") == "adam" and rm.optimizer_family("adamw") == "adam"
-    assert rm.optimizer_family("SGD") == "sgd" and rm.optimizer_family("Lion") is None
-    assert rm.known_size_error("Lion") is None and rm.known_size_error(None) is None
+    assert "not calibrated" in ks.SizeRecord("sgd", "euclid", 0, 0, float("nan"), 0.0, 0.0, "test").note()
+    assert ks.optimizer_family("AdamW") == "adam" and ks.optimizer_family("adamw") == "adam"
+    assert ks.optimizer_family("SGD") == "sgd" and ks.optimizer_family("Lion") is None
+    assert ks.known_size_error("Lion") is None and ks.known_size_error(None) is None
 
 
 def test_known_sizes_are_the_committed_measurements() -> None:
@@ -482,8 +457,8 @@ def test_known_sizes_are_the_committed_measurements() -> None:
 
     file = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "adamw_sizes.json"
     summary = json.loads(file.read_text())["summary"]
-    assert rm.KNOWN_SIZES, "no measured sizes recorded"
-    for (family, method), rec in rm.KNOWN_SIZES.items():
+    assert ks.KNOWN_SIZES, "no measured sizes recorded"
+    for (family, method), rec in ks.KNOWN_SIZES.items():
         s = summary[f"{'adamw' if family == 'adam' else family}/bracket-{method}"]
         assert (rec.cases, rec.sign_agree) == (s["significant_cases"], s["sign_agree"])
         assert rec.median == pytest.approx(s["median_pred_over_obs"], rel=1e-2)

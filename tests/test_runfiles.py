@@ -296,8 +296,19 @@ def test_ctrl_c_in_validate_keeps_finished_repeats_and_resumes(run, tmp_path):
             "io/runfiles.py",
             ("commute_cli.core", "commute_cli.errors", "commute_cli.io", "commute_cli.__init__"),
         ),
+        ("io/run_inputs.py", ("commute_cli.core", "commute_cli.errors", "commute_cli.io")),
         (
             "commands/train.py",
+            (
+                "commute_cli.core",
+                "commute_cli.errors",
+                "commute_cli.engine",
+                "commute_cli.io",
+                "commute_cli.commands.train_setup",
+            ),
+        ),
+        (
+            "commands/train_setup.py",
             ("commute_cli.core", "commute_cli.errors", "commute_cli.engine", "commute_cli.io"),
         ),
     ],

@@ -22,7 +22,7 @@ import pytest
 from commute_cli.core import power
 from commute_cli.core.resummed_math import SATURATION_LIMIT
 from commute_cli.io import checkpoints
-from commute_cli.io.optimizer_state import optimizer_name
+from commute_cli.io.saved_optimizer import optimizer_name
 
 from cli_runner import cli
 from tiny_run import make_run

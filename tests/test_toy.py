@@ -17,7 +17,8 @@ import torch
 from scipy.integrate import solve_ivp
 from typer.testing import CliRunner
 
-from commute_cli.cli import app, main
+from commute_cli.cli import main
+from commute_cli.cli.app import app
 from commute_cli.commands import toy
 from commute_cli.core import criterion
 from commute_cli.render import tables

@@ -10,8 +10,8 @@ The use case reads top to bottom:
    checkpoint and splits it into design blocks of three disjoint parts (docs/MATH.md "Noise");
 3. :func:`checkpoint_stats` estimates one checkpoint (``engine.estimator``) or reads it from the shared
    content-addressed cache (``io.store``), so an interrupted run resumes and ``validate`` reuses it;
-4. :func:`summarize_checkpoint` turns the scalars into rows through ``core.regime.predict_pair``: bracket,
-   predicted loss change of the stated intervention with its standard error, regime and verdict;
+4. ``core.rows.summarize_checkpoint`` turns the scalars into rows through ``core.regime.predict_pair``:
+   bracket, predicted loss change of the stated intervention with its standard error, regime and verdict;
 5. the rows, losses and ``run.json`` are written as one :class:`~commute_cli.io.store.AnalysisRun`, in a
    folder of their own when ``--out`` holds another run (``store.choose_folder``).
 """
@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -51,24 +51,20 @@ from commute_cli.commands.stats import (  # noqa: F401 (re-exported: benchmarks 
     versions,
 )
 from commute_cli.core import baselines as first_order_baselines
-from commute_cli.core import criterion, power
-from commute_cli.core.decomposition import decomposition_rows
+from commute_cli.core import criterion
+from commute_cli.core.known_sizes import known_size_error
 from commute_cli.core.regime import (
-    MIN_EFFECT,
     REGIME_MAX_PROGRESS,
     REGIME_MAX_RATIO,
-    CheckpointStats,
     Regime,
     Target,
     choose_horizon,
-    pair_list,
     parse_targets,
-    predict_pair,
 )
-from commute_cli.core.resummed_math import SATURATION_LIMIT, known_size_error, saturation_from_stats
+from commute_cli.core.rows import loss_rows, summarize_checkpoint, why_rows
 from commute_cli.engine import distributed
 from commute_cli.errors import CommuteError
-from commute_cli.io import atomic, checkpoints, optimizer_state, store
+from commute_cli.io import atomic, checkpoints, saved_optimizer, store
 from commute_cli.io.learning_rate import find_learning_rate
 from commute_cli.io.store import check_writable
 
@@ -83,7 +79,6 @@ __all__ = [
     "prepare_samples",
     "resolve_inputs",
     "run_analysis",
-    "summarize_checkpoint",
 ]
 
 
@@ -99,131 +94,6 @@ def _data_split(inputs: Inputs) -> str:
     if m is not None and m.domains and dict(m.domains) == dict(inputs.sources):
         return "train"
     return "given"
-
-
-# ------------------------------------------------------------------------------------------------ rows
-
-
-def summarize_checkpoint(
-    stats: CheckpointStats,
-    *,
-    step: int | None,
-    names: Sequence[str],
-    wbar: np.ndarray,
-    targets: Sequence[Target],
-    lr: float,
-    horizon: int,
-    dw: float | None,
-    confidence: float,
-    min_effect: float = MIN_EFFECT,
-    horizon_reason: str = "",
-) -> list[dict[str, Any]]:
-    """Rows of ``results.csv`` for one checkpoint: one per (target, unordered domain pair ``i < j``).
-
-    For each pair the intervention is ``d = +dw`` on i, ``-dw`` on j around ``wbar`` for ``horizon`` steps
-    each way (``dt = lr x horizon``, docs/MATH.md "Notation"); ``el_ij`` is the predicted ``EL^{ij}`` in nats
-    (negative: moving i earlier and j later lowers the target), ``bracket`` the (preconditioned) bracket
-    ``< D g_L, H_j D g_i - H_i D g_j >``. All numbers come from :func:`core.regime.predict_pair` (the tested
-    criterion functions over the ``[B, K, K]`` per-block matrices). Regime: ``regime`` is inside / outside /
-    uncertain on the interval ``[regime_ratio_lo, regime_ratio_hi]``; ``in_regime`` is ``regime != outside``
-    (not shown to be outside: the column's meaning before intervals, without flagging noise).
-    ``min_effect`` is the negligible threshold in nats.
-    """
-    rows: list[dict[str, Any]] = []
-    for target in targets:
-        c = target.coefs_at(wbar)
-        for i, j, pair_dw in pair_list(wbar, dw):
-            p = predict_pair(
-                stats, wbar=wbar, coefs=c, i=i, j=j, dw=pair_dw, dt=lr * horizon,
-                confidence=confidence, min_effect=min_effect,
-            )  # fmt: skip
-            el = p.el
-            regime = str(p.regime.regime)
-            saturation = float("nan")  # needs the pair plan's Q (docs/MATH.md "Resummed prediction")
-            if stats.Q is not None:
-                saturation = float(np.mean(saturation_from_stats(stats.Q, stats.first, wbar, p.dt)))
-                if saturation > SATURATION_LIMIT and regime != str(Regime.OUTSIDE):
-                    regime = str(Regime.SATURATED)
-            needed = float("nan")  # how many times --samples would resolve an effect of this size
-            if not el.significant and el.se > 0 and str(p.verdict) != "negligible":
-                needed = power.samples_factor(el.mean, el.se, stats.n_blocks, confidence)
-            rows.append(
-                {
-                    "step": step,
-                    "target": target.name,
-                    "domain_i": names[i],
-                    "domain_j": names[j],
-                    "w_i": float(wbar[i]),
-                    "w_j": float(wbar[j]),
-                    "target_loss": p.target_loss,
-                    "bracket": p.bracket.mean,
-                    "bracket_se": p.bracket.se,
-                    "el_ij": el.mean,
-                    "el_se": el.se,
-                    "t": el.t,
-                    "t_crit": el.t_crit,
-                    "significant": el.significant,
-                    "dw": pair_dw,
-                    "horizon": horizon,
-                    "lr": lr,
-                    "dt": p.dt,
-                    "first_order": p.regime.progress,
-                    "regime_ratio": p.regime.ratio,
-                    "in_regime": regime not in (Regime.OUTSIDE, Regime.SATURATED),
-                    "verdict": str(p.verdict),
-                    "direction": criterion.direction_words(el.mean, names[i], names[j])
-                    if el.significant
-                    else "",
-                    "n_blocks": stats.n_blocks,
-                    "regime": regime,
-                    "regime_ratio_lo": p.regime.ratio_lo,
-                    "regime_ratio_hi": p.regime.ratio_hi,
-                    "min_effect": p.min_effect,
-                    "horizon_reason": horizon_reason,
-                    "saturation": saturation,
-                    "samples_needed": needed,
-                }
-            )
-    return rows
-
-
-def loss_rows(
-    stats: CheckpointStats, step: int | None, names: Sequence[str], confidence: float
-) -> list[dict[str, Any]]:
-    """Rows of ``losses.csv``: per domain, the mean loss over blocks (nats) and its SE."""
-    rows = []
-    for k, name in enumerate(names):
-        s = criterion.summarize_blocks(stats.losses[:, k], confidence)
-        rows.append({"step": step, "domain": name, "loss": s.mean, "loss_se": s.se})
-    return rows
-
-
-def why_rows(
-    stats: CheckpointStats,
-    step: int | None,
-    names: Sequence[str],
-    wbar: np.ndarray,
-    targets: Sequence[Target],
-    opts: AnalyzeOptions,
-) -> tuple[list[dict], list[dict]]:
-    """First-order baseline rows (core.baselines; always) and per-group bracket rows (core.decomposition;
-    with ``--decompose``) of one checkpoint, from the same per-block statistics as ``results.csv``."""
-    named = [(t.name, t.coefs_at(wbar)) for t in targets]
-    base = first_order_baselines.baseline_rows(
-        stats.first, step=step, names=names, targets=named, confidence=opts.confidence
-    )
-    parts: list[dict] = []
-    if opts.decompose is not None and stats.groups is not None and stats.group_labels is not None:
-        for tname, c in named:
-            parts += decomposition_rows(
-                stats.group_interaction(c),
-                step=step,
-                target=tname,
-                names=names,
-                labels=stats.group_labels,
-                confidence=opts.confidence,
-            )
-    return base, parts
 
 
 # ------------------------------------------------------------------------------------------------ run
@@ -373,7 +243,9 @@ def _run_analysis(
             horizon_reason=reason,
         )  # fmt: skip
         loss_table += loss_rows(stats, ref.step, inputs.names, opts.confidence)
-        baselines, decomposition = why_rows(stats, ref.step, inputs.names, wbar, inputs.targets, opts)
+        baselines, decomposition = why_rows(
+            stats, ref.step, inputs.names, wbar, inputs.targets, opts.confidence, opts.decompose is not None
+        )
         baseline_table += first_order_baselines.attach_second_order(baselines, result_rows)
         decomposition_table += decomposition
         per_ckpt.append(
@@ -391,7 +263,7 @@ def _run_analysis(
         )
 
     # what real interventions measured about these sizes on this optimizer family (docs/MATH.md, issue 15)
-    optimizer = optimizer_state.optimizer_name(
+    optimizer = saved_optimizer.optimizer_name(
         inputs.refs[0], inputs.manifest.optimizer if inputs.manifest is not None else None
     )
     known = known_size_error(optimizer, opts.metric)

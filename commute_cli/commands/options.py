@@ -19,7 +19,7 @@ from commute_cli.core.schedule import Schedule
 from commute_cli.engine import distributed
 from commute_cli.engine import groups as param_groups
 from commute_cli.errors import CommuteError
-from commute_cli.io import checkpoints, runfiles
+from commute_cli.io import checkpoints, run_inputs, runfiles
 from commute_cli.io import data as domains
 
 
@@ -132,7 +132,7 @@ class Inputs:
 def resolve_inputs(opts: AnalyzeOptions) -> Inputs:
     """Checkpoints, domains, tokenizer, schedule and targets, all checked before any long work.
 
-    Run inputs come from ``io.runfiles.resolve_run_inputs`` (the same precedence as validate and train:
+    Run inputs come from ``io.run_inputs.resolve_run_inputs`` (the same precedence as validate and train:
     flag, then the first checkpoint, then the manifest). Without ``--domains`` the manifest's held-out
     ``eval_domains`` are analysed when it has them (population gradients without memorisation bias).
     """
@@ -145,7 +145,7 @@ def resolve_inputs(opts: AnalyzeOptions) -> Inputs:
     checkpoints.check_compatible(refs)
     for ref in refs:  # preflight: a truncated or corrupt weight file fails now, not hours into the run
         checkpoints.validate_weights(ref.path)
-    run = runfiles.resolve_run_inputs(
+    run = run_inputs.resolve_run_inputs(
         refs[0].path,
         domains=domains.parse_domain_specs(opts.domains) if opts.domains else None,
         manifest=ckpt_dir if checkpoints.read_manifest(ckpt_dir) is not None else None,

@@ -1,7 +1,7 @@
 """Per-checkpoint statistics, shared by ``commute analyze`` and ``commute validate``: the sample, the
 metric, and the cached estimate of one checkpoint.
 
-A checkpoint's :class:`~commute_cli.core.regime.CheckpointStats` depend on the weights, the sample
+A checkpoint's :class:`~commute_cli.core.checkpoint_stats.CheckpointStats` depend on the weights, the sample
 (data, tokenizer, ``seq_len``, ``--samples``, ``--blocks``, ``--seed``), the metric, the HVP plan and
 method, the micro-batches and the device type -- not on targets, ``--dw``, ``--horizon`` or the
 confidence, which are post-processing (``core.regime``). So every command that needs them at a checkpoint
@@ -28,10 +28,11 @@ import numpy as np
 import torch
 
 from commute_cli.commands.options import AnalyzeOptions, Inputs
-from commute_cli.core.regime import CheckpointStats
+from commute_cli.core.checkpoint_stats import CheckpointStats
 from commute_cli.engine import curvature, distributed, metric
 from commute_cli.engine import groups as param_groups
 from commute_cli.engine.estimator import estimate_checkpoint
+from commute_cli.engine.hvp import HVPMethod
 from commute_cli.errors import CommuteError
 from commute_cli.io import checkpoints, sampling, store
 
@@ -232,7 +233,7 @@ def checkpoint_stats(
         plan=plan,
         target_coefs=coefs,
         D=D,
-        method=cast("curvature.HVPMethod", opts.hvp),
+        method=cast("HVPMethod", opts.hvp),
         micro_batch=opts.batch_size,
         hvp_micro_batch=hvp_micro_batch(opts),
         offload=offload,

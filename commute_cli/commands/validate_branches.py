@@ -23,7 +23,7 @@ from commute_cli.core.mixing import BRANCHES, branch_schedules, realized_dw
 from commute_cli.core.schedule import Schedule
 from commute_cli.engine import training
 from commute_cli.errors import CommuteError
-from commute_cli.io import atomic, checkpoints, runfiles, sampling
+from commute_cli.io import atomic, checkpoints, run_inputs, runfiles, sampling
 from commute_cli.io import data as domain_data
 
 
@@ -44,7 +44,7 @@ def load_state(setup: Setup, device: str | torch.device = "cpu") -> training.Tra
     weights, optimizer state (AdamW when it has second moments, SGD otherwise; plain SGD at the window's
     first rate when none is saved) and the streams positioned where the run left them."""
     tokenizer = checkpoints.load_tokenizer(Path(setup.tokenizer_path))
-    blocks = runfiles.load_blocks(setup.train_sources, tokenizer, setup.seq_len, setup.base_dir)
+    blocks = run_inputs.load_blocks(setup.train_sources, tokenizer, setup.seq_len, setup.base_dir)
     resumed = runfiles.read_training_state(setup.checkpoint)
     model = checkpoints.load_model(setup.checkpoint, device=device)
     model.train()
@@ -63,7 +63,7 @@ def load_state(setup: Setup, device: str | torch.device = "cpu") -> training.Tra
 def _eval_blocks(setup: Setup, n: int) -> dict[str, torch.Tensor]:
     """The held-out blocks (at most ``n`` per domain, a fixed seeded sample): the same for every branch."""
     tokenizer = checkpoints.load_tokenizer(Path(setup.tokenizer_path))
-    out = runfiles.load_blocks(setup.eval_sources, tokenizer, setup.seq_len, setup.base_dir)
+    out = run_inputs.load_blocks(setup.eval_sources, tokenizer, setup.seq_len, setup.base_dir)
     return {k: b if b.shape[0] <= n else sampling.sample_blocks(b, n, 0) for k, b in out.items()}
 
 

@@ -17,7 +17,7 @@ from commute_cli.core.mixing import max_dw
 from commute_cli.core.schedule import Schedule
 from commute_cli.engine import training
 from commute_cli.errors import CommuteError
-from commute_cli.io import checkpoints, runfiles
+from commute_cli.io import checkpoints, run_inputs, runfiles
 from commute_cli.io import data as domain_data
 
 VALIDATE_FORMAT = "commute-validate/1"
@@ -181,7 +181,7 @@ def resolve_setup(opts: ValidateOptions, note: Note) -> Setup:
         )
     runfiles.check_complete(folder)
     checkpoints.validate_weights(folder)  # pickle and truncation checks before anything is loaded
-    inputs = runfiles.resolve_run_inputs(
+    inputs = run_inputs.resolve_run_inputs(
         folder,
         domains=domain_data.parse_domain_specs(opts.domains) if opts.domains else None,
         eval_domains=domain_data.parse_domain_specs(opts.eval_domains) if opts.eval_domains else None,
@@ -253,12 +253,12 @@ def resolve_setup(opts: ValidateOptions, note: Note) -> Setup:
         lrs=lrs,
         lr_source=source,
         has_optimizer_state=has_state,
-        batch_size=int(inputs.batch_size or runfiles.DEFAULT_BATCH_SIZE),
+        batch_size=int(inputs.batch_size or run_inputs.DEFAULT_BATCH_SIZE),
         seed=int(inputs.seed or 0),
         train_sources=dict(inputs.domains),
         eval_sources=eval_sources,
         eval_held_out=held_out,
         tokenizer_path=str(inputs.tokenizer_path),
-        seq_len=int(inputs.seq_len or runfiles.DEFAULT_SEQ_LEN),
+        seq_len=int(inputs.seq_len or run_inputs.DEFAULT_SEQ_LEN),
         base_dir=inputs.base_dir,
     )

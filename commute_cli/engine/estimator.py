@@ -52,9 +52,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from commute_cli.core.regime import CheckpointStats
+from commute_cli.core.checkpoint_stats import CheckpointStats
 from commute_cli.engine import curvature
 from commute_cli.engine.groups import ParamGroups, segment_gram
+from commute_cli.engine.hvp import HVPMethod, hvp
 from commute_cli.engine.metric import apply_preconditioner
 
 Tensor = torch.Tensor
@@ -190,7 +191,7 @@ def estimate_checkpoint(
     plan: str,
     target_coefs: np.ndarray | None = None,
     D: Tensor | None = None,
-    method: curvature.HVPMethod = "rr",
+    method: HVPMethod = "rr",
     micro_batch: int = 8,
     loss_fn: curvature.LossFn = curvature.causal_lm_loss,
     on_block: Callable[[int], None] | None = None,
@@ -233,7 +234,7 @@ def estimate_products(
     plan: str,
     target_coefs: np.ndarray | None = None,
     D: Tensor | None = None,
-    method: curvature.HVPMethod = "rr",
+    method: HVPMethod = "rr",
     micro_batch: int = 8,
     loss_fn: curvature.LossFn = curvature.causal_lm_loss,
     on_block: Callable[[int], None] | None = None,
@@ -330,7 +331,7 @@ def estimate_products(
             assert DX is not None
             for a in range(K):
                 others = [ell for ell in range(K) if ell != a]
-                res = curvature.hvp(model, parts[a][c][HVP], DX[others], hvp_mb, method, loss_fn, reduce)
+                res = hvp(model, parts[a][c][HVP], DX[others], hvp_mb, method, loss_fn, reduce)
                 # < D g_k^(2,d), H_a^(1,c) D g_l^(0,c) > for every d, k and l != a
                 if groups is None:
                     dots = _gram(FREE, res.hvps, compute=device).reshape(B, K, K - 1)
@@ -362,7 +363,7 @@ def estimate_products(
             if Dd is not None:
                 U = apply_preconditioner(Dd, U)
             for a in range(K):
-                res = curvature.hvp(model, parts[a][c][HVP], U, hvp_mb, method, loss_fn, reduce)
+                res = hvp(model, parts[a][c][HVP], U, hvp_mb, method, loss_fn, reduce)
                 # < H_a^(1,c) u_t^(c), D g_l^(0,e) > for every t, e and l
                 if groups is None:
                     dots = _gram(res.hvps, FREE, compute=device).reshape(T, B, K)

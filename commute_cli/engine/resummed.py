@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from commute_cli.core import resummed_math as rm
 from commute_cli.engine import curvature
+from commute_cli.engine.hvp import HVPMethod, hvp
 from commute_cli.errors import CommuteError
 
 VEC, HVP, PAIR = 0, 1, 2
@@ -101,7 +102,7 @@ def project_block(
     D: Tensor | None = None,
     m: int = 24,
     micro_batch: int = 8,
-    method: curvature.HVPMethod = "rr",
+    method: HVPMethod = "rr",
     loss_fn: curvature.LossFn = curvature.causal_lm_loss,
     tol: float = 1e-6,
 ) -> Projection:
@@ -139,7 +140,7 @@ def project_block(
         W = torch.stack(block)
         SW = []
         for k in range(K):
-            res = curvature.hvp(model, hvp_parts[k], half(W), micro_batch, method, loss_fn)
+            res = hvp(model, hvp_parts[k], half(W), micro_batch, method, loss_fn)
             SW.append(half(res.hvps))
             hvps += W.shape[0]
         basis += block
@@ -167,7 +168,7 @@ def estimate_resummed(
     D: Tensor | None = None,
     m: int = 24,
     micro_batch: int = 8,
-    method: curvature.HVPMethod = "rr",
+    method: HVPMethod = "rr",
     loss_fn: curvature.LossFn = curvature.causal_lm_loss,
     on_block: Callable[[int], None] | None = None,
 ) -> ResummedStats:

@@ -44,8 +44,8 @@ from typing import Any
 from commute_cli.errors import CommuteError
 from commute_cli.io import nanogpt
 from commute_cli.io.discovery import CheckpointRef, trainer_state
-from commute_cli.io.optimizer_state import saved_optimizer
 from commute_cli.io.safefiles import torch_load
+from commute_cli.io.saved_optimizer import saved_optimizer
 
 
 @dataclass(frozen=True)

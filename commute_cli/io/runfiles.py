@@ -1,5 +1,5 @@
-"""A training run's folder: what ``commute train`` writes there, how it is read back, and ONE resolver of
-the run's inputs for ``analyze``, ``validate`` and ``train``.
+"""A training run's folder: what ``commute train`` writes there and how it is read back (the resolver of a
+run's inputs, which reads these files, is ``io.run_inputs``).
 
 Layout (the Hugging Face Trainer's, so analyze reads ours and the Trainer's the same way)::
 
@@ -25,19 +25,17 @@ import random
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from commute_cli import __version__
-from commute_cli.core.schedule import Schedule, check_weights, parse_weights
 from commute_cli.errors import CommuteError
-from commute_cli.io import atomic, checkpoints
+from commute_cli.io import atomic
 from commute_cli.io.checkpoints import MANIFEST_FORMAT, MANIFEST_NAME
-from commute_cli.io.schedules import load_schedule
 
 STATE_NAME = "commute_state.json"
 STATE_FORMAT = "commute-train-state/1"
@@ -53,17 +51,12 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
 )
 """The files copied when a tokenizer travels with a checkpoint (never model weights)."""
-DEFAULT_SEQ_LEN = 128  # a new model's context when nothing else says
-DEFAULT_BATCH_SIZE = 16
-Note = Callable[[str], None]
 
 __all__ = [
     "MANIFEST_FORMAT",
     "MANIFEST_NAME",
     "STATE_FORMAT",
     "STATE_NAME",
-    "RunInputs",
-    "resolve_run_inputs",
 ]
 
 
@@ -324,185 +317,3 @@ def manifest_dict(
         manifest["external_sources"] = external
     manifest["created_by"] = f"commute {__version__} train"
     return manifest
-
-
-# ----------------------------------------------------------------------------------------------- inputs
-
-
-@dataclass
-class RunInputs:
-    """A run's inputs, each from the first of: the flag, the checkpoint (its ``commute_state.json``, its own
-    tokenizer files, its config), the manifest, a default. ``*_from`` says which, for messages."""
-
-    checkpoint: Path | None
-    manifest: checkpoints.Manifest | None
-    domains: dict[str, str]
-    eval_domains: dict[str, str]
-    domains_from: str
-    base_dir: Path | None
-    tokenizer_path: Path | None
-    tokenizer_from: str
-    schedule: Schedule | None
-    seq_len: int | None
-    seq_len_from: str
-    batch_size: int | None
-    seed: int | None
-    saved: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def names(self) -> list[str]:
-        return list(self.domains)
-
-    def load_tokenizer(self) -> Any:
-        if self.tokenizer_path is None:
-            raise CommuteError("no tokenizer", hint="pass --tokenizer FOLDER")
-        return checkpoints.load_tokenizer(self.tokenizer_path)
-
-
-def _external(manifest: checkpoints.Manifest, key: str) -> dict[str, str]:
-    ext = manifest.raw.get("external_sources") or {}
-    value = ext.get(key) if isinstance(ext, dict) else None
-    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
-        return {}
-    missing = [s for s in value.values() if Path(s).is_absolute() and not Path(s).exists()]
-    if missing:
-        raise CommuteError(
-            f"{manifest.path} names {key} outside the run folder that no longer exist ({missing[0]})",
-            hint="pass --domains name=source ... (the data the run trained on)",
-        )
-    return dict(value)
-
-
-def resolve_run_inputs(
-    checkpoint: Path | None = None,
-    *,
-    domains: Mapping[str, str] | None = None,
-    eval_domains: Mapping[str, str] | None = None,
-    manifest: Path | None = None,
-    tokenizer: str | Path | None = None,
-    weights: Sequence[str] | str | Mapping[str, float] | None = None,
-    schedule: Path | Schedule | None = None,
-    seq_len: int | None = None,
-    batch_size: int | None = None,
-    seed: int | None = None,
-    note: Note | None = None,
-) -> RunInputs:
-    """One precedence for every command: flag, then the checkpoint, then the manifest, then a default.
-
-    - ``checkpoint``: a model folder (``checkpoint-N``); its ``commute_state.json`` gives schedule, seq_len,
-      batch size and seed; its own tokenizer files the tokenizer; its config ``min(256, n_positions)`` as
-      the last seq_len. The manifest is ``manifest`` (file or folder) or the one next to the checkpoint.
-    - domains: the flag, the manifest's ``domains``, else its ``external_sources`` (data that ``train``
-      read from outside the run folder, used when it still exists; ``note`` says so).
-    - Without anything: ``schedule`` None (the caller decides: train uses uniform weights, analyze
-      refuses), ``seq_len`` None only when there is no checkpoint (train: ``DEFAULT_SEQ_LEN``).
-    Raises ``CommuteError`` for a missing manifest given explicitly, or weights and a schedule both given.
-    """
-    ckpt = Path(checkpoint).expanduser() if checkpoint is not None else None
-    if manifest is not None:
-        path = Path(manifest).expanduser()
-        found = checkpoints.read_manifest(path.parent if path.is_file() else path)
-        if found is None:
-            raise CommuteError(
-                f"no commute.json at {path}", "give a manifest file or the folder that holds one"
-            )
-    else:
-        found = checkpoints.read_manifest(ckpt) if ckpt is not None else None
-    saved = read_commute_state(ckpt) if ckpt is not None and ckpt.is_dir() else {}
-
-    base_dir = None
-    if domains:
-        train, origin = dict(domains), "--domains"
-    elif found is not None and found.domains:
-        train, origin, base_dir = dict(found.domains), "manifest", found.root
-    elif found is not None and _external(found, "domains"):
-        train, origin = _external(found, "domains"), "manifest (external_sources)"
-    else:
-        train, origin = {}, "none"
-    if eval_domains:
-        held = dict(eval_domains)
-    elif origin.startswith("manifest"):
-        assert found is not None  # origin "manifest..." is only set from a manifest
-        held = dict(found.eval_domains) if found.eval_domains else _external(found, "eval_domains")
-    else:
-        held = {}
-    if origin == "manifest (external_sources)" and note is not None and found is not None:
-        where = f"training: {', '.join(train.values())}" + (
-            f"; held-out: {', '.join(held.values())}" if held else ""
-        )
-        note(f"note: {found.path} records data outside the run folder ({where})")
-
-    if tokenizer:
-        tok, tok_from = Path(tokenizer).expanduser(), "--tokenizer"
-    elif ckpt is not None and ckpt.is_dir() and has_tokenizer(ckpt):
-        tok, tok_from = ckpt, "checkpoint"
-    elif found is not None and found.tokenizer is not None:
-        tok, tok_from = Path(found.tokenizer), "manifest"
-    else:
-        tok, tok_from = None, "none"
-
-    names = list(train)
-    sched: Schedule | None = None
-    if weights and schedule is not None:
-        raise CommuteError("both weights and a schedule given", "pass --weights or --schedule, not both")
-    if not names:
-        pass  # no domains: the caller says so; weights cannot be checked against nothing
-    elif isinstance(schedule, Schedule):
-        sched = Schedule.from_entries(schedule.entries, names)
-    elif schedule is not None:
-        sched = load_schedule(Path(schedule), names)
-    elif isinstance(weights, Mapping):
-        sched = Schedule.constant(check_weights(weights, names), names)
-    elif weights:
-        sched = Schedule.constant(parse_weights(weights, names), names)
-    elif len(names) < 2:
-        pass  # one domain: nothing to mix; a run's saved schedule cannot be for it
-    elif saved.get("schedule"):
-        sched = Schedule.from_records(saved["schedule"], names, context=f"{ckpt}/{STATE_NAME}")
-    elif found is not None and found.schedule:
-        sched = Schedule.from_records(found.schedule, names, context=str(found.path))
-
-    if seq_len:
-        seq, seq_from = int(seq_len), "--seq-len"
-    elif saved.get("seq_len"):
-        seq, seq_from = int(saved["seq_len"]), "checkpoint"
-    elif found is not None and found.seq_len:
-        seq, seq_from = int(found.seq_len), "manifest"
-    elif ckpt is not None and checkpoints.is_checkpoint_dir(ckpt):
-        config = checkpoints.read_config(ckpt)
-        n_pos = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
-        seq, seq_from = min(256, int(n_pos or 256)), "model config (at most 256)"
-    else:
-        seq, seq_from = None, "none"
-
-    manifest_batch = found.batch_size if found is not None else None
-    manifest_seed = found.seed if found is not None else None
-    return RunInputs(
-        checkpoint=ckpt,
-        manifest=found,
-        domains=train,
-        eval_domains=held,
-        domains_from=origin,
-        base_dir=base_dir,
-        tokenizer_path=tok,
-        tokenizer_from=tok_from,
-        schedule=sched,
-        seq_len=seq,
-        seq_len_from=seq_from,
-        batch_size=batch_size or saved.get("batch_size") or manifest_batch,
-        seed=seed if seed is not None else saved.get("seed", manifest_seed),
-        saved=saved,
-    )
-
-
-def load_blocks(
-    sources: Mapping[str, str], tokenizer: Any, seq_len: int, base_dir: Path | None = None
-) -> dict[str, torch.Tensor]:
-    """Each domain's text packed into fixed-length blocks ``[N, seq_len]`` (token ids), in order."""
-    from commute_cli.io.documents import load_texts
-    from commute_cli.io.sampling import pack_blocks
-
-    return {
-        name: pack_blocks(load_texts(src, domain=name, base_dir=base_dir), tokenizer, seq_len)
-        for name, src in sources.items()
-    }

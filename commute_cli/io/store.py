@@ -1,7 +1,7 @@
 """commute's own artifacts: one content-addressed statistics cache, and analysis runs with typed loaders
 next to their writers.
 
-- **Cache** (``OUT/cache/``): per-checkpoint :class:`~commute_cli.core.regime.CheckpointStats` as
+- **Cache** (``OUT/cache/``): per-checkpoint :class:`~commute_cli.core.checkpoint_stats.CheckpointStats` as
   safetensors, named by :func:`content_key` of everything that determines them (weights, sample, design,
   metric, plan, micro-batches, device type). Shared by every command: ``analyze`` fills it, ``validate``
   reads its prediction from it. Stale entries cannot be hit (the key covers the inputs); a damaged entry
@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from commute_cli.core.regime import REGIME_MAX_PROGRESS, REGIME_MAX_RATIO, CheckpointStats
+from commute_cli.core.checkpoint_stats import CheckpointStats
+from commute_cli.core.regime import REGIME_MAX_PROGRESS, REGIME_MAX_RATIO
 from commute_cli.core.schedule import Schedule
 from commute_cli.errors import CommuteError
 from commute_cli.io import atomic

@@ -1,0 +1,124 @@
+"""The typer application of every command: its name and help, the choice types of the flags, the
+``--debug``/``--version`` root options, and what one invocation remembers (for the error boundary and the
+resume hints)."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from enum import Enum
+
+import typer
+
+from commute_cli import __version__
+from commute_cli.errors import CommuteError
+
+app = typer.Typer(
+    name="commute",
+    help=(
+        "Checkpoint analyzer for multi-domain training. At each saved checkpoint it evaluates the "
+        "Lie-bracket criterion of 'Commute your domains' (gradients and Hessian-vector products of the "
+        "per-domain losses) and tells where the domain-weight schedule was locally suboptimal, which "
+        "way to shift weights, and how much loss that is worth, with error bars."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@dataclass
+class Invocation:
+    """This invocation: ``--debug`` (full tracebacks), and the arguments after ``commute`` (resume hints)."""
+
+    debug: bool = False
+    argv: list[str] = field(default_factory=list)
+
+
+INVOCATION = Invocation()
+
+
+class Format(str, Enum):
+    """``--format``: a table on the terminal, or data only (csv/json) on stdout."""
+
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
+class Metric(str, Enum):
+    euclid = "euclid"
+    adam = "adam"
+
+
+class Hvp(str, Enum):
+    rr = "rr"
+    fr = "fr"
+
+
+class Plan(str, Enum):
+    auto = "auto"
+    pair = "pair"
+    target = "target"
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Offload(str, Enum):
+    auto = "auto"
+    on = "on"
+    off = "off"
+
+
+class Optimizer(str, Enum):
+    adamw = "adamw"
+    sgd = "sgd"
+
+
+class LrSchedule(str, Enum):
+    constant = "constant"
+    cosine = "cosine"
+
+
+class PlotKind(str, Enum):
+    criterion = "criterion"
+    pairs = "pairs"
+    decomposition = "decomposition"
+    orders = "orders"
+
+
+def alias(new: int | None, old: int | None, new_flag: str, old_flag: str) -> int | None:
+    """The value of a renamed option: the new flag, or its hidden old name (not both)."""
+    if old is None:
+        return new
+    if new is not None:
+        raise CommuteError(
+            f"{old_flag} is the old name of {new_flag}: give one of them", hint=f"use {new_flag}"
+        )
+    return old
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"commute {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks instead of one-line errors."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    INVOCATION.debug = debug
+
+
+def interrupted(ex: KeyboardInterrupt, fallback: str) -> None:
+    """Ctrl-C inside a command: one line saying what was kept and how to resume, exit 130."""
+    typer.echo(str(ex) if str(ex) else fallback, err=True)
+    sys.exit(130)

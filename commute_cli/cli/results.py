@@ -1,0 +1,203 @@
+"""The commands that need no model: ``commute toy`` (the criterion on quadratics), and the readers of
+analyze's results, ``recommend`` and ``plot``, and ``help``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from commute_cli.cli.app import Format, PlotKind
+from commute_cli.errors import CommuteError
+
+
+def toy_command(
+    dim: int = typer.Option(100, "--dim", help="Dimension of the quadratic domains (paper: 100)."),
+    samples: int = typer.Option(100, "--samples", help="Random instances (A_k, b_k, theta_0) per cell."),
+    seed: int = typer.Option(0, "--seed", help="Random seed."),
+    fmt: Format = typer.Option(Format.table, "--format", help="table, or csv/json (data only, to stdout)."),
+    out: Path | None = typer.Option(None, "--out", help="Write the output to this file instead of stdout."),
+) -> None:
+    """Check the criterion on quadratic domains with exact flows (the paper's Table 1, constant 1/2).
+
+    Prints observed / predicted excess loss of a full swap (L1 then L2, vs. the mixture); -> 1 as dt -> 0.
+
+    Example: commute toy --dim 20 --samples 10
+    """
+    from commute_cli.commands import toy
+    from commute_cli.render import tables
+
+    if dim < 2:
+        raise CommuteError(f"--dim must be at least 2, got {dim}")
+    if samples < 1:
+        raise CommuteError(f"--samples must be at least 1, got {samples}")
+    df = toy.run_table1(dim=dim, samples=samples, seed=seed)
+    tables.emit(df, fmt.value, tables.table1, out)
+
+
+def recommend_command(
+    target: str = typer.Option(..., "--target", help="The loss to improve: a target of the analysis."),
+    from_dir: Path = typer.Option(Path("commute_out"), "--from", help="Folder of `commute analyze` results."),
+    max_shift: float = typer.Option(0.1, "--max-shift", help="Largest change of a domain's weight."),
+    out: Path | None = typer.Option(
+        None, "--out", help="Folder for schedule.json, schedule.csv, recommend.json (default: --from)."
+    ),
+    batch_size: int | None = typer.Option(
+        None,
+        "--batch-size",
+        help="Shifts in whole rows of a batch of B (default: the run's commute.json when found).",
+    ),
+    until: int | None = typer.Option(
+        None, "--until", help="The run's last step (default: the last analysed checkpoint)."
+    ),
+    fmt: Format = typer.Option(Format.table, "--format", help="table, or csv/json (data to stdout)."),
+) -> None:
+    """Turn suboptimal verdicts into one schedule with the same data per domain, and predict its effect.
+
+    Around each checkpoint where the target is 'suboptimal', one domain goes up before it and down after.
+
+    Prints each shift with its predicted effect on every target; writes schedule.json/.csv (--schedule).
+
+    Example: commute recommend --target ru --from commute_out/
+    """
+    import json
+
+    from commute_cli.commands import recommend
+    from commute_cli.io import store
+    from commute_cli.render import tables
+    from commute_cli.render.recommend_table import recommend_report
+
+    result = store.load_analysis(from_dir)
+    batch = batch_size if batch_size is not None else recommend.run_batch_size(result)
+    rec = recommend.recommend(
+        result.results,
+        result.schedule,
+        result.checkpoint_steps,
+        target,
+        max_shift=max_shift,
+        last_step=until,
+        grid=recommend.shift_grid(batch),
+        regime=result.regime,
+        about=result.label(),
+    )
+    typer.echo(f"recommendation for {rec.about}", err=True)
+    folder = out if out is not None else from_dir
+    files = recommend.write_recommendation(rec, folder)
+    stale = recommend.earlier_recommendation(folder) if not files else None
+    if stale:
+        typer.echo(
+            f"note: the files in {folder}/ are from an earlier recommend ({stale}); left unchanged", err=True
+        )
+    if fmt is Format.table:
+        tables.print_renderable(recommend_report(rec))
+        if files:
+            where = ", ".join(str(f) for f in files)
+            typer.echo(f"wrote {where}; rerun with: commute train RUN --schedule {files[0]}", err=True)
+    elif fmt is Format.csv:
+        tables.emit_dataframe(rec.table(), fmt.value)
+    else:
+        typer.echo(json.dumps(rec.to_dict(), indent=2, ensure_ascii=False, default=str))
+
+
+def plot_command(
+    output: Path = typer.Option(..., "-o", "--output", help="PNG file to write."),
+    from_dir: Path = typer.Option(Path("commute_out"), "--from", help="Folder of `commute analyze` results."),
+    validate_csv: Path | None = typer.Option(
+        None, "--validate", help="validate.csv for the loss plane (default: FROM/validate.csv if present)."
+    ),
+    kind: PlotKind = typer.Option(
+        PlotKind.criterion,
+        "--kind",
+        help="criterion (over steps, with the loss panel), pairs (domains x domains heatmap per checkpoint), "
+        "decomposition (parameter groups x checkpoints; needs analyze --decompose), orders (the bracket "
+        "beside the first-order alignment).",
+    ),
+    target: str | None = typer.Option(
+        None, "--target", help="Target of the decomposition heatmap (default: the first in the file)."
+    ),
+) -> None:
+    """Draw the criterion figure: per target, the table's numbers with their 95% intervals.
+
+    Each checkpoint's intervention window (± horizon) is shaded by its verdict; a last panel shows the
+    per-domain losses.
+
+    With `commute validate` results (validate.csv), also the loss plane of the paper's Figures 3-4.
+    `--kind pairs|decomposition|orders` draws the heatmaps and the first-order comparison instead.
+
+    Example: commute plot --from commute_out/ -o criterion.png
+    """
+    import pandas as pd
+
+    from commute_cli.io import atomic, store
+    from commute_cli.render import figures
+
+    if kind is not PlotKind.criterion:
+        _plot_heatmap(kind, output, from_dir, target)
+        return
+    result = store.load_analysis(from_dir)
+    losses = store.load_losses(from_dir)
+    vfile = validate_csv if validate_csv is not None else from_dir / "validate.csv"
+    validate = None
+    if vfile.is_file():
+        try:
+            validate = figures.check_validate_table(pd.read_csv(vfile), str(vfile))
+        except CommuteError as err:
+            if validate_csv is not None:
+                raise
+            typer.echo(f"note: {err.one_line()[7:]}; plotting without the loss plane", err=True)
+    elif validate_csv is not None:
+        raise CommuteError(f"{vfile} does not exist", hint="run `commute validate` or leave out --validate")
+    fig = figures.criterion_figure(result.results, losses, validate, run=result.run)
+    path = atomic.write_bytes(output, figures.png_bytes(fig))
+    typer.echo(f"wrote {path} ({result.label()})", err=True)
+
+
+def _plot_heatmap(kind: PlotKind, output: Path, from_dir: Path, target: str | None) -> None:
+    """``commute plot --kind pairs|decomposition|orders``: render/heatmaps.py, written atomically."""
+    import pandas as pd
+
+    from commute_cli.io import atomic, store
+    from commute_cli.render import heatmaps
+
+    result = store.load_analysis(from_dir)
+    needs = {PlotKind.decomposition: "decomposition.csv", PlotKind.orders: "baselines.csv"}.get(kind)
+    extra = None
+    if needs is not None:
+        file = from_dir / needs
+        if not file.is_file():
+            hint = (
+                "run `commute analyze ... --decompose kind`"
+                if kind is PlotKind.decomposition
+                else ("run `commute analyze` again (it writes baselines.csv)")
+            )
+            raise CommuteError(f"{file} does not exist", hint=hint)
+        extra = pd.read_csv(file)
+    with atomic.replacing(output, suffix=".png") as tmp:
+        if kind is PlotKind.pairs:
+            heatmaps.plot_pair_heatmap(result.results, tmp)
+        elif kind is PlotKind.orders:
+            heatmaps.plot_orders(result.results, extra, tmp)
+        else:
+            assert extra is not None
+            name = target or str(extra["target"].iloc[0])
+            if name not in set(extra["target"].astype(str)):
+                raise CommuteError(
+                    f"no decomposition rows for target {name!r}",
+                    hint="targets in the file: " + ", ".join(dict.fromkeys(extra["target"].astype(str))),
+                )
+            heatmaps.plot_decomposition_heatmap(extra, tmp, name)
+    typer.echo(f"wrote {output} ({result.label()})", err=True)
+
+
+def help_command(
+    topic: str = typer.Argument("columns", help="The topic: columns (every output file's columns)."),
+) -> None:
+    """Explain the output: `commute help columns` gives the meaning and unit of every CSV column.
+
+    Example: commute help columns
+    """
+    from commute_cli.render import columns, tables
+
+    if topic != "columns":
+        raise CommuteError(f"unknown help topic {topic!r}", hint="use: commute help columns")
+    tables.print_renderable(columns.columns_help())
