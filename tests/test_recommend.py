@@ -279,6 +279,29 @@ def test_out_of_regime_rows_get_a_window_short_enough_to_be_inside():
     rows = [make_row(1000, "en", "en", "ru", w, horizon=100, first_order=8.0, target_loss=4.0)]
     rec = rc.recommend(pd.DataFrame(rows), sched, [1000], "en", last_step=2000)
     assert rec.shifts[0].window == 25
+    # a shortened window is said, with its reason; a full one is not
+    assert (
+        rec.shifts[0].shortened() == "window 25 steps, shorter than the analysed 100 (the local-regime bound)"
+    )
+    rows = [make_row(1000, "en", "en", "ru", w, horizon=100)]
+    rec = rc.recommend(pd.DataFrame(rows), sched, [1000, 1120], "en", last_step=2000)
+    assert "half-way to a neighbouring checkpoint" in rec.shifts[0].shortened() and rec.shifts[0].window == 60
+    rec = rc.recommend(pd.DataFrame(rows), sched, [1000], "en", last_step=2000)
+    assert rec.shifts[0].window == 100 and rec.shifts[0].shortened() == ""
+
+
+def test_intervals_are_at_the_analysis_confidence():
+    """Each effect and the total are quoted as t_crit x SE (the analysis' interval), not one SE; without
+    per-block statistics the total's SE is the sum of the SEs (a bound) and says so."""
+    w = {"en": 0.8, "ru": 0.2}
+    rows = [make_row(s, "en", "en", "ru", w, el_ij=-0.01, el_se=0.002, t_crit=2.36) for s in (100, 300)]
+    rec = rc.recommend(pd.DataFrame(rows), Schedule.constant(w), [100, 300], "en", last_step=400)
+    a, _ = rec.shifts
+    assert a.effects["en"].half_width == pytest.approx(2.36 * 0.002)
+    info = rec.total_info["en"]
+    assert info["se"] == pytest.approx(0.004) and info["half_width"] == pytest.approx(2.36 * 0.004)
+    assert info["se_method"].startswith("sum of SEs") and "(95% interval)" in rec.summary()
+    assert f"± {2.36 * 0.004:.2g} nats" in rec.summary()
 
 
 def test_three_domains_pick_the_pair_with_the_largest_gain():

@@ -15,6 +15,10 @@ import torch
 
 EN_WORDS = "the of and to in is was for on that with as by at from this are be or it an which".split()  # noqa: SIM905 (reads as text)
 XX_WORDS = "zyx qok vuz jaq xiv kuz zob qiv wux jyz vok zaq xob quv jiz kyx wob zuv qax".split()  # noqa: SIM905
+# two more 'languages' for runs with K = 4 domains (make_run(weights=...) with these names)
+YY_WORDS = "mala peto sina kuro lemi tanu pori vesa mino rulo kapi seno tiva lora".split()  # noqa: SIM905
+ZZ_WORDS = "0 1 2 3 4 5 6 7 8 9 + - = ( ) * / < >".split()  # noqa: SIM905
+WORDS = {"en": EN_WORDS, "xx": XX_WORDS, "yy": YY_WORDS, "zz": ZZ_WORDS}
 
 
 def make_texts(words: list[str], n_docs: int, seed: int) -> list[str]:
@@ -90,6 +94,7 @@ def make_run(
     """A run folder with checkpoint-N/ for each step, data/{en,xx}.jsonl, tokenizer/ and commute.json.
 
     Training between checkpoints is plain SGD on the weighted mixture (full batches of packed blocks).
+    ``weights`` names the domains (default en 0.7, xx 0.3); any of :data:`WORDS` (en, xx, yy, zz: K up to 4).
     """
     from transformers import GPT2LMHeadModel
 
@@ -97,14 +102,13 @@ def make_run(
 
     weights = weights or {"en": 0.7, "xx": 0.3}
     root.mkdir(parents=True, exist_ok=True)
-    en = make_texts(EN_WORDS, n_docs, seed)
-    xx = make_texts(XX_WORDS, n_docs, seed + 1)
-    write_jsonl(root / "data" / "en.jsonl", en)
-    write_jsonl(root / "data" / "xx.jsonl", xx)
-    tok = make_tokenizer(en + xx, root / "tokenizer")
+    texts = {name: make_texts(WORDS[name], n_docs, seed + k) for k, name in enumerate(weights)}
+    for name, docs in texts.items():
+        write_jsonl(root / "data" / f"{name}.jsonl", docs)
+    tok = make_tokenizer([t for docs in texts.values() for t in docs], root / "tokenizer")
     torch.manual_seed(seed)
     model = GPT2LMHeadModel(tiny_config(len(tok), n_positions=max(32, seq_len))).eval()
-    blocks = {"en": pack_blocks(en, tok, seq_len), "xx": pack_blocks(xx, tok, seq_len)}
+    blocks = {name: pack_blocks(docs, tok, seq_len) for name, docs in texts.items()}
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
     step = 0
@@ -122,7 +126,7 @@ def make_run(
         save_checkpoint(model, root / f"checkpoint-{step}", step, lr)
     manifest = {
         "format": "commute-manifest/1",
-        "domains": {"en": "data/en.jsonl", "xx": "data/xx.jsonl"},
+        "domains": {name: f"data/{name}.jsonl" for name in weights},
         "schedule": [{"step": 0, "weights": weights}],
         "tokenizer": "tokenizer",
         "seq_len": seq_len,

@@ -50,6 +50,11 @@ def recommend_command(
     until: int | None = typer.Option(
         None, "--until", help="The run's last step (default: the last analysed checkpoint)."
     ),
+    single_pair: bool = typer.Option(
+        False,
+        "--single-pair",
+        help="One pair per checkpoint (K >= 4 may otherwise move disjoint pairs at once).",
+    ),
     fmt: Format = typer.Option(Format.table, "--format", help="table, or csv/json (data to stdout)."),
 ) -> None:
     """Turn suboptimal verdicts into one schedule with the same data per domain, and predict its effect.
@@ -79,6 +84,9 @@ def recommend_command(
         grid=recommend.shift_grid(batch),
         regime=result.regime,
         about=result.label(),
+        stats=recommend.load_block_stats(result),
+        confidence=float(result.run.get("options", {}).get("confidence", 0.95)),
+        single_pair=single_pair,
     )
     typer.echo(f"recommendation for {rec.about}", err=True)
     folder = out if out is not None else from_dir

@@ -31,15 +31,18 @@ Decisions (see the docstrings below for the details):
 - **Amount.** ``delta = min(--max-shift, w_a, w_b, 1 - w_a, 1 - w_b)``, rounded *down* to a grid (``1/1000``,
   or ``1/B`` with ``--batch-size B`` so that ``commute train``'s whole-row batches realize it), so every
   weight stays in ``[0, 1]``.
-- **One pair per checkpoint** (K > 2): the suboptimal pair with the largest predicted gain for the target.
-  ``EL`` is linear in ``d``, so several pairs could be combined; one keeps the bounds and the words simple.
+- **Pairs per checkpoint.** K < 4: the suboptimal pair with the largest predicted gain. K >= 4 (with the
+  cached per-block statistics): the set of disjoint suboptimal pairs, shifted together in one window, with
+  the largest lower confidence bound of the gain, when that bound beats the single pair's
+  (``core/multipair.py``, MATH.md "Several pairs in one window"); ``--single-pair`` turns it off.
 - **Exact totals.** Weights are added in exact rational arithmetic on the decimals that the files show
   (``Fraction(repr(w))``), so the totals computed from ``schedule.csv`` are equal *exactly* whenever the
   original weights have at most 15 significant digits (any weight a person writes); otherwise they agree to
   float rounding (about 1e-16 per step).
-- **Totals.** The per-target total is the sum of the local predictions (each at the end of its window; later
-  training may shrink or grow them). Its error bar is the sum of the standard errors: ``analyze`` uses the
-  same samples at every checkpoint, so the errors are correlated and the quadrature sum would understate it.
+- **Totals.** The per-target total is the sum of the local predictions (each at the end of its window).
+  Its SE comes from the per-block sums of the shifts' predictions (the same samples at every checkpoint and
+  for every pair: covariances included); without the statistics cache, the SEs add (a bound). Intervals
+  are ``t_crit x SE`` at the analysis' ``--confidence``.
 """
 
 from __future__ import annotations
@@ -53,46 +56,47 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from commute_cli.core.criterion import Verdict
+from commute_cli.core.multipair import (
+    pair_set_record,
+    plan_together,
+    shifts_total,
+    step_blocks,
+    with_blocks,
+)
+from commute_cli.core.regime import CheckpointStats
 from commute_cli.core.schedule import Schedule
 from commute_cli.core.shifts import (
     DEFAULT_GRID,
     DEFAULT_REGIME,
-    Effect,
     Shift,
     Skipped,
     compose_schedule,
     constant_span,
     domain_totals,
     exact,
-    regime_window,
+    pair_shift,
     scaled_effect,
     shift_amount,
     shift_grid,
     window_bounds,
 )
 from commute_cli.errors import CommuteError
-from commute_cli.io import atomic
+from commute_cli.io import atomic, store
 from commute_cli.io.schedules import save_schedule
-from commute_cli.io.store import RESULTS_COLUMNS, AnalysisRun, load_analysis, load_losses
+from commute_cli.io.store import RESULTS_COLUMNS, AnalysisRun, load_analysis
 
 __all__ = [
-    "DEFAULT_GRID",
-    "Effect",
     "Recommendation",
-    "Shift",
-    "Skipped",
-    "compose_schedule",
     "constant_span",
     "domain_totals",
     "earlier_recommendation",
-    "exact",
     "load_analysis",
-    "load_losses",
+    "load_block_stats",
     "recommend",
-    "regime_window",
     "run_batch_size",
     "scaled_effect",
     "shift_amount",
@@ -117,9 +121,12 @@ class Recommendation:
     skipped: list[Skipped]
     n_suboptimal: int
     targets: list[str]
-    totals: dict[str, tuple[float, float]] = field(default_factory=dict)  # target -> (change, se bound)
+    totals: dict[str, tuple[float, float]] = field(default_factory=dict)  # target -> (change, se)
     domain_totals: dict[str, dict[str, float]] = field(default_factory=dict)
     about: str = ""  # which analysed run and schedule (AnalysisRun.label())
+    total_info: dict[str, dict[str, Any]] = field(default_factory=dict)  # + half_width, se_method, ...
+    pair_sets: list[dict[str, Any]] = field(default_factory=list)  # checkpoints with pairs moved together
+    confidence: float = 0.95
 
     @property
     def proposed(self) -> bool:
@@ -128,10 +135,12 @@ class Recommendation:
     def summary(self) -> str:
         """One line saying what was proposed, or why nothing was."""
         if self.shifts:
-            change, se = self.totals[self.target]
+            info = self.total_info[self.target]
+            together = f" ({len(self.pair_sets)} with several pairs at once)" if self.pair_sets else ""
             return (
-                f"{len(self.shifts)} local reordering{'s' * (len(self.shifts) > 1)} for target "
-                f"{self.target}: predicted total change {change:+.3g} ± {se:.2g} nats"
+                f"{len(self.shifts)} local reordering{'s' * (len(self.shifts) > 1)}{together} for target "
+                f"{self.target}: predicted total change {info['change']:+.3g} ± {info['half_width']:.2g} "
+                f"nats ({self.confidence:.0%} interval)"
             )
         if self.n_suboptimal == 0:
             return (
@@ -159,6 +168,7 @@ class Recommendation:
                         "target": name,
                         "predicted_change": eff.change,
                         "predicted_se": eff.se,
+                        "predicted_half_width": eff.half_width,
                         "in_regime": eff.in_regime,
                         "significant": eff.significant,
                         "chosen_target": name == self.target,
@@ -180,6 +190,7 @@ class Recommendation:
                 {
                     **sh.to_record(),
                     "words": f"{sh.words()}: {sh.numbers()}",
+                    "window_note": sh.shortened(),
                     "weights_original": sh.base,
                     "weights_before_step": sh.raised,
                     "weights_after_step": sh.lowered,
@@ -187,6 +198,7 @@ class Recommendation:
                         n: {
                             "change": e.change,
                             "se": e.se,
+                            "half_width": e.half_width,
                             "in_regime": e.in_regime,
                             "significant": e.significant,
                         }
@@ -197,7 +209,9 @@ class Recommendation:
                 for sh in self.shifts
             ],
             "skipped": [{"step": s.step, "pair": s.pair, "reason": s.reason} for s in self.skipped],
-            "total_predicted_change": {n: {"change": c, "se_bound": s} for n, (c, s) in self.totals.items()},
+            "confidence": self.confidence,
+            "pair_sets": self.pair_sets,
+            "total_predicted_change": self.total_info,
             "domain_totals": self.domain_totals,
             "original_schedule": self.original.to_records(),
             "schedule": self.schedule.to_records(),
@@ -215,6 +229,9 @@ def recommend(
     grid: Fraction = DEFAULT_GRID,
     regime: Mapping[str, float] | None = None,
     about: str = "",
+    stats: Mapping[int, CheckpointStats] | None = None,
+    confidence: float = 0.95,
+    single_pair: bool = False,
 ) -> Recommendation:
     """The whole algorithm (pure): suboptimal checkpoints -> shifts -> one schedule with the same totals.
 
@@ -228,6 +245,11 @@ def recommend(
         grid: shifts are multiples of this.
         regime: ``max_ratio`` and ``max_progress_fraction`` of the local regime (default: analyze's).
         about: which analysed run and schedule this is about (kept in ``recommend.json``).
+        stats: the analysis' cached per-block statistics by step (:func:`load_block_stats`): error bars of
+            sums from per-block sums, and several pairs per checkpoint for K >= 4. Without them (or for a
+            step whose statistics do not reproduce its rows) one pair, and totals' SEs add.
+        confidence: the analysis' ``--confidence`` (the intervals use the rows' ``t_crit``).
+        single_pair: never move several pairs together.
     """
     regime = {**DEFAULT_REGIME, **(regime or {})}
     available = list(dict.fromkeys(results["target"].astype(str)))
@@ -242,123 +264,66 @@ def recommend(
     if last < 0:
         raise CommuteError(f"the last step must be non-negative, got {last}")
     geometry = window_bounds(steps, last)
-    delta_max = exact(max_shift)
     names = original.domains
-
+    targets = [target, *[t for t in available if t != target]]
     res = results.copy()
     res["target"] = res["target"].astype(str)
     mine = res[res["target"] == target]
     sub = mine[mine["verdict"] == Verdict.SUBOPTIMAL]
     shifts: list[Shift] = []
     skipped: list[Skipped] = []
+    sets: list[dict[str, Any]] = []
     for s, rows in sub.groupby("step", sort=True):
         s = int(s)
-        base_exact = {n: exact(v) for n, v in original.weights_at(s).items()}
-        best: tuple[float, Shift] | None = None
+        at = res[res["step"] == s]
+        base = {n: exact(v) for n, v in original.weights_at(s).items()}
+        limits = {"geometry": geometry.get(s, 0), "constant": constant_span(original, s)}
+
+        def build(row: dict, window: int | None = None, at=at, base=base, limits=limits) -> Shift | Skipped:
+            same = at[(at["domain_i"] == row["domain_i"]) & (at["domain_j"] == row["domain_j"])]
+            return pair_shift(
+                row, base, same.to_dict("records"), delta_max=exact(max_shift), grid=grid, limits=limits,
+                regime=regime, last=last, keep=RESULTS_COLUMNS, window=window,
+            )  # fmt: skip
+
+        cands: list[tuple[dict, Shift]] = []
         reasons: list[Skipped] = []
         for row in rows.to_dict("records"):
-            i, j = str(row["domain_i"]), str(row["domain_j"])
-            pair = f"{i}↔{j}"
-            if i not in names or j not in names:
-                reasons.append(Skipped(s, pair, "a domain of this pair is not in the run's schedule"))
-                continue
-            el = float(row["el_ij"])
-            if el == 0.0 or not math.isfinite(el):
-                reasons.append(Skipped(s, pair, "no preferred order (EL is 0 or not finite)"))
-                continue
-            earlier, later = (i, j) if el < 0 else (j, i)
-            delta = shift_amount(base_exact, earlier, later, delta_max, grid)
-            if delta <= 0:
-                bound = min(delta_max, *(base_exact[n] for n in (i, j)), *(1 - base_exact[n] for n in (i, j)))
-                why = (
-                    "no admissible shift: a weight is 0 or 1"
-                    if bound <= 0
-                    else f"the largest admissible shift {float(bound):g} is below the grid {grid}"
-                )
-                reasons.append(Skipped(s, pair, why))
-                continue
-            limits = {
-                "geometry": geometry.get(s, 0),
-                "constant": constant_span(original, s),
-                "regime": regime_window(row, float(delta), regime),
-            }
-            h = min(limits.values())
-            if h < 1:
-                why = {
-                    "geometry": "the run ends at this checkpoint: no steps after it to shift into "
-                    "(see --until)"
-                    if s >= last
-                    else "no room: a neighbouring checkpoint is too close",
-                    "constant": "the original schedule changes at this step (the criterion is local to one "
-                    "wbar)",
-                    "regime": "outside the local regime even for one step",
-                }[min(limits, key=lambda k: limits[k])]
-                reasons.append(Skipped(s, pair, why))
-                continue
-            effects: dict[str, Effect] = {}
-            same = res[(res["step"] == s) & (res["domain_i"] == i) & (res["domain_j"] == j)]
-            for other in same.to_dict("records"):
-                effects[str(other["target"])] = scaled_effect(other, earlier, float(delta), h, regime)
-            raised = dict(base_exact)
-            raised[earlier] += delta
-            raised[later] -= delta
-            lowered = dict(base_exact)
-            lowered[earlier] -= delta
-            lowered[later] += delta
-            source = {
-                k: (v.item() if hasattr(v, "item") else v)
-                for k, v in row.items()
-                if k in (*RESULTS_COLUMNS, "t_crit", "lr", "dt", "w_i", "w_j")
-            }
-            shift = Shift(
-                step=s,
-                start=s - h,
-                end=s + h,
-                earlier=earlier,
-                later=later,
-                amount=delta,
-                base={n: float(v) for n, v in base_exact.items()},
-                raised={n: float(raised[n]) for n in names},
-                lowered={n: float(lowered[n]) for n in names},
-                effects=effects,
-                source=source,
-            )
-            gain = effects[target].change
-            if not gain < 0.0:  # e.g. a tiny effect that rounds to 0 at this window: nothing to gain
-                reasons.append(Skipped(s, pair, "the predicted gain at the admissible shift rounds to 0"))
-                continue
-            if best is None or gain < best[0]:
-                best = (gain, shift)
-        if best is None:
+            sh = build(row)
+            if isinstance(sh, Skipped):
+                reasons.append(sh)
+            elif not sh.effects[target].change < 0.0:  # a tiny effect that rounds to 0 at this window
+                reasons.append(Skipped(s, f"{sh.earlier}↔{sh.later}", "the predicted gain rounds to 0"))
+            else:
+                cands.append((row, sh))
+        if not cands:
             skipped += reasons
-        else:
-            shifts.append(best[1])
+            continue
+        wbar = np.array([float(original.weights_at(s)[n]) for n in names])
+        blocks = step_blocks(stats[s], wbar, names, at.to_dict("records")) if stats and s in stats else None
+        best = min(range(len(cands)), key=lambda k: cands[k][1].effects[target].change)
+        chosen: list[tuple[dict, Shift | Skipped]] = [cands[best]]
+        plan = None if single_pair or len(names) < 4 or not blocks else plan_together(
+            cands, names, blocks, target, best, regime["max_ratio"])  # fmt: skip
+        if plan is not None:
+            many, one = plan
+            chosen = [(cands[k][0], build(cands[k][0], many.window)) for k in many.chosen]
+            sets.append(pair_set_record(s, many, [sh for _, sh in chosen], one, cands[best][1]))
+        shifts += [with_blocks(sh, row, blocks, targets) for row, sh in chosen]
     schedule = compose_schedule(original, shifts)
-    targets = [target, *[t for t in available if t != target]]
-    totals = {}
-    for name in targets:
-        effs = [sh.effects[name] for sh in shifts if name in sh.effects]
-        totals[name] = (math.fsum(e.change for e in effs), math.fsum(e.se for e in effs))
+    total_info = {name: shifts_total(shifts, name, confidence) for name in targets}
+    totals = {name: (v["change"], v["se"]) for name, v in total_info.items()}
     before, after = domain_totals(original, last), domain_totals(schedule, last)
     dom_totals = {
         n: {"original": float(before[n]), "recommended": float(after[n]), "equal": before[n] == after[n]}
         for n in names
     }
     return Recommendation(
-        target=target,
-        max_shift=float(max_shift),
-        grid=grid,
-        last_step=last,
-        original=original,
-        schedule=schedule,
-        shifts=shifts,
-        skipped=skipped,
-        n_suboptimal=int(sub["step"].nunique()),
-        targets=targets,
-        totals=totals,
-        domain_totals=dom_totals,
-        about=about,
-    )
+        target=target, max_shift=float(max_shift), grid=grid, last_step=last, original=original,
+        schedule=schedule, shifts=shifts, skipped=skipped, n_suboptimal=int(sub["step"].nunique()),
+        targets=targets, totals=totals, domain_totals=dom_totals, about=about, total_info=total_info,
+        pair_sets=sets, confidence=confidence,
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ files
@@ -384,6 +349,21 @@ def write_recommendation(rec: Recommendation, out: str | os.PathLike[str]) -> li
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+
+
+def load_block_stats(analysis: AnalysisRun) -> dict[int, CheckpointStats]:
+    """The cached per-block statistics of each analysed checkpoint (``run.json`` names each entry; the
+    cache is ``cache/`` beside or above the analysis folder), by step; steps without one are left out."""
+    out: dict[int, CheckpointStats] = {}
+    for c in analysis.run.get("checkpoints", []):
+        if c.get("step") is None or not c.get("cache"):
+            continue
+        for folder in (analysis.folder / "cache", analysis.folder.parent / "cache"):
+            found = store.load_stats(folder / str(c["cache"]))
+            if found is not None:
+                out[int(c["step"])] = found[0]
+                break
+    return out
 
 
 def run_batch_size(analysis: AnalysisRun) -> int | None:

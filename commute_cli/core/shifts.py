@@ -12,9 +12,11 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
+
+import numpy as np
 
 from commute_cli.core.criterion import Verdict
 from commute_cli.core.regime import REGIME_MAX_PROGRESS, REGIME_MAX_RATIO, el_scale
@@ -118,6 +120,12 @@ class Effect:
     se: float
     in_regime: bool
     significant: bool
+    t_crit: float = math.nan  # the analysis' Student-t quantile: change ± t_crit x se is its interval
+
+    @property
+    def half_width(self) -> float:
+        """Half-width of the confidence interval at the analysis' ``--confidence`` (``t_crit x se``)."""
+        return self.t_crit * self.se
 
 
 def scaled_effect(
@@ -145,7 +153,8 @@ def scaled_effect(
         significant = row["significant"]
     else:
         significant = str(row.get("verdict", "")) in (Verdict.SUBOPTIMAL, Verdict.CONSISTENT)
-    return Effect(str(row["target"]), change, se, bool(inside), significant)
+    t_crit = float(row["t_crit"]) if "t_crit" in row else math.nan
+    return Effect(str(row["target"]), change, se, bool(inside), significant, t_crit)
 
 
 @dataclass(frozen=True)
@@ -164,10 +173,19 @@ class Shift:
     lowered: dict[str, float]  # weights on [step, end)
     effects: dict[str, Effect]  # per target (the chosen one included)
     source: dict[str, Any]  # the results.csv row of the chosen target (el_ij, el_se, t, dw, horizon, ...)
+    horizon: int = 0  # the analysed horizon of the row (the window is at most this)
+    limited_by: str = ""  # why the window is shorter than the analysed horizon ("" when it is not)
+    blocks: dict[str, np.ndarray] = field(default_factory=dict, compare=False)  # per target: [B] values
 
     @property
     def window(self) -> int:
         return self.step - self.start
+
+    def shortened(self) -> str:
+        """``window 5 steps, shorter than the analysed horizon 10 (the local regime bound)``, or ''."""
+        if not self.limited_by or self.window >= self.horizon:
+            return ""
+        return f"window {self.window} steps, shorter than the analysed {self.horizon} ({self.limited_by})"
 
     def to_record(self) -> dict[str, Any]:
         """The fields every serialization of a shift starts with (CSV rows and ``recommend.json``)."""
@@ -213,10 +231,14 @@ def compose_schedule(original: Schedule, shifts: Sequence[Shift]) -> Schedule:
     Windows must not overlap (:func:`window_bounds` guarantees it). Additions are exact on the files'
     decimals (:func:`exact`); consecutive equal entries are merged.
     """
-    spans = sorted((sh.start, sh.end) for sh in shifts)
+    spans = sorted({(sh.start, sh.end) for sh in shifts})  # pairs moved together share one window
     for (_, e0), (s1, _) in itertools.pairwise(spans):
         if s1 < e0:
             raise ValueError("shift windows overlap")
+    for span in spans:
+        moved = [n for sh in shifts if (sh.start, sh.end) == span for n in (sh.earlier, sh.later)]
+        if len(moved) != len(set(moved)):
+            raise ValueError("pairs shifted in one window must be disjoint")
     names = original.domains
     cuts = sorted(set(original.steps) | {b for sh in shifts for b in (sh.start, sh.step, sh.end)})
     entries: list[tuple[int, dict[str, float]]] = []
@@ -253,3 +275,96 @@ def shift_grid(batch_size: int | None) -> Fraction:
     if batch_size < 1:
         raise CommuteError(f"--batch-size must be positive, got {batch_size}")
     return Fraction(1, int(batch_size))
+
+
+LIMIT_WORDS = {
+    "geometry": "half-way to a neighbouring checkpoint, or the run's start or end",
+    "constant": "the original schedule changes there",
+    "regime": "the local-regime bound",
+    "together": "the common window of the pairs moved together",
+}
+"""Why a window is shorter than the analysed horizon, in words (:meth:`Shift.shortened`)."""
+
+SOURCE_COLUMNS = ("t_crit", "lr", "dt", "w_i", "w_j")
+"""Columns of the row kept in a shift's ``source`` beside the required results columns."""
+
+
+def pair_shift(
+    row: Mapping[str, Any],
+    base: Mapping[str, Fraction],
+    others: Sequence[Mapping[str, Any]],
+    *,
+    delta_max: Fraction,
+    grid: Fraction,
+    limits: Mapping[str, int],
+    regime: Mapping[str, float],
+    last: int,
+    keep: Sequence[str] = (),
+    window: int | None = None,
+) -> Shift | Skipped:
+    """The shift of one suboptimal ``results.csv`` row around its step, or why there is none.
+
+    ``base``: the original weights at the step (exact); ``others``: the rows of every target for the same
+    step and pair (the trade-off); ``limits``: the window bounds ``geometry`` and ``constant``
+    (:func:`window_bounds`, :func:`constant_span`); the row's own regime bound is added here. ``window``
+    imposes a shorter common window (pairs moved together). ``keep``: the columns kept in ``source``.
+    """
+    s = int(row["step"])
+    i, j = str(row["domain_i"]), str(row["domain_j"])
+    pair = f"{i}↔{j}"
+    if i not in base or j not in base:
+        return Skipped(s, pair, "a domain of this pair is not in the run's schedule")
+    el = float(row["el_ij"])
+    if el == 0.0 or not math.isfinite(el):
+        return Skipped(s, pair, "no preferred order (EL is 0 or not finite)")
+    earlier, later = (i, j) if el < 0 else (j, i)
+    delta = shift_amount(base, earlier, later, delta_max, grid)
+    if delta <= 0:
+        bound = min(delta_max, *(base[n] for n in (i, j)), *(1 - base[n] for n in (i, j)))
+        why = (
+            "no admissible shift: a weight is 0 or 1"
+            if bound <= 0
+            else f"the largest admissible shift {float(bound):g} is below the grid {grid}"
+        )
+        return Skipped(s, pair, why)
+    bounds = {**limits, "regime": regime_window(row, float(delta), regime)}
+    if window is not None:
+        bounds["together"] = window
+    h = min(bounds.values())
+    if h < 1:
+        why = {
+            "geometry": "the run ends at this checkpoint: no steps after it to shift into (see --until)"
+            if s >= last
+            else "no room: a neighbouring checkpoint is too close",
+            "constant": "the original schedule changes at this step (the criterion is local to one wbar)",
+            "regime": "outside the local regime even for one step",
+            "together": "no common window",
+        }[min(bounds, key=lambda k: bounds[k])]
+        return Skipped(s, pair, why)
+    effects = {str(o["target"]): scaled_effect(o, earlier, float(delta), h, regime) for o in others}
+    raised, lowered = dict(base), dict(base)
+    raised[earlier] += delta
+    raised[later] -= delta
+    lowered[earlier] -= delta
+    lowered[later] += delta
+    horizon = int(row["horizon"])
+    short = min(bounds, key=lambda k: bounds[k]) if h < horizon else ""
+    return Shift(
+        step=s,
+        start=s - h,
+        end=s + h,
+        earlier=earlier,
+        later=later,
+        amount=delta,
+        base={n: float(v) for n, v in base.items()},
+        raised={n: float(v) for n, v in raised.items()},
+        lowered={n: float(v) for n, v in lowered.items()},
+        effects=effects,
+        source={
+            k: (v.item() if hasattr(v, "item") else v)
+            for k, v in row.items()
+            if k in (*keep, *SOURCE_COLUMNS)
+        },
+        horizon=horizon,
+        limited_by=LIMIT_WORDS.get(short, ""),
+    )

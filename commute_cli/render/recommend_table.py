@@ -27,7 +27,19 @@ def recommend_report(rec: Any) -> Group:
     parts: list[RenderableType] = [Text(rec.summary(), style="bold")]
     if rec.shifts:
         for sh in rec.shifts:
-            parts.append(Text(f"  step {sh.step}: {sh.words()}\n      {sh.numbers()}"))
+            note = f"\n      {sh.shortened()}" if sh.shortened() else ""
+            parts.append(Text(f"  step {sh.step}: {sh.words()}\n      {sh.numbers()}{note}"))
+        for ps in rec.pair_sets:
+            one = ps["single_pair"]
+            parts.append(
+                Text(
+                    f"  step {ps['step']}: {len(ps['pairs'])} disjoint pairs moved together ({ps['words']}): "
+                    f"lower {rec.confidence:.0%} bound of the gain {ps['gain_lower_bound']:.3g} nats against "
+                    f"{one['gain_lower_bound']:.3g} for the best single pair ({one['pair']}); together "
+                    f"{ps['change']:+.3g} ± {ps['half_width']:.2g} nats (SE {ps['se']:.2g} from per-block "
+                    f"sums; adding variances would say {ps['independent_se']:.2g})"
+                )
+            )
         others = [t for t in rec.targets if t != rec.target]
         columns = [
             "checkpoint",
@@ -43,16 +55,16 @@ def recommend_report(rec: Any) -> Group:
             ]
             for t in [rec.target, *others]:
                 e = sh.effects.get(t)
-                cells.append("" if e is None else _effect_cell(e.change, e.se, e.in_regime))
+                cells.append("" if e is None else _effect_cell(e.change, e.half_width, e.in_regime))
             rows.append(cells)
         total = ["total", ""]
         for t in [rec.target, *others]:
-            change, se = rec.totals.get(t, (0.0, 0.0))
-            total.append(_effect_cell(change, se))
+            info = rec.total_info.get(t, {"change": 0.0, "half_width": 0.0})
+            total.append(_effect_cell(info["change"], info["half_width"]))
         rows.append(total)
         parts.append(
             make_table(
-                "predicted change of each target's loss (negative = better), ± one SE",
+                f"predicted change of each target's loss (lower = better), ± {rec.confidence:.0%} interval",
                 columns,
                 rows,
                 justify=["right", "left", *["right"] * (len(columns) - 2)],
@@ -74,8 +86,14 @@ def recommend_report(rec: Any) -> Group:
         parts.append(
             Text(
                 "ΔL: predicted change at the end of each window (docs/MATH.md; EL scales as shift x window^2 "
-                "from the analysed dw and horizon). Totals add the local predictions; their ± adds the SEs "
-                "(the same samples are used at every checkpoint, so errors are correlated).",
+                "from the analysed dw and horizon). ±: the analysis' confidence interval (t_crit x SE). "
+                "Totals add the local predictions; their SE is "
+                + (
+                    "that of the per-block sums (every shift is estimated on the same samples: covariances "
+                    "included)."
+                    if rec.total_info[rec.target]["se_method"] == "per-block"
+                    else "the sum of the SEs, a bound (no statistics cache found beside the results)."
+                ),
                 style="dim",
             )
         )
