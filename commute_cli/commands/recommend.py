@@ -178,7 +178,7 @@ class Recommendation:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "format": "commute-recommend/1",
+            "format": "commute-recommend/2",  # 2: totals with change, se, half_width, se_method; no se_bound
             "about": self.about,
             "target": self.target,
             "max_shift": self.max_shift,
