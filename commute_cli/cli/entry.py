@@ -3,6 +3,7 @@ boundary (exit codes, one-line errors, click's usage errors)."""
 
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
@@ -73,12 +74,42 @@ def _show_click_error(exc: Exception) -> int:
     return 2 if code == 1 else code
 
 
+def _ended_process_group() -> bool:
+    """Whether this process created and destroyed a process group (without importing torch for commands
+    that never did: ``recommend`` and ``plot`` start without it)."""
+    module = sys.modules.get("commute_cli.engine.distributed")
+    return bool(module is not None and module.ended_own_group())
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``commute`` console script and ``python -m commute_cli``.
 
     Exit codes: 0 done; 1 a failure while running (``CommuteError(exit_code=1)``); 2 bad input or usage
     (one line, or typer's usage panel); 130 interrupted (Ctrl-C). Tracebacks only under ``--debug``.
+
+    A rank of a data-parallel run (torchrun) that created and destroyed its process group leaves with
+    ``os._exit`` after flushing its output: every file is written and closed by then, and interpreter
+    finalization with gloo's threads around can abort a finished rank (SIGABRT, which torchrun reports as
+    the whole run failing).
     """
+    try:
+        _run(argv)
+    except SystemExit as ex:
+        code = ex.code if isinstance(ex.code, int) else (0 if ex.code is None else 1)
+        if not _ended_process_group():
+            raise
+        if ex.code is not None and not isinstance(ex.code, int):
+            typer.echo(str(ex.code), err=True)
+    else:
+        if not _ended_process_group():
+            return
+        code = 0
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _run(argv: list[str] | None) -> None:
     raw = list(sys.argv[1:] if argv is None else argv)
     INVOCATION.argv[:] = raw
     args = expand_multi_value(raw)

@@ -206,6 +206,18 @@ class DistContext:
                 dist.barrier()
         dist.destroy_process_group()
         self.owns_group = False
+        _ENDED_GROUPS.append(self.rank)
+
+
+_ENDED_GROUPS: list[int] = []
+"""Ranks of the process groups this process created and destroyed (at most one)."""
+
+
+def ended_own_group() -> bool:
+    """Whether this process created a process group and has destroyed it (the CLI then leaves with
+    ``os._exit``: gloo's worker threads can abort a finished rank during interpreter finalization,
+    "terminate called without an active exception", turning a complete run into a failed one)."""
+    return bool(_ENDED_GROUPS)
 
 
 def _error_payload(err: BaseException, rank: int) -> dict[str, Any]:
