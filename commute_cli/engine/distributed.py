@@ -28,6 +28,7 @@ watchdog, which ends the process with its own message after the same time.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import re
@@ -200,10 +201,9 @@ class DistContext:
         if not (self.owns_group and dist.is_initialized()):
             return
         if finished and self.enabled:
-            try:
+            # a peer that left after finishing: nothing is waiting for us
+            with contextlib.suppress(*_COLLECTIVE_ERRORS):
                 dist.barrier()
-            except _COLLECTIVE_ERRORS:
-                pass  # a peer that left after finishing: nothing is waiting for us
         dist.destroy_process_group()
         self.owns_group = False
 
