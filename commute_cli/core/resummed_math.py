@@ -369,9 +369,10 @@ class SizeRecord:
 
 _SOURCE = "benchmarks/adamw_sizes.py: tiny GPT-2 en/ru, dw 0.15, 3 stream seeds"
 KNOWN_SIZES: dict[tuple[str, str], SizeRecord] = {
-    # two AdamW runs (b2 0.999 lr 1e-3 constant; b2 0.95 lr 2e-3 warmup + cosine), n = 20 and 100 steps
-    ("adam", "euclid"): SizeRecord("adam", "euclid", 6, 3, 0.0706, -0.760, 0.806, _SOURCE),
-    ("adam", "adam"): SizeRecord("adam", "adam", 6, 4, 221.0, -10974.0, 4737.0, _SOURCE),
+    # three AdamW runs (b2 0.999 lr 1e-3 constant; b2 0.95 lr 2e-3 warmup + cosine; b2 0.98 weight decay 0.1
+    # lr 1e-3 warmup + cosine, checkpoints 500 and 1000), n = 20 and 100 steps
+    ("adam", "euclid"): SizeRecord("adam", "euclid", 10, 6, 0.0778, -0.760, 1.034, _SOURCE),
+    ("adam", "adam"): SizeRecord("adam", "adam", 10, 5, -119.9, -10974.0, 5089.0, _SOURCE),
     # SGD lr 0.02 from two SGD checkpoints, n = 20 and 60: dt x curvature 1.5-35, the bracket is far off
     ("sgd", "euclid"): SizeRecord("sgd", "euclid", 13, 9, 163.7, -559.3, 10602.0, _SOURCE),
 }
