@@ -1,24 +1,32 @@
 """Predicted vs observed sizes of the order effect on AdamW and SGD runs: euclid, adam and resummed.
 
-Three stages, each resumable (every trained branch and every prediction is cached under ``--out``):
+Stages (and ``mconv``, convergence in m at the shipped checkpoint), each resumable (every trained branch
+and every prediction is cached under ``--out``):
 
 1. ``train``: the extra runs of the study, on the shipped data and tokenizer (tiny GPT-2, en/ru 0.8/0.2):
    ``adamw-cos``: AdamW, betas (0.9, 0.95), lr 2e-3 with 100 warmup steps and a cosine decay over 1500 steps;
+   ``adamw-wd``: AdamW, betas (0.9, 0.98), weight decay 0.1, lr 1e-3 with 100 warmup steps and a cosine decay
+   over 1500 steps (the usual LLM recipe: beta2 < 0.999, decoupled weight decay, warmup + cosine);
    ``sgd``: plain SGD (no momentum), lr 0.2 constant, 1500 steps.
    (The shipped run ``sample_checkpoints/`` is AdamW, betas (0.9, 0.999), lr 1e-3 constant.)
 2. ``observe``: ``commute validate`` (real branch trainings: base, "12", "21" on the same streams, R stream
    seeds) at the chosen checkpoints of each run, at two horizons n, with the euclid prediction; then the adam
    prediction on the same (cached) branches.
-3. ``table``: the resummed prediction (commute_cli.resummed) at each checkpoint, and the per-method table:
-   sign agreement on the cases whose observed effect is significant, median and range of predicted/observed
-   there, and the cost of each prediction measured in one run. Written to
-   ``benchmarks/results/adamw_sizes.json``.
+3. ``project``: the resummed projections (Krylov basis from HVPs) of each checkpoint, cached.
+4. ``table``: the resummed prediction (commute_cli.resummed) at each checkpoint, and the per-method tables
+   (per optimizer family, ``summary``, and per run, ``summary_by_run``): sign agreement on the cases whose
+   observed effect is significant, median and range of predicted/observed there, and the cost of each
+   prediction measured in one run. Written to ``benchmarks/results/adamw_sizes.json``. The cases of runs
+   whose cache folders are absent (or that ``--runs`` leaves out) are kept from the previous file, and the
+   JSON's ``merged`` says which were kept and which recomputed.
 
-Usage (each stage takes minutes to tens of minutes on one shared core):
+Usage (each stage takes minutes to tens of minutes on one shared core; ``--runs`` restricts every stage to
+some runs, e.g. ``--runs adamw-wd`` to add one run to the stored table):
 
-    python benchmarks/adamw_sizes.py train
-    python benchmarks/adamw_sizes.py observe [--quick]
-    python benchmarks/adamw_sizes.py table
+    python benchmarks/adamw_sizes.py train [--runs ...]
+    python benchmarks/adamw_sizes.py observe [--quick] [--runs ...]
+    python benchmarks/adamw_sizes.py project [--runs ...]
+    python benchmarks/adamw_sizes.py table [--runs ...]
 """
 
 from __future__ import annotations
@@ -45,6 +53,11 @@ RUNS = {
         "steps": [1000],
         "desc": "AdamW b2 0.95, lr 2e-3, warmup 100, cosine to 1500",
     },
+    "adamw-wd": {
+        "path": None,
+        "steps": [500, 1000],
+        "desc": "AdamW b2 0.98, weight decay 0.1, lr 1e-3, warmup 100, cosine to 1500",
+    },
     "sgd": {"path": None, "steps": [1000], "desc": "SGD (no momentum), lr 0.2 constant", "horizons": (20,)},
     "sgd-lr0.02": {
         "path": None,
@@ -68,7 +81,7 @@ def horizons(name: str) -> tuple[int, ...]:
     return tuple(RUNS[name].get("horizons", HORIZONS))
 
 
-def stage_train(out: Path, threads: int) -> None:
+def stage_train(out: Path, threads: int, runs: list[str] | None = None) -> None:
     from commute_cli.commands.train import TrainConfig, train
 
     common = dict(
@@ -90,9 +103,19 @@ def stage_train(out: Path, threads: int) -> None:
     )
     configs = {
         "adamw-cos": dict(optimizer="adamw", lr=2e-3, betas=(0.9, 0.95), lr_schedule="cosine", warmup=100),
+        "adamw-wd": dict(
+            optimizer="adamw",
+            lr=1e-3,
+            betas=(0.9, 0.98),
+            weight_decay=0.1,
+            lr_schedule="cosine",
+            warmup=100,
+        ),
         "sgd": dict(optimizer="sgd", lr=0.2),
     }
     for name, extra in configs.items():
+        if runs and name not in runs:
+            continue
         folder = run_dir(out, name)
         if (folder / "checkpoint-1500").is_dir():
             print(f"{name}: already trained", file=sys.stderr)
@@ -189,7 +212,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.stage == "train":
-        stage_train(args.out, args.threads)
+        stage_train(args.out, args.threads, args.runs)
     elif args.stage == "project":  # the resummed statistics only (no observations needed)
         for name, step, _n in _cases(args.quick, args.runs):
             if (run_dir(args.out, name) / f"checkpoint-{step}").is_dir():
@@ -245,14 +268,14 @@ def _samples(setup, cache_dir: Path):
         out=cache_dir,
     )
     inputs = resolve_inputs(aopts)
-    parts, _ = prepare_samples(inputs, aopts, cache_dir / "cache")
+    parts, _digest, _provenance = prepare_samples(inputs, aopts)
     wbar = np.array([w[k] for k in setup.names])
     return inputs, parts, wbar
 
 
 def _metric(ref, model, kind: str):
-    from commute_cli.core import criterion
     from commute_cli.engine import curvature
+    from commute_cli.engine.metric import adam_preconditioner
     from commute_cli.io import checkpoints
 
     if kind == "euclid":
@@ -260,7 +283,7 @@ def _metric(ref, model, kind: str):
     state = checkpoints.load_adam_state(ref, model)
     names = [n for n, _ in curvature.param_list(model)]
     v = checkpoints.flat_exp_avg_sq(state, names)
-    D = criterion.adam_preconditioner(v, state.step or 1, state.betas[1], state.eps)
+    D = adam_preconditioner(v, state.step or 1, state.betas[1], state.eps)
     if kind == "adam-clip":
         D = D.clamp(max=100.0 * float(D.median()))
     return D
@@ -466,13 +489,21 @@ def stage_table(out: Path, quick: bool, threads: int, m: int = 24, runs: list[st
                 "el12_se": r["pred_el12_se"],
                 "regime_ratio": r["regime_ratio"],
             }
+    path = ROOT / "benchmarks" / "results" / "adamw_sizes.json"
+    merged = merge_stored(path, cases, costs)
     summary = summarize(cases)
+    by_run = summarize(cases, by_run=True)
     print_table(summary)
     print()
+    print_table(by_run)
+    print()
     print(markdown_table(summary))
+    print()
+    print(markdown_table(by_run, first="run"))
     result = {
         "benchmark": "adamw_sizes",
         "environment": environment(threads),
+        "merged": merged,
         "runs": {k: v["desc"] for k, v in RUNS.items()},
         "settings": {
             "dw": 0.15,
@@ -483,20 +514,69 @@ def stage_table(out: Path, quick: bool, threads: int, m: int = 24, runs: list[st
         },
         "costs": costs,
         "summary": summary,
+        "summary_by_run": by_run,
         "cases": cases,
     }
-    path = ROOT / "benchmarks" / "results" / "adamw_sizes.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1, default=float) + "\n")
     print(f"wrote {path}", file=sys.stderr)
 
 
-def summarize(cases: list[dict]) -> dict:
-    """Per method and optimizer family: sign agreement on significant observed effects (both orders), and
-    predicted/observed there (median, range)."""
+def _case_key(c: dict) -> str:
+    return f"{c['run']}-{c['step']}-n{c['n']}"
+
+
+def merge_stored(path: Path, cases: list[dict], costs: list[dict]) -> dict:
+    """Add to ``cases`` and ``costs`` (this call's, recomputed from the cache folders) the ones of the
+    previous ``path`` whose (run, step, n) this call did not recompute (their cache folders are absent, or
+    ``--runs`` left them out), so that a table of one new run keeps every run measured before. Says on
+    stderr what it kept; returns the record of it for the JSON."""
+    done = {_case_key(c) for c in cases}
+    recomputed = sorted(done)
+    kept: list[str] = []
+    previous_environment = None
+    if path.is_file():
+        old = json.loads(path.read_text())
+        previous_environment = old.get("environment")
+        for c in old.get("cases", []):
+            if _case_key(c) not in done:
+                cases.append(c)
+                if _case_key(c) not in kept:
+                    kept.append(_case_key(c))
+        have = {(c["run"], c["step"], c["kind"]) for c in costs}
+        costs.extend(c for c in old.get("costs", []) if (c["run"], c["step"], c["kind"]) not in have)
+    order = {name: i for i, name in enumerate(RUNS)}
+
+    def rank(c: dict) -> tuple[int, int, int]:
+        return (order.get(c["run"], len(order)), int(c["step"]), int(c.get("n", 0)))
+
+    cases.sort(key=rank)  # stable: the targets keep their order
+    costs.sort(key=rank)
+    if kept:
+        print(
+            f"kept {len(kept)} (run, step, n) of the previous {path.name} whose cache is absent or not "
+            f"selected (not recomputed): {', '.join(kept)}",
+            file=sys.stderr,
+        )
+    print(f"recomputed from the cache: {', '.join(recomputed) or 'nothing'}", file=sys.stderr)
+    return {
+        "recomputed_from_cache": recomputed,
+        "kept_from_previous_file": kept,
+        "previous_environment": previous_environment if kept else None,
+    }
+
+
+def summarize(cases: list[dict], by_run: bool = False) -> dict:
+    """Per method and optimizer family (``by_run``: per run): sign agreement on significant observed effects
+    (both orders), and predicted/observed there (median, range)."""
     out: dict[str, dict] = {}
-    for family in ("adamw", "sgd"):
-        sel = [c for c in cases if c["run"].startswith("sgd") == (family == "sgd")]
+    if by_run:
+        groups = {r: [c for c in cases if c["run"] == r] for r in dict.fromkeys(c["run"] for c in cases)}
+    else:
+        groups = {
+            f: [c for c in cases if c["run"].startswith("sgd") == (f == "sgd")] for f in ("adamw", "sgd")
+        }
+    for family, sel in groups.items():
         methods = sorted({k for c in sel for k in c["pred"]})
         for method in methods:
             agree, ratios, where = 0, [], []
@@ -571,19 +651,41 @@ def summarize(cases: list[dict]) -> dict:
     return out
 
 
-def markdown_table(summary: dict) -> str:
-    """The per-method table of docs/MATH.md "Resummed prediction"."""
+LABELS = {
+    "bracket-euclid": "bracket, D = I (`analyze --metric euclid`)",
+    "bracket-adam": "bracket, Adam D (`--metric adam`)",
+    "resummed-euclid-clamp": "**resummed**, D = I, clamp",
+    "resummed-euclid-exact": "resummed, D = I, exact",
+    "resummed-adam-clamp": "**resummed**, Adam D, clamp",
+    "resummed-adam-exact": "resummed, Adam D, exact",
+    "bracket-euclid-cal": "bracket, D = I, time kappa dt",
+    "resummed-euclid-clamp-cal": "resummed, D = I, clamp, time kappa dt",
+    "bracket-adam-cal": "bracket, Adam D, time kappa dt",
+    "resummed-adam-clamp-cal": "resummed, Adam D, clamp, time kappa dt",
+}
+"""The methods of the docs' tables, in their order (the other variants are in the JSON only)."""
+
+
+def markdown_table(summary: dict, first: str = "family") -> str:
+    """The per-method table of docs/MATH.md "Resummed prediction", "Measurements" (``first``: what the keys'
+    first part is, the optimizer family or the run)."""
     lines = [
-        "| runs / method | signs (significant EL^12, EL^21) | median pred/obs | range | "
-        "signs (significant antisym.) | median pred/obs (antisym.) |",
-        "|---|---|---|---|---|---|",
+        f"| {first} | method | signs, EL^12/EL^21 | median pred/obs | range | median abs(log10) | "
+        "signs, antisym. | median pred/obs, antisym. |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for key, s in summary.items():
-        lines.append(
-            f"| {key} | {s['sign_agree']}/{s['significant_cases']} | {s['median_pred_over_obs']:.3g} | "
-            f"{s['min']:.3g} .. {s['max']:.3g} | {s['antisym_sign_agree']}/{s['antisym_significant']} | "
-            f"{s['antisym_median_pred_over_obs']:.3g} |"
-        )
+    groups = list(dict.fromkeys(key.split("/")[0] for key in summary))
+    for group in groups:
+        for method, label in LABELS.items():
+            s = summary.get(f"{group}/{method}")
+            if s is None:
+                continue
+            lines.append(
+                f"| {group} | {label} | {s['sign_agree']}/{s['significant_cases']} | "
+                f"{s['median_pred_over_obs']:.3g} | {s['min']:.3g} .. {s['max']:.3g} | "
+                f"{s['median_abs_log10_error']:.2f} | {s['antisym_sign_agree']}/{s['antisym_significant']} | "
+                f"{s['antisym_median_pred_over_obs']:.3g} |"
+            )
     return "\n".join(lines)
 
 

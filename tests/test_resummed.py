@@ -442,8 +442,13 @@ def test_size_record_notes_and_optimizer_families() -> None:
     assert "~3.3x larger than printed" in small.note()
     half = ks.SizeRecord("adam", "euclid", 6, 3, 0.07, -0.8, 0.8, "t")
     assert "not calibrated" in half.note()  # half the signs wrong
-    big = ks.SizeRecord("adam", "adam", 8, 5, 150.0, -50.0, 400.0, "test")
+    big = ks.SizeRecord("adam", "adam", 8, 8, 150.0, 60.0, 400.0, "test")
     assert "~1.5e+02x smaller than printed" in big.note()
+    # a factor only where every sign was right and the ratios lie within a decade
+    assert "not calibrated" in ks.SizeRecord("adam", "adam", 8, 7, 150.0, -50.0, 400.0, "t").note()
+    spread = ks.SizeRecord("adam", "euclid", 8, 8, 0.3, 0.02, 0.8, "t").note()
+    assert "not calibrated" in spread and "median 0.3" in spread
+    assert "not calibrated" in ks.SizeRecord("adam", "euclid", 2, 2, 0.3, 0.2, 0.4, "t").note()  # 2 cases
     assert "not calibrated" in ks.SizeRecord("sgd", "euclid", 0, 0, float("nan"), 0.0, 0.0, "test").note()
     assert ks.optimizer_family("AdamW") == "adam" and ks.optimizer_family("adamw") == "adam"
     assert ks.optimizer_family("SGD") == "sgd" and ks.optimizer_family("Lion") is None
