@@ -252,21 +252,3 @@ def test_adam_metric_predictions_are_far_too_large_on_a_real_adamw_run(run, tmp_
         anti = (df["obs_el12"] - df["obs_el21"]) / 2
         error[metric] = float(np.median(np.abs(np.log10(df["pred_el12"].abs() / anti.abs()))))
     assert error["adam"] > error["euclid"] + 1.0, error
-
-
-def test_eta_is_remaining_steps_times_the_mean_step_so_far():
-    """The bar's ETA does not follow rich's windowed speed: it is (total - done) x elapsed / done."""
-    import time
-
-    from commute_cli.render.progress import ValidateProgress
-
-    progress = ValidateProgress(enabled=False)
-    progress.start(40)
-    assert progress.eta_seconds() is None
-    for _ in range(10):
-        time.sleep(0.02)
-        progress.step()
-    elapsed = time.perf_counter() - progress._t0
-    eta = progress.eta_seconds()
-    assert eta == pytest.approx(30 * elapsed / 10, rel=0.05)
-    assert eta >= 30 * 0.02

@@ -166,7 +166,7 @@ def validate_command(
     """
     from commute_cli.commands import validate
     from commute_cli.render import tables
-    from commute_cli.render.progress import ValidateProgress
+    from commute_cli.render.progress import StepProgress
     from commute_cli.render.validate_table import validate_table
 
     if threads is not None:
@@ -201,7 +201,7 @@ def validate_command(
     )
     note = (lambda _text: None) if quiet else (lambda text: typer.echo(text, err=True))
     try:
-        with ValidateProgress(enabled=not quiet and fmt is Format.table) as progress:
+        with StepProgress("validate: branches", enabled=not quiet and fmt is Format.table) as progress:
             result = validate.run_validate(opts, note=note, on_step=progress.step, on_start=progress.start)
     except KeyboardInterrupt as ex:
         interrupted(

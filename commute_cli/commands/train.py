@@ -35,7 +35,6 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -52,6 +51,7 @@ from commute_cli.core.schedule import Schedule
 from commute_cli.engine import training
 from commute_cli.errors import CommuteError
 from commute_cli.io import checkpoints, run_inputs, runfiles
+from commute_cli.render.progress import StepProgress
 
 
 def train(config: TrainConfig) -> Path:
@@ -233,58 +233,40 @@ def _eval_entry(losses: Mapping[str, float]) -> dict[str, float]:
 
 
 class _Logger:
-    """A rich progress bar with the running loss per domain (only on a terminal), plus one line per save."""
+    """The training bar (``render.progress.StepProgress``: steps, running loss per domain, elapsed, ETA; only
+    on a terminal) plus one line per evaluation."""
 
     def __init__(self, config: TrainConfig, names: Sequence[str], start_step: int) -> None:
         self.quiet = config.quiet
         show = config.progress if config.progress is not None else sys.stderr.isatty()
-        self.show = bool(show) and not config.quiet
         self.names = list(names)
         self.start = start_step
         self.saved: int | None = None
         self.total = config.steps
         self.ema: dict[str, float] = {}
         self.t0 = time.monotonic()
-        self.progress: Any = None
-        self.task: Any = None
+        self.bar = StepProgress("train", bool(show) and not config.quiet, fields=("losses",), transient=False)
 
     def __enter__(self) -> _Logger:
-        if self.show:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.progress = Progress(
-                TextColumn("train"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[losses]}"),
-                TimeRemainingColumn(),
-                console=Console(stderr=True),
-                transient=False,
-            )
-            self.progress.start()
-            self.task = self.progress.add_task("train", total=self.total, completed=self.start, losses="")
+        self.bar.__enter__()
+        self.bar.start(self.total, completed=self.start)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.progress is not None:
-            self.progress.stop()
+        self.bar.__exit__(*exc)
 
     def note(self, text: str) -> None:
         if not self.quiet:
-            print(text, file=sys.stderr)
+            self.bar.print(text)
 
     def step(self, r: training.StepResult) -> None:
         for name, value in r.domain_loss.items():
             self.ema[name] = value if name not in self.ema else 0.9 * self.ema[name] + 0.1 * value
-        if self.progress is not None:
-            losses = "  ".join(f"{n} {self.ema[n]:.3f}" for n in self.names if n in self.ema)
-            self.progress.update(self.task, completed=r.step, losses=f"loss {losses}")
+        losses = "  ".join(f"{n} {self.ema[n]:.3f}" for n in self.names if n in self.ema)
+        self.bar.update(r.step, losses=f"loss {losses}")
 
     def eval(self, step: int, losses: Mapping[str, float]) -> None:
         text = "  ".join(f"{n} {v:.4f}" for n, v in losses.items())
         line = f"step {step}/{self.total}: validation loss {text}  ({time.monotonic() - self.t0:.0f} s)"
-        if self.progress is not None:
-            self.progress.console.print(line)
-        elif not self.quiet:
-            print(line, file=sys.stderr)
+        if not self.quiet:
+            self.bar.print(line)

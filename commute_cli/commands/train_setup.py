@@ -62,7 +62,7 @@ class TrainConfig:
     overwrite: bool = False
     quiet: bool = False
     progress: bool | None = None
-    """Show a progress bar: None = only when stderr is a terminal (and not ``quiet``)."""
+    """Show a progress bar (drawn only where stderr is a terminal): None = when it is and not ``quiet``."""
     argv: list[str] | None = None
     """The command's arguments (after ``commute``), so that an interrupted run can say how to resume."""
     model_overrides: dict[str, Any] = field(default_factory=dict)

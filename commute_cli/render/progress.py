@@ -4,10 +4,8 @@ The commands only call plain callbacks; this module decides how (and whether) to
 
 - :class:`Bars`: the one adapter around ``rich.progress`` (a bar = label, M/N, elapsed, ETA); every
   command's bars go through it.
-- :class:`StepProgress`: one bar over uniform steps (train's steps), with an ETA from the mean measured
-  time per step.
-- :class:`ValidateProgress`: validate's one bar over its branch steps (its own ``rich.progress``, not
-  :class:`Bars`), with a ``~N min left`` text from the mean time per step since the start.
+- :class:`StepProgress`: one bar over uniform steps (train's steps, validate's branch steps), with an ETA
+  from the mean measured time per step.
 - ``render.analysis_progress.AnalysisProgress``: analyze's two bars (checkpoints, sample blocks of the
   current checkpoint) with the ETA of ``AnalysisEta``, built from measured per-block and per-checkpoint
   times.
@@ -37,7 +35,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
-__all__ = ["Bars", "StepProgress", "ValidateProgress", "format_duration"]
+__all__ = ["Bars", "StepProgress", "format_duration"]
 
 Clock = Callable[[], float]
 
@@ -198,53 +196,3 @@ class StepProgress:
 
     def print(self, line: str) -> None:
         self.bars.print(line)
-
-
-class ValidateProgress:
-    """One rich bar over the training steps still to run (stderr, terminals only).
-
-    The ETA is ``remaining steps x mean seconds per step so far`` (all steps of this run, evaluations
-    included), not rich's windowed speed: it does not jump when a branch ends and its evaluation runs.
-    """
-
-    def __init__(self, enabled: bool = True) -> None:
-        console = Console(file=sys.stderr)
-        self.enabled = enabled and console.is_terminal
-        self._progress = Progress(
-            TextColumn("validate: branches"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[eta]}"),
-            console=console,
-            transient=True,
-            disable=not self.enabled,
-        )
-        self._task: Any = None
-        self.total = 0
-        self.done = 0
-        self._t0 = 0.0
-
-    def __enter__(self) -> ValidateProgress:
-        self._progress.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._progress.__exit__(None, None, None)
-
-    def start(self, total: int) -> None:
-        self.total, self.done, self._t0 = total, 0, time.perf_counter()
-        if total:
-            self._task = self._progress.add_task("branches", total=total, eta="")
-
-    def eta_seconds(self) -> float | None:
-        """Remaining steps x the mean time per step measured so far (None before the first step)."""
-        if self.done == 0:
-            return None
-        return (self.total - self.done) * (time.perf_counter() - self._t0) / self.done
-
-    def step(self) -> None:
-        self.done += 1
-        if self._task is not None:
-            eta = self.eta_seconds()
-            text = "" if eta is None else f"~{eta / 60:.1f} min left" if eta >= 60 else f"~{eta:.0f} s left"
-            self._progress.update(self._task, advance=1, eta=text)
