@@ -304,6 +304,7 @@ def test_ctrl_c_in_validate_keeps_finished_repeats_and_resumes(run, tmp_path):
                 "commute_cli.errors",
                 "commute_cli.engine",
                 "commute_cli.io",
+                "commute_cli.render",
                 "commute_cli.commands.train_setup",
             ),
         ),
