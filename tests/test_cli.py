@@ -4,6 +4,7 @@ usage errors are one line and exit 2, every subcommand has a working ``--help``,
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -90,6 +91,38 @@ def test_help_hides_the_old_flag_names_but_accepts_them():
     val, ana = commute("validate", "--help").stdout, commute("analyze", "--help").stdout
     assert "--horizon" in val and "--steps" not in val
     assert "--micro-batch" in ana and "--batch-size" not in ana
+
+
+def stray_line_breaks(text: str, width: int) -> list[str]:
+    """Lines of a rendered ``--help`` that end inside a sentence although the next word would have fit:
+    a hard line break from the source, not the terminal's wrapping. A line ending without punctuation,
+    followed by one that continues the same text (same indent, lowercase start)."""
+    bad = []
+    lines = [line.rstrip().rstrip("│").rstrip() for line in text.splitlines()]
+    for prev, nxt in itertools.pairwise(lines):
+        body, following = prev.lstrip("│ "), nxt.lstrip("│ ")
+        if not body or not following or not following[0].islower():
+            continue
+        if len(prev) - len(prev.lstrip("│ ")) != len(nxt) - len(nxt.lstrip("│ ")):
+            continue  # another column or paragraph, not the same text
+        if body[-1] in ".:;!?)]" or len(prev) + 1 + len(following.split()[0]) > width - 3:
+            continue
+        bad.append(f"{prev.strip()!r} / {nxt.strip()!r}")
+    return bad
+
+
+@pytest.mark.parametrize("sub", ["", *SUBCOMMANDS, "help"])
+def test_no_help_breaks_a_line_inside_a_sentence(sub):
+    """Docstrings are paragraphs in --help (``cli.app.help_paragraphs``): at a wide terminal no line of
+    prose ends early inside a sentence, in a command's help or in the top-level command list."""
+    res = commute(*([sub] if sub else []), "--help", COLUMNS="200")
+    assert res.returncode == 0, res.stderr
+    assert not stray_line_breaks(res.stdout, 200), stray_line_breaks(res.stdout, 200)
+
+
+def test_the_stray_line_break_check_finds_one():
+    text = " Saves checkpoints, so an\n interrupted run resumes.\n"
+    assert stray_line_breaks(text, 200) and not stray_line_breaks(text.replace("\n i", " i"), 200)
 
 
 def help_examples() -> dict[str, list[str]]:
