@@ -156,7 +156,7 @@ def analyze_command(
     Results go to --out (results.csv, losses.csv, run.json); finished checkpoints are cached there, so an
     interrupted run resumes.
 
-    Example: commute analyze sample_checkpoints/ --steps 1000 --samples 48
+    Example: commute analyze sample_checkpoints/ --steps 1000,2000 --samples 48
     """
     from commute_cli.commands import analyze as analysis
     from commute_cli.engine.distributed import is_main_process
