@@ -57,3 +57,26 @@ def test_bad_grouping_is_a_one_line_error(run_dir, tmp_path, capsys, bad):
     code, _, err = cli(["analyze", run_dir, "--out", tmp_path, "--decompose", bad, *FAST], capsys)
     assert code == 2
     assert "--decompose" in err and "Traceback" not in err
+
+
+def test_every_column_of_every_written_csv_is_documented(run_dir, tmp_path, capsys):
+    """``commute help columns`` covers each CSV a real analysis with ``--decompose kind`` writes, and the
+    schedule.csv that recommend writes (its header: step, then one column per domain)."""
+    from commute_cli.core.schedule import parse_schedule_csv
+    from commute_cli.render import columns
+
+    out = tmp_path / "out"
+    code, _, err = cli(["analyze", run_dir, "--out", out, "--decompose", "kind", *FAST], capsys)
+    assert code == 0, err
+    written = {p.name: pd.read_csv(p) for p in out.glob("*.csv")}
+    assert {"results.csv", "losses.csv", "baselines.csv", "decomposition.csv"} <= set(written)
+    for name, frame in written.items():
+        assert name in columns.COLUMNS, name
+        assert columns.undocumented(name, frame.columns) == [], name
+    schedule = parse_schedule_csv("step,en,ru\n0,0.8,0.2\n100,0.9,0.1\n").to_csv()
+    assert columns.undocumented("schedule.csv", schedule.splitlines()[0].split(",")) == []
+    code, text, err = cli(["help", "columns"], capsys)
+    assert code == 0, err
+    for name in [*written, "schedule.csv"]:
+        assert f"{name}: " in text
+    assert "95% test" not in text and "--confidence" in text

@@ -1,4 +1,5 @@
-"""``commute validate``'s table: one fixed-point precision for every number in nats, counted nouns agree."""
+"""``commute validate``'s table: one SI prefix and precision for every number in nats, ± labelled as 1 SE,
+the antisymmetric obs/pred, weaker sign agreement without significance, counted nouns agree."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import re
 import pandas as pd
 from rich.console import Console
 
-from commute_cli.render.validate_table import nat_decimals, validate_table
+from commute_cli.render.validate_table import sign_word, validate_table
 
 
 def row(target: str, obs12: float, se: float, pred: float) -> dict:
@@ -34,6 +35,7 @@ def row(target: str, obs12: float, se: float, pred: float) -> dict:
         "sign_agree_12": True,
         "sign_agree_21": None,
         "ratio_obs_pred": obs12 / pred,
+        "ratio_antisym_pred": obs12 / pred,
         "regime_ratio": 0.1,
         "in_regime": True,
     }
@@ -59,22 +61,48 @@ def render(df: pd.DataFrame) -> str:
     return console.export_text()
 
 
-def test_nat_decimals_shows_two_significant_digits_of_the_smallest_value():
-    assert nat_decimals([0.0123, 0.004]) == 4  # the default precision already shows 0.0040
-    assert nat_decimals([0.0123, 4.5e-5]) == 6  # 0.000045
-    assert nat_decimals([0.2, 3.3e-7]) == 8  # capped
-    assert nat_decimals([0.0, float("nan")]) == 4
-
-
-def test_one_precision_for_every_nat_column_and_no_scientific_notation():
+def test_one_prefix_and_precision_for_every_nat_column_and_no_scientific_notation():
     df = pd.DataFrame([row("en", 0.0123, 4.5e-5, 0.002), row("ru", -0.0012, 2.1e-4, -3.0e-4)])
     text = render(df)
-    numbers = re.findall(r"-?\d+\.\d+(?:e-?\d+)?±-?\d+\.\d+(?:e-?\d+)?", text)
+    numbers = re.findall(r"-?\d+\.\d+(?:e-?\d+)? ± -?\d+\.\d+(?:e-?\d+)?", text)
     assert len(numbers) == 10  # 5 columns x 2 targets
     assert not any("e" in n for n in numbers)
-    decimals = {len(part.split(".")[1]) for n in numbers for part in n.split("±")}
-    assert decimals == {6}
-    assert "0.012300±0.000045" in text and "-0.000300±0.000105" in text
+    decimals = {len(part.split(".")[1]) for n in numbers for part in n.split(" ± ")}
+    assert decimals == {3}  # mnat from the largest value; 0.045 mnat keeps two significant digits
+    assert "12.300 ± 0.045" in text and "-0.300 ± 0.105" in text
+    assert "mnat ± SE" in text and "µnat" not in text
+    assert "1 SE" in text and "not a 95% interval" in text
+
+
+def test_a_tiny_effect_gets_its_own_prefix_not_zeros():
+    text = render(pd.DataFrame([row("en", 4.1e-5, 3.0e-6, 2.2e-5)]))
+    assert "41.0 ± 3.0" in text and "µnat ± SE" in text
+
+
+def test_the_ratio_is_the_antisymmetric_part_over_the_prediction():
+    r = row("en", 0.006, 0.001, 0.004) | {"obs_el21": -0.002}
+    del r["ratio_antisym_pred"]  # an older validate.csv: computed from the observed columns
+    text = render(pd.DataFrame([r]))
+    assert "obs/pred" in text and "(antisym.)" in text
+    assert re.search(r"\b1\.0\b", text)  # ((6 + 2) / 2) / 4, two significant digits
+    assert "1.5" not in text  # not obs_el12 / pred_el12
+
+
+def test_two_significant_digits_for_ratio_and_regime():
+    text = render(pd.DataFrame([row("en", 0.0123, 0.001, 0.007) | {"regime_ratio": 0.14628}]))
+    assert "in (0.15)" in text and re.search(r"\b1\.8\b", text)
+
+
+def test_agreement_without_significance_is_weaker_and_one_repeat_has_no_se():
+    assert sign_word(True, True) == "yes" and sign_word(False, True) == "NO"
+    assert sign_word(True, False) == "yes (n.s.)" and sign_word(False, False) == "no (n.s.)"
+    assert sign_word(None, True) == "-"
+    one = row("en", 0.01, float("nan"), 0.002) | {"obs_el12_significant": False}
+    text = render(pd.DataFrame([one]))
+    assert "yes (n.s.)" in text and "one stream seed, no SE" in text
+    assert "mean ± 1 SE over" not in text and "mean ± SE over stream seeds" not in text
+    three = render(pd.DataFrame([row("en", 0.01, 0.001, 0.002) | {"repeats": 3}]))
+    assert "mean ± 1 SE over 3 stream seeds" in three
 
 
 def test_counted_nouns():

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import typer
 
-from commute_cli.cli.app import Device, Format, Hvp, Metric, Offload, Plan, alias
+from commute_cli.cli.app import Device, Format, Hvp, Metric, Offload, Plan, alias, help_paragraphs
 from commute_cli.errors import CommuteError
 
 
+@help_paragraphs
 def analyze_command(
     ckpt_dir: Path = typer.Argument(
         ...,
@@ -84,7 +85,8 @@ def analyze_command(
     horizon: int | None = typer.Option(
         None,
         "--horizon",
-        help="Steps each way (default: half the checkpoint spacing, shortened to stay in regime).",
+        help="Steps each way (default: half the spacing to the neighbouring checkpoint; a row outside the "
+        "local regime keeps it and says so in its regime column; only recommend shortens a shift).",
     ),
     lr: float | None = typer.Option(None, "--lr", help="Learning rate (default: from trainer_state.json)."),
     hvp: Hvp = typer.Option(
@@ -154,7 +156,7 @@ def analyze_command(
     Results go to --out (results.csv, losses.csv, run.json); finished checkpoints are cached there, so an
     interrupted run resumes.
 
-    Example: commute analyze run/ --domains en=en.jsonl ru=ru.jsonl
+    Example: commute analyze sample_checkpoints/ --steps 1000,2000 --samples 48
     """
     from commute_cli.commands import analyze as analysis
     from commute_cli.engine.distributed import is_main_process

@@ -4,9 +4,12 @@ resume hints)."""
 
 from __future__ import annotations
 
+import inspect
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any, TypeVar
 
 import typer
 
@@ -89,6 +92,20 @@ class PlotKind(str, Enum):
     pairs = "pairs"
     decomposition = "decomposition"
     orders = "orders"
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def help_paragraphs(command: _F) -> _F:
+    """A command whose ``--help`` text is its docstring as paragraphs: the lines of each paragraph (blank
+    line separated) are joined, so the terminal wraps them, not the source's line breaks (typer's rich
+    help keeps single newlines after the first paragraph, and the command list shows the first
+    paragraph as written). Every command function gets this decorator."""
+    doc = inspect.cleandoc(command.__doc__ or "")
+    paragraphs = [" ".join(line.strip() for line in p.splitlines()) for p in doc.split("\n\n")]
+    command.__doc__ = "\n\n".join(p for p in paragraphs if p)
+    return command
 
 
 def alias(new: int | None, old: int | None, new_flag: str, old_flag: str) -> int | None:

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import typer
 
-from commute_cli.cli.app import Format, PlotKind
+from commute_cli.cli.app import Format, PlotKind, help_paragraphs
 from commute_cli.errors import CommuteError
 
 
+@help_paragraphs
 def toy_command(
     dim: int = typer.Option(100, "--dim", help="Dimension of the quadratic domains (paper: 100)."),
     samples: int = typer.Option(100, "--samples", help="Random instances (A_k, b_k, theta_0) per cell."),
@@ -35,6 +36,7 @@ def toy_command(
     tables.emit(df, fmt.value, tables.table1, out)
 
 
+@help_paragraphs
 def recommend_command(
     target: str = typer.Option(..., "--target", help="The loss to improve: a target of the analysis."),
     from_dir: Path = typer.Option(Path("commute_out"), "--from", help="Folder of `commute analyze` results."),
@@ -63,7 +65,7 @@ def recommend_command(
 
     Prints each shift with its predicted effect on every target; writes schedule.json/.csv (--schedule).
 
-    Example: commute recommend --target ru --from commute_out/
+    Example: commute recommend --target ru
     """
     import json
 
@@ -107,6 +109,7 @@ def recommend_command(
         typer.echo(json.dumps(rec.to_dict(), indent=2, ensure_ascii=False, default=str))
 
 
+@help_paragraphs
 def plot_command(
     output: Path = typer.Option(..., "-o", "--output", help="PNG file to write."),
     from_dir: Path = typer.Option(Path("commute_out"), "--from", help="Folder of `commute analyze` results."),
@@ -132,7 +135,7 @@ def plot_command(
     With `commute validate` results (validate.csv), also the loss plane of the paper's Figures 3-4.
     `--kind pairs|decomposition|orders` draws the heatmaps and the first-order comparison instead.
 
-    Example: commute plot --from commute_out/ -o criterion.png
+    Example: commute plot -o criterion.png
     """
     import pandas as pd
 
@@ -197,6 +200,7 @@ def _plot_heatmap(kind: PlotKind, output: Path, from_dir: Path, target: str | No
     typer.echo(f"wrote {output} ({result.label()})", err=True)
 
 
+@help_paragraphs
 def help_command(
     topic: str = typer.Argument("columns", help="The topic: columns (every output file's columns)."),
 ) -> None:

@@ -7,10 +7,21 @@ from pathlib import Path
 
 import typer
 
-from commute_cli.cli.app import INVOCATION, Device, Format, LrSchedule, Metric, Optimizer, alias, interrupted
+from commute_cli.cli.app import (
+    INVOCATION,
+    Device,
+    Format,
+    LrSchedule,
+    Metric,
+    Optimizer,
+    alias,
+    help_paragraphs,
+    interrupted,
+)
 from commute_cli.errors import CommuteError
 
 
+@help_paragraphs
 def train_command(
     out_dir: Path = typer.Argument(
         ..., metavar="OUT_DIR", help="Folder for checkpoint-N/ subfolders and the commute.json manifest."
@@ -65,7 +76,7 @@ def train_command(
     'commute analyze OUT_DIR' needs no flags (data outside OUT_DIR is recorded by absolute path). Ctrl-C
     keeps the finished checkpoints and prints the command that resumes.
 
-    Example: commute train run/ --domains en=en.jsonl ru=ru.jsonl --tokenizer tok/ --steps 100 --save-every 50
+    Example: commute train runs/example --manifest sample_checkpoints --steps 20 --save-every 10
     """
     from commute_cli.commands import train
     from commute_cli.io.data import parse_domain_specs
@@ -103,6 +114,7 @@ def train_command(
         typer.echo(f"checkpoints and commute.json in {out}/", err=True)
 
 
+@help_paragraphs
 def validate_command(
     checkpoint: Path = typer.Argument(
         ..., metavar="CKPT", help="One checkpoint folder (with optimizer.pt when saved)."
@@ -155,14 +167,15 @@ def validate_command(
     no_cache: bool = typer.Option(False, "--no-cache", help="Retrain the branches even if cached."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or notes."),
 ) -> None:
-    """Check the criterion against real training (the paper's sections 4.2-4.3): from CKPT, train the base
-    schedule, '12' (domain 1 +dw for N steps, then -dw) and '21' on the same data, and print the observed
-    excess losses beside the predicted ones.
+    """Check the criterion against real training: observed excess losses beside the predicted ones.
+
+    From CKPT, train the base schedule, '12' (domain 1 +dw for N steps, then -dw) and '21' on the same data
+    (the paper's sections 4.2-4.3), and print the observed excess losses beside the predicted ones.
 
     Says its cost before it starts (3 x 2N x repeats steps, timed from one measured step). Finished repeats
     are cached in --out: Ctrl-C, then the same command, resumes.
 
-    Example: commute validate run/checkpoint-100 --quick --horizon 20
+    Example: commute validate sample_checkpoints/checkpoint-1000 --quick --horizon 10
     """
     from commute_cli.commands import validate
     from commute_cli.render import tables

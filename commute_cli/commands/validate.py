@@ -167,6 +167,10 @@ def predict(setup: Setup, opts: ValidateOptions, dw: float, note: Note) -> tuple
 # ------------------------------------------------------------------------------------------------ table
 
 
+def _sig12(x: float) -> float:
+    return float(f"{x:.12g}")
+
+
 def combine(
     setup: Setup,
     opts: ValidateOptions,
@@ -178,7 +182,10 @@ def combine(
     """One row per target domain k: observed EL^12, EL^21 (mean, SE over repeats) beside the prediction.
 
     ``obs_sym = (EL^12 + EL^21) / 2`` is the part of the observed effect that the second-order theory says
-    is zero (``EL^21 = -EL^12``): large against ``obs_el12`` means higher-order terms or noise dominate.
+    is zero (``EL^21 = -EL^12``): large against ``obs_el12`` means higher-order terms or noise dominate;
+    ``obs_antisym = (EL^12 - EL^21) / 2`` is the part the bracket predicts (``ratio_antisym_pred``). ``lr``
+    and ``dt`` are written to 12 significant digits (a mean of equal rates is 0.001, not
+    0.0010000000000000002).
     """
     i, j = (setup.names[k] for k in setup.pair)
     rows = []
@@ -190,6 +197,9 @@ def combine(
         msym, sesym, _ = repeat_summary(
             [(a + b) / 2 for a, b in zip(el12, el21, strict=True)], opts.confidence
         )
+        manti, seanti, _ = repeat_summary(
+            [(a - b) / 2 for a, b in zip(el12, el21, strict=True)], opts.confidence
+        )
         p = predicted[k]
         pred12 = float(p["pred_el12"])
         rows.append(
@@ -200,8 +210,8 @@ def combine(
                 "domain_2": j,
                 "dw": dw,
                 "horizon": opts.steps,
-                "lr": setup.lr_mean,
-                "dt": float(p["dt"]),
+                "lr": _sig12(setup.lr_mean),
+                "dt": _sig12(float(p["dt"])),
                 "metric": opts.metric,
                 "repeats": len(repeats),
                 "loss_ckpt": float(loss0[k]),
@@ -214,6 +224,8 @@ def combine(
                 "obs_el21_significant": sig21,
                 "obs_sym": msym,
                 "obs_sym_se": sesym,
+                "obs_antisym": manti,
+                "obs_antisym_se": seanti,
                 "pred_el12": pred12,
                 "pred_el12_se": float(p["pred_el12_se"]),
                 "pred_el21": -pred12,
@@ -222,6 +234,7 @@ def combine(
                 "sign_agree_12": signs_agree(pred12, m12),
                 "sign_agree_21": signs_agree(-pred12, m21),
                 "ratio_obs_pred": m12 / pred12 if pred12 != 0.0 else math.nan,
+                "ratio_antisym_pred": manti / pred12 if pred12 != 0.0 else math.nan,
                 "regime_ratio": float(p["regime_ratio"]),
                 "in_regime": bool(p["in_regime"]),
             }

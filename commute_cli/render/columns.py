@@ -1,7 +1,8 @@
 """The meaning and unit of every column commute writes (``commute help columns``).
 
-One entry per column of ``results.csv`` and ``losses.csv`` (``commute analyze``), ``validate.csv``
-(``commute validate``) and ``recommend.csv``-style rows (``commute recommend --format csv``). Columns
+One entry per column of ``results.csv``, ``losses.csv``, ``baselines.csv`` and ``decomposition.csv``
+(``commute analyze``), ``validate.csv`` (``commute validate``), ``schedule.csv`` and the rows of
+``commute recommend --format csv``. Columns
 that a newer writer adds and this list lacks are reported by :func:`undocumented`, which a test runs on a
 real analysis output, so the documentation cannot silently fall behind.
 
@@ -23,8 +24,20 @@ __all__ = ["COLUMNS", "FILES", "columns_help", "undocumented"]
 FILES: dict[str, str] = {
     "results.csv": "commute analyze: one row per checkpoint step x target x pair of domains (i, j)",
     "losses.csv": "commute analyze: one row per checkpoint step x domain",
+    "baselines.csv": (
+        "commute analyze: first-order signals beside the bracket, one row per checkpoint step x target x "
+        "unordered pair of domains"
+    ),
+    "decomposition.csv": (
+        "commute analyze --decompose: one row per checkpoint step x target x pair x parameter group; the "
+        "groups' values of one (step, target, pair) add up to its bracket"
+    ),
     "validate.csv": "commute validate: one row per target domain k of the validated checkpoint",
     "recommend (--format csv)": "commute recommend: one row per shift x target",
+    "schedule.csv": (
+        "commute recommend: the proposed schedule (what commute train --schedule reads), one row per step "
+        "where the weights change"
+    ),
 }
 
 #: file -> column -> (unit, meaning). Units: nat (natural-log loss), step (optimizer steps), 1 (a plain
@@ -99,7 +112,7 @@ COLUMNS: dict[str, dict[str, tuple[str, str]]] = {
         "samples_needed": (
             "1",
             "for a row that is not significant: about how many times --samples would flag an effect of the "
-            "estimated size (95% test, 80% power; conservative)",
+            "estimated size (the run's test at its --confidence, 80% power; conservative)",
         ),
         "regime_ratio_lo": ("1", "lower end of the regime ratio's interval at --confidence"),
         "regime_ratio_hi": (
@@ -128,6 +141,62 @@ COLUMNS: dict[str, dict[str, tuple[str, str]]] = {
         "loss": ("nat", "mean next-token cross-entropy per token of the domain's analysis sample"),
         "loss_se": ("nat", "standard error of `loss` over sample blocks"),
     },
+    "baselines.csv": {
+        "step": ("step", "the checkpoint's global training step"),
+        "target": ("", "the loss the alignments are about (as in results.csv)"),
+        "pair": ("", "the unordered pair, 'i|j'"),
+        "domain_i": ("", "the pair's first domain"),
+        "domain_j": ("", "the pair's second domain"),
+        "cosine": ("1", "cosine of the two domains' gradients, unbiased (independent of the target)"),
+        "cosine_se": ("1", "standard error of `cosine` over sample blocks"),
+        "align_i": (
+            "nat / time",
+            "< g_i, D g_L >: the target's first-order decrease rate under training on domain i alone",
+        ),
+        "align_i_se": ("nat / time", "standard error of `align_i` over sample blocks"),
+        "align_j": ("nat / time", "< g_j, D g_L >, the same for domain j"),
+        "align_j_se": ("nat / time", "standard error of `align_j` over sample blocks"),
+        "align_diff": (
+            "nat / time",
+            "align_i - align_j: the first-order gain rate of moving weight from j to i",
+        ),
+        "align_diff_se": ("nat / time", "standard error of `align_diff` over sample blocks"),
+        "align_diff_significant": ("", "align_diff significant at --confidence"),
+        "first_order_favours": (
+            "",
+            "the domain the first-order alignment favours (i when align_diff > 0, j when < 0); empty when "
+            "not significant",
+        ),
+        "el_ij": ("nat", "the bracket's prediction EL^ij for the same step, target and pair (results.csv)"),
+        "el_significant": ("", "el_ij significant at --confidence"),
+        "second_order_favours": (
+            "",
+            "the domain the bracket says to move earlier (i when el_ij < 0, j when > 0); empty when not "
+            "significant",
+        ),
+        "orders": (
+            "",
+            "agree, disagree (both significant), second order only, first order only (one significant), "
+            "or neither",
+        ),
+    },
+    "decomposition.csv": {
+        "step": ("step", "the checkpoint's global training step"),
+        "target": ("", "the loss the bracket is about (as in results.csv)"),
+        "pair": ("", "the unordered pair, 'i|j'"),
+        "domain_i": ("", "the pair's first domain"),
+        "domain_j": ("", "the pair's second domain"),
+        "group": ("", "the parameter group (--decompose kind|layer|module|NAME=REGEX;...)"),
+        "value": (
+            "as bracket",
+            "the group's part of the bracket (results.csv's `bracket`); a pair's groups add up to it",
+        ),
+        "se": ("as bracket", "standard error of `value` over sample blocks"),
+        "t": ("1", "value / se"),
+        "significant": ("", "value significant at --confidence (Student t, blocks - 1 degrees of freedom)"),
+        "share": ("1", "value / the pair's total bracket (nan when the total is 0)"),
+        "n_params": ("1", "number of parameters in the group"),
+    },
     "validate.csv": {
         "step": ("step", "the validated checkpoint's step"),
         "target": ("", "the domain k whose loss is measured"),
@@ -135,20 +204,25 @@ COLUMNS: dict[str, dict[str, tuple[str, str]]] = {
         "domain_2": ("", "the pair's second domain: '21' raises it first"),
         "dw": ("1", "the realized weight shift of the branches"),
         "horizon": ("step", "steps of each half of a branch"),
-        "lr": ("time / step", "mean learning rate over the branches"),
-        "dt": ("time", "lr x horizon"),
+        "lr": ("time / step", "mean learning rate over the branches (12 significant digits)"),
+        "dt": ("time", "lr x horizon (12 significant digits)"),
         "metric": ("", "the prediction's metric (euclid or adam)"),
         "repeats": ("1", "stream seeds the observed values are averaged over"),
         "loss_ckpt": ("nat", "L_k at the checkpoint (held-out sequences)"),
         "loss_base": ("nat", "L_k after the base branch (the schedule for 2 x horizon steps)"),
         "obs_el12": ("nat", "observed L_k('12') - L_k(base), mean over repeats"),
-        "obs_el12_se": ("nat", "standard error of obs_el12 over repeats"),
+        "obs_el12_se": ("nat", "standard error of obs_el12 over repeats (empty with one repeat)"),
         "obs_el12_significant": ("", "obs_el12 significant at --confidence"),
         "obs_el21": ("nat", "observed L_k('21') - L_k(base), mean over repeats"),
         "obs_el21_se": ("nat", "standard error of obs_el21 over repeats"),
         "obs_el21_significant": ("", "obs_el21 significant at --confidence"),
         "obs_sym": ("nat", "(obs_el12 + obs_el21) / 2: the observed part the second-order theory says is 0"),
         "obs_sym_se": ("nat", "standard error of obs_sym"),
+        "obs_antisym": (
+            "nat",
+            "(obs_el12 - obs_el21) / 2: the observed part that is odd in dw, the part the bracket predicts",
+        ),
+        "obs_antisym_se": ("nat", "standard error of obs_antisym (empty with one repeat)"),
         "pred_el12": ("nat", "predicted EL_k^12 at the checkpoint (the criterion)"),
         "pred_el12_se": ("nat", "standard error of pred_el12 over sample blocks"),
         "pred_el21": ("nat", "predicted EL_k^21 = -pred_el12"),
@@ -156,7 +230,12 @@ COLUMNS: dict[str, dict[str, tuple[str, str]]] = {
         "pred_bracket": ("as bracket", "the bracket term behind the prediction"),
         "sign_agree_12": ("", "prediction and observation of '12' agree in sign (empty: a zero)"),
         "sign_agree_21": ("", "the same for '21'"),
-        "ratio_obs_pred": ("1", "obs_el12 / pred_el12"),
+        "ratio_obs_pred": ("1", "obs_el12 / pred_el12 (the '12' direction alone)"),
+        "ratio_antisym_pred": (
+            "1",
+            "obs_antisym / pred_el12: the observed antisymmetric part over the prediction (the table's "
+            "'obs/pred (antisym.)')",
+        ),
         "regime_ratio": ("1", "the prediction's regime ratio (see results.csv)"),
         "in_regime": ("", "the prediction is inside the local regime"),
     },
@@ -176,6 +255,10 @@ COLUMNS: dict[str, dict[str, tuple[str, str]]] = {
         "significant": ("", "the analysed effect was significant"),
         "chosen_target": ("", "True for the --target the shifts were chosen for"),
     },
+    "schedule.csv": {
+        "step": ("step", "first step at which the row's weights apply (until the next row's step)"),
+        "<domain>": ("1", "one column per domain: its weight in the mixture from this step on"),
+    },
 }
 
 
@@ -188,6 +271,8 @@ def undocumented(file: str, columns: Iterable[str]) -> list[str]:
             continue
         pattern = f"w_<domain>_{col.rsplit('_', 1)[-1]}"
         if col.startswith("w_") and pattern in known:
+            continue
+        if "<domain>" in known:  # schedule.csv: every other column is a domain's weight
             continue
         missing.append(col)
     return missing

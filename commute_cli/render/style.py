@@ -12,7 +12,7 @@ scientific notation. ``1 mnat = 1e-3 nat``; a nat is the unit of a natural-log c
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 __all__ = [
@@ -22,8 +22,10 @@ __all__ = [
     "format_si",
     "format_si_interval",
     "format_sig",
+    "format_sig_fixed",
     "interval_half_width",
     "si_prefix",
+    "si_scale",
     "verdict_style",
 ]
 
@@ -78,6 +80,43 @@ def _scaled(values: tuple[float, ...], digits: int) -> tuple[list[str], str]:
             s = s.lstrip("-")  # no "-0.00"
         out.append(s)
     return out, prefix
+
+
+def si_scale(
+    values: Iterable[float], digits: int = 3, smallest: int = 2, extra: int = 3
+) -> tuple[float, str, int]:
+    """One prefix and one decimal count for a whole table of numbers, so no column mixes units or precisions.
+
+    Returns ``(factor, prefix, decimals)``: the prefix is chosen from the largest ``|value|`` (its mantissa
+    in ``[1, 1000)``, ``digits`` significant digits there, as :func:`format_si`); the decimals grow until
+    the smallest nonzero ``|value|`` shows ``smallest`` significant digits, by at most ``extra``. Write a
+    value as ``f"{v / factor:.{decimals}f}"`` with the unit ``prefix + "nat"``. Zero, nan and inf are
+    ignored; with none left, ``(1.0, "", digits - 1)``.
+    """
+    finite = [abs(float(v)) for v in values if math.isfinite(float(v)) and float(v) != 0.0]
+    if not finite:
+        return 1.0, "", max(digits - 1, 0)
+    big = max(finite)
+    factor, prefix = si_prefix(big)
+    dec = _decimals(big / factor, digits)
+    if round(big / factor, dec) >= 1000.0:  # 999.96 -> 1000: next prefix up
+        factor, prefix = si_prefix(big * 1.001)
+        dec = _decimals(max(big / factor, 1.0), digits)
+    need = smallest - 1 - math.floor(math.log10(min(finite) / factor))
+    return factor, prefix, max(dec, min(need, dec + extra))
+
+
+def format_sig_fixed(x: float, digits: int = 2) -> str:
+    """``x`` rounded to ``digits`` significant digits and written without an exponent: ``1.7633`` ->
+    ``"1.8"``, ``0.4463`` -> ``"0.45"``, ``176.3`` -> ``"180"``, ``0.01462`` -> ``"0.015"`` (ratios and
+    other plain numbers, where a column must read the same in every row); nan/inf as such."""
+    x = float(x)
+    if not math.isfinite(x):
+        return str(x)
+    if x == 0.0:
+        return "0"
+    rounded = float(f"{x:.{digits}g}")
+    return f"{rounded:.{max(digits - 1 - math.floor(math.log10(abs(rounded))), 0)}f}"
 
 
 def format_si(x: float, unit: str = "nat", digits: int = 3) -> str:

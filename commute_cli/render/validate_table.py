@@ -6,7 +6,7 @@ It gets ``validate``'s rows and run record and draws them; nothing here computes
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +15,9 @@ from rich.console import Group, RenderableType
 from rich.text import Text
 
 from commute_cli.render.formats import make_table
+from commute_cli.render.style import format_sig, format_sig_fixed, si_scale
 
-__all__ = ["validate_table"]
+__all__ = ["antisym_ratio", "sign_word", "validate_table"]
 
 
 NAT_COLUMNS = (
@@ -30,32 +31,42 @@ NAT_COLUMNS = (
     "obs_sym",
     "obs_sym_se",
 )
-"""The columns drawn in nats: one fixed-point precision for all of them, so a column never mixes 0.0012
-with 4.5e-04."""
+"""The columns drawn in nats: one SI prefix and one precision for all of them (``render.style.si_scale``),
+so no column mixes mnat with µnat or 0.0012 with 4.5e-04."""
 
 
-def nat_decimals(values: Sequence[float], least: int = 4, most: int = 8) -> int:
-    """Decimals that show the smallest nonzero ``|value|`` with two significant digits, within [least, most].
-
-    ``least`` = 4 (a tenth of a millinat) is enough for the usual sizes; tiny learning rates or short
-    horizons give effects of 1e-5 nats, which then get 6 decimals instead of turning into 0.0000.
-    """
-    finite = [abs(float(v)) for v in values if math.isfinite(float(v)) and float(v) != 0.0]
-    if not finite:
-        return least
-    need = 1 - math.floor(math.log10(min(finite)))
-    return max(least, min(most, need))
+def _num(x: float, factor: float, decimals: int) -> str:
+    if not math.isfinite(x):
+        return "-" if math.isnan(x) else str(x)
+    text = f"{x / factor:.{decimals}f}"
+    return text.lstrip("-") if float(text) == 0.0 else text  # no "-0.00"
 
 
-def _num(x: float, decimals: int) -> str:
-    return f"{x:.{decimals}f}" if math.isfinite(x) else str(x)
-
-
-def _pm(mean: float, se: float, decimals: int, significant: bool | None = None) -> str:
-    text = _num(mean, decimals)
+def _pm(mean: float, se: float, scale: tuple[float, int], significant: bool | None = None) -> str:
+    text = _num(mean, *scale)
     if math.isfinite(se):
-        text += f"±{_num(se, decimals)}"
+        text += f" ± {_num(se, *scale)}"
     return text + ("*" if significant else "")
+
+
+def sign_word(agree: Any, observed_significant: Any) -> str:
+    """The sign column: ``yes``/``NO`` when the observation is significant, ``yes (n.s.)``/``no (n.s.)``
+    when it is not (one repeat, or noise as large as the effect), ``-`` when a value is 0."""
+    if agree is None or pd.isna(agree):
+        return "-"
+    if observed_significant is not None and not pd.isna(observed_significant) and bool(observed_significant):
+        return "yes" if bool(agree) else "NO"
+    return "yes (n.s.)" if bool(agree) else "no (n.s.)"
+
+
+def antisym_ratio(row: Any) -> float:
+    """``((obs_el12 - obs_el21) / 2) / pred_el12``: the observed part that is odd in dw (what the bracket
+    predicts) over the prediction; column ``ratio_antisym_pred`` when present."""
+    value = getattr(row, "ratio_antisym_pred", None)
+    if value is not None and not pd.isna(value):
+        return float(value)
+    pred = float(row.pred_el12)
+    return (float(row.obs_el12) - float(row.obs_el21)) / 2.0 / pred if pred != 0.0 else math.nan
 
 
 def _count(n: int, noun: str) -> str:
@@ -64,32 +75,33 @@ def _count(n: int, noun: str) -> str:
 
 def validate_table(table: pd.DataFrame, run: Mapping[str, Any]) -> RenderableType:
     """The paper's Table 2 layout: per target domain k, L_k at the checkpoint, observed and predicted
-    EL_k^12 and EL_k^21, whether the signs agree, obs/pred and the prediction's regime.
+    EL_k^12 and EL_k^21 (one SI prefix for the table, ± 1 SE), whether the signs agree (weaker when the
+    observation is not significant), the observed antisymmetric part over the prediction and the
+    prediction's regime.
 
     ``table`` and ``run`` are ``ValidateResult.table`` (one row per target, ``validate.csv``) and
     ``ValidateResult.run`` (``validate.json``'s ``run``).
     """
     df = table
-    d = nat_decimals([v for c in NAT_COLUMNS if c in df for v in df[c]])
-    yes_no = {True: "yes", False: "NO", None: "-"}
+    factor, prefix, decimals = si_scale([v for c in NAT_COLUMNS if c in df for v in df[c]])
+    scale = (factor, decimals)
     rows = []
     for r in df.itertuples(index=False):
-        agree12 = None if pd.isna(r.sign_agree_12) else bool(r.sign_agree_12)
-        agree21 = None if pd.isna(r.sign_agree_21) else bool(r.sign_agree_21)
+        ratio = antisym_ratio(r)
         regime = "in" if r.in_regime else "OUT"
         rows.append(
             [
                 r.target,
-                f"{r.loss_ckpt:.4f}",
-                _pm(r.obs_el12, r.obs_el12_se, d, r.obs_el12_significant),
-                _pm(r.pred_el12, r.pred_el12_se, d, r.pred_significant),
-                yes_no[agree12],
-                _pm(r.obs_el21, r.obs_el21_se, d, r.obs_el21_significant),
-                _pm(r.pred_el21, r.pred_el12_se, d, r.pred_significant),
-                yes_no[agree21],
-                _pm(r.obs_sym, r.obs_sym_se, d),
-                f"{r.ratio_obs_pred:.2g}" if math.isfinite(r.ratio_obs_pred) else "-",
-                f"{regime} ({r.regime_ratio:.2g})",
+                format_sig(r.loss_ckpt, 4),
+                _pm(r.obs_el12, r.obs_el12_se, scale, r.obs_el12_significant),
+                _pm(r.pred_el12, r.pred_el12_se, scale, r.pred_significant),
+                sign_word(r.sign_agree_12, r.obs_el12_significant),
+                _pm(r.obs_el21, r.obs_el21_se, scale, r.obs_el21_significant),
+                _pm(r.pred_el21, r.pred_el12_se, scale, r.pred_significant),
+                sign_word(r.sign_agree_21, r.obs_el21_significant),
+                _pm(r.obs_sym, r.obs_sym_se, scale),
+                format_sig_fixed(ratio, 2) if math.isfinite(ratio) else "-",
+                f"{regime} ({format_sig_fixed(r.regime_ratio, 2)})",
             ]
         )
     one, two = run["pair"]
@@ -99,29 +111,40 @@ def validate_table(table: pd.DataFrame, run: Mapping[str, Any]) -> RenderableTyp
         f"{int(first['horizon'])} steps then -{first['dw']:g}; '21' the reverse; dt = {first['dt']:g}, "
         f"metric {first['metric']}, {_count(int(first['repeats']), 'repeat')}"
     )
-    columns = [
+    unit = f"{prefix}nat"
+    se = "" if int(first["repeats"]) < 2 else " ± SE"
+    columns = [  # the unit and what ± is on each header's second line
         "target k",
-        "L_k (ckpt)",
-        "EL_k^12 obs",
-        "EL_k^12 pred",
+        "L_k\nnat",
+        f"EL_k^12 obs\n{unit}{se}",
+        f"EL_k^12 pred\n{unit} ± SE",
         "sign",
-        "EL_k^21 obs",
-        "EL_k^21 pred",
+        f"EL_k^21 obs\n{unit}{se}",
+        f"EL_k^21 pred\n{unit} ± SE",
         "sign",
-        "obs (12+21)/2",
-        "obs/pred",
+        f"obs (12+21)/2\n{unit}{se}",
+        "obs/pred\n(antisym.)",
         "regime",
     ]
+    n_rep = int(first["repeats"])
+    obs = (
+        "obs: one stream seed, no SE, so no observation is significant and an agreeing sign reads "
+        "'yes (n.s.)'; "
+        if n_rep < 2
+        else f"obs: mean ± 1 SE over {n_rep} stream seeds ('(n.s.)': the observation is not significant); "
+    )
+    conf = run["options"]["confidence"]
+    per = "" if not prefix else f" (1 {unit} = {factor:g} nat)"
     caption = (
-        f"EL_k^12 = L_k(theta_12) - L_k(theta_base) in nats on "
+        f"EL_k^12 = L_k(theta_12) - L_k(theta_base) in {unit}{per} on "
         f"{'held-out blocks' if run['eval_held_out'] else 'TRAINING blocks (no held-out data given)'}; "
-        "obs: mean ± SE over stream seeds; pred: the criterion at the checkpoint "
-        "(docs/MATH.md; EL^21 = -EL^12), "
-        f"± SE over sample blocks; * significant at {run['options']['confidence']:g}; "
+        f"{obs}pred: the criterion at the checkpoint (docs/MATH.md; EL^21 = -EL^12), ± 1 SE over sample "
+        f"blocks (not a {100 * conf:.3g}% interval); * significant at {conf:g}; "
         "(12+21)/2: the observed part that is even in dw, zero to second order (Adam's nonlinearity, "
-        "higher orders, noise); "
+        "higher orders, noise); obs/pred (antisym.): ((obs 12 - obs 21)/2) / pred 12, the observed part odd "
+        "in dw (what the bracket predicts) over the prediction; "
         f"regime: the prediction's second-order/first-order ratio ('OUT': its nats are meaningless, the sign "
         f"is a weaker hint). Pair {one}/{two}, batch {run['batch_size']}, {run['optimizer']}, "
-        f"lr {run['lr_mean']:g} ({run['lr_source']}); prediction: {run['prediction']}."
+        f"lr {run['lr_mean']:.4g} ({run['lr_source']}); prediction: {run['prediction']}."
     )
     return Group(make_table(title, columns, rows), Text(caption, style="dim"))
