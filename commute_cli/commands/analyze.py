@@ -151,6 +151,9 @@ def _run_analysis(
         on_checkpoint_start = on_block = None
     inputs = ctx.agree(lambda: resolve_inputs(opts))
     assert inputs is not None
+    if ctx.is_main:  # before the long work, shown under -q too: they say what the run will not do as asked
+        for text in inputs.notes:
+            print(text, file=sys.stderr)
     root = Path(opts.out)
     identity_fields = {
         "options": {"ckpt_dir": str(opts.ckpt_dir), "metric": opts.metric},
