@@ -9,9 +9,9 @@ next to their writers.
   rerun neither re-hashes gigabytes of weights nor forgets what the computation cost.
 - **Analysis runs** (:class:`AnalysisRun`): ``results.csv``, ``losses.csv`` and ``run.json`` (format
   :data:`ANALYSIS_FORMAT`), written together and read back by ``recommend`` and ``plot``. Each run has a
-  ``run_id`` (:func:`run_identity`: the checkpoints, data, schedule, targets and metric), written into
-  every row of ``results.csv``, so a file always says which run and schedule it belongs to; a run never
-  replaces another run's results (:func:`choose_folder`).
+  ``run_id`` (:func:`run_identity`: checkpoints, data, schedule, targets, metric, and the options that
+  change the numbers such as ``--dw``) in every row of ``results.csv``, so a file always says which run and
+  schedule it belongs to; a run never replaces another run's results (:func:`choose_folder`).
 """
 
 from __future__ import annotations
@@ -194,17 +194,16 @@ def run_identity(run: dict[str, Any]) -> str:
 def identity_difference(previous: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """What differs between two analyses' identities, in words (``--dw 0.05 here, default there``)."""
     a, b = _identity_parts(previous), _identity_parts(current)
-    out = []
-    for key in dict.fromkeys([*a, *b]):
-        if a.get(key) == b.get(key):
-            continue
-        if key.startswith("--"):
-            there = "default" if key not in a else f"{a[key]:g}" if isinstance(a[key], float) else str(a[key])
-            here = "default" if key not in b else f"{b[key]:g}" if isinstance(b[key], float) else str(b[key])
-            out.append(f"{key} {here} here, {there} there")
-        else:
-            out.append(key)
-    return out
+
+    def word(parts: dict[str, Any], key: str) -> str:
+        value = parts.get(key, "default")
+        return f"{value:g}" if isinstance(value, float) else str(value)
+
+    return [
+        f"{key} {word(b, key)} here, {word(a, key)} there" if key.startswith("--") else key
+        for key in dict.fromkeys([*a, *b])
+        if a.get(key) != b.get(key)
+    ]
 
 
 def schedule_words(schedule: Schedule) -> str:
