@@ -54,10 +54,13 @@ def test_t_critical_and_closed_forms() -> None:
 def test_advice_words() -> None:
     tc = power.t_critical(8, 0.95)
     assert power.advice(10.0, 1.0, 8) == ""  # already resolved
-    assert power.advice(1.0, 1.0, 8) == "needs ~12x --samples"  # (2.36 + 0.84)^2 = 10.3
+    assert power.advice(1.0, 1.0, 8) == "needs ~11x --samples"  # (2.36 + 0.84)^2 = 10.3, rounded up
     assert power.advice(tc / 2.0, 1.0, 8, power=0.5) == "needs ~4x --samples"
     assert power.advice(0.01, 1.0, 8) == "needs >128x --samples"
     assert power.nice_factor(0.9) is None and power.nice_factor(2.5) == 3.0
+    # what a table shows of samples_needed: rounded up to two significant digits, never below it
+    shown = [power.shown_factor(x) for x in (34.08, 2.02, 2.0, 10.3, 127.3, 1.0)]
+    assert shown == [35, 2.1, 2, 11, 130, None]
 
 
 def test_cost_counts_the_estimators_passes() -> None:

@@ -174,7 +174,10 @@ def test_horizon_comes_from_the_checkpoint_spacing_only():
     assert regime.choose_horizon(steps, 1, given=7) == (7, "--horizon")
     assert regime.choose_horizon([None], 0)[0] == 1 and "--horizon" in regime.choose_horizon([None], 0)[1]
     assert regime.pair_list(np.array([0.8, 0.2]), None) == [(0, 1, pytest.approx(0.1))]
-    assert regime.pair_list(np.array([1.0, 0.0]), None) == [(0, 1, 0.5)]  # zero weight: sign still reported
+    # a zero weight: no data of that domain can move, so the pair has no intervention (and no row)
+    assert regime.pair_list(np.array([1.0, 0.0]), None) == []
+    assert regime.pair_list(np.array([0.6, 0.0, 0.4]), None) == [(0, 2, pytest.approx(0.2))]
+    assert regime.pair_list(np.array([0.6, 0.0, 0.4]), 0.3) == [(0, 2, 0.3)]
 
 
 # ----------------------------------------------------------------------------------------------- store

@@ -81,11 +81,20 @@ def _ended_process_group() -> bool:
     return bool(module is not None and module.ended_own_group())
 
 
+PIPE_CLOSED_EXIT = 141
+"""Exit code when the reader of stdout or stderr went away (``| head``): 128 + SIGPIPE, as a Unix tool
+killed by SIGPIPE reports it."""
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``commute`` console script and ``python -m commute_cli``.
 
     Exit codes: 0 done; 1 a failure while running (``CommuteError(exit_code=1)``); 2 bad input or usage
-    (one line, or typer's usage panel); 130 interrupted (Ctrl-C). Tracebacks only under ``--debug``.
+    (one line, or typer's usage panel); 130 interrupted (Ctrl-C); 141 (128 + SIGPIPE, like ``cat`` or
+    ``yes`` in ``| head``) when the reader of stdout or stderr closed the pipe: the command stops at its next
+    write, quietly (no traceback, no message), and files it had already written (``--out``) stay. A pipeline
+    without ``set -o pipefail`` reports the last command's status, so ``commute analyze X | head -1`` exits 0.
+    Tracebacks only under ``--debug``.
 
     A rank of a data-parallel run (torchrun) that created and destroyed its process group leaves with
     ``os._exit`` after flushing its output: every file is written and closed by then, and interpreter
@@ -93,14 +102,50 @@ def main(argv: list[str] | None = None) -> None:
     the whole run failing).
     """
     try:
+        _main(argv)
+    except BrokenPipeError:
+        _quiet_closed_streams()
+        if _ended_process_group():
+            os._exit(PIPE_CLOSED_EXIT)
+        sys.exit(PIPE_CLOSED_EXIT)
+
+
+def _pipe_closed() -> bool:
+    """Whether typer (or click) met a closed stdout or stderr: it then wraps both streams in its
+    ``PacifyFlushWrapper`` and exits 1, a code that would read as a failure of the command."""
+    return any("PacifyFlushWrapper" in type(stream).__name__ for stream in (sys.stdout, sys.stderr))
+
+
+def _quiet_closed_streams() -> None:
+    """A stream whose flush fails (its reader went away) writes to /dev/null from now on, so the
+    interpreter's last flush at exit cannot fail again (Python then prints 'Exception ignored' and exits
+    120)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except OSError:
+            try:
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, stream.fileno())
+                os.close(devnull)
+            except (OSError, ValueError):  # no file descriptor (captured in-process): nothing to flush
+                pass
+
+
+def _main(argv: list[str] | None) -> None:
+    try:
         _run(argv)
     except SystemExit as ex:
+        if _pipe_closed():
+            raise BrokenPipeError from ex
         code = ex.code if isinstance(ex.code, int) else (0 if ex.code is None else 1)
         if not _ended_process_group():
+            sys.stdout.flush()  # a closed pipe fails here (BrokenPipeError), not at interpreter exit
             raise
         if ex.code is not None and not isinstance(ex.code, int):
             typer.echo(str(ex.code), err=True)
     else:
+        sys.stdout.flush()
         if not _ended_process_group():
             return
         code = 0

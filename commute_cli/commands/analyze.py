@@ -151,9 +151,17 @@ def _run_analysis(
         on_checkpoint_start = on_block = None
     inputs = ctx.agree(lambda: resolve_inputs(opts))
     assert inputs is not None
+    if ctx.is_main:  # before the long work, shown under -q too: they say what the run will not do as asked
+        for text in inputs.notes:
+            print(text, file=sys.stderr)
     root = Path(opts.out)
     identity_fields = {
-        "options": {"ckpt_dir": str(opts.ckpt_dir), "metric": opts.metric},
+        # the options that change the rows' numbers are part of the question (store.QUESTION_OPTIONS)
+        "options": {
+            "ckpt_dir": str(opts.ckpt_dir),
+            "metric": opts.metric,
+            **{k: getattr(opts, k) for k in store.QUESTION_OPTIONS},
+        },
         "ckpt_dir_resolved": str(Path(opts.ckpt_dir).resolve()),
         "domains": {n: inputs.sources[n] for n in inputs.names},
         "text_fields": dict(inputs.text_fields),
@@ -163,7 +171,7 @@ def _run_analysis(
         "selected_steps": [r.step for r in inputs.refs],
     }
     run_id = store.run_identity(identity_fields)
-    chosen = ctx.agree(lambda: store.choose_folder(root, run_id, opts.name), main_only=True)
+    chosen = ctx.agree(lambda: store.choose_folder(root, run_id, opts.name, identity_fields), main_only=True)
     out, note = chosen if chosen is not None else (root, None)
 
     def check_folders() -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from commute_cli.core.regime import MIN_EFFECT, Target, parse_targets
+from commute_cli.core.regime import MIN_EFFECT, Target, check_shifts, parse_targets
 from commute_cli.core.schedule import Schedule
 from commute_cli.engine import distributed
 from commute_cli.engine import groups as param_groups
@@ -66,6 +66,23 @@ class AnalyzeOptions:
                 f"got {self.dist_timeout:g}",
                 hint="the default is 1800 (30 minutes); it only matters under torchrun",
             )
+
+    @property
+    def samples_used(self) -> int:
+        """Sequences per domain actually drawn: ``--samples`` rounded down to a multiple of 3 x ``--blocks``
+        (every design block has three parts of the same size)."""
+        return (self.samples // (3 * self.blocks)) * 3 * self.blocks
+
+    def samples_note(self) -> str | None:
+        """The one-line note when ``--samples`` is rounded down (:attr:`samples_used`), else None."""
+        used, unit = self.samples_used, 3 * self.blocks
+        if used == self.samples:
+            return None
+        return (
+            f"note: --samples {self.samples} is rounded down to {used}: every domain's sample is "
+            f"{self.blocks} blocks x 3 parts of equal size, so a multiple of {unit} "
+            f"({used // unit} per part; --samples {used + unit} for the next size up)"
+        )
 
     def validate(self) -> None:
         if self.samples < 3 * self.blocks:
@@ -124,6 +141,7 @@ class Inputs:
     targets: list[Target]
     manifest: checkpoints.Manifest | None
     text_fields: dict[str, str] = field(default_factory=dict)  # domain -> text column (default "text")
+    notes: list[str] = field(default_factory=list)  # stderr notes: --samples rounded, pairs left out
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -162,6 +180,8 @@ def resolve_inputs(opts: AnalyzeOptions) -> Inputs:
             hint="pass --domains name=path ... (at least two domains)",
         )
     names = list(sources)
+    for name, source in sources.items():  # a missing file says so, before any count of domains
+        domains.resolve_source(source, domain=name, base_dir=run.base_dir)
     if len(names) < 2:
         raise CommuteError(f"need at least two domains, got {names}", hint="pass --domains a=... b=...")
     text_fields = domains.parse_text_fields(opts.text_fields, names)
@@ -181,6 +201,8 @@ def resolve_inputs(opts: AnalyzeOptions) -> Inputs:
         )
     schedule = Schedule.from_entries(run.schedule.entries, names)
     targets = parse_targets(opts.targets, names)
+    notes = [n for n in [opts.samples_note()] if n is not None]
+    notes += check_shifts(schedule, names, [r.step if r.step is not None else 0 for r in refs], opts.dw)
     return Inputs(
         refs,
         names,
@@ -193,6 +215,7 @@ def resolve_inputs(opts: AnalyzeOptions) -> Inputs:
         targets,
         run.manifest,
         text_fields,
+        notes,
     )
 
 

@@ -9,6 +9,7 @@ estimating: nothing is sampled, cached or written.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import asdict
 from typing import Any
@@ -37,6 +38,8 @@ def preview(opts: AnalyzeOptions) -> dict[str, Any]:
     """
     quiet_libraries()
     inputs = resolve_inputs(opts)
+    for text in inputs.notes:  # the same notes as the run (rounded --samples, pairs left out)
+        print(text, file=sys.stderr)
     K, T = len(inputs.names), len(inputs.targets)
     plan = criterion.choose_plan(K, T) if opts.plan == "auto" else opts.plan
     cost = power.analysis_cost(opts.samples, opts.blocks, K, plan, n_targets=T, checkpoints=len(inputs.refs))

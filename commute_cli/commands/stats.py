@@ -58,7 +58,7 @@ def prepare_samples(
     parts = []
     provenance: dict[str, dict] = {}
     h = hashlib.sha256()
-    n = (opts.samples // (3 * opts.blocks)) * 3 * opts.blocks
+    n = opts.samples_used  # rounded down to whole design blocks (opts.samples_note says so)
     for name in inputs.names:
         drawn = sampling.sample_domain(
             inputs.sources[name],

@@ -100,6 +100,20 @@ def nice_factor(factor: float) -> float | None:
     return None
 
 
+MAX_ADVICE_FACTOR = NICE_FACTORS[-1]
+"""Above this many times ``--samples`` the advice only says ``>128x`` (not a practical run any more)."""
+
+
+def shown_factor(factor: float) -> float | None:
+    """How a ``samples_needed`` factor is shown: rounded *up* to two significant digits (34.08 -> 35,
+    2.02 -> 2.1, 127.3 -> 130), so the advice is never below the computed factor and never more than 10%
+    above it; ``None`` when ``factor <= 1`` (nothing needed) or not finite."""
+    if not math.isfinite(factor) or factor <= 1.0:
+        return None
+    scale = 10.0 ** (math.floor(math.log10(factor)) - 1)
+    return round(math.ceil(factor / scale * (1.0 - 1e-12)) * scale, 10)
+
+
 def advice(
     estimate: float,
     se: float,
@@ -108,15 +122,16 @@ def advice(
     power: float = 0.8,
     first_order_share: float = 1.0,
 ) -> str:
-    """One short phrase for an insufficient-signal row: ``"needs ~4x --samples"``, ``"needs >128x
-    --samples"``, or ``""`` when the current samples already suffice (:func:`samples_factor`)."""
+    """One short phrase for an insufficient-signal row: ``"needs ~4.2x --samples"`` (the factor of
+    :func:`samples_factor` as :func:`shown_factor` rounds it), ``"needs >128x --samples"``, or ``""`` when the
+    current samples already suffice."""
     f = samples_factor(estimate, se, n_blocks, confidence, power, first_order_share)
-    if f <= 1.0:
+    shown = shown_factor(f)
+    if shown is None:
         return ""
-    nice = nice_factor(f)
-    if nice is None:
-        return f"needs >{NICE_FACTORS[-1]:g}x --samples"
-    return f"needs ~{nice:g}x --samples"
+    if f > MAX_ADVICE_FACTOR:
+        return f"needs >{MAX_ADVICE_FACTOR:g}x --samples"
+    return f"needs ~{shown:g}x --samples"
 
 
 @dataclass(frozen=True)

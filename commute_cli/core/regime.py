@@ -36,7 +36,7 @@ from commute_cli.core.criterion import (
     two_domain_excess,
     verdict,
 )
-from commute_cli.core.schedule import parse_weights
+from commute_cli.core.schedule import Schedule, parse_weights
 from commute_cli.errors import CommuteError
 
 REGIME_MAX_RATIO = 0.25
@@ -111,18 +111,78 @@ def parse_targets(specs: Sequence[str], names: Sequence[str]) -> list[Target]:
 
 
 def pair_list(wbar: np.ndarray, dw: float | None) -> list[tuple[int, int, float]]:
-    """Unordered pairs ``i < j`` with their shift: ``--dw``, or half the smaller weight (the proof of
-    Corollary 3.2(b)); with a zero weight, half the other one, so the bracket's sign is still reported
-    (the verdict is then 'consistent': no admissible intervention)."""
+    """Unordered pairs ``i < j`` that can be reordered at ``wbar``, with their shift: ``--dw``, or half the
+    smaller weight (the proof of Corollary 3.2(b)).
+
+    The intervention takes ``dw`` from j in its first half and from i in its second, so it needs
+    ``w_i >= dw`` and ``w_j >= dw`` (:func:`check_shifts` refuses a larger ``--dw`` before any work). A pair
+    with a zero weight is left out: no data of that domain can move, so there is no intervention to predict
+    (docs/DECISIONS.md "A zero weight: no intervention, no row")."""
     out = []
     K = len(wbar)
     for i in range(K):
         for j in range(i + 1, K):
-            pair_dw = dw if dw is not None else 0.5 * min(wbar[i], wbar[j])
-            if pair_dw <= 0.0:
-                pair_dw = 0.5 * max(wbar[i], wbar[j])
-            out.append((i, j, float(pair_dw)))
+            smaller = float(min(wbar[i], wbar[j]))
+            if smaller <= 0.0:
+                continue
+            out.append((i, j, float(dw) if dw is not None else 0.5 * smaller))
     return out
+
+
+def _steps_words(steps: Sequence[int]) -> str:
+    shown = ", ".join(str(s) for s in steps[:6])
+    return f"step {shown}" if len(steps) == 1 else f"steps {shown}" + (", ..." if len(steps) > 6 else "")
+
+
+def check_shifts(
+    schedule: Schedule, names: Sequence[str], steps: Sequence[int], dw: float | None
+) -> list[str]:
+    """Check the intervention against the schedule at every selected checkpoint (before any long work).
+
+    Both halves of the intervention on (i, j) take ``dw`` from a domain of the pair, so an explicit ``--dw``
+    above the smaller weight of a reported pair at a selected checkpoint is refused (the bound is per
+    checkpoint: piecewise schedules change it). Pairs with a zero weight are left out (:func:`pair_list`);
+    when that leaves no pair at any checkpoint the run is refused. Returns the notes to print: which pairs
+    are left out, and where.
+    """
+    zero_at: dict[str, list[int]] = {}
+    evaluable = False
+    worst: tuple[float, int, str] | None = None  # (weight, step, domain) of the tightest reported pair
+    for step in steps:
+        w = schedule.weights_at(step)
+        for i, a in enumerate(names):
+            for b in names[i + 1 :]:
+                smaller = min((w[a], a), (w[b], b))
+                if smaller[0] <= 0.0:
+                    continue
+                evaluable = True
+                if worst is None or smaller[0] < worst[0]:
+                    worst = (smaller[0], step, smaller[1])
+        for n in names:
+            if w[n] <= 0.0:
+                zero_at.setdefault(n, []).append(step)
+    if not evaluable:
+        zero = ", ".join(sorted(zero_at))
+        weight_is = f"the weights of {zero} are" if len(zero_at) > 1 else f"the weight of {zero} is"
+        raise CommuteError(
+            f"nothing to predict: {weight_is} 0 at the selected checkpoints, so no {zero} data "
+            "can move earlier or later (a reordering needs both weights of a pair > 0)",
+            hint="pass the weights the run trained with (--weights or --schedule), or choose checkpoints "
+            "where they are positive (--steps)",
+        )
+    if dw is not None and worst is not None and dw > worst[0] * (1.0 + 1e-12):
+        weight, step, domain = worst
+        raise CommuteError(
+            f"--dw {dw:g} exceeds {domain}'s weight {weight:g} at step {step}: each half of the intervention "
+            "takes dw from one domain of the pair, and a weight cannot go below 0",
+            hint=f"at most {weight:g} at the selected checkpoints (the smallest weight of a reported pair), "
+            "or leave --dw out for half the smaller weight of each pair",
+        )
+    return [
+        f"note: pairs with {n} are left out at {_steps_words(at)}: its weight is 0 there, so no {n} data can "
+        "move (no intervention to predict)"
+        for n, at in zero_at.items()
+    ]
 
 
 def choose_horizon(steps: Sequence[int | None], index: int, given: int | None = None) -> tuple[int, str]:

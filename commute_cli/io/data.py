@@ -225,7 +225,7 @@ def resolve_source(source: str, *, domain: str | None = None, base_dir: Path | N
     target = _hub_target(source, domain)
     if target is None:
         raise CommuteError(
-            f"data source {str(path)!r} does not exist",
+            f"data source {str(path)!r}" + (f" (domain {domain})" if domain else "") + " does not exist",
             hint=f"give an existing file or folder ({SUPPORTED_FORMATS_TEXT})",
         )
     return Source(source, "hub", hub=target, root=path)

@@ -9,9 +9,9 @@ next to their writers.
   rerun neither re-hashes gigabytes of weights nor forgets what the computation cost.
 - **Analysis runs** (:class:`AnalysisRun`): ``results.csv``, ``losses.csv`` and ``run.json`` (format
   :data:`ANALYSIS_FORMAT`), written together and read back by ``recommend`` and ``plot``. Each run has a
-  ``run_id`` (:func:`run_identity`: the checkpoints, data, schedule, targets and metric), written into
-  every row of ``results.csv``, so a file always says which run and schedule it belongs to; a run never
-  replaces another run's results (:func:`choose_folder`).
+  ``run_id`` (:func:`run_identity`: checkpoints, data, schedule, targets, metric, and the options that
+  change the numbers such as ``--dw``) in every row of ``results.csv``, so a file always says which run and
+  schedule it belongs to; a run never replaces another run's results (:func:`choose_folder`).
 """
 
 from __future__ import annotations
@@ -143,27 +143,67 @@ def save_stats(file: Path, stats: CheckpointStats, meta: dict[str, Any]) -> None
 # ------------------------------------------------------------------------------------------------ runs
 
 
-def run_identity(run: dict[str, Any]) -> str:
-    """Which run and schedule an analysis is about: checkpoints (and which were selected), data and its
-    text columns, schedule, targets and metric.
+QUESTION_OPTIONS = {
+    "dw": None,
+    "horizon": None,
+    "lr": None,
+    "seq_len": None,
+    "confidence": 0.95,
+    "min_effect": 0.01,
+}
+"""Options that change the numbers of ``results.csv`` (the intervention, the loss it is measured on, the
+test and the negligible threshold), with their defaults: part of a run's identity when not the default."""
 
-    Options that only change how precisely or at which intervention the same question is answered
-    (``--samples``, ``--dw``, ``--horizon``, ``--confidence``, ...) are not part of it: a rerun with more
-    samples refines the same analysis.
-    """
+
+def _identity_parts(run: dict[str, Any]) -> dict[str, Any]:
+    """What an analysis is about, by name: the parts of :func:`run_identity` (``--flag`` names for the
+    options of :data:`QUESTION_OPTIONS`, only those not at their default)."""
     options = run.get("options", {})
-    ckpt = run.get("ckpt_dir_resolved") or str(Path(str(options.get("ckpt_dir", ""))).resolve())
-    return content_key(
-        [
-            ckpt,
-            run.get("domains"),
-            run.get("schedule"),
-            [t.get("name") for t in run.get("targets", [])],
-            options.get("metric", "euclid"),
-            run.get("selected_steps"),
-            run.get("text_fields") or {},
-        ]
-    )
+    parts = {
+        "checkpoints": run.get("ckpt_dir_resolved") or str(Path(str(options.get("ckpt_dir", ""))).resolve()),
+        "domains": run.get("domains"),
+        "schedule": run.get("schedule"),
+        "targets": [t.get("name") for t in run.get("targets", [])],
+        "metric": options.get("metric", "euclid"),
+        "selected steps": run.get("selected_steps"),
+        "text fields": run.get("text_fields") or {},
+    }
+    for key, default in QUESTION_OPTIONS.items():
+        value = options.get(key, default)
+        if value != default:
+            parts["--" + key.replace("_", "-")] = value
+    return parts
+
+
+def run_identity(run: dict[str, Any]) -> str:
+    """Which question an analysis answers: checkpoints (and which were selected), data and its text
+    columns, schedule, targets and metric, and every option that changes the numbers of ``results.csv``
+    (:data:`QUESTION_OPTIONS`: ``--dw``, ``--horizon``, ``--lr``, ``--seq-len``, ``--confidence``,
+    ``--min-effect``; at their defaults they leave the id of earlier versions unchanged).
+
+    Options that only change how precisely or how fast the same question is answered (``--samples``,
+    ``--blocks``, ``--seed``, ``--budget``, the plan, HVP mode, micro-batches, device) are not part of it:
+    a rerun with more samples refines the same analysis (docs/DECISIONS.md).
+    """
+    parts = _identity_parts(run)
+    payload = list(parts.values())[:7]
+    extra = {k: v for k, v in parts.items() if k.startswith("--")}
+    return content_key([*payload, extra] if extra else payload)
+
+
+def identity_difference(previous: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """What differs between two analyses' identities, in words (``--dw 0.05 here, default there``)."""
+    a, b = _identity_parts(previous), _identity_parts(current)
+
+    def word(parts: dict[str, Any], key: str) -> str:
+        value = parts.get(key, "default")
+        return f"{value:g}" if isinstance(value, float) else str(value)
+
+    return [
+        f"{key} {word(b, key)} here, {word(a, key)} there" if key.startswith("--") else key
+        for key in dict.fromkeys([*a, *b])
+        if a.get(key) != b.get(key)
+    ]
 
 
 def schedule_words(schedule: Schedule) -> str:
@@ -285,13 +325,16 @@ def load_losses(folder: str | os.PathLike[str]) -> pd.DataFrame:
     return losses
 
 
-def choose_folder(out: Path, identity: str, name: str | None = None) -> tuple[Path, str | None]:
+def choose_folder(
+    out: Path, identity: str, name: str | None = None, current: dict[str, Any] | None = None
+) -> tuple[Path, str | None]:
     """Where an analysis with ``identity`` writes its results under ``--out``, and a note when it is not
     ``out`` itself. Never silently replaces another run's results:
 
     - ``--name NAME``: ``out/NAME/`` (refused when it holds another run);
-    - ``out/`` when it holds no analysis or one of the same run and schedule (a rerun refines it);
-    - otherwise ``out/run-<id>/``, one folder per distinct run and schedule, and the note says so.
+    - ``out/`` when it holds no analysis or one of the same run and question (a rerun refines it);
+    - otherwise ``out/run-<id>/``, one folder per distinct run and question, and the note says so, and what
+      differs when ``current`` (the identity fields of this analysis) is given.
 
     The statistics cache stays shared in ``out/cache/`` (content-addressed, so sharing is safe).
     """
@@ -316,9 +359,11 @@ def choose_folder(out: Path, identity: str, name: str | None = None) -> tuple[Pa
     if other is None or other == identity:
         return out, None
     folder = out / f"run-{identity[:8]}"
+    previous = read_run_json(out)
+    differs = identity_difference(previous, current) if current is not None and previous is not None else []
+    why = "; ".join(differs) if differs else "other checkpoints, targets, domains, weights or options"
     return folder, (
-        f"note: {out}/ holds the analysis of another run or schedule (run {other[:8]}: other checkpoints, "
-        "targets, domains or weights); "
+        f"note: {out}/ holds the analysis of another run or question (run {other[:8]}: {why}); "
         f"this one is in {folder}/ (use --name to choose the folder)"
     )
 

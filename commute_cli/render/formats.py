@@ -154,17 +154,26 @@ def with_caption(renderable: RenderableType, caption: str) -> Group:
     return Group(renderable, Text(caption))
 
 
+class _Console(Console):
+    """rich's console, except that a closed pipe is an error for the CLI's boundary to handle
+    (``cli.entry.main``: exit 141, quietly) rather than rich's own ``SystemExit(1)``."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True  # nothing more to write to a pipe without a reader
+        raise BrokenPipeError("the reader of the output closed the pipe")
+
+
 def print_renderable(
     renderable: RenderableType, stream: TextIO | None = None, width: int | None = None
 ) -> None:
     """Print a rich renderable to ``stream`` (default stdout): colour only on a terminal, and a wide
     fixed width elsewhere so tables are not wrapped in files and pipes (``width`` overrides both)."""
     stream = sys.stdout if stream is None else stream
-    console = Console(file=stream)
+    console = _Console(file=stream)
     if width is not None:
-        console = Console(file=stream, width=width, no_color=not console.is_terminal, highlight=False)
+        console = _Console(file=stream, width=width, no_color=not console.is_terminal, highlight=False)
     elif not console.is_terminal:
-        console = Console(file=stream, width=NON_TTY_WIDTH, no_color=True, highlight=False)
+        console = _Console(file=stream, width=NON_TTY_WIDTH, no_color=True, highlight=False)
     console.print(renderable)
 
 

@@ -23,7 +23,7 @@ from rich.cells import cell_len
 from rich.console import Group, RenderableType
 from rich.text import Text
 
-from commute_cli.core.power import NICE_FACTORS, nice_factor
+from commute_cli.core.power import MAX_ADVICE_FACTOR, shown_factor
 from commute_cli.render.formats import (
     OutputFormat,
     emit,
@@ -177,17 +177,18 @@ def table_confidence(results: pd.DataFrame) -> float:
 
 
 def samples_advice(row: Any) -> str:
-    """For a row that is not significant: ``"~4x samples"`` from its ``samples_needed`` (results.csv), the
-    factor rounded up to a round number (``core.power.nice_factor``); ``""`` when absent or not needed."""
+    """For a row that is not significant: ``"~35x samples"`` from its ``samples_needed`` (results.csv,
+    34.08 there), rounded up to two significant digits (``core.power.shown_factor``), ``">128x samples"``
+    beyond that; ``""`` when absent or not needed."""
     value = getattr(row, "samples_needed", None)
     try:
         factor = float(value)  # type: ignore[arg-type]  # None or text: the except below
     except (TypeError, ValueError):
         return ""
-    if not math.isfinite(factor) or factor <= 1.0:
+    shown = shown_factor(factor)
+    if shown is None:
         return ""
-    nice = nice_factor(factor)
-    return f">{NICE_FACTORS[-1]:g}x samples" if nice is None else f"~{nice:g}x samples"
+    return f">{MAX_ADVICE_FACTOR:g}x samples" if factor > MAX_ADVICE_FACTOR else f"~{shown:g}x samples"
 
 
 def regime_labels(df: pd.DataFrame) -> pd.Series | None:
@@ -356,7 +357,7 @@ def analysis_legend(
     if "samples_needed" in results and (pd.to_numeric(results["samples_needed"], errors="coerce") > 1).any():
         lines.append(
             "~Nx samples (n.s. rows): about N times --samples would flag an effect of the estimated size "
-            "(the same test, 80% power)."
+            "(the same test, 80% power); N is samples_needed rounded up to two significant digits."
         )
     where = f"{out}/results.csv" if out is not None else "results.csv"
     lines.append(
