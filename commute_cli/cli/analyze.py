@@ -80,7 +80,10 @@ def analyze_command(
         help="euclid (D = I, the paper's) or adam (experimental: Adam's second moments).",
     ),
     dw: float | None = typer.Option(
-        None, "--dw", help="Weight shift of the intervention (default: half the smaller weight)."
+        None,
+        "--dw",
+        help="Weight shift of the intervention (default: half the smaller weight; at most the smaller weight "
+        "of each reported pair at every selected checkpoint).",
     ),
     horizon: int | None = typer.Option(
         None,

@@ -112,7 +112,9 @@ COLUMNS: dict[str, dict[str, tuple[str, str]]] = {
         "samples_needed": (
             "1",
             "for a row that is not significant: about how many times --samples would flag an effect of the "
-            "estimated size (the run's test at its --confidence, 80% power; conservative)",
+            "estimated size (the run's test at its --confidence, 80% power; conservative); the table's "
+            "'earlier' column shows it rounded up to two significant digits ('~35x samples' for 34.08), "
+            "and '>128x samples' above 128",
         ),
         "regime_ratio_lo": ("1", "lower end of the regime ratio's interval at --confidence"),
         "regime_ratio_hi": (
@@ -128,9 +130,9 @@ COLUMNS: dict[str, dict[str, tuple[str, str]]] = {
         "verdict": (
             "",
             "suboptimal (significant, both weights > 0: the schedule can be improved here), "
-            "consistent (significant, a weight is 0), negligible (below the "
+            "negligible (below the "
             "smallest effect worth reporting), insufficient signal (not significant; 'n.s.' in "
-            "the table)",
+            "the table); a pair with a zero weight at a checkpoint has no row there (no data can move)",
         ),
         "direction": ("", "for a significant row, which way to reorder, e.g. 'move en earlier, ru later'"),
         "n_blocks": ("1", "number of independent sample blocks behind every mean and SE"),
