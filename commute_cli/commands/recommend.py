@@ -88,6 +88,7 @@ from commute_cli.errors import CommuteError
 from commute_cli.io import atomic, store
 from commute_cli.io.schedules import save_schedule
 from commute_cli.io.store import RESULTS_COLUMNS, AnalysisRun, load_analysis
+from commute_cli.render.style import format_si_interval
 
 __all__ = [
     "Recommendation",
@@ -137,10 +138,10 @@ class Recommendation:
         if self.shifts:
             info = self.total_info[self.target]
             together = f" ({len(self.pair_sets)} with several pairs at once)" if self.pair_sets else ""
+            total = format_si_interval(info["change"], info["half_width"])
             return (
                 f"{len(self.shifts)} local reordering{'s' * (len(self.shifts) > 1)}{together} for target "
-                f"{self.target}: predicted total change {info['change']:+.3g} ± {info['half_width']:.2g} "
-                f"nats ({self.confidence:.0%} interval)"
+                f"{self.target}: predicted total change {total} ({self.confidence:.0%} interval)"
             )
         if self.n_suboptimal == 0:
             return (
