@@ -176,6 +176,21 @@ def test_table_with_three_domains_fits_80_columns():
     assert "english↔russian" in text and "pair" in text
 
 
+def test_one_si_prefix_per_el_column_and_small_rows_keep_their_digits():
+    """A target's EL column uses one prefix (the largest value's), so a µnat-sized row stands in mnat
+    beside the others, with three significant digits of its own; other targets choose their own prefix."""
+    rows = [
+        dict(step=s, target=t, domain_i="en", domain_j="ru", target_loss=3.21, el_ij=el, el_se=se,
+             t_crit=2.0, n_blocks=8, dw=0.1, horizon=250, in_regime=True, verdict="insufficient signal")
+        for s, t, el, se in [(1000, "en", 2.2e-3, 6.85e-4), (2000, "en", -4.31e-4, 1.48e-4),
+                             (1000, "ru", 3.0e-7, 2.0e-7), (2000, "ru", -5.0e-7, 1.0e-7)]
+    ]  # fmt: skip
+    text = render(tables.analysis_tables(pd.DataFrame(rows)), 120)
+    cells = re.findall(r"-?[\d.]+ ± [\d.]+ \S?nat", text)
+    assert cells == ["2.20 ± 1.37 mnat", "-0.431 ± 0.296 mnat", "300 ± 400 nnat", "-500 ± 200 nnat"]
+    assert style.format_interval_scaled(-0.0, 1e-3, 1e-3, "m") == "0.00 ± 1.00 mnat"  # no "-0.00"
+
+
 def test_table_is_tolerant_of_new_columns_and_verdicts(analyzed):
     """Columns another branch adds render when present: a horizon footnote from ``horizon_reason``, a
     regime column when a row is not inside (``regime`` with 'uncertain'), the 'negligible' verdict and an

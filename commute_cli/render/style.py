@@ -19,6 +19,7 @@ __all__ = [
     "VERDICTS",
     "VerdictStyle",
     "confidence_of",
+    "format_interval_scaled",
     "format_si",
     "format_si_interval",
     "format_sig",
@@ -155,6 +156,23 @@ def format_si_interval(center: float, half_width: float, unit: str = "nat", digi
         return f"{format_si(center, unit, digits)} ± {half_width}"
     (c, h), prefix = _scaled((center, abs(half_width)), digits)
     return f"{c} ± {h} {prefix}{unit}"
+
+
+def format_interval_scaled(
+    center: float, half_width: float, factor: float, prefix: str, unit: str = "nat", digits: int = 3
+) -> str:
+    """``"center ± half_width prefix+unit"`` in a prefix chosen for a whole column (``si_scale``), with
+    ``digits`` significant digits on the larger of the two: a column never mixes µnat and mnat rows, and a
+    small row keeps its precision (``format_interval_scaled(-4.31e-4, 2.96e-4, 1e-3, "m")`` is
+    ``"-0.431 ± 0.296 mnat"``)."""
+    center, half_width = float(center), float(half_width)
+    if not (math.isfinite(center) and math.isfinite(half_width)):
+        return format_si_interval(center, half_width, unit, digits)
+    dec = _decimals(max(abs(center), abs(half_width)) / factor, digits)
+    c = f"{center / factor:.{dec}f}"
+    if float(c) == 0.0:
+        c = c.lstrip("-")
+    return f"{c} ± {abs(half_width) / factor:.{dec}f} {prefix}{unit}"
 
 
 def interval_half_width(se: float, t_crit: float) -> float:

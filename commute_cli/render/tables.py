@@ -35,7 +35,13 @@ from commute_cli.render.formats import (
     print_renderable,
     with_caption,
 )
-from commute_cli.render.style import confidence_of, format_si_interval, format_sig, verdict_style
+from commute_cli.render.style import (
+    confidence_of,
+    format_interval_scaled,
+    format_sig,
+    si_scale,
+    verdict_style,
+)
 
 __all__ = [
     "OutputFormat",
@@ -273,6 +279,8 @@ def analysis_tables(
         if show_regime:
             cols.append("regime")
         rows = []
+        # one SI prefix for the whole EL column of this target (no µnat row under mnat rows)
+        factor, prefix, _ = si_scale([*df["el_ij"], *half.loc[df.index]])
         for idx, r in zip(df.index, df.itertuples(index=False), strict=True):
             style = verdict_style(r.verdict)
             seen.add(str(r.verdict))
@@ -289,7 +297,7 @@ def analysis_tables(
             if isinstance(reason, str) and reason in reasons:
                 horizon += reasons[reason]
             cells.append(horizon)
-            cells.append(format_si_interval(r.el_ij, half.loc[idx]))
+            cells.append(format_interval_scaled(r.el_ij, half.loc[idx], factor, prefix))
             cells.append(Text(style.word, style=style.style))
             cells.append(earlier_domain(r) if style.actionable else samples_advice(r))
             if show_regime and regimes is not None:
