@@ -413,6 +413,12 @@ def test_cli_csv_and_json_formats(tmp_path, capsys):
     code, out, err = cli(["recommend", "--target", "en", "--from", res, "--format", "json"], capsys)
     assert code == 0, err
     assert json.loads(out)["shifts"][0]["earlier"] == "xx"  # EL^{en,xx} > 0: xx earlier
+    # --single-pair on a 2-domain run proposes the same and says it changes nothing here
+    code, single, err = cli(
+        ["recommend", "--target", "en", "--from", res, "--format", "json", "--single-pair"], capsys
+    )
+    assert code == 0 and json.loads(single)["shifts"] == json.loads(out)["shifts"]
+    assert "--single-pair changes nothing here: with 2 domains" in err
 
 
 def test_nothing_significant_proposes_nothing(tmp_path, capsys):

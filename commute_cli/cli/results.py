@@ -91,6 +91,12 @@ def recommend_command(
         single_pair=single_pair,
     )
     typer.echo(f"recommendation for {rec.about}", err=True)
+    if single_pair and len(result.schedule.domains) < 4:
+        typer.echo(
+            f"note: --single-pair changes nothing here: with {len(result.schedule.domains)} domains no two "
+            "pairs are disjoint (several pairs move together only with 4 or more)",
+            err=True,
+        )
     folder = out if out is not None else from_dir
     files = recommend.write_recommendation(rec, folder)
     stale = recommend.earlier_recommendation(folder) if not files else None
