@@ -90,7 +90,19 @@ def test_the_ratio_is_the_antisymmetric_part_over_the_prediction():
 
 def test_two_significant_digits_for_ratio_and_regime():
     text = render(pd.DataFrame([row("en", 0.0123, 0.001, 0.007) | {"regime_ratio": 0.14628}]))
-    assert "in (0.15)" in text and re.search(r"\b1\.8\b", text)
+    assert "inside (0.15)" in text and re.search(r"\b1\.8\b", text)
+
+
+def test_regime_is_named_as_analyze_names_it():
+    """An 'uncertain' row (ratio above the limit, interval straddling it) says so; it is not shown as 'in'.
+    An older validate.csv without the regime column falls back to in_regime."""
+    text = render(
+        pd.DataFrame([row("en", 0.01, 0.001, 0.002) | {"regime": "uncertain", "regime_ratio": 0.296}])
+    )
+    assert "uncertain (0.30)" in text and "inside" not in text.split("regime:")[0]
+    assert "limit 0.25" in " ".join(text.split())
+    old = render(pd.DataFrame([row("en", 0.01, 0.001, 0.002) | {"in_regime": False, "regime_ratio": 0.9}]))
+    assert "outside (0.90)" in old
 
 
 def test_agreement_without_significance_is_weaker_and_one_repeat_has_no_se():

@@ -99,7 +99,7 @@ def _prediction_rows(
             "pred_el12_se": p.el.se,
             "pred_t": p.el.t,
             "pred_significant": p.el.significant,
-            "in_regime": p.regime.regime != Regime.OUTSIDE,
+            "in_regime": p.regime.regime not in (Regime.OUTSIDE, Regime.SATURATED),  # as analyze's
             "regime": str(p.regime.regime),
             "regime_ratio": p.regime.ratio,
             "pred_bracket": p.bracket.mean,
@@ -236,6 +236,7 @@ def combine(
                 "ratio_obs_pred": m12 / pred12 if pred12 != 0.0 else math.nan,
                 "ratio_antisym_pred": manti / pred12 if pred12 != 0.0 else math.nan,
                 "regime_ratio": float(p["regime_ratio"]),
+                "regime": str(p["regime"]),
                 "in_regime": bool(p["in_regime"]),
             }
         )

@@ -98,7 +98,11 @@ COLUMNS: dict[str, dict[str, tuple[str, str]]] = {
             "|el_ij| / first_order: the second-order prediction against first-order "
             "progress; above the regime limit the prediction is outside the local regime",
         ),
-        "in_regime": ("", "True when the prediction is inside the local regime (its nats are meaningful)"),
+        "in_regime": (
+            "",
+            "True unless the regime is outside or saturated: 'uncertain' (the regime ratio's interval "
+            "straddles the limit 0.25) counts as in; the regime column says which",
+        ),
         "regime": (
             "",
             "inside / outside / uncertain: the local-regime check with its uncertainty; saturated: dt x "
@@ -239,7 +243,8 @@ COLUMNS: dict[str, dict[str, tuple[str, str]]] = {
             "'obs/pred (antisym.)')",
         ),
         "regime_ratio": ("1", "the prediction's regime ratio (see results.csv)"),
-        "in_regime": ("", "the prediction is inside the local regime"),
+        "regime": ("", "inside, uncertain, outside or saturated, as in results.csv"),
+        "in_regime": ("", "True unless the regime is outside or saturated (as in results.csv)"),
     },
     "recommend (--format csv)": {
         "step": ("step", "the checkpoint the shift is centred on"),

@@ -14,6 +14,7 @@ import pandas as pd
 from rich.console import Group, RenderableType
 from rich.text import Text
 
+from commute_cli.core.regime import REGIME_MAX_RATIO
 from commute_cli.render.formats import make_table
 from commute_cli.render.style import format_sig, format_sig_fixed, si_scale
 
@@ -88,7 +89,8 @@ def validate_table(table: pd.DataFrame, run: Mapping[str, Any]) -> RenderableTyp
     rows = []
     for r in df.itertuples(index=False):
         ratio = antisym_ratio(r)
-        regime = "in" if r.in_regime else "OUT"
+        label = getattr(r, "regime", None)  # validate.csv files of earlier versions have only in_regime
+        regime = str(label) if isinstance(label, str) and label else ("inside" if r.in_regime else "outside")
         rows.append(
             [
                 r.target,
@@ -143,8 +145,10 @@ def validate_table(table: pd.DataFrame, run: Mapping[str, Any]) -> RenderableTyp
         "(12+21)/2: the observed part that is even in dw, zero to second order (Adam's nonlinearity, "
         "higher orders, noise); obs/pred (antisym.): ((obs 12 - obs 21)/2) / pred 12, the observed part odd "
         "in dw (what the bracket predicts) over the prediction; "
-        f"regime: the prediction's second-order/first-order ratio ('OUT': its nats are meaningless, the sign "
-        f"is a weaker hint). Pair {one}/{two}, batch {run['batch_size']}, {run['optimizer']}, "
+        f"regime: the prediction's second-order/first-order ratio against the limit {REGIME_MAX_RATIO:g}, "
+        "as in analyze: inside, uncertain (the ratio's interval straddles the limit), outside (its nats are "
+        "meaningless, the sign is a weaker hint) or saturated. "
+        f"Pair {one}/{two}, batch {run['batch_size']}, {run['optimizer']}, "
         f"lr {run['lr_mean']:.4g} ({run['lr_source']}); prediction: {run['prediction']}."
     )
     return Group(make_table(title, columns, rows), Text(caption, style="dim"))
