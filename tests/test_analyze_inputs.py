@@ -161,6 +161,17 @@ def test_rounded_samples_say_so(run_dir, tmp_path, capsys):
     assert code == 0 and "rounded" not in err
 
 
+def test_weights_that_replace_the_recorded_schedule_say_so(run_dir, capsys):
+    """--weights other than the schedule the run recorded (en 0.7, xx 0.3) is noted; the same ones are not."""
+    code, _, err = cli(["analyze", run_dir, "--weights", "en=0.5", "xx=0.5", "--dry-run"], capsys)
+    assert code == 0, err
+    assert (
+        "note: the schedule given (en 0.5, xx 0.5) replaces the one the run recorded (en 0.7, xx 0.3" in err
+    )
+    code, _, err = cli(["analyze", run_dir, "--weights", "en=0.7", "xx=0.3", "--dry-run"], capsys)
+    assert code == 0 and "replaces" not in err
+
+
 # -------------------------------------------------------------------------------- 4. ~Nx samples
 
 

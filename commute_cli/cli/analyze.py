@@ -52,7 +52,8 @@ def analyze_command(
     samples: int | None = typer.Option(
         None,
         "--samples",
-        help="Sequences per domain per checkpoint (the same sequences everywhere). Default 96.",
+        help="Sequences per domain per checkpoint (the same sequences everywhere), rounded down to a "
+        "multiple of 3 x --blocks (a note says so). Default 96.",
     ),
     budget: float | None = typer.Option(
         None,
@@ -91,7 +92,12 @@ def analyze_command(
         help="Steps each way (default: half the spacing to the neighbouring checkpoint; a row outside the "
         "local regime keeps it and says so in its regime column; only recommend shortens a shift).",
     ),
-    lr: float | None = typer.Option(None, "--lr", help="Learning rate (default: from trainer_state.json)."),
+    lr: float | None = typer.Option(
+        None,
+        "--lr",
+        help="Learning rate (default: from the checkpoint: scheduler.pt, trainer_state.json, optimizer.pt or "
+        "nanoGPT's ckpt.pt; run.json says which).",
+    ),
     hvp: Hvp = typer.Option(
         Hvp.rr, "--hvp", help="rr (reverse-on-reverse, the paper's) or fr (forward-over-reverse)."
     ),
@@ -124,7 +130,9 @@ def analyze_command(
     steps: str | None = typer.Option(None, "--steps", help="Only these steps, e.g. 2000,8000."),
     every: int | None = typer.Option(None, "--every", help="Only steps that are multiples of N."),
     out: Path = typer.Option(
-        Path("commute_out"), "--out", help="Folder for results.csv, losses.csv, run.json, cache."
+        Path("commute_out"),
+        "--out",
+        help="Folder for results.csv, losses.csv, baselines.csv, run.json, cache.",
     ),
     fmt: Format = typer.Option(Format.table, "--format", help="table, or csv/json (results to stdout)."),
     plot: Path | None = typer.Option(
@@ -156,8 +164,8 @@ def analyze_command(
 
     Flags where the order of domains was locally suboptimal and which way to shift weights.
 
-    Results go to --out (results.csv, losses.csv, run.json); finished checkpoints are cached there, so an
-    interrupted run resumes.
+    Results go to --out (results.csv, losses.csv, baselines.csv, run.json); finished checkpoints are cached
+    there, so an interrupted run resumes.
 
     Example: commute analyze sample_checkpoints/ --steps 1000,2000 --samples 48
     """

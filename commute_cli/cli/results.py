@@ -63,7 +63,8 @@ def recommend_command(
 
     Around each checkpoint where the target is 'suboptimal', one domain goes up before it and down after.
 
-    Prints each shift with its predicted effect on every target; writes schedule.json/.csv (--schedule).
+    Prints each shift with its predicted effect on every target; writes schedule.json/.csv, for
+    `commute train --schedule`.
 
     Example: commute recommend --target ru
     """

@@ -157,6 +157,9 @@ def resolve_run_inputs(
     elif found is not None and found.schedule:
         sched = Schedule.from_records(found.schedule, names, context=str(found.path))
 
+    if sched is not None and (weights or schedule is not None) and note is not None and len(names) >= 2:
+        _note_replaced_schedule(sched, saved, found, ckpt, names, note)
+
     if seq_len:
         seq, seq_from = int(seq_len), "--seq-len"
     elif saved.get("seq_len"):
@@ -201,3 +204,38 @@ def load_blocks(
         name: pack_blocks(load_texts(src, domain=name, base_dir=base_dir), tokenizer, seq_len)
         for name, src in sources.items()
     }
+
+
+def _describe(schedule: Schedule) -> str:
+    step, w = schedule.entries[0]
+    text = ", ".join(f"{n} {v:g}" for n, v in w.items())
+    return (
+        text
+        if schedule.is_constant
+        else f"{text} from step {step}, then {len(schedule.entries) - 1} change(s)"
+    )
+
+
+def _note_replaced_schedule(
+    given: Schedule,
+    saved: Mapping[str, Any],
+    found: checkpoints.Manifest | None,
+    ckpt: Path | None,
+    names: Sequence[str],
+    note: Note,
+) -> None:
+    """Say so when ``--weights``/``--schedule`` replaces a schedule the run recorded (and differs from it):
+    the criterion is evaluated around the schedule given, which is not the one the run was trained with."""
+    if saved.get("schedule"):
+        where = f"{ckpt}/{STATE_NAME}"
+        own = Schedule.from_records(saved["schedule"], names, context=where)
+    elif found is not None and found.schedule:
+        where = str(found.path)
+        own = Schedule.from_records(found.schedule, names, context=where)
+    else:
+        return
+    if own.entries != given.entries:
+        note(
+            f"note: the schedule given ({_describe(given)}) replaces the one the run recorded "
+            f"({_describe(own)}, {where}); the criterion is evaluated around the schedule given"
+        )

@@ -201,7 +201,6 @@ COLUMNS: dict[str, dict[str, tuple[str, str]]] = {
         "t": ("1", "value / se"),
         "significant": ("", "value significant at --confidence (Student t, blocks - 1 degrees of freedom)"),
         "share": ("1", "value / the pair's total bracket (nan when the total is 0)"),
-        "n_params": ("1", "number of parameters in the group"),
     },
     "validate.csv": {
         "step": ("step", "the validated checkpoint's step"),
