@@ -252,3 +252,19 @@ def test_adam_metric_predictions_are_far_too_large_on_a_real_adamw_run(run, tmp_
         anti = (df["obs_el12"] - df["obs_el21"]) / 2
         error[metric] = float(np.median(np.abs(np.log10(df["pred_el12"].abs() / anti.abs()))))
     assert error["adam"] > error["euclid"] + 1.0, error
+
+
+def test_a_validation_that_replaces_another_question_says_so(tmp_path):
+    """validate.json in the output folder asked another question (here: another horizon): the new run names
+    it before replacing it; the same question again (a rerun) is not worth a note."""
+    run = {"checkpoint": "/r/checkpoint-1000", "pair": ["en", "ru"], "dw_realized": 0.15,
+           "options": {"steps": 10, "metric": "euclid"}}  # fmt: skip
+    previous = tmp_path / "validate.json"
+    assert V.replaced_validation(previous, run) is None  # nothing there yet
+    previous.write_text(json.dumps({"run": run}))
+    assert V.replaced_validation(previous, run) is None
+    longer = {**run, "options": {"steps": 100, "metric": "euclid"}}
+    said = V.replaced_validation(previous, longer)
+    assert said == "the validation of checkpoint-1000, pair en/ru, dw 0.15, horizon 10, metric euclid"
+    previous.write_text("{not json")
+    assert V.replaced_validation(previous, run) is None

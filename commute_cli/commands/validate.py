@@ -331,9 +331,30 @@ def run_validate(
         "elapsed_seconds": time.perf_counter() - t0,
     }
     payload = {"run": run, "rows": json.loads(table.to_json(orient="records")), "repeats": repeats}
+    replaced = replaced_validation(out / "validate.json", run)
+    if replaced:
+        note(f"note: {out}/validate.csv held {replaced}; it now holds this one (plot draws the latest)")
     atomic.write_text(out / "validate.csv", table.to_csv(index=False))
     atomic.write_text(out / "validate.json", json.dumps(payload, indent=2, default=str) + "\n")
     return ValidateResult(table, run, list(repeats), out)
+
+
+def _question(run: Mapping[str, Any]) -> str:
+    o = run.get("options", {})
+    return (
+        f"{Path(str(run.get('checkpoint', '?'))).name}, pair {'/'.join(run.get('pair', []))}, "
+        f"dw {run.get('dw_realized')}, horizon {o.get('steps')}, metric {o.get('metric')}"
+    )
+
+
+def replaced_validation(previous: Path, run: Mapping[str, Any]) -> str | None:
+    """What an earlier ``validate.json`` in the same folder was about, when it asked another question
+    (checkpoint, pair, dw, horizon or metric) than ``run``; None when there is none, or it asked the same."""
+    try:
+        old = json.loads(previous.read_text())["run"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return None if _question(old) == _question(run) else f"the validation of {_question(old)}"
 
 
 # ------------------------------------------------------------------------------------------------ cost
