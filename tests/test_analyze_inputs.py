@@ -42,8 +42,10 @@ def run_dir(tmp_path_factory) -> Path:
 
 
 def one_line_error(code: int, err: str) -> str:
+    """The error is one line (notes said before it, e.g. that --weights replaces the run's schedule, are
+    separate lines of their own)."""
     assert code == 2, err
-    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    lines = [ln for ln in err.strip().splitlines() if ln.strip() and not ln.startswith("note: ")]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
     return lines[0]
 
