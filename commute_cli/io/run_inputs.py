@@ -150,15 +150,15 @@ def resolve_run_inputs(
         sched = Schedule.constant(check_weights(weights, names), names)
     elif weights:
         sched = Schedule.constant(parse_weights(weights, names), names)
-    elif len(names) < 2:
-        pass  # one domain: nothing to mix; a run's saved schedule cannot be for it
-    elif saved.get("schedule"):
-        sched = Schedule.from_records(saved["schedule"], names, context=f"{ckpt}/{STATE_NAME}")
-    elif found is not None and found.schedule:
-        sched = Schedule.from_records(found.schedule, names, context=str(found.path))
-
+    elif len(names) >= 2:  # one domain: nothing to mix; a run's saved schedule cannot be for it
+        sched, _ = _recorded_schedule(saved, found, ckpt, names)
     if sched is not None and (weights or schedule is not None) and note is not None and len(names) >= 2:
-        _note_replaced_schedule(sched, saved, found, ckpt, names, note)
+        own, where = _recorded_schedule(saved, found, ckpt, names)
+        if own is not None and own.entries != sched.entries:
+            note(
+                f"note: the schedule given ({_describe(sched)}) replaces the one the run recorded "
+                f"({_describe(own)}, {where}); the criterion is evaluated around the schedule given"
+            )
 
     if seq_len:
         seq, seq_from = int(seq_len), "--seq-len"
@@ -206,36 +206,22 @@ def load_blocks(
     }
 
 
+def _recorded_schedule(
+    saved: Mapping[str, Any], found: checkpoints.Manifest | None, ckpt: Path | None, names: Sequence[str]
+) -> tuple[Schedule | None, str]:
+    """The schedule the run recorded (the checkpoint's own state first, then the manifest) and where it is
+    recorded; ``(None, "")`` when neither has one."""
+    if saved.get("schedule"):
+        where = f"{ckpt}/{STATE_NAME}"
+        return Schedule.from_records(saved["schedule"], names, context=where), where
+    if found is not None and found.schedule:
+        return Schedule.from_records(found.schedule, names, context=str(found.path)), str(found.path)
+    return None, ""
+
+
 def _describe(schedule: Schedule) -> str:
     step, w = schedule.entries[0]
     text = ", ".join(f"{n} {v:g}" for n, v in w.items())
-    return (
-        text
-        if schedule.is_constant
-        else f"{text} from step {step}, then {len(schedule.entries) - 1} change(s)"
-    )
-
-
-def _note_replaced_schedule(
-    given: Schedule,
-    saved: Mapping[str, Any],
-    found: checkpoints.Manifest | None,
-    ckpt: Path | None,
-    names: Sequence[str],
-    note: Note,
-) -> None:
-    """Say so when ``--weights``/``--schedule`` replaces a schedule the run recorded (and differs from it):
-    the criterion is evaluated around the schedule given, which is not the one the run was trained with."""
-    if saved.get("schedule"):
-        where = f"{ckpt}/{STATE_NAME}"
-        own = Schedule.from_records(saved["schedule"], names, context=where)
-    elif found is not None and found.schedule:
-        where = str(found.path)
-        own = Schedule.from_records(found.schedule, names, context=where)
-    else:
-        return
-    if own.entries != given.entries:
-        note(
-            f"note: the schedule given ({_describe(given)}) replaces the one the run recorded "
-            f"({_describe(own)}, {where}); the criterion is evaluated around the schedule given"
-        )
+    if schedule.is_constant:
+        return text
+    return f"{text} from step {step}, then {len(schedule.entries) - 1} change(s)"
