@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import numpy as np
 import pytest
@@ -300,14 +301,10 @@ def _parts(K: int, T: int = 6, per: int = 3, vocab: int = VOCAB) -> list[list[Te
     return [[domain_tokens(10 * k + p, per, T, vocab, skew=2 * k) for p in range(3)] for k in range(K)]
 
 
-def test_full_space_projection_equals_dense_exact_flow_on_a_real_model() -> None:
-    model = BigramLM().double().eval()
-    parts = _parts(2)
-    n = sum(p.numel() for p in model.parameters())
-    rng = np.random.default_rng(0)
-    D = rng.uniform(0.5, 3.0, n)
-    coefs = np.array([[0.0, 1.0], [0.8, 0.2]])
-    proj = R.project_block(
+def project(model: nn.Module, parts: list[list[Tensor]], coefs: np.ndarray, D: np.ndarray, **kw: Any):
+    """``project_block`` on one block of ``parts`` (per domain: free, unit and target parts), micro-batch 2,
+    cross-entropy loss; ``kw``: ``m``, ``tol``."""
+    return R.project_block(
         model,
         [p[0] for p in parts],
         [p[1] for p in parts],
@@ -315,11 +312,20 @@ def test_full_space_projection_equals_dense_exact_flow_on_a_real_model() -> None
         wbar=WBAR,
         target_coefs=coefs,
         D=torch.tensor(D),
-        m=n,
         micro_batch=2,
         loss_fn=ce,
-        tol=1e-9,
+        **kw,
     )
+
+
+def test_full_space_projection_equals_dense_exact_flow_on_a_real_model() -> None:
+    model = BigramLM().double().eval()
+    parts = _parts(2)
+    n = sum(p.numel() for p in model.parameters())
+    rng = np.random.default_rng(0)
+    D = rng.uniform(0.5, 3.0, n)
+    coefs = np.array([[0.0, 1.0], [0.8, 0.2]])
+    proj = project(model, parts, coefs, D, m=n, tol=1e-9)
     assert proj.asym < 1e-10
     g0, H, g2 = dense_parts(model, parts)
     s = np.sqrt(D)
@@ -375,18 +381,7 @@ def test_hvp_projection_equals_dense_reference_on_tiny_gpt2() -> None:
     D = rng.uniform(0.5, 2.0, n)
     coefs = np.array([[0.0, 1.0]])
     m = 10
-    proj = R.project_block(
-        model,
-        [p[0] for p in parts],
-        [p[1] for p in parts],
-        [p[2] for p in parts],
-        wbar=WBAR,
-        target_coefs=coefs,
-        D=torch.tensor(D),
-        m=m,
-        micro_batch=2,
-        loss_fn=ce,
-    )
+    proj = project(model, parts, coefs, D, m=m)
     assert proj.m == m and proj.hvps == 2 * m
     g0, H, g2 = dense_parts(model, parts)
     s = np.sqrt(D)
