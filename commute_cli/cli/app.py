@@ -49,6 +49,13 @@ class Format(str, Enum):
     json = "json"
 
 
+class AdviceKind(str, Enum):
+    """``recommend --kind``: a measured late-phase schedule, or the local swaps around checkpoints."""
+
+    phases = "phases"
+    local = "local"
+
+
 class Metric(str, Enum):
     euclid = "euclid"
     adam = "adam"

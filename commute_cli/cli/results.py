@@ -4,10 +4,11 @@ analyze's results, ``recommend`` and ``plot``, and ``help``."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
-from commute_cli.cli.app import Format, PlotKind, help_paragraphs
+from commute_cli.cli.app import AdviceKind, Device, Format, PlotKind, help_paragraphs
 from commute_cli.errors import CommuteError
 
 
@@ -40,42 +41,88 @@ def toy_command(
 def recommend_command(
     target: str = typer.Option(..., "--target", help="The loss to improve: a target of the analysis."),
     from_dir: Path = typer.Option(Path("commute_out"), "--from", help="Folder of `commute analyze` results."),
-    max_shift: float = typer.Option(0.1, "--max-shift", help="Largest change of a domain's weight."),
+    kind: AdviceKind = typer.Option(
+        AdviceKind.phases,
+        "--kind",
+        help="phases: a late-phase schedule continued from a saved checkpoint, measured on real "
+        "continuations before it is proposed; local: small swaps around suboptimal checkpoints (predicted).",
+    ),
+    start: int | None = typer.Option(
+        None,
+        "--start",
+        help="phases: the checkpoint step the change starts at (default: the earliest analysed).",
+    ),
+    seeds: int = typer.Option(3, "--seeds", help="phases: stream seeds of the finalists (paired per seed)."),
+    finalists: int = typer.Option(
+        2, "--finalists", help="phases: candidates confirmed on every seed after the one-seed screen."
+    ),
+    candidates: int | None = typer.Option(
+        None,
+        "--candidates",
+        help="phases: screen at most N candidates, the bracket's best first (default all).",
+    ),
+    no_verify: bool = typer.Option(
+        False,
+        "--no-verify",
+        help="phases: no training; the bracket's best candidate as an unverified hypothesis (size unknown).",
+    ),
+    device: Device = typer.Option(Device.cpu, "--device", help="phases: where continuations train."),
+    jobs: int = typer.Option(1, "--jobs", help="phases: continuations trained at once, one CPU thread each."),
+    max_shift: float = typer.Option(0.1, "--max-shift", help="local: largest change of a domain's weight."),
     out: Path | None = typer.Option(
         None, "--out", help="Folder for schedule.json, schedule.csv, recommend.json (default: --from)."
     ),
     batch_size: int | None = typer.Option(
         None,
         "--batch-size",
-        help="Shifts in whole rows of a batch of B (default: the run's commute.json when found).",
+        help="Weights in whole rows of a batch of B (default: the run's commute.json when found).",
     ),
     until: int | None = typer.Option(
-        None, "--until", help="The run's last step (default: the last analysed checkpoint)."
+        None,
+        "--until",
+        help="The run's last step (default: the manifest's max_steps, else the last checkpoint).",
     ),
     single_pair: bool = typer.Option(
         False,
         "--single-pair",
-        help="One pair per checkpoint (K >= 4 may otherwise move disjoint pairs at once).",
+        help="local: one pair per checkpoint (K >= 4 may otherwise move disjoint pairs at once).",
     ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     fmt: Format = typer.Option(Format.table, "--format", help="table, or csv/json (data to stdout)."),
 ) -> None:
-    """Turn suboptimal verdicts into one schedule with the same data per domain, and predict its effect.
+    """Turn the analysis into one schedule with the same data per domain, and say what it gains.
 
-    Around each checkpoint where the target is 'suboptimal', one domain goes up before it and down after.
+    --kind phases (the default): the criterion along the run ranks late-phase schedules (one domain raised
+    at the end, starting at a saved checkpoint); each is continued to the run's last step on real training,
+    paired with the run's schedule over stream seeds, and the best measured one is proposed with every other
+    candidate, the practitioner's heuristics among them, beside it. This trains: it prints its cost first.
 
-    Prints each shift with its predicted effect on every target; writes schedule.json/.csv, for
-    `commute train --schedule`.
+    --kind local: around each checkpoint where the target is 'suboptimal', one domain goes up before it and
+    down after (predicted, not measured).
 
-    Example: commute recommend --target ru
+    Writes schedule.json/.csv, for `commute train --init CHECKPOINT --schedule`, and recommend.json; prints
+    the command that applies the schedule.
+
+    Example: commute recommend --target ru --kind local
     """
     import json
 
-    from commute_cli.commands import recommend
     from commute_cli.io import store
+
+    result = store.load_analysis(from_dir)
+    folder = out if out is not None else from_dir
+    typer.echo(f"recommendation for {result.label()}", err=True)
+    if kind is AdviceKind.phases:
+        _recommend_phases(
+            result, target, folder, start=start, seeds=seeds, finalists=finalists, candidates=candidates,
+            verify=not no_verify, device=device.value, jobs=jobs, batch_size=batch_size, until=until,
+            quiet=quiet, fmt=fmt,
+        )  # fmt: skip
+        return
+    from commute_cli.commands import recommend
     from commute_cli.render import tables
     from commute_cli.render.recommend_table import recommend_report
 
-    result = store.load_analysis(from_dir)
     batch = batch_size if batch_size is not None else recommend.run_batch_size(result)
     rec = recommend.recommend(
         result.results,
@@ -91,14 +138,12 @@ def recommend_command(
         confidence=float(result.run.get("options", {}).get("confidence", 0.95)),
         single_pair=single_pair,
     )
-    typer.echo(f"recommendation for {rec.about}", err=True)
     if single_pair and len(result.schedule.domains) < 4:
         typer.echo(
             f"note: --single-pair changes nothing here: with {len(result.schedule.domains)} domains no two "
             "pairs are disjoint (several pairs move together only with 4 or more)",
             err=True,
         )
-    folder = out if out is not None else from_dir
     files = recommend.write_recommendation(rec, folder)
     stale = recommend.earlier_recommendation(folder) if not files else None
     if stale:
@@ -109,11 +154,84 @@ def recommend_command(
         tables.print_renderable(recommend_report(rec))
         if files:
             where = ", ".join(str(f) for f in files)
-            typer.echo(f"wrote {where}; rerun with: commute train RUN --schedule {files[0]}", err=True)
+            typer.echo(f"wrote {where}", err=True)
+            typer.echo(
+                _apply_line(result, files[0], recommend.first_change(rec), rec.last_step, target), err=True
+            )
     elif fmt is Format.csv:
         tables.emit_dataframe(rec.table(), fmt.value)
     else:
         typer.echo(json.dumps(rec.to_dict(), indent=2, ensure_ascii=False, default=str))
+
+
+def _apply_line(result: Any, schedule_file: Path, first_change: int, last: int, target: str) -> str:
+    """``apply with: commute train ...``: the schedule trained from the latest saved checkpoint at or before
+    its first change (from scratch when there is none), with the run's manifest."""
+    from commute_cli.render.phase_table import train_line
+
+    given = str(result.run.get("options", {}).get("ckpt_dir") or result.checkpoint_dir)
+    manifest_dir = given if Path(given).is_dir() else str(result.checkpoint_dir)
+    init = result.checkpoint_before(first_change)
+    line = train_line(
+        manifest_dir, str(init[1]) if init else None, str(schedule_file), last, f"runs/{target}-recommended"
+    )
+    where = (
+        f"continues checkpoint {init[0]}"
+        if init
+        else "trains from scratch (no saved checkpoint before the change)"
+    )
+    return f"apply with ({where}): {line}"
+
+
+def _recommend_phases(
+    result: Any,
+    target: str,
+    folder: Path,
+    *,
+    start: int | None,
+    seeds: int,
+    finalists: int,
+    candidates: int | None,
+    verify: bool,
+    device: str,
+    jobs: int,
+    batch_size: int | None,
+    until: int | None,
+    quiet: bool,
+    fmt: Format,
+) -> None:
+    import json
+
+    from commute_cli.commands import phase_advice
+    from commute_cli.commands.stats import quiet_libraries
+    from commute_cli.render import tables
+    from commute_cli.render.phase_table import phase_report
+    from commute_cli.render.progress import StepProgress
+
+    last = until if until is not None else phase_advice.run_last_step(result)
+    first = start if start is not None else phase_advice.default_start(result, last)
+    batch = batch_size if batch_size is not None else phase_advice.run_batch_size(result)
+    advice = phase_advice.plan(result, target, first, last, batch, max_candidates=candidates)
+    if verify:
+        quiet_libraries()
+        checkpoint = phase_advice.checkpoint_folder(result, first)
+        with StepProgress("recommend: continuations", enabled=not quiet and fmt is Format.table) as bar:
+            advice = phase_advice.verify(
+                advice, checkpoint, seeds=seeds, finalists=finalists, cache=result.folder / "cache",
+                device=device, workers=jobs, note=lambda m: typer.echo(m, err=True), progress=bar,
+            )  # fmt: skip
+    else:
+        advice = phase_advice.unverified(advice)
+    files = phase_advice.write_advice(advice, folder)
+    if fmt is Format.table:
+        tables.print_renderable(phase_report(advice))
+        typer.echo(f"wrote {', '.join(str(f) for f in files)}", err=True)
+        if advice.chosen is not None:
+            typer.echo(_apply_line(result, files[0], advice.chosen.start, advice.last, target), err=True)
+    elif fmt is Format.csv:
+        tables.emit_dataframe(phase_advice.measured_table(advice), fmt.value)
+    else:
+        typer.echo(json.dumps(advice.to_dict(), indent=2, ensure_ascii=False, default=str))
 
 
 @help_paragraphs

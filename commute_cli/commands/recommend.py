@@ -95,6 +95,7 @@ __all__ = [
     "constant_span",
     "domain_totals",
     "earlier_recommendation",
+    "first_change",
     "load_analysis",
     "load_block_stats",
     "recommend",
@@ -368,20 +369,14 @@ def load_block_stats(analysis: AnalysisRun) -> dict[int, CheckpointStats]:
 
 
 def run_batch_size(analysis: AnalysisRun) -> int | None:
-    """The analysed run's batch size from the ``commute.json`` next to its checkpoints, when it can be found
-    (``run.json`` records the checkpoint folder as given to ``analyze``, relative to where it ran)."""
-    ckpt_dir = analysis.run.get("options", {}).get("ckpt_dir")
-    if not ckpt_dir:
-        return None
-    for folder in (Path(ckpt_dir), Path(ckpt_dir).parent):
-        manifest = folder / "commute.json"
-        if manifest.is_file():
-            try:
-                value = json.loads(manifest.read_text(encoding="utf-8")).get("batch_size")
-            except (OSError, ValueError):
-                return None
-            return int(value) if isinstance(value, int) and value > 0 else None
-    return None
+    """The analysed run's batch size from its ``commute.json`` (``AnalysisRun.run_manifest``), when found."""
+    value = analysis.run_manifest().get("batch_size")
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
+def first_change(rec: Recommendation) -> int:
+    """The first step whose weights the recommendation changes (the start of its earliest window)."""
+    return min((sh.step - sh.window for sh in rec.shifts), default=rec.last_step)
 
 
 def earlier_recommendation(folder: str | os.PathLike[str]) -> str | None:

@@ -23,7 +23,7 @@ from commute_cli.core.mixing import BRANCHES, branch_schedules, realized_dw
 from commute_cli.core.schedule import Schedule
 from commute_cli.engine import training
 from commute_cli.errors import CommuteError
-from commute_cli.io import atomic, checkpoints, run_inputs, runfiles, sampling
+from commute_cli.io import atomic, checkpoints, run_inputs, runfiles, sampling, store
 from commute_cli.io import data as domain_data
 
 
@@ -60,15 +60,11 @@ def load_state(setup: Setup, device: str | torch.device = "cpu") -> training.Tra
     return training.TrainingState(model, optimizer, streams, resumed.step, setup.batch_size)
 
 
-def _eval_blocks(setup: Setup, n: int) -> dict[str, torch.Tensor]:
+def eval_blocks_of(setup: Setup, n: int) -> dict[str, torch.Tensor]:
     """The held-out blocks (at most ``n`` per domain, a fixed seeded sample): the same for every branch."""
     tokenizer = checkpoints.load_tokenizer(Path(setup.tokenizer_path))
     out = run_inputs.load_blocks(setup.eval_sources, tokenizer, setup.seq_len, setup.base_dir)
     return {k: b if b.shape[0] <= n else sampling.sample_blocks(b, n, 0) for k, b in out.items()}
-
-
-def _file_sig(path: Path) -> list[Any]:
-    return [path.name, path.stat().st_size, path.stat().st_mtime_ns] if path.is_file() else [path.name, None]
 
 
 def prepare_branches(setup: Setup, opts: ValidateOptions) -> Branches:
@@ -78,7 +74,7 @@ def prepare_branches(setup: Setup, opts: ValidateOptions) -> Branches:
         setup.schedule, setup.step, opts.steps, setup.pair, opts.dw, state.batch_size
     )
     realized = realized_dw(schedules, setup.step, opts.steps, state.batch_size, setup.pair[0])
-    eval_blocks = _eval_blocks(setup, opts.eval_samples)
+    eval_blocks = eval_blocks_of(setup, opts.eval_samples)
     loss0 = training.evaluate(state.model, eval_blocks)
     for name, value in loss0.items():
         if not math.isfinite(value):
@@ -86,7 +82,10 @@ def prepare_branches(setup: Setup, opts: ValidateOptions) -> Branches:
     payload = [
         VALIDATE_FORMAT,
         str(setup.checkpoint.resolve()),
-        [_file_sig(setup.checkpoint / f) for f in ("model.safetensors", "pytorch_model.bin", "optimizer.pt")],
+        [
+            store.file_signature(setup.checkpoint / f)
+            for f in ("model.safetensors", "pytorch_model.bin", "optimizer.pt")
+        ],
         {n: domain_data.source_fingerprint(s, domain=n) for n, s in setup.train_sources.items()},
         {n: domain_data.source_fingerprint(s, domain=n) for n, s in setup.eval_sources.items()},
         opts.eval_samples,

@@ -139,11 +139,15 @@ def parse_pair(text: str | None, names: Sequence[str]) -> tuple[int, int]:
 
 
 def _learning_rates(
-    opts: ValidateOptions, folder: Path, step: int, manifest: checkpoints.Manifest | None, has_state: bool
+    opts: ValidateOptions,
+    folder: Path,
+    step: int,
+    manifest: checkpoints.Manifest | None,
+    has_state: bool,
+    n_total: int,
 ) -> tuple[list[float], str]:
-    """The rate of every step of the window: ``--lr``, the manifest's schedule (with optimizer state), the
-    logged rate, else a one-line error."""
-    n_total = 2 * opts.steps
+    """The rate of each of the ``n_total`` steps from ``step``: ``--lr``, the manifest's schedule (with
+    optimizer state), the logged rate, else a one-line error."""
     raw = manifest.raw if manifest is not None else {}
     opt = manifest.optimizer if manifest is not None and manifest.optimizer else {}
     logged = checkpoints.learning_rate(checkpoints.CheckpointRef(folder, step, folder.name))
@@ -166,8 +170,12 @@ def _learning_rates(
     )
 
 
-def resolve_setup(opts: ValidateOptions, note: Note) -> Setup:
-    """Checkpoint, domains, schedule, pair, learning rates: all checked before any long work."""
+def resolve_setup(opts: ValidateOptions, note: Note, until: int | None = None) -> Setup:
+    """Checkpoint, domains, schedule, pair, learning rates: all checked before any long work.
+
+    ``until``: a continuation to this global step instead of validate's intervention (no pair or ``dw`` to
+    check; the rates cover every step from the checkpoint to ``until``). Raises ``CommuteError`` when
+    ``until`` is not after the checkpoint's step."""
     opts.validate()
     pending: list[str] = []  # notes are shown only once every input is known to be good
     emit, note = note, pending.append
@@ -220,8 +228,13 @@ def resolve_setup(opts: ValidateOptions, note: Note) -> Setup:
             f"no weight schedule for {folder}",
             hint="pass --weights " + " ".join(f"{n}={1 / len(names):.2g}" for n in names),
         )
-    pair = parse_pair(opts.pair, names)
-    limit = max_dw(schedule, step, opts.steps, pair)
+    if until is not None and until <= step:
+        raise CommuteError(
+            f"{folder} is at step {step}: nothing to continue to step {until}",
+            hint="start from an earlier checkpoint",
+        )
+    pair = parse_pair(opts.pair, names) if until is None else (0, 1)
+    limit = max_dw(schedule, step, opts.steps, pair) if until is None else 1.0
     if opts.dw > limit + 1e-12:
         w = schedule.weights_at(step)
         raise CommuteError(
@@ -232,7 +245,8 @@ def resolve_setup(opts: ValidateOptions, note: Note) -> Setup:
             else "pick a pair whose weights are both inside (0, 1)",
         )
     has_state = (folder / "optimizer.pt").is_file()
-    lrs, source = _learning_rates(opts, folder, step, inputs.manifest, has_state)
+    n_total = 2 * opts.steps if until is None else until - step
+    lrs, source = _learning_rates(opts, folder, step, inputs.manifest, has_state, n_total)
     if not has_state:
         note(f"note: {folder} has no optimizer state: the branches use plain SGD at lr {lrs[0]:g}")
     if opts.metric == "adam":

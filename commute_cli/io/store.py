@@ -250,6 +250,45 @@ class AnalysisRun:
     def run_id(self) -> str:
         return str(self.run.get("run_id") or run_identity(self.run))
 
+    @property
+    def checkpoint_dir(self) -> Path:
+        """The analysed checkpoint folder (absolute when ``run.json`` recorded it so)."""
+        return Path(
+            str(self.run.get("ckpt_dir_resolved") or self.run.get("options", {}).get("ckpt_dir", "."))
+        )
+
+    def checkpoint_before(self, step: int) -> tuple[int, Path] | None:
+        """The latest analysed checkpoint at or before ``step`` that is still on disk: (its step, its
+        folder as ``analyze`` was given it, relative paths stay relative). None when there is none."""
+        given = Path(str(self.run.get("options", {}).get("ckpt_dir", self.checkpoint_dir)))
+        found = None
+        for c in self.run.get("checkpoints", []):
+            s, name = c.get("step"), c.get("name")
+            if s is None or not name or int(s) > step or (found and found[0] >= int(s)):
+                continue
+            for root in (given, self.checkpoint_dir):
+                for folder in (root / str(name), root):
+                    if folder.name == str(name) and folder.is_dir():
+                        found = (int(s), folder)
+                        break
+                if found and found[0] == int(s):
+                    break
+        return found
+
+    def run_manifest(self) -> dict[str, Any]:
+        """The ``commute.json`` of the analysed run (beside its checkpoints, or one folder up), as a dict;
+        empty when there is none or it cannot be read. Read without torch: ``recommend`` and ``plot`` start
+        without it."""
+        for folder in (self.checkpoint_dir, self.checkpoint_dir.parent):
+            file = folder / "commute.json"
+            if file.is_file():
+                try:
+                    data = json.loads(file.read_text(encoding="utf-8"))
+                except (OSError, ValueError):
+                    return {}
+                return data if isinstance(data, dict) else {}
+        return {}
+
     def label(self) -> str:
         """``run 1a2b3c4d (sample_checkpoints, schedule en=0.8 ru=0.2)``: what every output names."""
         ckpt = self.run.get("options", {}).get("ckpt_dir", "?")
