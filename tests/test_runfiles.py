@@ -125,6 +125,47 @@ def test_analyze_validate_and_train_resolve_the_same_tokenizer_and_seq_len(run, 
     assert copied == json.loads((want_tok / "tokenizer.json" if want_tok.is_dir() else want_tok).read_text())
 
 
+WORDPIECE = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "quick", "brown", "fox", "jumps", "over"]
+WORDPIECE += ["lazy", "dog", ";", "."]
+
+
+def tokenizer_layouts(root: Path) -> dict[str, Path]:
+    """Tokenizer folders as trainers leave them: the fast tokenizer.json (what transformers saves today), a
+    WordPiece vocab.txt with its config (older BERT-style saves), and a config without any vocabulary."""
+    fast, wordpiece, config_only = root / "fast", root / "wordpiece", root / "config_only"
+    for folder in (fast, wordpiece, config_only):
+        folder.mkdir(parents=True)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(SHIPPED_TOKENIZER / f, fast / f)
+    (wordpiece / "vocab.txt").write_text("\n".join(WORDPIECE) + "\n")
+    config = json.dumps({"tokenizer_class": "BertTokenizer", "do_lower_case": True})
+    (wordpiece / "tokenizer_config.json").write_text(config)
+    (config_only / "tokenizer_config.json").write_text(config)
+    return {"fast": fast, "wordpiece": wordpiece, "config_only": config_only}
+
+
+@pytest.mark.parametrize("layout", ["fast", "wordpiece", "config_only"])
+def test_one_tokenizer_check_and_what_it_accepts_travels_with_a_checkpoint(tmp_path, layout):
+    """has_tokenizer (which the resolver of run inputs asks of a checkpoint) says yes exactly when
+    load_tokenizer loads the folder, and copy_tokenizer_files (what train puts in each checkpoint) carries
+    a tokenizer that loads the same."""
+    from commute_cli.io import tokenizer as tk
+
+    folder = tokenizer_layouts(tmp_path)[layout]
+    loadable = layout != "config_only"
+    assert tk.has_tokenizer(folder) is loadable
+    if not loadable:
+        with pytest.raises(CommuteError, match="no tokenizer files"):
+            tk.load_tokenizer(folder)
+        return
+    source = tk.load_tokenizer(folder)
+    copy = tmp_path / "copy"
+    runfiles.copy_tokenizer_files(folder, copy)
+    assert tk.has_tokenizer(copy)
+    text = "the quick brown fox jumps over the lazy dog."
+    assert tk.load_tokenizer(copy)(text)["input_ids"] == source(text)["input_ids"]
+
+
 def test_train_then_analyze_finds_the_manifest_with_data_outside_the_run(data, tmp_path):
     """`commute analyze OUT` with no flags after `commute train OUT` on data outside OUT: the manifest
     records the data by absolute path (external_sources), and analyze uses it."""

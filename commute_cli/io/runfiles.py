@@ -36,21 +36,11 @@ from commute_cli import __version__
 from commute_cli.errors import CommuteError
 from commute_cli.io import atomic
 from commute_cli.io.checkpoints import MANIFEST_FORMAT, MANIFEST_NAME
+from commute_cli.io.tokenizer import tokenizer_files
 
 STATE_NAME = "commute_state.json"
 STATE_FORMAT = "commute-train-state/1"
 INCOMPLETE_NAME = ".commute-incomplete"
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "chat_template.jinja",
-)
-"""The files copied when a tokenizer travels with a checkpoint (never model weights)."""
 
 __all__ = [
     "MANIFEST_FORMAT",
@@ -84,15 +74,10 @@ def read_json(file: Path) -> dict[str, Any]:
 
 
 def copy_tokenizer_files(src: Path, dst: Path) -> None:
-    """Copy the tokenizer files (``TOKENIZER_FILES``) of folder ``src`` into ``dst``."""
+    """Copy the tokenizer files of folder ``src`` (``io.tokenizer.tokenizer_files``) into ``dst``."""
     dst.mkdir(parents=True, exist_ok=True)
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copyfile(src / name, dst / name)
-
-
-def has_tokenizer(folder: Path) -> bool:
-    return (Path(folder) / "tokenizer.json").is_file() or (Path(folder) / "tokenizer_config.json").is_file()
+    for file in tokenizer_files(src):
+        shutil.copyfile(file, dst / file.name)
 
 
 # ----------------------------------------------------------------------------------------------- rng
