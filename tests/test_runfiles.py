@@ -166,6 +166,45 @@ def test_one_tokenizer_check_and_what_it_accepts_travels_with_a_checkpoint(tmp_p
     assert tk.load_tokenizer(copy)(text)["input_ids"] == source(text)["input_ids"]
 
 
+def saved_model(folder: Path) -> Path:
+    """A tiny GPT-2 written by ``save_pretrained`` alone (config.json, model.safetensors): no
+    trainer_state.json, so its step is only in the folder's name."""
+    from transformers import GPT2LMHeadModel
+
+    from commute_cli.io.tokenizer import load_tokenizer
+
+    from tiny_run import tiny_config
+
+    torch.manual_seed(0)
+    vocab = len(load_tokenizer(SHIPPED_TOKENIZER))
+    GPT2LMHeadModel(tiny_config(vocab, n_positions=32)).save_pretrained(str(folder), safe_serialization=True)
+    return folder
+
+
+@pytest.mark.parametrize("name", ["checkpoint-500", "step-500", "step_500", "iter-500", "global_step500"])
+def test_a_checkpoint_step_is_read_from_every_folder_form(tmp_path, name):
+    """One step parser: train's resume (read_training_state) and analyze's discovery agree on the step of
+    a model folder named in any of the forms trainers use, with no trainer_state.json to say it."""
+    from commute_cli.io import discovery
+
+    folder = saved_model(tmp_path / name)
+    assert not (folder / "trainer_state.json").exists()
+    assert runfiles.read_training_state(folder).step == 500
+    assert [r.step for r in discovery.discover(folder)] == [500]
+
+
+def test_train_init_from_a_step_named_folder_resumes_at_its_step(data, tmp_path):
+    """`commute train --init .../step-500` continues at step 500, it does not start again at 0."""
+    init = saved_model(tmp_path / "step-500")
+    out = tmp_path / "cont"
+    args = [*train_args(data, out, "--steps", "502", "--save-every", "2", "-q")]
+    args[args.index("--init") + 1] = init
+    assert cli(*args) == 0
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-502"]
+    state = json.loads((out / "checkpoint-502" / "trainer_state.json").read_text())
+    assert state["global_step"] == 502
+
+
 def test_train_then_analyze_finds_the_manifest_with_data_outside_the_run(data, tmp_path):
     """`commute analyze OUT` with no flags after `commute train OUT` on data outside OUT: the manifest
     records the data by absolute path (external_sources), and analyze uses it."""

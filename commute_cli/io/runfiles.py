@@ -22,7 +22,6 @@ import dataclasses
 import json
 import os
 import random
-import re
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -36,6 +35,7 @@ from commute_cli import __version__
 from commute_cli.errors import CommuteError
 from commute_cli.io import atomic
 from commute_cli.io.checkpoints import MANIFEST_FORMAT, MANIFEST_NAME
+from commute_cli.io.discovery import checkpoint_step, name_step
 from commute_cli.io.tokenizer import tokenizer_files
 
 STATE_NAME = "commute_state.json"
@@ -115,12 +115,6 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints
-
-
-def checkpoint_step(path: Path) -> int | None:
-    """N of a ``checkpoint-N`` folder name, else None."""
-    m = re.fullmatch(r"checkpoint-(\d+)", Path(path).name)
-    return int(m.group(1)) if m else None
 
 
 def trainer_state_json(**fields: Any) -> str:
@@ -214,14 +208,11 @@ def read_commute_state(folder: Path) -> dict[str, Any]:
 
 def read_training_state(folder: Path) -> Resumed:
     """Step, optimizer state, stream positions, log history and RNG state of a checkpoint folder."""
-    step, history = 0, []
+    step = checkpoint_step(folder) or 0  # trainer_state.json's global_step, else the folder's name
+    history = []
     ts = folder / "trainer_state.json"
     if ts.is_file():
-        data = read_json(ts)
-        step = int(data.get("global_step", 0))
-        history = list(data.get("log_history", []))
-    elif checkpoint_step(folder) is not None:
-        step = int(checkpoint_step(folder) or 0)
+        history = list(read_json(ts).get("log_history", []))
     saved = read_commute_state(folder)
     positions = {str(k): int(v) for k, v in (saved.get("positions") or {}).items()}
     opt_file, rng_file = folder / "optimizer.pt", folder / "rng_state.pth"
@@ -250,8 +241,8 @@ def check_complete(folder: Path) -> None:
         marker = where / INCOMPLETE_NAME
         if marker.is_file():
             done = sorted(
-                (p for p in where.iterdir() if checkpoint_step(p) is not None),
-                key=lambda p: checkpoint_step(p) or 0,
+                (p for p in where.iterdir() if p.is_dir() and name_step(p.name) is not None),
+                key=lambda p: name_step(p.name) or 0,
             )
             last = f"; its last checkpoint is {done[-1].name}" if done else ""
             raise CommuteError(
