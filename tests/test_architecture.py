@@ -120,7 +120,14 @@ def test_the_rule_checker_sees_violations(tmp_path: Path) -> None:
 
 #: names that mean one thing each: defined (``def``, ``class`` or assignment at module level) in one module
 #: of the package only, so two copies cannot drift apart; the others import it
-ONE_DEFINITION = ("resolve_device", "TOKENIZER_FILES", "has_tokenizer", "checkpoint_step", "name_step")
+ONE_DEFINITION = (
+    "resolve_device",
+    "TOKENIZER_FILES",
+    "has_tokenizer",
+    "checkpoint_step",
+    "name_step",
+    "read_json",
+)
 
 
 def _definitions(name: str, package: Path = PACKAGE) -> list[str]:

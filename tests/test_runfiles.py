@@ -205,6 +205,24 @@ def test_train_init_from_a_step_named_folder_resumes_at_its_step(data, tmp_path)
     assert state["global_step"] == 502
 
 
+def test_a_damaged_run_file_is_one_line_that_names_it(tmp_path):
+    """One JSON reader (io.safefiles.read_json) for every file of a run folder: a damaged file is a one-line
+    error that says which file it is; a file that holds no JSON object reads as empty."""
+    folder = tmp_path / "checkpoint-4"
+    folder.mkdir()
+    (folder / runfiles.STATE_NAME).write_text("{not json")
+    with pytest.raises(CommuteError, match=r"could not read commute state .*commute_state\.json"):
+        runfiles.read_training_state(folder)
+    (folder / runfiles.STATE_NAME).write_text("[1, 2]")
+    assert runfiles.read_commute_state(folder) == {}
+    (folder / "trainer_state.json").write_text("{not json")
+    with pytest.raises(CommuteError, match=r"could not read trainer state .*trainer_state\.json"):
+        runfiles.read_training_state(folder)
+    (tmp_path / runfiles.INCOMPLETE_NAME).write_text("{not json")
+    with pytest.raises(CommuteError, match=r"could not read the interrupted-run marker .*commute-incomplete"):
+        runfiles.check_complete(tmp_path)
+
+
 def test_train_then_analyze_finds_the_manifest_with_data_outside_the_run(data, tmp_path):
     """`commute analyze OUT` with no flags after `commute train OUT` on data outside OUT: the manifest
     records the data by absolute path (external_sources), and analyze uses it."""

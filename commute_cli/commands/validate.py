@@ -64,13 +64,11 @@ from commute_cli.commands.validate_inputs import (
 )
 from commute_cli.core.mixing import BRANCHES, repeat_summary, signs_agree
 from commute_cli.engine import training
-from commute_cli.io import atomic, checkpoints, runfiles
+from commute_cli.io import atomic, checkpoints
 
 PREDICT_DIR = "validate-predict"
 """Sub-folder of ``--out`` where the on-the-fly ``analyze`` run (and its cache) lives, so that validate never
 overwrites the ``results.csv`` of a user's own ``commute analyze``."""
-
-_read_json = runfiles.read_json
 
 
 # ------------------------------------------------------------------------------------------------ predictions

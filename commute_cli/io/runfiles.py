@@ -36,6 +36,7 @@ from commute_cli.errors import CommuteError
 from commute_cli.io import atomic
 from commute_cli.io.checkpoints import MANIFEST_FORMAT, MANIFEST_NAME
 from commute_cli.io.discovery import checkpoint_step, name_step
+from commute_cli.io.safefiles import read_json
 from commute_cli.io.tokenizer import tokenizer_files
 
 STATE_NAME = "commute_state.json"
@@ -62,15 +63,6 @@ UMASK = _umask()  # read once: os.umask can only be read by setting it
 def write_json(path: Path, obj: Any) -> Path:
     """Atomic JSON write (temp file in the same folder + os.replace), UTF-8, indented."""
     return atomic.write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
-
-
-def read_json(file: Path) -> dict[str, Any]:
-    """A JSON object from ``file``; a damaged file is a one-line error."""
-    try:
-        data = json.loads(Path(file).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CommuteError(f"could not read {file}: {err}", hint="the file is damaged") from err
-    return data if isinstance(data, dict) else {}
 
 
 def copy_tokenizer_files(src: Path, dst: Path) -> None:
@@ -203,7 +195,8 @@ def load_tensors(file: Path, what: str) -> Any:
 def read_commute_state(folder: Path) -> dict[str, Any]:
     """``commute_state.json`` of a checkpoint, or {} when there is none."""
     file = Path(folder) / STATE_NAME
-    return read_json(file) if file.is_file() else {}
+    data = read_json(file, "commute state") if file.is_file() else {}
+    return data if isinstance(data, dict) else {}
 
 
 def read_training_state(folder: Path) -> Resumed:
@@ -211,8 +204,8 @@ def read_training_state(folder: Path) -> Resumed:
     step = checkpoint_step(folder) or 0  # trainer_state.json's global_step, else the folder's name
     history = []
     ts = folder / "trainer_state.json"
-    if ts.is_file():
-        history = list(read_json(ts).get("log_history", []))
+    if ts.is_file() and isinstance(data := read_json(ts, "trainer state"), dict):
+        history = list(data.get("log_history", []))
     saved = read_commute_state(folder)
     positions = {str(k): int(v) for k, v in (saved.get("positions") or {}).items()}
     opt_file, rng_file = folder / "optimizer.pt", folder / "rng_state.pth"
@@ -247,8 +240,13 @@ def check_complete(folder: Path) -> None:
             last = f"; its last checkpoint is {done[-1].name}" if done else ""
             raise CommuteError(
                 f"the run in {where} is incomplete: `commute train` was interrupted{last}",
-                hint=f"resume it: {read_json(marker).get('resume') or 'commute train ... --init LAST'}",
+                hint=f"resume it: {_resume_command(marker) or 'commute train ... --init LAST'}",
             )
+
+
+def _resume_command(marker: Path) -> str | None:
+    note = read_json(marker, "the interrupted-run marker")
+    return note.get("resume") if isinstance(note, dict) else None
 
 
 def relative_source(source: str, out_dir: Path, base_dir: Path | None) -> str | None:
