@@ -116,3 +116,38 @@ def test_the_rule_checker_sees_violations(tmp_path: Path) -> None:
     ]
     assert _violations(pkg / "render" / "r.py", pkg) == ["line 1: commute_cli.io.data"]
     assert _violations(pkg / "core" / "good.py", pkg) == []
+
+
+#: names that mean one thing each: defined (``def``, ``class`` or assignment at module level) in one module
+#: of the package only, so two copies cannot drift apart; the others import it
+ONE_DEFINITION = (
+    "resolve_device",
+    "TOKENIZER_FILES",
+    "has_tokenizer",
+    "checkpoint_step",
+    "name_step",
+    "read_json",
+)
+
+
+def _definitions(name: str, package: Path = PACKAGE) -> list[str]:
+    where = []
+    for path in sorted(package.rglob("*.py")):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                names = {node.name}
+            elif isinstance(node, ast.Assign):
+                names = {t.id for t in node.targets if isinstance(t, ast.Name)}
+            elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                names = {node.target.id}
+            else:
+                continue
+            if name in names:
+                where.append(f"{path.relative_to(package)}:{node.lineno}")
+    return where
+
+
+@pytest.mark.parametrize("name", ONE_DEFINITION)
+def test_each_idea_is_defined_once(name: str) -> None:
+    where = _definitions(name)
+    assert len(where) == 1, f"{name} is defined in {len(where)} places: {', '.join(where)}"

@@ -125,6 +125,104 @@ def test_analyze_validate_and_train_resolve_the_same_tokenizer_and_seq_len(run, 
     assert copied == json.loads((want_tok / "tokenizer.json" if want_tok.is_dir() else want_tok).read_text())
 
 
+WORDPIECE = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "quick", "brown", "fox", "jumps", "over"]
+WORDPIECE += ["lazy", "dog", ";", "."]
+
+
+def tokenizer_layouts(root: Path) -> dict[str, Path]:
+    """Tokenizer folders as trainers leave them: the fast tokenizer.json (what transformers saves today), a
+    WordPiece vocab.txt with its config (older BERT-style saves), and a config without any vocabulary."""
+    fast, wordpiece, config_only = root / "fast", root / "wordpiece", root / "config_only"
+    for folder in (fast, wordpiece, config_only):
+        folder.mkdir(parents=True)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(SHIPPED_TOKENIZER / f, fast / f)
+    (wordpiece / "vocab.txt").write_text("\n".join(WORDPIECE) + "\n")
+    config = json.dumps({"tokenizer_class": "BertTokenizer", "do_lower_case": True})
+    (wordpiece / "tokenizer_config.json").write_text(config)
+    (config_only / "tokenizer_config.json").write_text(config)
+    return {"fast": fast, "wordpiece": wordpiece, "config_only": config_only}
+
+
+@pytest.mark.parametrize("layout", ["fast", "wordpiece", "config_only"])
+def test_one_tokenizer_check_and_what_it_accepts_travels_with_a_checkpoint(tmp_path, layout):
+    """has_tokenizer (which the resolver of run inputs asks of a checkpoint) says yes exactly when
+    load_tokenizer loads the folder, and copy_tokenizer_files (what train puts in each checkpoint) carries
+    a tokenizer that loads the same."""
+    from commute_cli.io import tokenizer as tk
+
+    folder = tokenizer_layouts(tmp_path)[layout]
+    loadable = layout != "config_only"
+    assert tk.has_tokenizer(folder) is loadable
+    if not loadable:
+        with pytest.raises(CommuteError, match="no tokenizer files"):
+            tk.load_tokenizer(folder)
+        return
+    source = tk.load_tokenizer(folder)
+    copy = tmp_path / "copy"
+    runfiles.copy_tokenizer_files(folder, copy)
+    assert tk.has_tokenizer(copy)
+    text = "the quick brown fox jumps over the lazy dog."
+    assert tk.load_tokenizer(copy)(text)["input_ids"] == source(text)["input_ids"]
+
+
+def saved_model(folder: Path) -> Path:
+    """A tiny GPT-2 written by ``save_pretrained`` alone (config.json, model.safetensors): no
+    trainer_state.json, so its step is only in the folder's name."""
+    from transformers import GPT2LMHeadModel
+
+    from commute_cli.io.tokenizer import load_tokenizer
+
+    from tiny_run import tiny_config
+
+    torch.manual_seed(0)
+    vocab = len(load_tokenizer(SHIPPED_TOKENIZER))
+    GPT2LMHeadModel(tiny_config(vocab, n_positions=32)).save_pretrained(str(folder), safe_serialization=True)
+    return folder
+
+
+@pytest.mark.parametrize("name", ["checkpoint-500", "step-500", "step_500", "iter-500", "global_step500"])
+def test_a_checkpoint_step_is_read_from_every_folder_form(tmp_path, name):
+    """One step parser: train's resume (read_training_state) and analyze's discovery agree on the step of
+    a model folder named in any of the forms trainers use, with no trainer_state.json to say it."""
+    from commute_cli.io import discovery
+
+    folder = saved_model(tmp_path / name)
+    assert not (folder / "trainer_state.json").exists()
+    assert runfiles.read_training_state(folder).step == 500
+    assert [r.step for r in discovery.discover(folder)] == [500]
+
+
+def test_train_init_from_a_step_named_folder_resumes_at_its_step(data, tmp_path):
+    """`commute train --init .../step-500` continues at step 500, it does not start again at 0."""
+    init = saved_model(tmp_path / "step-500")
+    out = tmp_path / "cont"
+    args = [*train_args(data, out, "--steps", "502", "--save-every", "2", "-q")]
+    args[args.index("--init") + 1] = init
+    assert cli(*args) == 0
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-502"]
+    state = json.loads((out / "checkpoint-502" / "trainer_state.json").read_text())
+    assert state["global_step"] == 502
+
+
+def test_a_damaged_run_file_is_one_line_that_names_it(tmp_path):
+    """One JSON reader (io.safefiles.read_json) for every file of a run folder: a damaged file is a one-line
+    error that says which file it is; a file that holds no JSON object reads as empty."""
+    folder = tmp_path / "checkpoint-4"
+    folder.mkdir()
+    (folder / runfiles.STATE_NAME).write_text("{not json")
+    with pytest.raises(CommuteError, match=r"could not read commute state .*commute_state\.json"):
+        runfiles.read_training_state(folder)
+    (folder / runfiles.STATE_NAME).write_text("[1, 2]")
+    assert runfiles.read_commute_state(folder) == {}
+    (folder / "trainer_state.json").write_text("{not json")
+    with pytest.raises(CommuteError, match=r"could not read trainer state .*trainer_state\.json"):
+        runfiles.read_training_state(folder)
+    (tmp_path / runfiles.INCOMPLETE_NAME).write_text("{not json")
+    with pytest.raises(CommuteError, match=r"could not read the interrupted-run marker .*commute-incomplete"):
+        runfiles.check_complete(tmp_path)
+
+
 def test_train_then_analyze_finds_the_manifest_with_data_outside_the_run(data, tmp_path):
     """`commute analyze OUT` with no flags after `commute train OUT` on data outside OUT: the manifest
     records the data by absolute path (external_sources), and analyze uses it."""

@@ -165,6 +165,32 @@ def test_batches_follow_a_piecewise_schedule_exactly():
     assert torch.equal(ids, torch.cat([again[0].take(5), again[1].take(3), again[2].take(2)]))
 
 
+@pytest.mark.parametrize("name", ["auto", "cpu", "cuda", "cuda:0", "mps"])
+def test_resolve_device_accepts_every_valid_name(name):
+    """The one resolve_device (analyze, validate, train and the preview use it): auto, cpu, cuda, cuda:N
+    and mps; a device this machine lacks is a one-line error that says so."""
+    available = {
+        "auto": True,
+        "cpu": True,
+        "cuda": torch.cuda.is_available(),
+        "cuda:0": torch.cuda.is_available(),
+        "mps": torch.backends.mps.is_available(),
+    }[name]
+    if available:
+        device = T.resolve_device(name)
+        assert device.type in ("cpu", "cuda", "mps") and (name == "auto" or device == torch.device(name))
+    else:
+        with pytest.raises(CommuteError, match=r"was asked for but no .* device is available"):
+            T.resolve_device(name)
+
+
+@pytest.mark.parametrize("name", ["gpu", "meta", "cuda:x", "cuda0", "CPU", ""])
+def test_resolve_device_refuses_other_names(name):
+    with pytest.raises(CommuteError, match="unknown device") as err:
+        T.resolve_device(name)
+    assert "auto, cpu, cuda" in (err.value.hint or "")
+
+
 def test_lr_schedules():
     assert T.lr_at(0, 1e-3) == T.lr_at(999, 1e-3) == 1e-3
     assert T.lr_at(0, 1.0, "constant", 100, warmup=4) == 0.25

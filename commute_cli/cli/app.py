@@ -8,7 +8,7 @@ import inspect
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any, TypeVar
 
 import typer
@@ -41,7 +41,7 @@ class Invocation:
 INVOCATION = Invocation()
 
 
-class Format(str, Enum):
+class Format(StrEnum):
     """``--format``: a table on the terminal, or data only (csv/json) on stdout."""
 
     table = "table"
@@ -49,52 +49,52 @@ class Format(str, Enum):
     json = "json"
 
 
-class AdviceKind(str, Enum):
+class AdviceKind(StrEnum):
     """``recommend --kind``: a measured late-phase schedule, or the local swaps around checkpoints."""
 
     phases = "phases"
     local = "local"
 
 
-class Metric(str, Enum):
+class Metric(StrEnum):
     euclid = "euclid"
     adam = "adam"
 
 
-class Hvp(str, Enum):
+class Hvp(StrEnum):
     rr = "rr"
     fr = "fr"
 
 
-class Plan(str, Enum):
+class Plan(StrEnum):
     auto = "auto"
     pair = "pair"
     target = "target"
 
 
-class Device(str, Enum):
+class Device(StrEnum):
     auto = "auto"
     cpu = "cpu"
     cuda = "cuda"
 
 
-class Offload(str, Enum):
+class Offload(StrEnum):
     auto = "auto"
     on = "on"
     off = "off"
 
 
-class Optimizer(str, Enum):
+class Optimizer(StrEnum):
     adamw = "adamw"
     sgd = "sgd"
 
 
-class LrSchedule(str, Enum):
+class LrSchedule(StrEnum):
     constant = "constant"
     cosine = "cosine"
 
 
-class PlotKind(str, Enum):
+class PlotKind(StrEnum):
     criterion = "criterion"
     pairs = "pairs"
     decomposition = "decomposition"

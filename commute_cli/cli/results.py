@@ -262,8 +262,6 @@ def plot_command(
 
     Example: commute plot -o criterion.png
     """
-    import pandas as pd
-
     from commute_cli.io import atomic, store
     from commute_cli.render import figures
 
@@ -276,7 +274,7 @@ def plot_command(
     validate = None
     if vfile.is_file():
         try:
-            validate = figures.check_validate_table(pd.read_csv(vfile), str(vfile))
+            validate = figures.check_validate_table(store.read_table(vfile), str(vfile))
         except CommuteError as err:
             if validate_csv is not None:
                 raise
@@ -290,8 +288,6 @@ def plot_command(
 
 def _plot_heatmap(kind: PlotKind, output: Path, from_dir: Path, target: str | None) -> None:
     """``commute plot --kind pairs|decomposition|orders``: render/heatmaps.py, written atomically."""
-    import pandas as pd
-
     from commute_cli.io import atomic, store
     from commute_cli.render import heatmaps
 
@@ -307,7 +303,7 @@ def _plot_heatmap(kind: PlotKind, output: Path, from_dir: Path, target: str | No
                 else ("run `commute analyze` again (it writes baselines.csv)")
             )
             raise CommuteError(f"{file} does not exist", hint=hint)
-        extra = pd.read_csv(file)
+        extra = store.read_table(file)
     with atomic.replacing(output, suffix=".png") as tmp:
         if kind is PlotKind.pairs:
             heatmaps.plot_pair_heatmap(result.results, tmp)

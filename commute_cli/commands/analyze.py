@@ -46,7 +46,6 @@ from commute_cli.commands.stats import (  # noqa: F401 (re-exported: benchmarks 
     peak_rss_mb,
     prepare_samples,
     quiet_libraries,
-    resolve_device,
     stats_key,
     versions,
 )
@@ -63,6 +62,7 @@ from commute_cli.core.regime import (
 )
 from commute_cli.core.rows import loss_rows, summarize_checkpoint, why_rows
 from commute_cli.engine import distributed
+from commute_cli.engine.training import resolve_device
 from commute_cli.errors import CommuteError
 from commute_cli.io import atomic, checkpoints, saved_optimizer, store
 from commute_cli.io.learning_rate import find_learning_rate

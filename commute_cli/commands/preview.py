@@ -17,9 +17,10 @@ from typing import Any
 import torch
 
 from commute_cli.commands.options import AnalyzeOptions, resolve_inputs
-from commute_cli.commands.stats import quiet_libraries, resolve_device
+from commute_cli.commands.stats import quiet_libraries
 from commute_cli.core import criterion, power
 from commute_cli.engine import curvature
+from commute_cli.engine.training import resolve_device
 from commute_cli.errors import CommuteError
 from commute_cli.io import checkpoints
 

@@ -279,20 +279,6 @@ def versions() -> dict[str, str]:
     }
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise CommuteError(
-            "--device cuda was asked for but no CUDA device is available", hint="use --device cpu"
-        )
-    if device not in ("cpu", "mps") and not device.startswith("cuda"):
-        raise CommuteError(f"unknown device {device!r}", hint="use auto, cpu or cuda")
-    return torch.device(device)
-
-
 def peak_rss_mb() -> float:
     """Peak resident memory of this process (MB)."""
     ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -16,7 +16,7 @@ from commute_cli.core.schedule import Schedule
 from commute_cli.engine import training
 from commute_cli.engine.models import model_config, new_model
 from commute_cli.errors import CommuteError
-from commute_cli.io import checkpoints, run_inputs, runfiles
+from commute_cli.io import checkpoints, discovery, run_inputs, runfiles
 
 
 @dataclass
@@ -99,9 +99,9 @@ def clashing_checkpoints(out: Path, init_dir: Path | None, start_step: int, over
     """Refuse to mix runs: existing checkpoints must be the past of the run being continued. With
     ``overwrite``, return the ones to delete (deleted only once everything has loaded)."""
     out.mkdir(parents=True, exist_ok=True)
-    existing = sorted(p for p in out.iterdir() if p.is_dir() and runfiles.checkpoint_step(p) is not None)
+    existing = sorted(p for p in out.iterdir() if p.is_dir() and discovery.name_step(p.name) is not None)
     continuing_here = init_dir is not None and init_dir.resolve().parent == out.resolve()
-    clash = [p for p in existing if not continuing_here or (runfiles.checkpoint_step(p) or 0) > start_step]
+    clash = [p for p in existing if not continuing_here or (discovery.name_step(p.name) or 0) > start_step]
     if clash and not overwrite:
         raise CommuteError(
             f"{out} already holds checkpoints from another run ({', '.join(p.name for p in clash[:3])})",

@@ -64,13 +64,11 @@ from commute_cli.commands.validate_inputs import (
 )
 from commute_cli.core.mixing import BRANCHES, repeat_summary, signs_agree
 from commute_cli.engine import training
-from commute_cli.io import atomic, checkpoints, runfiles
+from commute_cli.io import atomic, checkpoints
 
 PREDICT_DIR = "validate-predict"
 """Sub-folder of ``--out`` where the on-the-fly ``analyze`` run (and its cache) lives, so that validate never
 overwrites the ``results.csv`` of a user's own ``commute analyze``."""
-
-_read_json = runfiles.read_json
 
 
 # ------------------------------------------------------------------------------------------------ predictions
@@ -120,7 +118,6 @@ def predict(setup: Setup, opts: ValidateOptions, dw: float, note: Note) -> tuple
     """
     from commute_cli.commands.options import AnalyzeOptions, Inputs
     from commute_cli.commands.stats import checkpoint_stats, prepare_samples
-    from commute_cli.commands.stats import resolve_device as _resolve_device
     from commute_cli.core.criterion import choose_plan
 
     out = Path(opts.out)
@@ -155,7 +152,7 @@ def predict(setup: Setup, opts: ValidateOptions, dw: float, note: Note) -> tuple
     K = len(setup.names)
     entry = checkpoint_stats(
         ref, aopts, parts=parts, sample_digest=digest, plan=choose_plan(K, K), coefs=None,
-        device=_resolve_device(aopts.device), cache_dirs=dirs,
+        device=training.resolve_device(aopts.device), cache_dirs=dirs,
     )  # fmt: skip
     found = _prediction_rows(entry.stats, setup, dw, opts.steps, setup.lr_mean, opts.confidence)
     how = "read from the statistics cache" if entry.cached else "computed now and cached"

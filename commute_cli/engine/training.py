@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
+import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -368,17 +369,29 @@ class TrainingState:
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """``--device``: ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
+    """``--device``: ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``; the
+    one resolver (analyze, validate, train and the preview).
 
-    Raises ``CommuteError`` for CUDA without a CUDA device and for an unknown name.
+    Raises ``CommuteError`` for another name, and for CUDA or MPS on a machine that has none.
     """
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", device):
+        raise CommuteError(f"unknown device {device!r}", hint="use auto, cpu, cuda, cuda:N or mps")
+    available = {
+        "cpu": True,
+        "cuda": torch.cuda.is_available(),
+        "mps": torch.backends.mps.is_available(),
+    }[device.split(":")[0]]
+    if not available:
+        kind = "CUDA" if device.startswith("cuda") else "MPS"
         raise CommuteError(
-            f"--device {device} was asked for but no CUDA device is available", "use --device cpu"
+            f"--device {device} was asked for but no {kind} device is available", hint="use --device cpu"
         )
-    try:
-        return torch.device(device)
-    except (RuntimeError, ValueError) as err:
-        raise CommuteError(f"unknown device {device!r}", hint="use auto, cpu or cuda") from err
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise CommuteError(
+            f"--device {device} was asked for but this machine has {torch.cuda.device_count()} CUDA devices",
+            hint="use --device cuda (the first) or a smaller index",
+        )
+    return resolved

@@ -92,25 +92,29 @@ def trainer_state(folder: Path):
         return None
 
 
-def _name_step(name: str) -> int | None:
+def name_step(name: str) -> int | None:
+    """The one parser of a step in a checkpoint's name: N of a folder ``checkpoint-N``, ``step-N``/``step_N``,
+    ``iter-N`` or ``global_stepN``, or of a file ``ckpt_N.pt`` (and the like); None for another name."""
     match = _STEP_NAME_RE.match(name) or _STEP_FILE_RE.match(name)
     return int(match.group(1)) if match else None
 
 
-def _step_of(folder: Path) -> int | None:
+def checkpoint_step(folder: Path) -> int | None:
+    """A checkpoint folder's step: ``global_step`` of its ``trainer_state.json`` when present, else
+    :func:`name_step` of its name (discovery, and train's resume, read it here)."""
     file = Path(folder) / "trainer_state.json"
     if file.is_file():
         raw = read_json(file, "trainer state")
         step = raw.get("global_step") if isinstance(raw, dict) else None
         if isinstance(step, int) and not isinstance(step, bool):
             return step
-    return _name_step(Path(folder).name)
+    return name_step(Path(folder).name)
 
 
 def _nanogpt_ref(file: Path, name: str) -> CheckpointRef:
     ckpt = nanogpt.read(file)
     step = nanogpt.step(ckpt)
-    return CheckpointRef(path=file, step=step if step is not None else _name_step(file.name), name=name)
+    return CheckpointRef(path=file, step=step if step is not None else name_step(file.name), name=name)
 
 
 def foreign_layout(folder: Path) -> str | None:
@@ -159,7 +163,7 @@ def _same_weights(a: Path, b: Path) -> bool:
 def _dedupe(entries: list[CheckpointRef]) -> list[CheckpointRef]:
     """One entry per checkpoint: links to one target, aliases (``best``, ``last``) and identical copies."""
     by_target: dict[Path, CheckpointRef] = {}
-    for ref in sorted(entries, key=lambda r: (_name_step(r.path.name) is None, r.name)):
+    for ref in sorted(entries, key=lambda r: (name_step(r.path.name) is None, r.name)):
         by_target.setdefault(ref.path.resolve(), ref)  # a step-named entry wins over a link named best/last
     by_step: dict[int, list[CheckpointRef]] = {}
     for ref in by_target.values():
@@ -167,7 +171,7 @@ def _dedupe(entries: list[CheckpointRef]) -> list[CheckpointRef]:
         by_step.setdefault(ref.step, []).append(ref)
     out: list[CheckpointRef] = []
     for step, refs in sorted(by_step.items()):
-        named = [r for r in refs if _name_step(r.path.name) is not None] or refs
+        named = [r for r in refs if name_step(r.path.name) is not None] or refs
         keep = named[0]
         for other in named[1:]:
             if not _same_weights(keep.path, other.path):
@@ -186,10 +190,10 @@ def _entries(path: Path) -> list[CheckpointRef]:
     out: list[CheckpointRef] = []
     for entry in entries:
         if entry.is_dir() and is_checkpoint_dir(entry):
-            step = _step_of(entry)
+            step = checkpoint_step(entry)
             if step is not None:
                 out.append(CheckpointRef(path=entry, step=step, name=entry.name))
-        elif entry.is_dir() and _name_step(entry.name) is not None and not (entry / NANOGPT_FILE).is_file():
+        elif entry.is_dir() and name_step(entry.name) is not None and not (entry / NANOGPT_FILE).is_file():
             problem = None if entry.name.lower().startswith("global_step") else foreign_layout(entry)
             if problem:
                 raise CommuteError(problem)
@@ -214,7 +218,7 @@ def discover(path: Path) -> list[CheckpointRef]:
         )
     if path.is_file():
         if path.suffix in (".pt", ".pth"):
-            return [_nanogpt_ref(path, path.stem if _name_step(path.name) else path.parent.name or path.stem)]
+            return [_nanogpt_ref(path, path.stem if name_step(path.name) else path.parent.name or path.stem)]
         raise CommuteError(
             f"checkpoint path {path} is a file, not a folder",
             hint="pass the folder that holds it (or a nanoGPT ckpt.pt)",
@@ -223,7 +227,7 @@ def discover(path: Path) -> list[CheckpointRef]:
     if refs:
         return _dedupe(refs)
     if is_checkpoint_dir(path):
-        return [CheckpointRef(path=path, step=_step_of(path), name=path.name)]
+        return [CheckpointRef(path=path, step=checkpoint_step(path), name=path.name)]
     if (path / NANOGPT_FILE).is_file():
         return [_nanogpt_ref(path / NANOGPT_FILE, path.name)]
     problem = foreign_layout(path)

@@ -14,8 +14,9 @@ import torch
 from commute_cli.core.schedule import Schedule, check_weights, parse_weights
 from commute_cli.errors import CommuteError
 from commute_cli.io import checkpoints
-from commute_cli.io.runfiles import STATE_NAME, has_tokenizer, read_commute_state
+from commute_cli.io.runfiles import STATE_NAME, read_commute_state
 from commute_cli.io.schedules import load_schedule
+from commute_cli.io.tokenizer import has_tokenizer
 
 DEFAULT_SEQ_LEN = 128  # a new model's context when nothing else says
 DEFAULT_BATCH_SIZE = 16

@@ -22,7 +22,6 @@ import dataclasses
 import json
 import os
 import random
-import re
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -36,21 +35,13 @@ from commute_cli import __version__
 from commute_cli.errors import CommuteError
 from commute_cli.io import atomic
 from commute_cli.io.checkpoints import MANIFEST_FORMAT, MANIFEST_NAME
+from commute_cli.io.discovery import checkpoint_step, name_step
+from commute_cli.io.safefiles import read_json
+from commute_cli.io.tokenizer import tokenizer_files
 
 STATE_NAME = "commute_state.json"
 STATE_FORMAT = "commute-train-state/1"
 INCOMPLETE_NAME = ".commute-incomplete"
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "chat_template.jinja",
-)
-"""The files copied when a tokenizer travels with a checkpoint (never model weights)."""
 
 __all__ = [
     "MANIFEST_FORMAT",
@@ -74,25 +65,11 @@ def write_json(path: Path, obj: Any) -> Path:
     return atomic.write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
-def read_json(file: Path) -> dict[str, Any]:
-    """A JSON object from ``file``; a damaged file is a one-line error."""
-    try:
-        data = json.loads(Path(file).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CommuteError(f"could not read {file}: {err}", hint="the file is damaged") from err
-    return data if isinstance(data, dict) else {}
-
-
 def copy_tokenizer_files(src: Path, dst: Path) -> None:
-    """Copy the tokenizer files (``TOKENIZER_FILES``) of folder ``src`` into ``dst``."""
+    """Copy the tokenizer files of folder ``src`` (``io.tokenizer.tokenizer_files``) into ``dst``."""
     dst.mkdir(parents=True, exist_ok=True)
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copyfile(src / name, dst / name)
-
-
-def has_tokenizer(folder: Path) -> bool:
-    return (Path(folder) / "tokenizer.json").is_file() or (Path(folder) / "tokenizer_config.json").is_file()
+    for file in tokenizer_files(src):
+        shutil.copyfile(file, dst / file.name)
 
 
 # ----------------------------------------------------------------------------------------------- rng
@@ -130,12 +107,6 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints
-
-
-def checkpoint_step(path: Path) -> int | None:
-    """N of a ``checkpoint-N`` folder name, else None."""
-    m = re.fullmatch(r"checkpoint-(\d+)", Path(path).name)
-    return int(m.group(1)) if m else None
 
 
 def trainer_state_json(**fields: Any) -> str:
@@ -224,19 +195,17 @@ def load_tensors(file: Path, what: str) -> Any:
 def read_commute_state(folder: Path) -> dict[str, Any]:
     """``commute_state.json`` of a checkpoint, or {} when there is none."""
     file = Path(folder) / STATE_NAME
-    return read_json(file) if file.is_file() else {}
+    data = read_json(file, "commute state") if file.is_file() else {}
+    return data if isinstance(data, dict) else {}
 
 
 def read_training_state(folder: Path) -> Resumed:
     """Step, optimizer state, stream positions, log history and RNG state of a checkpoint folder."""
-    step, history = 0, []
+    step = checkpoint_step(folder) or 0  # trainer_state.json's global_step, else the folder's name
+    history = []
     ts = folder / "trainer_state.json"
-    if ts.is_file():
-        data = read_json(ts)
-        step = int(data.get("global_step", 0))
+    if ts.is_file() and isinstance(data := read_json(ts, "trainer state"), dict):
         history = list(data.get("log_history", []))
-    elif checkpoint_step(folder) is not None:
-        step = int(checkpoint_step(folder) or 0)
     saved = read_commute_state(folder)
     positions = {str(k): int(v) for k, v in (saved.get("positions") or {}).items()}
     opt_file, rng_file = folder / "optimizer.pt", folder / "rng_state.pth"
@@ -265,14 +234,19 @@ def check_complete(folder: Path) -> None:
         marker = where / INCOMPLETE_NAME
         if marker.is_file():
             done = sorted(
-                (p for p in where.iterdir() if checkpoint_step(p) is not None),
-                key=lambda p: checkpoint_step(p) or 0,
+                (p for p in where.iterdir() if p.is_dir() and name_step(p.name) is not None),
+                key=lambda p: name_step(p.name) or 0,
             )
             last = f"; its last checkpoint is {done[-1].name}" if done else ""
             raise CommuteError(
                 f"the run in {where} is incomplete: `commute train` was interrupted{last}",
-                hint=f"resume it: {read_json(marker).get('resume') or 'commute train ... --init LAST'}",
+                hint=f"resume it: {_resume_command(marker) or 'commute train ... --init LAST'}",
             )
+
+
+def _resume_command(marker: Path) -> str | None:
+    note = read_json(marker, "the interrupted-run marker")
+    return note.get("resume") if isinstance(note, dict) else None
 
 
 def relative_source(source: str, out_dir: Path, base_dir: Path | None) -> str | None:

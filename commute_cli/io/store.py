@@ -58,6 +58,31 @@ RESULTS_COLUMNS = (
 )
 """Columns of ``results.csv`` that every reader needs (the file has more; see docs)."""
 
+TEXT_COLUMNS = (
+    "run_id",
+    "target",
+    "domain",
+    "domain_i",
+    "domain_j",
+    "domain_1",
+    "domain_2",
+    "pair",
+    "group",
+    "verdict",
+    "direction",
+    "regime",
+    "horizon_reason",
+    "first_order_favours",
+    "second_order_favours",
+    "orders",
+    "metric",
+    "earlier",
+    "later",
+)
+"""Identifier and name columns of the CSVs commute writes (results, losses, baselines, decomposition,
+validate, recommend): always read as text, so a ``run_id`` of 8 decimal digits ("12345678"), a float-looking
+one ("1e123456") or a domain named "2024" or "NA" reads back as written (:func:`read_table`)."""
+
 
 # ------------------------------------------------------------------------------------------------ keys
 
@@ -310,6 +335,13 @@ def read_run_json(folder: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def read_table(file: str | os.PathLike[str]) -> pd.DataFrame:
+    """The one reader of the CSVs commute writes: :data:`TEXT_COLUMNS` as text (never a number, never
+    missing unless the cell is empty), the other columns as pandas infers them; only empty cells are missing
+    (no "NA"/"null" guessing)."""
+    return pd.read_csv(file, dtype={c: str for c in TEXT_COLUMNS}, keep_default_na=False, na_values=[""])
+
+
 def load_analysis(folder: str | os.PathLike[str]) -> AnalysisRun:
     """Read an analysis folder (``results.csv``, ``losses.csv`` when present, ``run.json``) with one-line
     errors; ``step`` becomes int and rows without a step (a single model folder) are dropped."""
@@ -321,7 +353,7 @@ def load_analysis(folder: str | os.PathLike[str]) -> AnalysisRun:
     if not run_file.is_file():
         raise CommuteError(f"{folder}/run.json is missing: the schedule of the analysed run is unknown", hint)
     try:
-        results = pd.read_csv(results_file, keep_default_na=False, na_values=[""])
+        results = read_table(results_file)
         run = json.loads(run_file.read_text(encoding="utf-8"))
     except (OSError, ValueError, pd.errors.ParserError) as err:
         raise CommuteError(f"cannot read the analyze results in {folder}/: {err}", hint=hint) from err
@@ -345,7 +377,7 @@ def load_analysis(folder: str | os.PathLike[str]) -> AnalysisRun:
         if col in results.columns and results[col].dtype != bool:
             results[col] = results[col].astype(str).str.lower().isin({"true", "1"})
     losses_file = folder / "losses.csv"
-    losses = pd.read_csv(losses_file) if losses_file.is_file() else pd.DataFrame()
+    losses = read_table(losses_file) if losses_file.is_file() else pd.DataFrame()
     return AnalysisRun(folder, results, losses, run)
 
 
@@ -357,7 +389,7 @@ def load_losses(folder: str | os.PathLike[str]) -> pd.DataFrame:
             f"no analyze results in {Path(folder)}/ (losses.csv is missing)",
             hint=f"run `commute analyze CHECKPOINTS --out {Path(folder)}` first",
         )
-    losses = pd.read_csv(file)
+    losses = read_table(file)
     missing = [c for c in ("step", "domain", "loss", "loss_se") if c not in losses.columns]
     if missing:
         raise CommuteError(f"{file} lacks columns {', '.join(missing)}", hint="rerun commute analyze")

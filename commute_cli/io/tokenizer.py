@@ -13,7 +13,7 @@ from typing import Any
 
 from commute_cli.errors import CommuteError
 
-TOKENIZER_FILES = (
+VOCABULARY_FILES = (
     "tokenizer.json",
     "vocab.json",
     "tokenizer.model",
@@ -21,12 +21,33 @@ TOKENIZER_FILES = (
     "vocab.txt",
     "sentencepiece.bpe.model",
 )
+"""Files that hold a vocabulary: a folder with one of them (or any ``*.model``) has a tokenizer."""
+TOKENIZER_FILES = (
+    *VOCABULARY_FILES,
+    "merges.txt",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
+"""Every file of a tokenizer (never model weights): what travels when a tokenizer is copied with a
+checkpoint (``io.runfiles.copy_tokenizer_files``)."""
 
 _PROBE = "The quick brown fox jumps over the lazy dog; 0123456789."
 
 
-def _has_tokenizer_files(folder: Path) -> bool:
-    return any((folder / name).is_file() for name in TOKENIZER_FILES) or any(folder.glob("*.model"))
+def has_tokenizer(folder: Path | str) -> bool:
+    """The one check of whether a folder holds a tokenizer: a vocabulary file (:data:`VOCABULARY_FILES`, or
+    any ``*.model``). A ``tokenizer_config.json`` alone is not one: :func:`load_tokenizer` refuses it."""
+    folder = Path(folder)
+    return any((folder / name).is_file() for name in VOCABULARY_FILES) or any(folder.glob("*.model"))
+
+
+def tokenizer_files(folder: Path | str) -> list[Path]:
+    """The tokenizer files of ``folder`` (:data:`TOKENIZER_FILES` and any ``*.model``), as they are there."""
+    folder = Path(folder)
+    names = dict.fromkeys([*TOKENIZER_FILES, *sorted(p.name for p in folder.glob("*.model"))])
+    return [folder / name for name in names if (folder / name).is_file()]
 
 
 def load_tokenizer(path: Path | str):
@@ -46,9 +67,9 @@ def load_tokenizer(path: Path | str):
             hint="pass --tokenizer with the tokenizer the model was trained with (a folder, tokenizer.json,"
             " or gpt2 if it is in your Hugging Face cache)",
         )
-    if path.is_dir() and not _has_tokenizer_files(path):
+    if path.is_dir() and not has_tokenizer(path):
         raise CommuteError(
-            f"{path} has no tokenizer files (no {', '.join(TOKENIZER_FILES[:3])}; a Trainer built without a "
+            f"{path} has no tokenizer files (no {', '.join(VOCABULARY_FILES[:3])}; a Trainer built without a "
             "tokenizer saves none)",
             hint="pass --tokenizer PATH with the tokenizer the model was trained with",
         )

@@ -12,7 +12,7 @@ import contextlib
 import math
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -42,7 +42,7 @@ __all__ = [
 NON_TTY_WIDTH = 160
 
 
-class OutputFormat(str, Enum):
+class OutputFormat(StrEnum):
     """Output formats every command accepts via ``--format``."""
 
     table = "table"
