@@ -252,8 +252,9 @@ def _run_analysis(
         )  # fmt: skip
         loss_table += loss_rows(stats, ref.step, inputs.names, opts.confidence)
         baselines, decomposition = why_rows(
-            stats, ref.step, inputs.names, wbar, inputs.targets, opts.confidence, opts.decompose is not None
-        )
+            stats, ref.step, inputs.names, wbar, inputs.targets, opts.confidence, opts.decompose is not None,
+            dw=opts.dw, dt=float(lr) * horizon,
+        )  # fmt: skip
         baseline_table += first_order_baselines.attach_second_order(baselines, result_rows)
         decomposition_table += decomposition
         per_ckpt.append(

@@ -201,6 +201,13 @@ COLUMNS: dict[str, dict[str, tuple[str, str]]] = {
         "t": ("1", "value / se"),
         "significant": ("", "value significant at --confidence (Student t, blocks - 1 degrees of freedom)"),
         "share": ("1", "value / the pair's total bracket (nan when the total is 0)"),
+        "el": (
+            "nat",
+            "the group's part of the predicted change EL^ij (results.csv's `el_ij`, the EL of analyze's "
+            "table); a pair's groups add up to it (nan for a pair without an intervention)",
+        ),
+        "el_se": ("nat", "standard error of `el` over sample blocks"),
+        "el_significant": ("", "el significant at --confidence (Student t, blocks - 1 degrees of freedom)"),
     },
     "validate.csv": {
         "step": ("step", "the validated checkpoint's step"),

@@ -4,7 +4,8 @@
   the predicted change ``EL^{ij}`` (nats; ``results.csv``) of "``i`` earlier, ``j`` later"; antisymmetric
   (``EL^{ji} = -EL^{ij}``), blank diagonal. Most useful for K > 2 domains.
 - :func:`plot_decomposition_heatmap`: parameter groups (rows) x checkpoints (columns) of one (target, pair)'s
-  bracket split by group (``decomposition.csv``, ``commute analyze --decompose``).
+  predicted change ``EL^{ij}`` split by group (``decomposition.csv``'s ``el``, ``commute analyze
+  --decompose``), in the unit of analyze's table; a column's total is its ``el_ij``.
 - :func:`plot_orders`: the first-order signal (``baselines.csv``) beside the bracket's prediction over steps.
 
 Heatmaps: a diverging colour scale centred at 0 (blue: the reordering lowers the target / negative part; red:
@@ -18,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from commute_cli.render.style import si_scale
 
 MUTED_ALPHA = 0.35
 
@@ -117,37 +120,54 @@ def plot_pair_heatmap(results: pd.DataFrame, path: Path | str, targets: list[str
     return path
 
 
-def plot_decomposition_heatmap(
-    decomposition: pd.DataFrame, path: Path | str, target: str, pair: str | None = None
-) -> Path:
-    """Groups x checkpoints heatmap of one (target, pair)'s bracket decomposition to a PNG.
+def decomposition_figure(decomposition: pd.DataFrame, target: str, pair: str | None = None):
+    """Groups x checkpoints heatmap of one (target, pair)'s predicted change ``EL^{ij}`` split by parameter
+    group (``decomposition.csv``'s ``el``: the unit of analyze's table, nats with one SI prefix), returned.
 
-    Cell value: the group's part of ``< D g_L, H_j D g_i - H_i D g_j >`` (the ``bracket`` of results.csv;
-    the column sums to it). ``pair`` defaults to the first pair in the file.
+    A column's cells add up to its total, written under its step: results.csv's ``el_ij`` for that row
+    (the EL column of analyze's table). ``pair`` defaults to the first pair in the file. A
+    ``decomposition.csv`` written before the ``el`` column existed is refused (rerun analyze).
     """
     plt = _pyplot()
     d = decomposition[decomposition["target"] == target]
     if d.empty:
         raise ValueError(f"no decomposition rows for target {target!r}")
+    if "el" not in d:
+        raise ValueError("decomposition.csv has no el column (written by an older commute)")
     pair = pair or str(d["pair"].iloc[0])
     d = d[d["pair"] == pair]
     groups = list(dict.fromkeys(d["group"]))
     steps = sorted(d["step"].unique())
-    values = d.pivot(index="group", columns="step", values="value").loc[groups, steps].to_numpy(float)
-    sig = d.pivot(index="group", columns="step", values="significant").loc[groups, steps].to_numpy(bool)
+    values = d.pivot(index="group", columns="step", values="el").loc[groups, steps].to_numpy(float)
+    sig = d.pivot(index="group", columns="step", values="el_significant").loc[groups, steps]
+    sig = sig.fillna(False).to_numpy(bool)
     totals = values.sum(axis=0)
+    factor, prefix, _ = si_scale([*values.ravel(), *totals])
+    values, totals = values / factor, totals / factor
     fig, ax = plt.subplots(
         figsize=(2.0 + 0.9 * len(steps), max(3.0, 1.2 + 0.32 * len(groups))), constrained_layout=True
     )
     mappable = _cells(ax, values, sig, _limit(values))
-    ax.set_xticks(range(len(steps)), [f"{s}\n(total {t:.2g})" for s, t in zip(steps, totals, strict=True)],
+    ax.set_xticks(range(len(steps)), [f"{s}\n(total {t:.3g})" for s, t in zip(steps, totals, strict=True)],
                   fontsize=7)  # fmt: skip
     ax.set_yticks(range(len(groups)), groups, fontsize=7)
-    ax.set_xlabel("checkpoint step", fontsize=8)
+    ax.set_xlabel("checkpoint step (total: the EL of analyze's table)", fontsize=8)
     i, j = pair.split("|", 1) if "|" in pair else (pair, "")
-    fig.colorbar(mappable, ax=ax, shrink=0.8, label="nats / dt^2")
-    ax.set_title(f"Bracket <g_L, H_{j} g_{i} - H_{i} g_{j}> by parameter group, target {target}\n"
-                 "(dt = lr x steps; * and value: significant; pale: within noise)", fontsize=8)  # fmt: skip
+    fig.colorbar(mappable, ax=ax, shrink=0.8, label=f"group's part of EL^ij ({prefix}nat)")
+    ax.set_title(
+        f"Predicted change EL^ij of L_{target} from moving {i} earlier, {j} later, by parameter group "
+        f"({prefix}nat)\n(* and value: significant; pale: within noise)",
+        fontsize=8,
+    )
+    return fig
+
+
+def plot_decomposition_heatmap(
+    decomposition: pd.DataFrame, path: Path | str, target: str, pair: str | None = None
+) -> Path:
+    """:func:`decomposition_figure` to a PNG."""
+    plt = _pyplot()
+    fig = decomposition_figure(decomposition, target, pair)
     path = Path(path)
     fig.savefig(path, dpi=130)
     plt.close(fig)
