@@ -146,7 +146,13 @@ def analyze_command(
         "attention, mlp, norms, head), layer, module (layer x kind), or a map 'NAME=REGEX;NAME=REGEX' "
         "on parameter names. No extra gradient or HVP pass.",
     ),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    quiet: bool = typer.Option(
+        False,
+        "--quiet",
+        "-q",
+        help="No progress bars (on a terminal) or progress lines (stderr to a file or pipe: one per "
+        "checkpoint and at least one a minute, COMMUTE_PROGRESS_INTERVAL seconds when set).",
+    ),
     dry_run: bool = typer.Option(
         False,
         "--dry-run",
