@@ -445,3 +445,21 @@ def test_progress_lines_when_stderr_is_not_a_terminal(run_dir, tmp_path):
     assert re.search(r"ETA ≤? ?\d+:\d\d", "\n".join(lines))
     assert "━" not in err and "\r" not in err  # no bar drawn into the file
     assert err.index("analyze: step") < err.index("results in") and "target: en" in out
+
+
+def test_a_cached_rerun_says_so(run_dir, tmp_path, capsys):
+    """A rerun whose checkpoints all come from the cache says, in one line, how many did and from where;
+    the first run, which computed them, does not."""
+    out = tmp_path / "out"
+    args = ["analyze", run_dir, "--out", out, "--samples", "24", "--blocks", "4"]
+    code, _, err = cli(args, capsys)
+    assert code == 0, err
+    assert "from the cache" not in err and "read from" not in err
+    code, _, err = cli(args, capsys)
+    assert code == 0, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("cache:")]
+    assert lines == [
+        f"cache: 3 of 3 checkpoints read from {out / 'cache'} (nothing was computed; --no-cache recomputes)"
+    ]
+    code, _, err = cli([*args, "--quiet"], capsys)
+    assert code == 0 and "cache:" not in err
