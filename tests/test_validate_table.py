@@ -139,3 +139,20 @@ def test_intervals_are_analyzes_confidence_intervals_not_one_se():
     # an older validate.csv without the t_crit columns: the quantiles from the run's options
     old = render(pd.DataFrame([r]))
     assert "2.0 ± 2.4" in old and "10.0 ± 4.3*" in old
+
+
+def test_piped_table_keeps_cells_and_caption_whole():
+    """Printed to a file or a pipe (not a terminal): no cell wrapped ('yes (n.s.)', 'uncertain (0.30)'
+    on one line) and the caption on one line, however wide."""
+    import io
+
+    from commute_cli.render.formats import print_renderable
+
+    r = row("en", 0.0123, 4.5e-5, 0.002) | {"regime": "uncertain", "regime_ratio": 0.296, "repeats": 3}
+    r["obs_el12_significant"] = False
+    buf = io.StringIO()
+    print_renderable(validate_table(pd.DataFrame([r, r | {"target": "ru"}]), RUN), buf)
+    lines = buf.getvalue().splitlines()
+    assert [ln for ln in lines if "yes (n.s.)" in ln and "uncertain (0.30)" in ln]
+    caption = [ln for ln in lines if ln.startswith("EL_k^12 =")]
+    assert len(caption) == 1 and caption[0].rstrip().endswith("prediction: euclid.")
