@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +26,7 @@ from cli_runner import cli
 from tiny_run import make_run, write_jsonl
 
 FAST = ["--samples", "24", "--blocks", "4", "--quiet"]
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -399,3 +404,62 @@ def test_offload_on_cpu_same_numbers_and_recorded(run_dir, tmp_path, capsys):
     for folder, expected in (("on", True), ("auto", False)):
         run = json.loads((tmp_path / folder / "run.json").read_text())
         assert [c["offload"] for c in run["checkpoints"]] == [expected]
+
+
+def _console_script(*args, **env_extra: str) -> subprocess.Popen:
+    """The INSTALLED `commute` console script with stdout and stderr to pipes (not a terminal)."""
+    env = dict(os.environ)
+    env.update(PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", **env_extra)
+    return subprocess.Popen(
+        [str(Path(sys.executable).parent / "commute"), *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+def test_progress_lines_when_stderr_is_not_a_terminal(run_dir, tmp_path):
+    """stderr piped to a file: no bars, but plain progress lines (step, checkpoints and blocks done of their
+    totals, elapsed, ETA) while it runs, at each checkpoint and at least every COMMUTE_PROGRESS_INTERVAL
+    seconds (a minute by default; shortened here), not nothing until the end."""
+    proc = _console_script(
+        "analyze", run_dir, "--out", tmp_path / "out", "--samples", "24", "--blocks", "4",
+        COMMUTE_PROGRESS_INTERVAL="0.05",
+    )  # fmt: skip
+    assert proc.stderr is not None
+    first = proc.stderr.readline()
+    running = proc.poll() is None
+    out, rest = proc.communicate(timeout=600)
+    err = first + rest
+    assert proc.returncode == 0, err
+    assert first.startswith("analyze: step 0 (checkpoint-0), checkpoint 1/3, sample blocks 0/4"), first
+    assert running  # printed while the analysis runs, not at its end
+    lines = [ln for ln in err.splitlines() if ln.startswith("analyze: step")]
+    for k, step in enumerate((0, 10, 20)):
+        assert any(
+            ln.startswith(f"analyze: step {step} (checkpoint-{step}), checkpoint {k + 1}/3") for ln in lines
+        )
+    assert len(lines) > 3  # the timer's lines between checkpoints
+    assert all(re.search(r"\d+:\d\d elapsed, ETA", ln) for ln in lines)
+    assert re.search(r"ETA ≤? ?\d+:\d\d", "\n".join(lines))
+    assert "━" not in err and "\r" not in err  # no bar drawn into the file
+    assert err.index("analyze: step") < err.index("results in") and "target: en" in out
+
+
+def test_a_cached_rerun_says_so(run_dir, tmp_path, capsys):
+    """A rerun whose checkpoints all come from the cache says, in one line, how many did and from where;
+    the first run, which computed them, does not."""
+    out = tmp_path / "out"
+    args = ["analyze", run_dir, "--out", out, "--samples", "24", "--blocks", "4"]
+    code, _, err = cli(args, capsys)
+    assert code == 0, err
+    assert "from the cache" not in err and "read from" not in err
+    code, _, err = cli(args, capsys)
+    assert code == 0, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("cache:")]
+    assert lines == [
+        f"cache: 3 of 3 checkpoints read from {out / 'cache'} (nothing was computed; --no-cache recomputes)"
+    ]
+    code, _, err = cli([*args, "--quiet"], capsys)
+    assert code == 0 and "cache:" not in err

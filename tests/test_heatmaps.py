@@ -80,3 +80,65 @@ def test_plot_kinds_through_the_cli(tmp_path, capsys):
         ["plot", "--from", out, "--kind", "decomposition", "--target", "zz", "-o", tmp_path / "z.png"], capsys
     )
     assert code == 2 and "no decomposition rows for target 'zz'" in err
+
+
+def test_decomposition_is_drawn_in_the_tables_unit_and_adds_up_to_its_el(analyzed, tmp_path, monkeypatch):
+    """`plot --kind decomposition` draws the groups' parts of EL^ij (nats with the table's SI prefix, named
+    on the colour bar): each column's total is results.csv's el_ij of the same (step, target, pair) row, as
+    decomposition.csv's `el` column sums to it."""
+    import re
+
+    from matplotlib.figure import Figure
+
+    res = pd.read_csv(analyzed / "results.csv")
+    dec = pd.read_csv(analyzed / "decomposition.csv")
+    res["pair"] = res["domain_i"] + "|" + res["domain_j"]
+    keys = ["step", "target", "pair"]
+    sums = dec.groupby(keys, as_index=False)["el"].sum().merge(res, on=keys)
+    assert len(sums) == len(res)
+    np.testing.assert_allclose(sums["el"], sums["el_ij"], rtol=1e-9, atol=1e-12 * res["el_ij"].abs().max())
+
+    drawn: list[Figure] = []
+    save = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (drawn.append(fig), save(fig, *a, **k))[1])
+    factors = {"": 1.0, "m": 1e-3, "µ": 1e-6, "n": 1e-9, "p": 1e-12}
+    for target in dict.fromkeys(res["target"]):
+        heatmaps.plot_decomposition_heatmap(dec, tmp_path / "dec.png", target)
+        ax, bar = drawn[-1].axes[:2]
+        unit = re.search(r"\((\S?)nat\)", bar.get_ylabel())
+        assert unit is not None, bar.get_ylabel()
+        totals = [float(re.search(r"total (\S+)\)", t.get_text()).group(1)) for t in ax.get_xticklabels()]
+        rows = res[res["target"] == target].sort_values("step")
+        np.testing.assert_allclose(np.array(totals) * factors[unit.group(1)], rows["el_ij"], rtol=5e-3)
+
+
+def test_orders_rows_share_one_unit_and_one_sign_and_say_what_disagree_means(analyzed, tmp_path, monkeypatch):
+    """`plot --kind orders`: both rows are changes of the target in the same SI-prefixed nat, both read
+    "< 0: i earlier helps" (the bottom row is -dt dw (a_i - a_j), the first-order change over the first
+    half of the table's intervention), and the figure explains the red "disagree" marks."""
+    import re
+
+    from matplotlib.figure import Figure
+
+    res = pd.read_csv(analyzed / "results.csv")
+    base = pd.read_csv(analyzed / "baselines.csv")
+    drawn: list[Figure] = []
+    save = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (drawn.append(fig), save(fig, *a, **k))[1])
+    heatmaps.plot_orders(res, base, tmp_path / "orders.png")
+    fig = drawn[-1]
+    targets = list(dict.fromkeys(res["target"]))
+    top, bottom = fig.axes[0], fig.axes[len(targets)]
+    units = {re.search(r"\((\S?nat)\)", ax.get_ylabel()).group(1) for ax in (top, bottom)}
+    assert len(units) == 1, [top.get_ylabel(), bottom.get_ylabel()]
+    factor = {"nat": 1.0, "mnat": 1e-3, "µnat": 1e-6, "nnat": 1e-9}[units.pop()]
+    assert "< 0: en earlier helps" in top.get_ylabel() and "< 0: en earlier helps" in bottom.get_ylabel()
+    b = base[base["target"] == targets[0]].sort_values("step")
+    r = res[res["target"] == targets[0]].sort_values("step")
+    expected = -r["dt"].to_numpy() * r["dw"].to_numpy() * b["align_diff"].to_numpy() / factor
+    np.testing.assert_allclose(np.asarray(bottom.lines[0].get_ydata(), float), expected, rtol=1e-9)
+    np.testing.assert_allclose(
+        np.asarray(top.lines[0].get_ydata(), float), r["el_ij"].to_numpy() / factor, rtol=1e-9
+    )
+    words = " ".join(t.get_text() for t in fig.findobj(lambda o: hasattr(o, "get_text")))
+    assert "'disagree'" in words and "favour different domains" in words

@@ -133,7 +133,7 @@ def close(fig) -> None:
 def test_figure_shows_the_table_numbers_and_intervals():
     """One panel per target plus the loss panel. Each point is the table's el_ij as computed (no rescaling),
     its error bar is the table's interval t_crit x el_se (the verdict's 95% test), and each checkpoint's
-    shaded window is [step - horizon, step + horizon] in the colour of its verdict."""
+    shaded window is [step - horizon, step + horizon] in the colour of its verdict, up to the last step."""
     from matplotlib.colors import to_rgb
 
     res, losses = results_table(), losses_table()
@@ -152,13 +152,13 @@ def test_figure_shows_the_table_numbers_and_intervals():
             expected = []
             for r in rows.itertuples(index=False):
                 color = tuple(np.round(to_rgb(style.verdict_style(r.verdict).color), 3))
-                expected.append((r.step - r.horizon, r.step + r.horizon, color))
+                # the last window ends at the last step drawn (no run.json: no later step known)
+                expected.append((r.step - r.horizon, min(r.step + r.horizon, 2000), color))
             expected.sort()
             np.testing.assert_allclose([w[:2] for w in windows], [e[:2] for e in expected])
             assert [w[2] for w in windows] == [e[2] for e in expected]
             assert {t.get_text() for t in ax.texts} <= {"en earlier", "ru earlier"} and len(ax.texts) == 2
-            assert ax.get_ylabel() == f"change of L_{target}"
-            assert ax.yaxis.get_major_formatter().unit == "nat"
+            assert ax.get_ylabel() == f"change of L_{target} (mnat)"
         assert "Mean loss per domain" in fig.axes[3].get_title() and "95% interval" in fig.axes[3].get_title()
         x, y, half = error_bars(fig.axes[3].containers[0])
         en = losses[losses.domain == "en"]
@@ -190,6 +190,44 @@ def test_figure_words_are_plain():
         close(fig)
 
 
+def test_windows_end_with_training_one_prefix_per_axis_and_the_plane_says_what_its_bars_are():
+    """No window is shaded past the run's last step (run.json's last_step; 2500 with a horizon of 250
+    drew to 2750); every EL axis has one SI prefix, named in its label, and no tick of its own unit (no
+    "0 nat" among "20 mnat"); a loss plane from one repeat (no SE) says it has no interval instead of
+    claiming "± 1 SE"."""
+    steps = (500, 1000, 1500, 2000, 2500)
+    res = results_table(steps=steps)
+    res["horizon"] = 250
+    val = validate_table(steps=(1000,))
+    val["obs_el12_se"] = val["obs_el21_se"] = np.nan  # one repeat
+    val["obs_t_crit"] = np.nan
+    fig = figures.criterion_figure(res, losses_table(steps=steps), val, run={"last_step": 2500})
+    try:
+        fig.canvas.draw()
+        for ax, target in zip(fig.axes[:3], ["en", "ru", "mix"], strict=True):
+            assert max(w[1] for w in shaded_windows(ax)) == 2500
+            assert max(ln.get_xdata()[0] for ln in ax.get_lines() if len(ln.get_xdata()) == 2) <= 2500
+            assert ax.get_ylabel() == f"change of L_{target} (mnat)"
+            ticks = [t.get_text() for t in ax.get_yticklabels() if t.get_text()]
+            assert "0" in ticks and not [t for t in ticks if "nat" in t], ticks
+        zoom = fig.axes[-1]
+        legend = [t.get_text() for t in zoom.get_legend().get_texts()]
+        assert "'12' observed (one repeat: no SE, no interval)" in legend
+        assert not [t for t in legend if "SE" in t and "no SE" not in t]
+    finally:
+        close(fig)
+    three = validate_table(steps=(1000,)).assign(obs_t_crit=4.303)  # three repeats: validate's interval
+    fig = figures.criterion_figure(res, losses_table(steps=steps), three, run={"last_step": 2500})
+    try:
+        zoom = fig.axes[-1]
+        assert "'12' observed ± confidence interval" in [t.get_text() for t in zoom.get_legend().get_texts()]
+        _, _, (_, ybars) = zoom.containers[0].lines  # x and y bars
+        (seg,) = ybars.get_segments()
+        np.testing.assert_allclose(abs(seg[1][1] - seg[0][1]) / 2, 4.303 * 0.001, rtol=1e-6)
+    finally:
+        close(fig)
+
+
 def test_three_domains_have_a_line_per_pair(tmp_path):
     names = ("en", "ru", "de")
     res = results_table(names)
@@ -207,7 +245,8 @@ def test_three_domains_have_a_line_per_pair(tmp_path):
 
 def test_loss_plane_from_validate_results(tmp_path):
     """With validate results: the loss plane (base trajectory and branch end points) and one zoomed panel
-    per validated checkpoint whose points are base + observed EL (± 1 SE, as validate's table) and base +
+    per validated checkpoint whose points are base + observed EL (± 1 SE from a validate.csv without
+    obs_t_crit, said so; else validate's table's interval) and base +
     predicted EL (hollow)."""
     val = validate_table()
     fig = figures.criterion_figure(results_table(), losses_table(), val)

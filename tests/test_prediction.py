@@ -59,6 +59,8 @@ def test_validate_prediction_equals_the_analyze_row_from_the_cache(run, tmp_path
         assert p["pred_bracket"] == row["bracket"]  # no dt in it: bit for bit
         assert p["dt"] == pytest.approx(row["dt"], rel=1e-12) and row["dt"] == pytest.approx(LR * N)
         assert p["regime"] == row["regime"] and p["pred_verdict"] == row["verdict"]
+        # validate's table draws analyze's interval (t_crit x SE) and its test's word
+        assert p["pred_t_crit"] == row["t_crit"] and p["pred_significant"] == row["significant"]
 
     # the reversed pair is the same prediction with the sign flipped (EL^21 = -EL^12)
     rev = V.ValidateOptions(checkpoint=run / "checkpoint-30", dw=DW, steps=N, lr=LR, out=out, pair="xx,en")

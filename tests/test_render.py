@@ -150,6 +150,22 @@ def test_table_fits_and_shows_the_csv_numbers(analyzed, width):
     assert "held-out validation split" in flat and "en-validation.jsonl" in flat
 
 
+def test_piped_output_is_not_hard_wrapped(analyzed):
+    """To a file or a pipe (not a terminal, no width given): every legend line is printed whole, however
+    long, not cut mid-phrase at a fixed width."""
+    from commute_cli.render.formats import NON_TTY_WIDTH
+
+    res, losses, run = load(analyzed)
+    group = tables.analysis_tables(res, losses, run=run, out=analyzed)
+    buf = io.StringIO()
+    tables.print_renderable(group, buf)
+    printed = [ln.rstrip() for ln in buf.getvalue().splitlines()]
+    legend = group.renderables[-1].plain.splitlines()
+    assert max(len(ln) for ln in legend) > NON_TTY_WIDTH  # the case: longer than the default
+    for line in legend:
+        assert line.rstrip() in printed, line
+
+
 def test_the_data_split_is_recorded(analyzed):
     _, _, run = load(analyzed)
     assert run["data_split"] == "validation"

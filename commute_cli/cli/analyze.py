@@ -146,7 +146,13 @@ def analyze_command(
         "attention, mlp, norms, head), layer, module (layer x kind), or a map 'NAME=REGEX;NAME=REGEX' "
         "on parameter names. No extra gradient or HVP pass.",
     ),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    quiet: bool = typer.Option(
+        False,
+        "--quiet",
+        "-q",
+        help="No progress bars (on a terminal) or progress lines (stderr to a file or pipe: one per "
+        "checkpoint and at least one a minute, COMMUTE_PROGRESS_INTERVAL seconds when set).",
+    ),
     dry_run: bool = typer.Option(
         False,
         "--dry-run",
@@ -250,6 +256,15 @@ def analyze_command(
         return
     for text in result.notes:
         typer.echo(text, err=True)
+    cached = [c for c in result.run.get("checkpoints", []) if c.get("cached")]
+    if cached and not quiet:
+        n = len(result.run.get("checkpoints", []))
+        how = "nothing was computed" if len(cached) == n else f"{n - len(cached)} computed now"
+        cache_dir = out / "cache"
+        typer.echo(
+            f"cache: {len(cached)} of {n} checkpoints read from {cache_dir} ({how}; --no-cache recomputes)",
+            err=True,
+        )
     if plot is not None:
         from commute_cli.io import atomic
         from commute_cli.render import figures

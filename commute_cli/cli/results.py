@@ -317,6 +317,11 @@ def _plot_heatmap(kind: PlotKind, output: Path, from_dir: Path, target: str | No
                     f"no decomposition rows for target {name!r}",
                     hint="targets in the file: " + ", ".join(dict.fromkeys(extra["target"].astype(str))),
                 )
+            if "el" not in extra:
+                raise CommuteError(
+                    f"{from_dir / 'decomposition.csv'} has no el column (written by an older commute)",
+                    hint="run `commute analyze ... --decompose` again (the cached statistics make it quick)",
+                )
             heatmaps.plot_decomposition_heatmap(extra, tmp, name)
     typer.echo(f"wrote {output} ({result.label()})", err=True)
 

@@ -252,8 +252,9 @@ def _run_analysis(
         )  # fmt: skip
         loss_table += loss_rows(stats, ref.step, inputs.names, opts.confidence)
         baselines, decomposition = why_rows(
-            stats, ref.step, inputs.names, wbar, inputs.targets, opts.confidence, opts.decompose is not None
-        )
+            stats, ref.step, inputs.names, wbar, inputs.targets, opts.confidence, opts.decompose is not None,
+            dw=opts.dw, dt=float(lr) * horizon,
+        )  # fmt: skip
         baseline_table += first_order_baselines.attach_second_order(baselines, result_rows)
         decomposition_table += decomposition
         per_ckpt.append(
@@ -312,6 +313,8 @@ def _run_analysis(
         "hvp_batch_size": hvp_micro_batch(opts),
         "peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         "checkpoints": per_ckpt,
+        # the run's last checkpoint (of all, not only the selected ones): the figure's windows end there
+        "last_step": all_steps[-1] if all_steps else None,
         "skipped_checkpoints": [
             {"name": r.name, "step": r.step, "reason": "lr = 0", "lr_source": lr_found[r.name].as_dict()}
             for r in skipped

@@ -96,6 +96,7 @@ def _prediction_rows(
             "pred_el12": p.el.mean,
             "pred_el12_se": p.el.se,
             "pred_t": p.el.t,
+            "pred_t_crit": p.el.t_crit,
             "pred_significant": p.el.significant,
             "in_regime": p.regime.regime not in (Regime.OUTSIDE, Regime.SATURATED),  # as analyze's
             "regime": str(p.regime.regime),
@@ -184,7 +185,12 @@ def combine(
     and ``dt`` are written to 12 significant digits (a mean of equal rates is 0.001, not
     0.0010000000000000002).
     """
+    from scipy import stats as _stats
+
     i, j = (setup.names[k] for k in setup.pair)
+    # the observed intervals' Student-t quantile (repeats - 1 degrees of freedom; none with one repeat)
+    n_rep = len(repeats)
+    obs_t_crit = float(_stats.t.ppf(0.5 + opts.confidence / 2.0, n_rep - 1)) if n_rep >= 2 else math.nan
     rows = []
     for k in setup.names:
         el12 = [r["losses"]["12"][k] - r["losses"]["base"][k] for r in repeats]
@@ -223,8 +229,10 @@ def combine(
                 "obs_sym_se": sesym,
                 "obs_antisym": manti,
                 "obs_antisym_se": seanti,
+                "obs_t_crit": obs_t_crit,
                 "pred_el12": pred12,
                 "pred_el12_se": float(p["pred_el12_se"]),
+                "pred_t_crit": float(p["pred_t_crit"]),
                 "pred_el21": -pred12,
                 "pred_significant": bool(p["pred_significant"]),
                 "pred_bracket": float(p["pred_bracket"]),

@@ -12,12 +12,12 @@ Pure numpy: per-block arrays in, ``decomposition.csv`` rows out.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from commute_cli.core.criterion import summarize_blocks
+from commute_cli.core.criterion import summarize_blocks, two_domain_excess
 
 
 def pair_label(name_i: str, name_j: str) -> str:
@@ -46,6 +46,9 @@ def decomposition_rows(
     labels: Sequence[str],
     counts: Sequence[int] | None = None,
     confidence: float = 0.95,
+    wbar: np.ndarray | None = None,
+    shifts: Mapping[tuple[int, int], float] | None = None,
+    dt: float | None = None,
 ) -> list[dict[str, Any]]:
     """Rows of ``decomposition.csv`` for one checkpoint and target: one per (unordered pair ``i < j``, group).
 
@@ -57,13 +60,18 @@ def decomposition_rows(
         labels: the ``G`` group labels.
         counts: parameters per group (adds an ``n_params`` column).
         confidence: two-sided level of the per-group t test.
+        wbar, shifts, dt: the intervention of results.csv's rows (the weights, ``{(i, j): dw}`` of the pairs
+            that have one, ``dt = lr x horizon``); when given, each group's part of ``EL^{ij}`` is added
+            (``el``, ``el_se``, ``el_significant``; NaN for a pair without an intervention).
 
     Returns:
         dicts with ``step, target, pair, domain_i, domain_j, group, value, se, t, significant, share``:
         ``value`` is the group's part of the bracket (same units as ``results.csv``'s ``bracket``), ``se``
         its standard error from the per-block values (Student t with ``B - 1`` degrees of freedom),
         ``share = value / total`` (the bracket summed over all groups; NaN when the total is 0). The
-        ``value`` column of one (step, target, pair) sums to the total bracket.
+        ``value`` column of one (step, target, pair) sums to the total bracket, its ``el`` column to
+        results.csv's ``el_ij`` (``EL^{ij}`` is linear in the per-block matrices, so it splits over groups
+        as the bracket does; with two domains it is ``dt^2 dw`` times the bracket).
     """
     Mg = np.asarray(Mg, dtype=np.float64)
     if Mg.ndim != 4 or Mg.shape[1] != len(labels) or Mg.shape[2] != len(names):
@@ -93,4 +101,17 @@ def decomposition_rows(
                 )
                 if counts is not None:
                     rows[-1]["n_params"] = int(counts[g])
+                if wbar is not None and shifts is not None and dt is not None:
+                    rows[-1].update(_group_el(Mg[:, g], wbar, i, j, shifts.get((i, j)), dt, confidence))
     return rows
+
+
+def _group_el(
+    Mb: np.ndarray, wbar: np.ndarray, i: int, j: int, dw: float | None, dt: float, confidence: float
+) -> dict[str, Any]:
+    """One group's part of ``EL^{ij}`` (nats) from its ``[B, K, K]`` per-block matrices, with its SE and
+    test; NaN when the pair has no intervention (a zero weight)."""
+    if dw is None:
+        return {"el": float("nan"), "el_se": float("nan"), "el_significant": False}
+    s = summarize_blocks(two_domain_excess(Mb, wbar, i, j, dw, dt), confidence)
+    return {"el": s.mean, "el_se": s.se, "el_significant": s.significant}

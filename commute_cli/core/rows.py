@@ -121,15 +121,21 @@ def why_rows(
     targets: Sequence[Target],
     confidence: float,
     decompose: bool,
+    *,
+    dw: float | None = None,
+    dt: float | None = None,
 ) -> tuple[list[dict], list[dict]]:
     """First-order baseline rows (core.baselines; always) and per-group bracket rows (core.decomposition;
-    with ``--decompose``) of one checkpoint, from the same per-block statistics as ``results.csv``."""
+    with ``--decompose``) of one checkpoint, from the same per-block statistics as ``results.csv``. With
+    ``dt`` (``lr x horizon``) the groups' parts of results.csv's ``EL^{ij}`` too (its ``--dw`` or the
+    default shift, as :func:`summarize_checkpoint`)."""
     named = [(t.name, t.coefs_at(wbar)) for t in targets]
     base = first_order_baselines.baseline_rows(
         stats.first, step=step, names=names, targets=named, confidence=confidence
     )
     parts: list[dict] = []
     if decompose and stats.groups is not None and stats.group_labels is not None:
+        shifts = {(i, j): pair_dw for i, j, pair_dw in pair_list(wbar, dw)}
         for tname, c in named:
             parts += decomposition_rows(
                 stats.group_interaction(c),
@@ -138,5 +144,8 @@ def why_rows(
                 names=names,
                 labels=stats.group_labels,
                 confidence=confidence,
+                wbar=wbar if dt is not None else None,
+                shifts=shifts,
+                dt=dt,
             )
     return base, parts

@@ -1,17 +1,25 @@
 """``commute analyze``'s progress: :class:`AnalysisEta`, the remaining time from measured per-block and
 per-checkpoint times, and :class:`AnalysisProgress`, its two bars (checkpoints, sample blocks of the current
-checkpoint) drawn through ``render.progress.Bars``.
+checkpoint) drawn through ``render.progress.Bars`` on a terminal, and plain lines elsewhere (stderr piped to
+a file or a log: at each checkpoint and at least every :data:`PLAIN_INTERVAL` seconds).
 """
 
 from __future__ import annotations
 
+import os
 import statistics
+import sys
+import threading
 import time
 from types import TracebackType
 
 from rich.console import Console
 
-from commute_cli.render.progress import Bars, Clock
+from commute_cli.render.progress import Bars, Clock, format_duration
+
+PLAIN_INTERVAL = 60.0
+"""Seconds between two plain progress lines at most when stderr is not a terminal (environment variable
+``COMMUTE_PROGRESS_INTERVAL`` overrides it: a log that wants more, a test that cannot wait a minute)."""
 
 __all__ = ["AnalysisEta", "AnalysisProgress"]
 
@@ -111,9 +119,23 @@ class AnalysisEta:
         return later > 0 and not measured_later
 
 
+def plain_interval() -> float:
+    """:data:`PLAIN_INTERVAL`, or ``COMMUTE_PROGRESS_INTERVAL`` when set to a positive number."""
+    try:
+        value = float(os.environ.get("COMMUTE_PROGRESS_INTERVAL", ""))
+    except ValueError:
+        return PLAIN_INTERVAL
+    return value if value > 0 else PLAIN_INTERVAL
+
+
 class AnalysisProgress:
     """analyze's bars: checkpoints (M/N of the real total, ETA of the whole run) and the sample blocks of
-    the current checkpoint. Pass :meth:`checkpoint` and :meth:`block` as ``run_analysis``'s callbacks."""
+    the current checkpoint. Pass :meth:`checkpoint` and :meth:`block` as ``run_analysis``'s callbacks.
+
+    When the console is not a terminal (stderr to a file or a pipe) the bars are not drawn; plain lines say
+    the same instead (step, checkpoints and blocks done of their totals, elapsed, ETA): one when each
+    checkpoint starts and, from a background timer, at least every ``interval`` seconds
+    (:func:`plain_interval`)."""
 
     def __init__(
         self,
@@ -122,30 +144,79 @@ class AnalysisProgress:
         *,
         console: Console | None = None,
         clock: Clock = time.monotonic,
+        interval: float | None = None,
     ) -> None:
+        console = console if console is not None else Console(file=sys.stderr)
         self.bars = Bars(enabled, console=console, clock=clock)
         self.enabled = self.bars.enabled
+        self.plain = enabled and not self.bars.enabled  # not a terminal: lines instead of bars
+        self.interval = plain_interval() if interval is None else float(interval)
         self.eta = AnalysisEta(total_checkpoints, clock)
+        self.clock = clock
+        self._file = console.file
         self._ckpt_task: int | None = None
         self._block_task: int | None = None
+        self._started = clock()
+        self._last_line = self._started
+        self._where: str | None = None  # the current checkpoint: "step 1000 (checkpoint-1000)"
+        self._deadline: float | None = None  # the ETA as of the last event, a clock() time
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._timer: threading.Thread | None = None
 
     def __enter__(self) -> AnalysisProgress:
         self.bars.__enter__()
+        self._started = self._last_line = self.clock()
+        if self.plain:
+            self._timer = threading.Thread(target=self._tick, name="commute-progress", daemon=True)
+            self._timer.start()
         return self
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        self._stop.set()
+        if self._timer is not None:
+            self._timer.join()
         self.bars.__exit__(exc_type, exc, tb)
+
+    def _tick(self) -> None:
+        """The timer: a line whenever ``interval`` seconds passed without one."""
+        while not self._stop.wait(min(self.interval, 1.0) / 2):
+            if self._where is not None and self.clock() - self._last_line >= self.interval:
+                self.line()
+
+    def line(self) -> str:
+        """Print one plain progress line (stderr) and return it."""
+        with self._lock:
+            eta = self.eta
+            total = "?" if eta.total is None else str(eta.total)
+            blocks = "cached" if eta.cached else f"sample blocks {eta.done}/{eta.n_blocks}"
+            now = self.clock()
+            if self._deadline is None:
+                when = "ETA estimating"
+            elif self._deadline <= now:
+                when = "ETA finishing"
+            else:
+                when = f"ETA {'≤ ' if eta.upper_bound() else ''}{format_duration(self._deadline - now)}"
+            text = (
+                f"analyze: {self._where}, checkpoint {eta.index + 1}/{total}, {blocks}; "
+                f"{format_duration(now - self._started)} elapsed, {when}"
+            )
+            print(text, file=self._file, flush=True)
+            self._last_line = now
+            return text
 
     def checkpoint(
         self, index: int, ref: object, n_blocks: int, cached: bool, total: int | None = None
     ) -> None:
         """Called when checkpoint ``index`` (of ``total``) starts; ``cached``: its numbers come from the
         cache."""
-        if total is not None:
-            self.eta.total = int(total)
-        self.eta.checkpoint(index, n_blocks, cached)
+        with self._lock:  # the plain lines' timer reads the estimate from its own thread
+            if total is not None:
+                self.eta.total = int(total)
+            self.eta.checkpoint(index, n_blocks, cached)
+            self._deadline = self.eta.deadline()
         if self._ckpt_task is None:
             self._ckpt_task = self.bars.add("checkpoints", total=self.eta.total, deadline=None)
         self.bars.update(
@@ -160,10 +231,16 @@ class AnalysisProgress:
         name = getattr(ref, "name", str(ref))
         label = f"  {name}" + (" (cached)" if cached else ": sample blocks")
         self._block_task = self.bars.add(label, total=0 if cached else n_blocks)
+        if self.plain:
+            step = getattr(ref, "step", None)
+            self._where = f"step {step} ({name})" if step is not None else name
+            self.line()
 
     def block(self, index: int) -> None:
         """Called after each sample block of the current checkpoint."""
-        self.eta.block()
+        with self._lock:
+            self.eta.block()
+            self._deadline = self.eta.deadline()
         if self._block_task is not None:
             self.bars.update(self._block_task, advance=1)
         if self._ckpt_task is not None:

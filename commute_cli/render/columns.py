@@ -201,6 +201,13 @@ COLUMNS: dict[str, dict[str, tuple[str, str]]] = {
         "t": ("1", "value / se"),
         "significant": ("", "value significant at --confidence (Student t, blocks - 1 degrees of freedom)"),
         "share": ("1", "value / the pair's total bracket (nan when the total is 0)"),
+        "el": (
+            "nat",
+            "the group's part of the predicted change EL^ij (results.csv's `el_ij`, the EL of analyze's "
+            "table); a pair's groups add up to it (nan for a pair without an intervention)",
+        ),
+        "el_se": ("nat", "standard error of `el` over sample blocks"),
+        "el_significant": ("", "el significant at --confidence (Student t, blocks - 1 degrees of freedom)"),
     },
     "validate.csv": {
         "step": ("step", "the validated checkpoint's step"),
@@ -228,8 +235,18 @@ COLUMNS: dict[str, dict[str, tuple[str, str]]] = {
             "(obs_el12 - obs_el21) / 2: the observed part that is odd in dw, the part the bracket predicts",
         ),
         "obs_antisym_se": ("nat", "standard error of obs_antisym (empty with one repeat)"),
+        "obs_t_crit": (
+            "1",
+            "Student-t quantile of the observed intervals at --confidence (repeats - 1 degrees of freedom; "
+            "empty with one repeat): the table's ± is obs_t_crit x SE",
+        ),
         "pred_el12": ("nat", "predicted EL_k^12 at the checkpoint (the criterion)"),
         "pred_el12_se": ("nat", "standard error of pred_el12 over sample blocks"),
+        "pred_t_crit": (
+            "1",
+            "Student-t quantile of the prediction's interval at --confidence (blocks - 1 degrees of freedom, "
+            "as results.csv's t_crit): the table's ± is pred_t_crit x pred_el12_se",
+        ),
         "pred_el21": ("nat", "predicted EL_k^21 = -pred_el12"),
         "pred_significant": ("", "the prediction is significant at --confidence"),
         "pred_bracket": ("as bracket", "the bracket term behind the prediction"),

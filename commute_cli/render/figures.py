@@ -4,8 +4,9 @@
 analysis_tables`): per target, the predicted change ``EL^{ij}`` of each checkpoint at its own ``dw`` and
 horizon (no rescaling), with the same confidence interval as the table and the verdict's test
 (``± t_crit x SE``); behind each point the intervention's window ``[step - horizon, step + horizon]``,
-shaded by verdict; below, the per-domain losses. With ``commute validate`` results, a second column
-shows the loss plane (the paper's Figures 3-4) with validate's own ``± 1 SE``, as in its table.
+shaded by verdict (clipped to the run's last step); below, the per-domain losses. With ``commute validate``
+results, a second column shows the loss plane (the paper's Figures 3-4) with the intervals of validate's
+table (none with one repeat, and the legend says so).
 
 Nothing here reads or writes files: figures get DataFrames and return a matplotlib Figure; :func:`png_bytes`
 turns one into PNG bytes for the caller to write (atomically, :mod:`commute_cli.io.atomic`).
@@ -22,7 +23,7 @@ from typing import Any
 import pandas as pd
 
 from commute_cli.errors import CommuteError
-from commute_cli.render.style import verdict_style
+from commute_cli.render.style import si_scale, verdict_style
 from commute_cli.render.tables import (
     earlier_domain,
     interval_half_widths,
@@ -68,15 +69,18 @@ def _window_label(verdict: str) -> str:
     return f"window (± horizon): {verdict_style(verdict).words}"
 
 
-def draw_criterion(ax: Any, df: pd.DataFrame, target: str, conf_pct: str) -> None:
-    """One target's panel: ``EL^{ij}`` per pair as in the table (nats, its own ``dw`` and horizon), with
-    the table's confidence interval as error bars; each checkpoint's intervention window
-    ``[step - horizon, step + horizon]`` shaded in the colour of its verdict (the highest-ranked one when
-    pairs differ); above an actionable window, the domain to move earlier; a red ring: outside the local
-    regime or saturated (its nats are unreliable, the sign is a weaker hint)."""
+def draw_criterion(
+    ax: Any, df: pd.DataFrame, target: str, conf_pct: str, last_step: float | None = None
+) -> None:
+    """One target's panel: ``EL^{ij}`` per pair as in the table (nats, its own ``dw`` and horizon; the
+    axis in one SI prefix, named in its label, as the table's column), with the table's confidence
+    interval as error bars; each checkpoint's intervention window ``[step - horizon, step + horizon]``
+    (clipped to ``[0, last_step]``: no window past the end of training) shaded in the colour of its
+    verdict (the highest-ranked one when pairs differ); above an actionable window, the domain to move
+    earlier; a red ring: outside the local regime or saturated (its nats are unreliable, the sign is a
+    weaker hint)."""
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
-    from matplotlib.ticker import EngFormatter
 
     half = interval_half_widths(df)
     regimes = regime_labels(df)
@@ -87,9 +91,11 @@ def draw_criterion(ax: Any, df: pd.DataFrame, target: str, conf_pct: str) -> Non
         verdict = str(max(g["verdict"], key=lambda v: verdict_style(v).rank))
         style = verdict_style(verdict)
         h = float(g["horizon"].max())
-        ax.axvspan(float(step) - h, float(step) + h, facecolor=style.color, alpha=0.3, lw=0)
-        ax.axvline(float(step) - h, color=style.color, lw=0.6, alpha=0.9)
-        ax.axvline(float(step) + h, color=style.color, lw=0.6, alpha=0.9)
+        x0 = max(float(step) - h, 0.0)
+        x1 = float(step) + h if last_step is None else min(float(step) + h, float(last_step))
+        ax.axvspan(x0, x1, facecolor=style.color, alpha=0.3, lw=0)
+        ax.axvline(x0, color=style.color, lw=0.6, alpha=0.9)
+        ax.axvline(x1, color=style.color, lw=0.6, alpha=0.9)
         shown.setdefault(verdict, style)
         if style.actionable:
             rows = g[g["verdict"] == verdict]
@@ -130,8 +136,9 @@ def draw_criterion(ax: Any, df: pd.DataFrame, target: str, conf_pct: str) -> Non
     ax.set_ylim(lo, hi + 0.15 * (hi - lo))  # room for the direction labels above the data
     for x, text in labels:
         ax.text(x, 0.97, text, transform=ax.get_xaxis_transform(), ha="center", va="top", fontsize=8)
-    ax.yaxis.set_major_formatter(EngFormatter(unit="nat"))
-    ax.set_ylabel(f"change of L_{target}")
+    factor, prefix, _ = si_scale([*df["el_ij"], *half])
+    ax.yaxis.set_major_formatter(_fixed_prefix(factor))
+    ax.set_ylabel(f"change of L_{target} ({prefix}nat)")
     if len(pairs) == 1:
         i, j = pairs[0]
         what = f"+dw on {i}, -dw on {j} before the checkpoint, the reverse after"
@@ -155,6 +162,18 @@ def draw_criterion(ax: Any, df: pd.DataFrame, target: str, conf_pct: str) -> Non
             )
         )
     ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.005, 1.0), borderaxespad=0.0)
+
+
+def _fixed_prefix(factor: float) -> Any:
+    """Tick labels in one SI prefix for the whole axis (the unit in the axis label): ``0.02`` with ``factor``
+    1e-3 is ``20``; zero is ``0``, not ``0 nat`` among ``20 mnat``."""
+    from matplotlib.ticker import FuncFormatter
+
+    def label(value: float, _pos: Any = None) -> str:
+        scaled = round(value / factor, 9) + 0.0  # no "-0", no float noise
+        return f"{scaled:g}"
+
+    return FuncFormatter(label)
 
 
 def draw_losses(ax: Any, losses: pd.DataFrame, t_crit: float | None, conf_pct: str) -> None:
@@ -204,7 +223,9 @@ def check_validate_table(df: pd.DataFrame, source: str = "validate.csv") -> pd.D
 
 
 def _plane_points(validate: pd.DataFrame) -> list[dict[str, Any]]:
-    """Per validated step: base, 12 and 21 end points (observed, with SE) and the predicted ones."""
+    """Per validated step: base, 12 and 21 end points (observed, with the half-widths of validate's table:
+    ``obs_t_crit x SE``, its confidence interval; ``1 x SE`` from a validate.csv without ``obs_t_crit``; 0
+    with one repeat, which has no SE) and the predicted ones; ``bars`` says which."""
     out = []
     for step, g in validate.groupby("step", sort=True):
         d1, d2 = str(g["domain_1"].iloc[0]), str(g["domain_2"].iloc[0])
@@ -217,11 +238,21 @@ def _plane_points(validate: pd.DataFrame) -> list[dict[str, Any]]:
             return float(r[col]) if col in r and pd.notna(r[col]) else default
 
         base = (get(r1, "loss_base"), get(r2, "loss_base"))
-        point = {"step": int(step), "d1": d1, "d2": d2, "base": base}
+        if "obs_t_crit" in r1:  # validate's table: ± obs_t_crit x SE
+            t_crit, bars = get(r1, "obs_t_crit"), "confidence interval"
+        else:  # a validate.csv of an earlier version: ± 1 SE, said as such
+            t_crit, bars = 1.0, "1 SE"
+        has_se = all(math.isfinite(get(r, f"obs_el{k}_se")) for r in (r1, r2) for k in ("12", "21"))
+        if not has_se or not math.isfinite(t_crit):
+            bars, t_crit = "", 0.0  # one repeat: no SE, no interval
+        point = {"step": int(step), "d1": d1, "d2": d2, "base": base, "bars": bars}
         point["ckpt"] = (get(r1, "loss_ckpt"), get(r2, "loss_ckpt"))
         for key in ("12", "21"):
             point[key] = (base[0] + get(r1, f"obs_el{key}"), base[1] + get(r2, f"obs_el{key}"))
-            point[key + "_se"] = (get(r1, f"obs_el{key}_se", 0.0), get(r2, f"obs_el{key}_se", 0.0))
+            point[key + "_se"] = (
+                t_crit * get(r1, f"obs_el{key}_se", 0.0) if t_crit else 0.0,
+                t_crit * get(r2, f"obs_el{key}_se", 0.0) if t_crit else 0.0,
+            )
             pred_col = f"pred_el{key}"
             p1 = get(r1, pred_col, -get(r1, "pred_el12") if key == "21" else math.nan)
             p2 = get(r2, pred_col, -get(r2, "pred_el12") if key == "21" else math.nan)
@@ -267,14 +298,16 @@ def _draw_plane_overview(ax: Any, losses: pd.DataFrame, points: Sequence[dict[st
 
 def _draw_plane_zoom(ax: Any, p: dict[str, Any]) -> None:
     """One validated checkpoint, zoomed on the end of the base branch: observed '12' / '21' end points with
-    SE bars, the predicted ones (hollow, dashed), and the direction training was moving."""
+    the bars of validate's table (its confidence interval; none with one repeat, and the legend says so), the
+    predicted ones (hollow, dashed), and the direction training was moving."""
     bx, by = p["base"]
     ax.plot(bx, by, "s", color="tab:cyan", ms=8, label="base", zorder=3)
     styles = {"12": ("o", "tab:red"), "21": ("^", "tab:purple")}
+    what = f"± {p['bars']}" if p["bars"] else "(one repeat: no SE, no interval)"
     for key, (marker, color) in styles.items():
         (x, y), (ex, ey) = p[key], p[key + "_se"]
         ax.errorbar(
-            x, y, xerr=ex, yerr=ey, fmt=marker, color=color, ms=7, capsize=3, label=f"'{key}' observed ± 1 SE"
+            x, y, xerr=ex, yerr=ey, fmt=marker, color=color, ms=7, capsize=3, label=f"'{key}' observed {what}"
         )
         ax.plot([bx, x], [by, y], "-", color=color, lw=0.8, alpha=0.7)
         px, py = p["pred" + key]
@@ -341,7 +374,8 @@ def criterion_figure(
             verdict``; ``t_crit``, ``n_blocks``, ``in_regime``/``regime`` used when present).
         losses: ``losses.csv`` rows (``step, domain, loss, loss_se``).
         validate: ``validate.csv`` rows (:data:`VALIDATE_PLANE_COLUMNS`) for the loss-plane column, or None.
-        run: ``run.json``; names the checkpoints and the schedule in the figure's title when given.
+        run: ``run.json``; names the checkpoints and the schedule in the figure's title when given, and its
+            ``last_step`` (the run's last checkpoint) ends the last window (else the last step drawn).
 
     Left column: one panel per target (:func:`draw_criterion`) and the loss curves (:func:`draw_losses`).
     Right column, with validate results: the loss plane at full scale and one zoomed panel per validated
@@ -370,8 +404,10 @@ def criterion_figure(
         _draw_plane_overview(over, losses, points)
         for k, p in enumerate(points):
             _draw_plane_zoom(fig.add_subplot(grid[(k + 1) * per_r : (k + 2) * per_r, 1]), p)
+    last = (run or {}).get("last_step")
+    last_step = float(last) if last is not None else float(results["step"].max())
     for ax, target in zip(left, targets, strict=False):
-        draw_criterion(ax, results[results["target"] == target], str(target), conf_pct)
+        draw_criterion(ax, results[results["target"] == target], str(target), conf_pct, last_step)
     draw_losses(left[-1], losses, t_crit, conf_pct)
     for ax in left[:-1]:
         ax.tick_params(labelbottom=False)

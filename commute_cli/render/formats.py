@@ -19,6 +19,7 @@ from typing import Any, TextIO
 import pandas as pd
 from rich import box
 from rich.console import Console, Group, RenderableType
+from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
@@ -37,8 +38,8 @@ __all__ = [
     "with_caption",
 ]
 
-#: Width used for rich output when the stream is not a terminal (files, pipes, test runners), where
-#: rich would otherwise assume 80 columns and wrap wide tables.
+#: Least width used for rich output when the stream is not a terminal (files, pipes, test runners), where
+#: rich would otherwise assume 80 columns and wrap wide tables; a longer line widens it (nothing wraps).
 NON_TTY_WIDTH = 160
 
 
@@ -166,14 +167,20 @@ class _Console(Console):
 def print_renderable(
     renderable: RenderableType, stream: TextIO | None = None, width: int | None = None
 ) -> None:
-    """Print a rich renderable to ``stream`` (default stdout): colour only on a terminal, and a wide
-    fixed width elsewhere so tables are not wrapped in files and pipes (``width`` overrides both)."""
+    """Print a rich renderable to ``stream`` (default stdout): colour only on a terminal; elsewhere (files,
+    pipes) at least :data:`NON_TTY_WIDTH` columns and as many as the renderable's longest line needs, so
+    no table cell, legend or caption is hard-wrapped mid-phrase (a pager or editor wraps, if it likes);
+    ``width`` overrides both."""
     stream = sys.stdout if stream is None else stream
     console = _Console(file=stream)
     if width is not None:
         console = _Console(file=stream, width=width, no_color=not console.is_terminal, highlight=False)
     elif not console.is_terminal:
         console = _Console(file=stream, width=NON_TTY_WIDTH, no_color=True, highlight=False)
+        unbounded = console.options.update_width(1_000_000)  # Measurement.get clamps to the width given
+        need = Measurement.get(console, unbounded, renderable).maximum
+        if need > NON_TTY_WIDTH:
+            console = _Console(file=stream, width=need, no_color=True, highlight=False)
     console.print(renderable)
 
 

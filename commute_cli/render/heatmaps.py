@@ -4,8 +4,10 @@
   the predicted change ``EL^{ij}`` (nats; ``results.csv``) of "``i`` earlier, ``j`` later"; antisymmetric
   (``EL^{ji} = -EL^{ij}``), blank diagonal. Most useful for K > 2 domains.
 - :func:`plot_decomposition_heatmap`: parameter groups (rows) x checkpoints (columns) of one (target, pair)'s
-  bracket split by group (``decomposition.csv``, ``commute analyze --decompose``).
-- :func:`plot_orders`: the first-order signal (``baselines.csv``) beside the bracket's prediction over steps.
+  predicted change ``EL^{ij}`` split by group (``decomposition.csv``'s ``el``, ``commute analyze
+  --decompose``), in the unit of analyze's table; a column's total is its ``el_ij``.
+- :func:`plot_orders`: the first-order signal (``baselines.csv``) beside the bracket's prediction over steps,
+  both as changes of the target in nats with one sign convention.
 
 Heatmaps: a diverging colour scale centred at 0 (blue: the reordering lowers the target / negative part; red:
 raises it), symmetric limits; cells whose value is not significant at the analysis's confidence are drawn
@@ -18,6 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from commute_cli.render.style import si_scale
+from commute_cli.render.tables import table_confidence
 
 MUTED_ALPHA = 0.35
 
@@ -117,72 +122,122 @@ def plot_pair_heatmap(results: pd.DataFrame, path: Path | str, targets: list[str
     return path
 
 
-def plot_decomposition_heatmap(
-    decomposition: pd.DataFrame, path: Path | str, target: str, pair: str | None = None
-) -> Path:
-    """Groups x checkpoints heatmap of one (target, pair)'s bracket decomposition to a PNG.
+def decomposition_figure(decomposition: pd.DataFrame, target: str, pair: str | None = None):
+    """Groups x checkpoints heatmap of one (target, pair)'s predicted change ``EL^{ij}`` split by parameter
+    group (``decomposition.csv``'s ``el``: the unit of analyze's table, nats with one SI prefix), returned.
 
-    Cell value: the group's part of ``< D g_L, H_j D g_i - H_i D g_j >`` (the ``bracket`` of results.csv;
-    the column sums to it). ``pair`` defaults to the first pair in the file.
+    A column's cells add up to its total, written under its step: results.csv's ``el_ij`` for that row
+    (the EL column of analyze's table). ``pair`` defaults to the first pair in the file. A
+    ``decomposition.csv`` written before the ``el`` column existed is refused (rerun analyze).
     """
     plt = _pyplot()
     d = decomposition[decomposition["target"] == target]
     if d.empty:
         raise ValueError(f"no decomposition rows for target {target!r}")
+    if "el" not in d:
+        raise ValueError("decomposition.csv has no el column (written by an older commute)")
     pair = pair or str(d["pair"].iloc[0])
     d = d[d["pair"] == pair]
     groups = list(dict.fromkeys(d["group"]))
     steps = sorted(d["step"].unique())
-    values = d.pivot(index="group", columns="step", values="value").loc[groups, steps].to_numpy(float)
-    sig = d.pivot(index="group", columns="step", values="significant").loc[groups, steps].to_numpy(bool)
+    values = d.pivot(index="group", columns="step", values="el").loc[groups, steps].to_numpy(float)
+    sig = d.pivot(index="group", columns="step", values="el_significant").loc[groups, steps]
+    sig = sig.fillna(False).to_numpy(bool)
     totals = values.sum(axis=0)
+    factor, prefix, _ = si_scale([*values.ravel(), *totals])
+    values, totals = values / factor, totals / factor
     fig, ax = plt.subplots(
         figsize=(2.0 + 0.9 * len(steps), max(3.0, 1.2 + 0.32 * len(groups))), constrained_layout=True
     )
     mappable = _cells(ax, values, sig, _limit(values))
-    ax.set_xticks(range(len(steps)), [f"{s}\n(total {t:.2g})" for s, t in zip(steps, totals, strict=True)],
+    ax.set_xticks(range(len(steps)), [f"{s}\n(total {t:.3g})" for s, t in zip(steps, totals, strict=True)],
                   fontsize=7)  # fmt: skip
     ax.set_yticks(range(len(groups)), groups, fontsize=7)
-    ax.set_xlabel("checkpoint step", fontsize=8)
+    ax.set_xlabel("checkpoint step (total: the EL of analyze's table)", fontsize=8)
     i, j = pair.split("|", 1) if "|" in pair else (pair, "")
-    fig.colorbar(mappable, ax=ax, shrink=0.8, label="nats / dt^2")
-    ax.set_title(f"Bracket <g_L, H_{j} g_{i} - H_{i} g_{j}> by parameter group, target {target}\n"
-                 "(dt = lr x steps; * and value: significant; pale: within noise)", fontsize=8)  # fmt: skip
+    fig.colorbar(mappable, ax=ax, shrink=0.8, label=f"group's part of EL^ij ({prefix}nat)")
+    ax.set_title(
+        f"Predicted change EL^ij of L_{target} from moving {i} earlier, {j} later, by parameter group "
+        f"({prefix}nat)\n(* and value: significant; pale: within noise)",
+        fontsize=8,
+    )
+    return fig
+
+
+def plot_decomposition_heatmap(
+    decomposition: pd.DataFrame, path: Path | str, target: str, pair: str | None = None
+) -> Path:
+    """:func:`decomposition_figure` to a PNG."""
+    plt = _pyplot()
+    fig = decomposition_figure(decomposition, target, pair)
     path = Path(path)
     fig.savefig(path, dpi=130)
     plt.close(fig)
     return path
 
 
+def first_order_change(baselines: pd.DataFrame, results: pd.DataFrame) -> pd.DataFrame:
+    """baselines.csv's rows with the first-order signal as a change of the target in nats, for the
+    intervention of results.csv's row of the same (step, target, pair): ``first = -dt dw (a_i - a_j)``, the
+    target's first-order change over the intervention's first half alone (``+dw`` on ``i``, ``-dw`` on
+    ``j``), with its half-width ``first_half = t_crit x dt dw x align_diff_se``. Below 0, like ``EL^{ij}``:
+    the signal favours moving ``i`` earlier. (Over the whole intervention the first-order terms cancel:
+    ``EL^{ij}`` is what is left.)"""
+    keys = ["step", "target", "domain_i", "domain_j"]
+    cols = [*keys, "dt", "dw", "t_crit"]
+    merged = baselines.drop(columns=[c for c in ("dt", "dw", "t_crit") if c in baselines]).merge(
+        results[cols], on=keys, how="inner"
+    )
+    scale = merged["dt"].astype(float) * merged["dw"].astype(float)
+    merged["first"] = -scale * merged["align_diff"].astype(float)
+    merged["first_half"] = merged["t_crit"].astype(float) * scale * merged["align_diff_se"].astype(float)
+    return merged
+
+
 def plot_orders(
     results: pd.DataFrame, baselines: pd.DataFrame, path: Path | str, pair: str | None = None
 ) -> Path:
-    """First-order signal beside the bracket over steps, per target (columns), for one pair, to a PNG.
+    """:func:`orders_figure` to a PNG."""
+    plt = _pyplot()
+    fig = orders_figure(results, baselines, pair)
+    path = Path(path)
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
 
-    Top row: ``EL^{ij}`` (nats, results.csv) of "``i`` earlier, ``j`` later" with its 95 % interval
-    (``t_crit x SE``); below zero the reordering helps. Bottom row: the alignment difference
-    ``< g_i - g_j, D g_L >`` (baselines.csv) with ``+-2 SE``; above zero a greedy first-order rule favours
-    ``i`` first. Where both are significant and the rule and the bracket favour different domains the step is
-    marked "disagree" (baselines.csv ``orders``).
+
+def orders_figure(results: pd.DataFrame, baselines: pd.DataFrame, pair: str | None = None):
+    """First-order signal beside the bracket over steps, per target (columns), for one pair, returned.
+
+    Both rows are changes of the target in nats with one SI prefix for the whole figure, with their
+    confidence intervals (``t_crit x SE``, the table's), and one sign: below zero, moving ``i`` earlier
+    helps. Top row: ``EL^{ij}`` (results.csv, the table's EL). Bottom row: the first-order change over the
+    intervention's first half (:func:`first_order_change`), what a greedy first-order rule goes by. Where
+    both are significant and they favour different domains the step is marked "disagree" (baselines.csv
+    ``orders``), in red, explained under the figure.
     """
     plt = _pyplot()
     pair = pair or str(baselines["pair"].iloc[0])
     i, j = pair.split("|", 1)
     res = results[(results["domain_i"] == i) & (results["domain_j"] == j)]
-    base = baselines[baselines["pair"] == pair]
+    base = first_order_change(baselines[baselines["pair"] == pair], res)
     targets = list(dict.fromkeys(res["target"]))
+    top_half = res["t_crit"].astype(float) * res["el_se"].astype(float)
+    factor, prefix, _ = si_scale([*res["el_ij"], *top_half, *base["first"], *base["first_half"]])
+    unit = f"{prefix}nat"
+    conf_pct = f"{100 * table_confidence(res):.3g}%"
     fig, axes = plt.subplots(
-        2, len(targets), figsize=(1.0 + 3.0 * len(targets), 4.6), squeeze=False, sharex=True,
+        2, len(targets), figsize=(1.0 + 3.0 * len(targets), 5.0), squeeze=False, sharex=True,
         constrained_layout=True,
     )  # fmt: skip
     for c, target in enumerate(targets):
         r = res[res["target"] == target].sort_values("step")
         b = base[base["target"] == target].sort_values("step")
         top, bottom = axes[0, c], axes[1, c]
-        top.errorbar(r["step"], r["el_ij"], yerr=r["t_crit"] * r["el_se"], fmt="o-", color="C0", capsize=3)
-        bottom.errorbar(
-            b["step"], b["align_diff"], yerr=2 * b["align_diff_se"], fmt="s-", color="C1", capsize=3
-        )
+        top.errorbar(r["step"], r["el_ij"] / factor, yerr=r["t_crit"] * r["el_se"] / factor, fmt="o-",
+                     color="C0", capsize=3)  # fmt: skip
+        bottom.errorbar(b["step"], b["first"] / factor, yerr=b["first_half"] / factor, fmt="s-", color="C1",
+                        capsize=3)  # fmt: skip
         for ax in (top, bottom):
             ax.axhline(0.0, color="grey", lw=0.8)
             ax.tick_params(labelsize=7)
@@ -192,11 +247,15 @@ def plot_orders(
         top.set_title(f"target {target}", fontsize=9)
         bottom.set_xlabel("checkpoint step", fontsize=8)
         if c == 0:
-            top.set_ylabel(f"EL^ij (nats)\n< 0: {i} earlier helps", fontsize=8)
-            bottom.set_ylabel(f"<g_{i} - g_{j}, g_L>\n> 0: first order favours {i}", fontsize=8)
-    fig.suptitle(f"Second order (bracket, top) against first order (gradient alignment, bottom), {i} vs {j}",
-                 fontsize=9)  # fmt: skip
-    path = Path(path)
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+            top.set_ylabel(f"second order: EL^ij ({unit})\n< 0: {i} earlier helps", fontsize=8)
+            bottom.set_ylabel(f"first order, first half ({unit})\n< 0: {i} earlier helps", fontsize=8)
+    fig.suptitle(f"Second order (the table's EL^ij, top) against first order (bottom), {i} vs {j}; both: "
+                 f"change of the target in {unit}, below 0 moving {i} earlier helps", fontsize=9)  # fmt: skip
+    fig.supxlabel(
+        f"Bars: {conf_pct} intervals. Bottom: -dt dw <g_{i} - g_{j}, D g_L>, the target's first-order change "
+        f"while {i} has +dw and {j} -dw (the first half of the table's intervention; over both halves it "
+        "cancels).\nRed 'disagree': both rows significant and they favour different domains (baselines.csv's "
+        "orders column).",
+        fontsize=7,
+    )
+    return fig

@@ -21,19 +21,9 @@ from commute_cli.render.style import format_sig, format_sig_fixed, si_scale
 __all__ = ["antisym_ratio", "sign_word", "validate_table"]
 
 
-NAT_COLUMNS = (
-    "obs_el12",
-    "obs_el12_se",
-    "pred_el12",
-    "pred_el12_se",
-    "obs_el21",
-    "obs_el21_se",
-    "pred_el21",
-    "obs_sym",
-    "obs_sym_se",
-)
-"""The columns drawn in nats: one SI prefix and one precision for all of them (``render.style.si_scale``),
-so no column mixes mnat with µnat or 0.0012 with 4.5e-04."""
+NAT_COLUMNS = ("obs_el12", "pred_el12", "obs_el21", "pred_el21", "obs_sym")
+"""The columns drawn in nats (with their intervals): one SI prefix and one precision for all of them
+(``render.style.si_scale``), so no column mixes mnat with µnat or 0.0012 with 4.5e-04."""
 
 
 def _num(x: float, factor: float, decimals: int) -> str:
@@ -43,11 +33,31 @@ def _num(x: float, factor: float, decimals: int) -> str:
     return text.lstrip("-") if float(text) == 0.0 else text  # no "-0.00"
 
 
-def _pm(mean: float, se: float, scale: tuple[float, int], significant: bool | None = None) -> str:
+def _pm(mean: float, half: float, scale: tuple[float, int], significant: bool | None = None) -> str:
     text = _num(mean, *scale)
-    if math.isfinite(se):
-        text += f" ± {_num(se, *scale)}"
+    if math.isfinite(half):
+        text += f" ± {_num(half, *scale)}"
     return text + ("*" if significant else "")
+
+
+def _t_quantile(confidence: float, dof: int) -> float:
+    """Two-sided Student-t quantile (nan without degrees of freedom)."""
+    if dof < 1:
+        return math.nan
+    from scipy import stats
+
+    return float(stats.t.ppf(0.5 + confidence / 2.0, dof))
+
+
+def _t_crit(row: Any, column: str, fallback: float) -> float:
+    value = getattr(row, column, None)  # validate.csv files of earlier versions lack the column
+    return float(value) if value is not None and not pd.isna(value) else fallback
+
+
+def _half(row: Any, se_column: str, t_crit: float) -> float:
+    """The interval's half-width ``t_crit x SE`` (nan without an SE)."""
+    se = float(getattr(row, se_column))
+    return t_crit * se if math.isfinite(se) else math.nan
 
 
 def sign_word(agree: Any, observed_significant: Any) -> str:
@@ -76,18 +86,40 @@ def _count(n: int, noun: str) -> str:
 
 def validate_table(table: pd.DataFrame, run: Mapping[str, Any]) -> RenderableType:
     """The paper's Table 2 layout: per target domain k, L_k at the checkpoint, observed and predicted
-    EL_k^12 and EL_k^21 (one SI prefix for the table, ± 1 SE), whether the signs agree (weaker when the
-    observation is not significant), the observed antisymmetric part over the prediction and the
+    EL_k^12 and EL_k^21 (one SI prefix for the table, each with its confidence interval ``± t_crit x SE``
+    at the run's ``--confidence``, the convention of analyze's table), whether the signs agree (weaker when
+    the observation is not significant), the observed antisymmetric part over the prediction and the
     prediction's regime.
 
     ``table`` and ``run`` are ``ValidateResult.table`` (one row per target, ``validate.csv``) and
     ``ValidateResult.run`` (``validate.json``'s ``run``).
     """
     df = table
-    factor, prefix, decimals = si_scale([v for c in NAT_COLUMNS if c in df for v in df[c]])
+    first = df.iloc[0].to_dict()
+    n_rep = int(first["repeats"])
+    options = run.get("options", {}) or {}
+    conf = float(options.get("confidence", 0.95))
+    n_blocks = int(options.get("blocks") or 8)
+    pct = f"{100 * conf:.3g}%"
+    intervals = []  # (row, mean column, half-width) for every number in nats
+    for r in df.itertuples(index=False):
+        t_pred = _t_crit(r, "pred_t_crit", _t_quantile(conf, n_blocks - 1))
+        t_obs = _t_crit(r, "obs_t_crit", _t_quantile(conf, n_rep - 1))
+        intervals.append(
+            {
+                "obs_el12": _half(r, "obs_el12_se", t_obs),
+                "pred_el12": _half(r, "pred_el12_se", t_pred),
+                "obs_el21": _half(r, "obs_el21_se", t_obs),
+                "pred_el21": _half(r, "pred_el12_se", t_pred),
+                "obs_sym": _half(r, "obs_sym_se", t_obs),
+            }
+        )
+    values = [v for c in NAT_COLUMNS if c in df for v in df[c]]
+    values += [h for half in intervals for h in half.values()]
+    factor, prefix, decimals = si_scale(values)
     scale = (factor, decimals)
     rows = []
-    for r in df.itertuples(index=False):
+    for r, half in zip(df.itertuples(index=False), intervals, strict=True):
         ratio = antisym_ratio(r)
         label = getattr(r, "regime", None)  # validate.csv files of earlier versions have only in_regime
         regime = str(label) if isinstance(label, str) and label else ("inside" if r.in_regime else "outside")
@@ -95,53 +127,52 @@ def validate_table(table: pd.DataFrame, run: Mapping[str, Any]) -> RenderableTyp
             [
                 r.target,
                 format_sig(r.loss_ckpt, 4),
-                _pm(r.obs_el12, r.obs_el12_se, scale, r.obs_el12_significant),
-                _pm(r.pred_el12, r.pred_el12_se, scale, r.pred_significant),
+                _pm(r.obs_el12, half["obs_el12"], scale, r.obs_el12_significant),
+                _pm(r.pred_el12, half["pred_el12"], scale, r.pred_significant),
                 sign_word(r.sign_agree_12, r.obs_el12_significant),
-                _pm(r.obs_el21, r.obs_el21_se, scale, r.obs_el21_significant),
-                _pm(r.pred_el21, r.pred_el12_se, scale, r.pred_significant),
+                _pm(r.obs_el21, half["obs_el21"], scale, r.obs_el21_significant),
+                _pm(r.pred_el21, half["pred_el21"], scale, r.pred_significant),
                 sign_word(r.sign_agree_21, r.obs_el21_significant),
-                _pm(r.obs_sym, r.obs_sym_se, scale),
+                _pm(r.obs_sym, half["obs_sym"], scale),
                 format_sig_fixed(ratio, 2) if math.isfinite(ratio) else "-",
                 f"{regime} ({format_sig_fixed(r.regime_ratio, 2)})",
             ]
         )
     one, two = run["pair"]
-    first = df.iloc[0].to_dict()
     title = (
         f"validate {Path(run['checkpoint']).name} (step {run['step']}): '12' = {one} +{first['dw']:g} for "
         f"{int(first['horizon'])} steps then -{first['dw']:g}; '21' the reverse; dt = {first['dt']:g}, "
-        f"metric {first['metric']}, {_count(int(first['repeats']), 'repeat')}"
+        f"metric {first['metric']}, {_count(n_rep, 'repeat')}"
     )
     unit = f"{prefix}nat"
-    se = "" if int(first["repeats"]) < 2 else " ± SE"
-    columns = [  # the unit and what ± is on each header's second line
+    obs_unit = unit if n_rep < 2 else f"{unit} ({pct})"
+    columns = [  # the unit and, where a ± follows, its interval on each header's second line
         "target k",
         "L_k\nnat",
-        f"EL_k^12 obs\n{unit}{se}",
-        f"EL_k^12 pred\n{unit} ± SE",
+        f"EL_k^12 obs\n{obs_unit}",
+        f"EL_k^12 pred\n{unit} ({pct})",
         "sign",
-        f"EL_k^21 obs\n{unit}{se}",
-        f"EL_k^21 pred\n{unit} ± SE",
+        f"EL_k^21 obs\n{obs_unit}",
+        f"EL_k^21 pred\n{unit} ({pct})",
         "sign",
-        f"obs (12+21)/2\n{unit}{se}",
+        f"obs (12+21)/2\n{obs_unit}",
         "obs/pred\n(antisym.)",
         "regime",
     ]
-    n_rep = int(first["repeats"])
     obs = (
-        "obs: one stream seed, no SE, so no observation is significant and an agreeing sign reads "
-        "'yes (n.s.)'; "
+        "obs: one stream seed, no SE, so no interval, no observation is significant and an agreeing sign "
+        "reads 'yes (n.s.)'; "
         if n_rep < 2
-        else f"obs: mean ± 1 SE over {n_rep} stream seeds ('(n.s.)': the observation is not significant); "
+        else f"obs: mean ± its {pct} confidence interval over {n_rep} stream seeds (Student t, {n_rep - 1} "
+        "degrees of freedom; '(n.s.)': the interval includes 0); "
     )
-    conf = run["options"]["confidence"]
     per = "" if not prefix else f" (1 {unit} = {factor:g} nat)"
     caption = (
         f"EL_k^12 = L_k(theta_12) - L_k(theta_base) in {unit}{per} on "
         f"{'held-out blocks' if run['eval_held_out'] else 'TRAINING blocks (no held-out data given)'}; "
-        f"{obs}pred: the criterion at the checkpoint (docs/MATH.md; EL^21 = -EL^12), ± 1 SE over sample "
-        f"blocks (not a {100 * conf:.3g}% interval); * significant at {conf:g}; "
+        f"{obs}pred: the criterion at the checkpoint (docs/MATH.md; EL^21 = -EL^12), ± its {pct} confidence "
+        f"interval over {n_blocks} sample blocks (Student t, as analyze's EL column and its verdict's test); "
+        f"* significant at {conf:g} (the interval excludes 0); "
         "(12+21)/2: the observed part that is even in dw, zero to second order (Adam's nonlinearity, "
         "higher orders, noise); obs/pred (antisym.): ((obs 12 - obs 21)/2) / pred 12, the observed part odd "
         "in dw (what the bracket predicts) over the prediction; "
