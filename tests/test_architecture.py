@@ -36,7 +36,14 @@ ALWAYS = {"errors", "__init__"}  # the error type and the version string are the
 #: modules of the commands layer that are not commands: the analyze options and the per-checkpoint statistics
 #: service that analyze and validate share, validate's inputs and branches and train's set-up (split out of
 #: validate.py and train.py to keep each module one idea); a command may import these, never another command
-COMMAND_SERVICES = {"options", "stats", "validate_inputs", "validate_branches", "train_setup", "continuations"}
+COMMAND_SERVICES = {
+    "options",
+    "stats",
+    "validate_inputs",
+    "validate_branches",
+    "train_setup",
+    "continuations",
+}
 NOT_IN_CORE = {"torch", "transformers", "datasets", "safetensors", "tokenizers"}
 
 

@@ -28,6 +28,9 @@ from tiny_run import make_run
 
 # ---------------------------------------------------------------------------------------------- exact flows
 
+LOCAL = ["recommend", "--kind", "local"]
+"""recommend's local swaps (the default kind, phases, trains continuations)."""
+
 
 def test_disjoint_pairs_add_at_second_order_on_exact_flows():
     q = Quad(K=4, n=10, seed=3)
@@ -205,7 +208,7 @@ def test_k4_recommend_moves_disjoint_pairs_with_a_per_block_error_bar(k4, tmp_pa
     from commute_cli.core.regime import parse_targets
     from commute_cli.io import store
 
-    code, out, err = cli(["recommend", "--target", "en", "--from", k4, "--out", tmp_path / "a", "--format",
+    code, out, err = cli([*LOCAL, "--target", "en", "--from", k4, "--out", tmp_path / "a", "--format",
                           "json"], capsys)  # fmt: skip
     assert code == 0, err
     rec = json.loads(out)
@@ -253,10 +256,10 @@ def test_k4_recommend_moves_disjoint_pairs_with_a_per_block_error_bar(k4, tmp_pa
     assert len({(s["start"], s["end"]) for s in moved}) == 1
 
     # the table says which pairs move together and labels the interval; --single-pair turns it off
-    code, out, err = cli(["recommend", "--target", "en", "--from", k4, "--out", tmp_path / "b"], capsys)
+    code, out, err = cli([*LOCAL, "--target", "en", "--from", k4, "--out", tmp_path / "b"], capsys)
     assert code == 0, err
     assert "disjoint pairs moved together" in out and "95% interval" in out
-    argv = ["recommend", "--target", "en", "--from", k4, "--out", tmp_path / "c", "--single-pair"]
+    argv = [*LOCAL, "--target", "en", "--from", k4, "--out", tmp_path / "c", "--single-pair"]
     code, out, err = cli([*argv, "--format", "json"], capsys)
     assert code == 0, err
     single = json.loads(out)

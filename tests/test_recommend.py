@@ -43,6 +43,9 @@ REGIME = {"max_ratio": 0.25, "max_progress_fraction": 0.5}
 
 # ---------------------------------------------------------------------------------------------- helpers
 
+LOCAL = ["recommend", "--kind", "local"]
+"""recommend's local swaps (the default kind, phases, trains continuations)."""
+
 
 def make_row(step: int, target: str, i: str, j: str, w: dict, **kw) -> dict:
     row = {
@@ -362,7 +365,7 @@ def synthetic_results(folder: Path, verdict: str = "suboptimal") -> Path:
 
 def test_cli_writes_schedules_that_commute_train_reads(tiny, tmp_path, capsys):
     res = synthetic_results(tmp_path / "res")
-    code, out, err = cli(["recommend", "--target", "xx", "--from", res, "--batch-size", "10"], capsys)
+    code, out, err = cli([*LOCAL, "--target", "xx", "--from", res, "--batch-size", "10"], capsys)
     assert code == 0, err
     assert "steps 50-100: en 0.70->0.80, xx 0.30->0.20; steps 100-150: en 0.70->0.60, xx 0.30->0.40" in out
     assert "ΔL_xx (target)" in out and "ΔL_en" in out and "total" in out and "unchanged (exactly)" in out
@@ -406,16 +409,16 @@ def test_cli_writes_schedules_that_commute_train_reads(tiny, tmp_path, capsys):
 
 def test_cli_csv_and_json_formats(tmp_path, capsys):
     res = synthetic_results(tmp_path / "res")
-    code, out, err = cli(["recommend", "--target", "en", "--from", res, "--format", "csv"], capsys)
+    code, out, err = cli([*LOCAL, "--target", "en", "--from", res, "--format", "csv"], capsys)
     assert code == 0, err
     df = pd.read_csv(pd.io.common.StringIO(out))
     assert set(df["target"]) == {"en", "xx", "mix"} and (df[df.chosen_target]["predicted_change"] < 0).all()
-    code, out, err = cli(["recommend", "--target", "en", "--from", res, "--format", "json"], capsys)
+    code, out, err = cli([*LOCAL, "--target", "en", "--from", res, "--format", "json"], capsys)
     assert code == 0, err
     assert json.loads(out)["shifts"][0]["earlier"] == "xx"  # EL^{en,xx} > 0: xx earlier
     # --single-pair on a 2-domain run proposes the same and says it changes nothing here
     code, single, err = cli(
-        ["recommend", "--target", "en", "--from", res, "--format", "json", "--single-pair"], capsys
+        [*LOCAL, "--target", "en", "--from", res, "--format", "json", "--single-pair"], capsys
     )
     assert code == 0 and json.loads(single)["shifts"] == json.loads(out)["shifts"]
     assert "--single-pair changes nothing here: with 2 domains" in err
@@ -423,16 +426,16 @@ def test_cli_csv_and_json_formats(tmp_path, capsys):
 
 def test_nothing_significant_proposes_nothing(tmp_path, capsys):
     res = synthetic_results(tmp_path / "res", verdict="insufficient signal")
-    code, out, err = cli(["recommend", "--target", "xx", "--from", res], capsys)
+    code, out, err = cli([*LOCAL, "--target", "xx", "--from", res], capsys)
     assert code == 0, err
     assert "nothing significant for target xx" in out
     assert not any((res / f).exists() for f in ("schedule.json", "schedule.csv", "recommend.json"))
     # files of an earlier recommendation (another target) are left alone, and the command says so
     synthetic_results(tmp_path / "res2")
-    assert cli(["recommend", "--target", "xx", "--from", tmp_path / "res2", "--out", res], capsys)[0] == 0
+    assert cli([*LOCAL, "--target", "xx", "--from", tmp_path / "res2", "--out", res], capsys)[0] == 0
     before = (res / "schedule.csv").read_bytes()
     synthetic_results(res, verdict="insufficient signal")
-    code, out, err = cli(["recommend", "--target", "xx", "--from", res], capsys)
+    code, out, err = cli([*LOCAL, "--target", "xx", "--from", res], capsys)
     assert (
         code == 0 and "earlier recommend (target xx)" in err and (res / "schedule.csv").read_bytes() == before
     )
@@ -443,13 +446,13 @@ def test_nothing_significant_proposes_nothing(tmp_path, capsys):
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
-    code, _, err = cli(["recommend", "--target", "en", "--from", tmp_path / "none"], capsys)
+    code, _, err = cli([*LOCAL, "--target", "en", "--from", tmp_path / "none"], capsys)
     assert code == 2 and err.startswith("error: no analyze results") and "commute analyze" in err
     assert len(err.strip().splitlines()) == 1
     res = synthetic_results(tmp_path / "res")
-    code, _, err = cli(["recommend", "--target", "de", "--from", res], capsys)
+    code, _, err = cli([*LOCAL, "--target", "de", "--from", res], capsys)
     assert code == 2 and "unknown target 'de'" in err and "en, xx, mix" in err
-    code, _, err = cli(["recommend", "--target", "en", "--from", res, "--max-shift", "0"], capsys)
+    code, _, err = cli([*LOCAL, "--target", "en", "--from", res, "--max-shift", "0"], capsys)
     assert code == 2 and "--max-shift" in err
     with pytest.raises(CommuteError, match=r"results\.csv lacks columns"):
         pd.DataFrame({"step": [1]}).to_csv(res / "results.csv", index=False)
@@ -518,7 +521,7 @@ def test_recommended_schedule_lowers_the_target_by_the_predicted_amount(tiny, tm
     assert (run_analysis(default).results["verdict"] == "negligible").all()
 
     code, _, err = cli(
-        ["recommend", "--target", "xx", "--from", out, "--until", "50", "--batch-size", "20"], capsys
+        [*LOCAL, "--target", "xx", "--from", out, "--until", "50", "--batch-size", "20"], capsys
     )
     assert code == 0, err
     saved = json.loads((out / "recommend.json").read_text())

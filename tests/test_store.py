@@ -21,6 +21,9 @@ from cli_runner import cli
 NAMES = ("2024", "NA")
 """Domain names that a number-guessing or NA-guessing reader would change."""
 
+LOCAL = ["recommend", "--kind", "local"]
+"""recommend's local swaps (the default kind, phases, trains continuations)."""
+
 
 def results_rows(run_id: str) -> list[dict]:
     rows = []
@@ -114,7 +117,7 @@ def test_recommend_and_plot_match_the_run_whatever_its_id(tmp_path, capsys):
     """recommend and plot read the run whose id and domain names look like numbers, and name it."""
     folder = tmp_path / "res"
     write_run(folder, "12345678")
-    code, out, err = cli(["recommend", "--target", "2024", "--from", folder, "--format", "json"], capsys)
+    code, out, err = cli([*LOCAL, "--target", "2024", "--from", folder, "--format", "json"], capsys)
     assert code == 0, err
     assert "run 12345678 " in err
     shifts = json.loads(out)["shifts"]

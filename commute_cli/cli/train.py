@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -54,11 +55,21 @@ def train_command(
     seq_len: int | None = typer.Option(
         None, "--seq-len", help="Tokens per sequence (default: --init's or the manifest's, else 128)."
     ),
-    lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate."),
-    optimizer: Optimizer = typer.Option(Optimizer.adamw, "--optimizer", help="adamw or sgd."),
-    weight_decay: float = typer.Option(0.0, "--weight-decay", help="Decoupled weight decay (AdamW)."),
-    lr_schedule: LrSchedule = typer.Option(LrSchedule.constant, "--lr-schedule", help="constant or cosine."),
-    warmup: int = typer.Option(0, "--warmup", help="Linear warmup steps."),
+    lr: float | None = typer.Option(
+        None, "--lr", help="Peak learning rate (default: --init's or the manifest's run, else 1e-3)."
+    ),
+    optimizer: Optimizer | None = typer.Option(
+        None, "--optimizer", help="adamw or sgd (default: --init's or the manifest's run, else adamw)."
+    ),
+    weight_decay: float | None = typer.Option(
+        None, "--weight-decay", help="Decoupled weight decay, AdamW (default: the run's, else 0)."
+    ),
+    lr_schedule: LrSchedule | None = typer.Option(
+        None, "--lr-schedule", help="constant or cosine (default: the run's, else constant)."
+    ),
+    warmup: int | None = typer.Option(
+        None, "--warmup", help="Linear warmup steps (default: the run's, else 0)."
+    ),
     init: str | None = typer.Option(
         None, "--init", help="Model config JSON, or a checkpoint to continue (weights, optimizer, step)."
     ),
@@ -81,6 +92,13 @@ def train_command(
     from commute_cli.commands import train
     from commute_cli.io.data import parse_domain_specs
 
+    given: dict[str, Any] = {
+        "lr": lr,
+        "optimizer": optimizer.value if optimizer else None,
+        "weight_decay": weight_decay,
+        "lr_schedule": lr_schedule.value if lr_schedule else None,
+        "warmup": warmup,
+    }
     config = train.TrainConfig(
         out_dir=out_dir,
         domains=parse_domain_specs(domains) if domains else {},
@@ -93,11 +111,8 @@ def train_command(
         save_every=save_every,
         batch_size=batch_size,
         seq_len=seq_len,
-        lr=lr,
-        optimizer=optimizer.value,
-        weight_decay=weight_decay,
-        lr_schedule=lr_schedule.value,
-        warmup=warmup,
+        **{k: v for k, v in given.items() if v is not None},
+        unset=tuple(k for k, v in given.items() if v is None),
         init=init,
         seed=seed,
         threads=threads,

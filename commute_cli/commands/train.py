@@ -41,6 +41,7 @@ import torch
 from commute_cli.commands.train_setup import (
     TrainConfig,
     clashing_checkpoints,
+    inherit_training,
     model_and_optimizer,
     resume_command,
     run_manifest,
@@ -88,6 +89,8 @@ def train(config: TrainConfig) -> Path:
     )
     if not inputs.domains:
         raise CommuteError("no training domains", "pass --domains name=source ... (or --manifest)")
+    config = inherit_training(config, inputs.manifest)
+    validate_config(config)
     if inputs.tokenizer_path is None:
         raise CommuteError("no tokenizer given", "pass --tokenizer FOLDER, or --init a checkpoint with one")
     names = inputs.names

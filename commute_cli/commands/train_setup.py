@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,10 @@ class TrainConfig:
     device: str = "cpu"
     logging_steps: int = 10
     eval_blocks: int = 256
+    unset: tuple[str, ...] = ()
+    """Optimizer settings the user did not give (``lr``, ``optimizer``, ``weight_decay``, ``lr_schedule``,
+    ``warmup``): taken from the run being continued or named (``--init``'s or ``--manifest``'s
+    ``commute.json``) by :func:`inherit_training`, else the defaults above."""
     base_dir: Path | None = None
     overwrite: bool = False
     quiet: bool = False
@@ -66,6 +70,31 @@ class TrainConfig:
     argv: list[str] | None = None
     """The command's arguments (after ``commute``), so that an interrupted run can say how to resume."""
     model_overrides: dict[str, Any] = field(default_factory=dict)
+
+
+def inherit_training(config: TrainConfig, manifest: Any) -> TrainConfig:
+    """``config`` with every setting in ``config.unset`` taken from ``manifest`` (an
+    ``io.checkpoints.Manifest`` or None) where it records one: a continuation trains as the run did (its
+    learning rate, schedule, warmup, optimizer and weight decay; betas and eps with the optimizer) unless a
+    flag says otherwise."""
+    if manifest is None or not config.unset:
+        return config
+    opt = manifest.optimizer or {}
+    raw = manifest.raw or {}
+    found: dict[str, Any] = {
+        "lr": opt.get("lr"),
+        "optimizer": opt.get("name"),
+        "weight_decay": opt.get("weight_decay"),
+        "lr_schedule": raw.get("lr_schedule"),
+        "warmup": raw.get("warmup_steps"),
+    }
+    changes = {k: found[k] for k in config.unset if found.get(k) is not None}
+    if "optimizer" in changes and changes["optimizer"] == "adamw":
+        if isinstance(opt.get("betas"), list) and len(opt["betas"]) == 2:
+            changes["betas"] = (float(opt["betas"][0]), float(opt["betas"][1]))
+        if isinstance(opt.get("eps"), (int, float)):
+            changes["eps"] = float(opt["eps"])
+    return replace(config, **changes) if changes else config
 
 
 def validate_config(config: TrainConfig) -> None:

@@ -244,16 +244,19 @@ def candidates(
     return out
 
 
-def displacement(original: Schedule, changed: Schedule, start: int, last: int) -> dict[str, list[float]]:
+def displacement(
+    original: Schedule, changed: Schedule, start: int, last: int, batch_size: int
+) -> dict[str, list[float]]:
     """``D_k(t)`` for ``t = start .. last``: weight-steps of domain ``k`` moved earlier than ``t``
-    (``sum_{start <= u < t} (changed_k(u) - original_k(u))``). Zero at both ends for a data-conserving
-    change."""
+    (``sum_{start <= u < t} (changed_k(u) - original_k(u))``, with the weights ``commute train`` realises:
+    whole rows of ``batch_size``). Zero at both ends for a data-conserving change."""
     names = original.domains
     out = {n: [0.0] for n in names}
     for t in range(start, last):
-        a, b = original.weights_at(t), changed.weights_at(t)
-        for n in names:
-            out[n].append(out[n][-1] + (b[n] - a[n]))
+        a = batch_counts([original.weights_at(t)[n] for n in names], batch_size)
+        b = batch_counts([changed.weights_at(t)[n] for n in names], batch_size)
+        for k, n in enumerate(names):
+            out[n].append(out[n][-1] + (b[k] - a[k]) / batch_size)
     return out
 
 
@@ -297,7 +300,7 @@ def bracket_prediction(
                 out[k] = (0.0, 0.0)
         return out
 
-    disp = displacement(original, phase.schedule, phase.start, phase.last)
+    disp = displacement(original, phase.schedule, phase.start, phase.last, phase.batch_size)
     change = bound = 0.0
     for idx, t in enumerate(range(phase.start, phase.last)):
         r = rho(t)
