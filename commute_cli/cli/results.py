@@ -152,6 +152,8 @@ def recommend_command(
         )
     if fmt is Format.table:
         tables.print_renderable(recommend_report(rec))
+        if rec.proposed and result.run.get("size_note"):
+            typer.echo(f"note: {result.run['size_note']}; recommend --kind phases measures instead", err=True)
         if files:
             where = ", ".join(str(f) for f in files)
             typer.echo(f"wrote {where}", err=True)

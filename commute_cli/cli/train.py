@@ -50,7 +50,9 @@ def train_command(
         200, "--save-every", help="Save a checkpoint every N steps (and at the end)."
     ),
     batch_size: int | None = typer.Option(
-        None, "--batch-size", help="Sequences per step, split by the weights (default: --init's, else 16)."
+        None,
+        "--batch-size",
+        help="Sequences per step, split by the weights (default: --init's or the manifest's, else 16).",
     ),
     seq_len: int | None = typer.Option(
         None, "--seq-len", help="Tokens per sequence (default: --init's or the manifest's, else 128)."

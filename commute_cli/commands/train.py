@@ -86,6 +86,7 @@ def train(config: TrainConfig) -> Path:
         batch_size=config.batch_size,
         seed=config.seed,
         note=None if config.quiet else (lambda t: print(t, file=sys.stderr)),
+        schedule_use="this run trains on the schedule given",
     )
     if not inputs.domains:
         raise CommuteError("no training domains", "pass --domains name=source ... (or --manifest)")

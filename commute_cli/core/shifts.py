@@ -317,6 +317,13 @@ def pair_shift(
     el = float(row["el_ij"])
     if el == 0.0 or not math.isfinite(el):
         return Skipped(s, pair, "no preferred order (EL is 0 or not finite)")
+    if str(row.get("regime", "")) in ("outside", "saturated"):
+        return Skipped(
+            s,
+            pair,
+            f"analyze marked this row '{row['regime']}': its size cannot be rescaled into a shorter window "
+            "(sign only; recommend --kind phases measures moves of useful size)",
+        )
     earlier, later = (i, j) if el < 0 else (j, i)
     delta = shift_amount(base, earlier, later, delta_max, grid)
     if delta <= 0:

@@ -82,6 +82,7 @@ def resolve_run_inputs(
     batch_size: int | None = None,
     seed: int | None = None,
     note: Note | None = None,
+    schedule_use: str = "the criterion is evaluated around the schedule given",
 ) -> RunInputs:
     """One precedence for every command: flag, then the checkpoint, then the manifest, then a default.
 
@@ -158,7 +159,7 @@ def resolve_run_inputs(
         if own is not None and own.entries != sched.entries:
             note(
                 f"note: the schedule given ({_describe(sched)}) replaces the one the run recorded "
-                f"({_describe(own)}, {where}); the criterion is evaluated around the schedule given"
+                f"({_describe(own)}, {where}); {schedule_use}"
             )
 
     if seq_len:
