@@ -298,3 +298,23 @@ def test_parse_weights_property(s, sep):
     text = sep.join(f"{k}={v!r}" for k, v in w.items())
     assert parse_weights(text) == w
     assert parse_weights(text, list(reversed(w))) == dict(reversed(list(w.items())))
+
+
+def test_the_normalized_weights_a_hint_suggests_parse_as_given():
+    """The hint for weights that do not sum to 1 is pasted back where it came from: ``--weights`` takes
+    space-separated pairs, ``--target`` one comma-separated argument."""
+    import re
+
+    from commute_cli.core.regime import parse_targets
+    from commute_cli.core.schedule import parse_weights
+
+    for call, joiner in (
+        (lambda s: parse_targets([s], ["en", "ru"]), ","),
+        (lambda s: parse_weights(s), " "),
+    ):
+        text = "en=0.5,ru=0.6" if joiner == "," else "en=0.5 ru=0.6"
+        with pytest.raises(CommuteError) as err:
+            call(text)
+        hint = re.search(r"e\.g\. (\S+(?: \S+)*)", str(err.value.hint)).group(1)
+        assert hint == f"en=0.454545{joiner}ru=0.545455"
+        call(hint)  # no error

@@ -95,7 +95,7 @@ def parse_targets(specs: Sequence[str], names: Sequence[str]) -> list[Target]:
             c[list(names).index(spec)] = 1.0
             out.append(Target(spec, "domain", c))
         elif "=" in spec:
-            w = parse_weights(spec, list(names))
+            w = parse_weights(spec, list(names), joiner=",")
             c = np.array([w.get(n, 0.0) for n in names], dtype=np.float64)
             out.append(Target(spec, "custom", c))
         else:

@@ -62,7 +62,7 @@ def _check_number(value: Any, what: str, context: str = "") -> float:
 
 
 def check_weights(
-    weights: Mapping[str, float], domains: Sequence[str] | None = None, context: str = ""
+    weights: Mapping[str, float], domains: Sequence[str] | None = None, context: str = "", joiner: str = " "
 ) -> dict[str, float]:
     """Validate one weight vector; return it as a dict in ``domains`` order (or its own order).
 
@@ -95,17 +95,21 @@ def check_weights(
         out = {d: out[d] for d in domains}
     total = math.fsum(out.values())
     if abs(total - 1.0) > SUM_TOL:
-        fixed = " ".join(f"{d}={w / total:.6g}" for d, w in out.items()) if total > 0 else "en=0.5 ru=0.5"
+        fixed = joiner.join(f"{d}={w / total:.6g}" for d, w in out.items()) if total > 0 else "en=0.5 ru=0.5"
         raise CommuteError(
             f"weights sum to {total:.9g}, not 1{_where(context)}", f"normalize them, e.g. {fixed}"
         )
     return out
 
 
-def parse_weights(items: Sequence[str] | str, domains: Sequence[str] | None = None) -> dict[str, float]:
+def parse_weights(
+    items: Sequence[str] | str, domains: Sequence[str] | None = None, joiner: str = " "
+) -> dict[str, float]:
     """Parse ``name=weight`` pairs: ``"en=0.8 ru=0.2"``, ``"en=0.8,ru=0.2"`` or ``["en=0.8", "ru=0.2"]``.
 
-    Returns a validated dict (see ``check_weights``), ordered like ``domains`` when given.
+    Returns a validated dict (see ``check_weights``), ordered like ``domains`` when given. ``joiner``
+    separates the pairs of the normalized weights a hint suggests (``","`` where one argument holds them all,
+    as ``--target en=0.5,ru=0.5``).
     """
     if isinstance(items, str):
         items = [items]
@@ -119,7 +123,7 @@ def parse_weights(items: Sequence[str] | str, domains: Sequence[str] | None = No
         if name in weights:
             raise CommuteError(f"domain {name!r} given twice in the weights", "give each domain once")
         weights[name] = _parse_number(value, f"weight of {name!r}")
-    return check_weights(weights, domains)
+    return check_weights(weights, domains, joiner=joiner)
 
 
 @dataclass(frozen=True)
