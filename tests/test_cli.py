@@ -153,4 +153,4 @@ def test_every_help_example_runs_as_written(tmp_path):
     assert (tmp_path / "runs" / "example" / "commute.json").is_file()
     assert (tmp_path / "commute_out" / "results.csv").is_file()
     assert (tmp_path / "commute_out" / "validate.csv").is_file() and (tmp_path / "criterion.png").is_file()
-    assert (tmp_path / "commute_out" / "schedule.csv").is_file()  # recommend proposed a change
+    assert (tmp_path / "runs" / "advice" / "schedule.csv").is_file()  # recommend proposed a change

@@ -104,6 +104,8 @@ def recommend_command(
     the command that applies the schedule.
 
     Example: commute recommend --target ru --kind local
+
+    Example: commute recommend --target mix --no-verify --out runs/advice
     """
     import json
 

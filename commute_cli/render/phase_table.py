@@ -74,14 +74,17 @@ def phase_report(advice: Any) -> Group:
                 + (f"; {advice.steps_cached} steps reused from the cache" if advice.steps_cached else ""),
             )
         )
+    measured = (
+        "measured: final held-out losses of real continuations from the checkpoint to the run's last step, "
+        "each paired with the run's schedule continued on the same stream seed; one seed has no interval. "
+        "The best of several measured candidates is optimistic: its gain on new seeds is usually smaller. "
+    )
     parts.append(
         Text(
-            "measured: final held-out losses of real continuations from the checkpoint to the run's last "
-            "step, each paired with the run's schedule continued on the same stream seed; one seed has no "
-            "interval. "
-            "bracket: the criterion along the run summed over the displaced data, far outside its regime at "
-            "these sizes (a ranking and a hypothesis, not a size; often 10-1000x off). The best of several "
-            "measured candidates is optimistic: its gain on new seeds is usually smaller.",
+            (measured if advice.verified else "")
+            + "bracket: the criterion along the run summed over the displaced data (docs/MATH.md "
+            "'Schedules of useful size'), far outside its regime at these sizes: a ranking and a hypothesis, not a size "
+            "(benchmarks/advice.py reports its realised/predicted ratio).",
             style="dim",
         )
     )
