@@ -92,6 +92,8 @@ class PhaseAdvice:
     steps_trained: int = 0
     steps_cached: int = 0
     seconds: float = 0.0
+    seconds_per_step: float = math.nan  # one training step of the run, timed here
+    analysis_seconds: float = math.nan  # what the analysis took (run.json)
     heuristics: dict[str, str] = field(default_factory=dict)  # label -> "low-resource late", ...
     notes: list[str] = field(default_factory=list)
 
@@ -115,6 +117,27 @@ class PhaseAdvice:
     @property
     def proposed(self) -> bool:
         return self.chosen is not None
+
+    @property
+    def analysis_fraction(self) -> float:
+        """The analysis' time as a fraction of the run's training time (its steps at the measured rate)."""
+        return self.analysis_seconds / (self.last * self.seconds_per_step)
+
+    def versus_heuristics(self) -> list[tuple[str, str, Gain]]:
+        """(heuristic name, its label, the chosen schedule's paired change minus the heuristic's on the
+        target, over the seeds both have): what the recommendation gains over each heuristic, measured."""
+        if self.chosen is None:
+            return []
+        out = []
+        for label, name in self.heuristics.items():
+            if label == self.chosen.label or label not in self.losses:
+                continue
+            mine = {s: self.target_loss(v, self.target) for s, v in self.losses[self.chosen.label].items()}
+            theirs = {s: self.target_loss(v, self.target) for s, v in self.losses[label].items()}
+            g = paired_gain(mine, theirs, self.confidence)
+            if g is not None:
+                out.append((name, label, g))
+        return out
 
     @property
     def run_fraction(self) -> float:
@@ -189,7 +212,14 @@ class PhaseAdvice:
             "mix_weights": self.mix_weights,
             "candidates": rows,
             "run_losses": {str(s): v for s, v in self.losses.get(RUN, {}).items()},
+            "versus_heuristics": [
+                {"heuristic": name, "label": label, "difference": g.to_dict()}
+                for name, label, g in self.versus_heuristics()
+            ],
             "cost": {
+                "analysis_seconds": self.analysis_seconds,
+                "analysis_fraction_of_run": self.analysis_fraction,
+                "seconds_per_step": self.seconds_per_step,
                 "steps_trained": self.steps_trained,
                 "steps_cached": self.steps_cached,
                 "run_steps": self.last,
@@ -315,6 +345,18 @@ def plan(
         confidence=float(analysis.run.get("options", {}).get("confidence", 0.95)),
     )  # fmt: skip
     advice.heuristics = heuristic_names(cands, original, start)
+    advice.analysis_seconds = float(analysis.run.get("elapsed_seconds") or math.nan)
+    earlier = [s for s in analysis.checkpoint_steps if 0 < s < start]
+    if earlier:
+        advice.notes.append(
+            f"changes before step {start} are not tried: --start {min(earlier)} moves data over more steps "
+            "(more room, and more compute to measure)"
+        )
+    elif start > 0:
+        advice.notes.append(
+            f"changes before step {start} are not tried: with no saved checkpoint before it, measuring them "
+            "would need a retrain from scratch"
+        )
     return advice
 
 
@@ -359,6 +401,7 @@ def verify(
     extra = [seed0 + k for k in range(1, seeds)]
     n_runs = len(plan_runs) + (n_final + 1) * len(extra)
     per_step = continuations.seconds_per_step(start, advice.original)
+    advice.seconds_per_step = per_step
     note(
         f"verifying {len(advice.candidates)} candidate schedules on real continuations from {checkpoint} to "
         f"step {advice.last}: up to {n_runs} continuations of {start.steps} steps "

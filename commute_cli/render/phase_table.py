@@ -66,12 +66,23 @@ def phase_report(advice: Any) -> Group:
         else "not measured (--no-verify): the bracket's prediction only, mnat"
     )
     parts.append(make_table(title, columns, rows, justify=["left", "left", *["right"] * (len(columns) - 2)]))
+    for name, label, g in advice.versus_heuristics():
+        word = "beats" if g.mean < 0 else "does not beat"
+        by = _mnat(g.mean, g.half_width, g.n)
+        parts.append(Text(f"against {name} ({label}): {word} it by {by} mnat on {advice.target}"))
     if advice.verified:
+        took, frac = advice.analysis_seconds / 60, advice.analysis_fraction
+        analysis = (
+            f"; the analysis took {took:.1f} min, {frac:.2g}x the run's training time at the rate timed here"
+            if math.isfinite(frac)
+            else ""
+        )
         parts.append(
             Text(
                 f"cost: {advice.steps_trained} training steps ({advice.run_fraction:.2g}x the run's "
                 f"{advice.last}), {advice.seconds / 60:.1f} min"
-                + (f"; {advice.steps_cached} steps reused from the cache" if advice.steps_cached else ""),
+                + (f"; {advice.steps_cached} steps reused from the cache" if advice.steps_cached else "")
+                + analysis
             )
         )
     measured = (
