@@ -516,3 +516,25 @@ def test_make_samples_script_is_the_documented_command():
     command = next(line for line in script.splitlines() if line.startswith("commute train"))
     assert " ".join(command.split()) in " ".join(readme.split())
     assert os.access(REPO / "scripts" / "make_samples.sh", os.X_OK)
+
+
+def test_a_continuation_inherits_the_runs_optimizer_settings_unless_given(data, tmp_path):
+    """Unset optimizer settings come from the run's manifest (a continuation trains as the run did); a flag
+    given wins; without a manifest the defaults stay."""
+    from commute_cli.commands.train_setup import inherit_training
+    from commute_cli.io import checkpoints
+
+    run = tr.train(config(data, tmp_path / "run", lr=2e-3, weight_decay=0.1, lr_schedule="cosine", warmup=2))
+    manifest = checkpoints.read_manifest(run)
+    unset = ("lr", "optimizer", "weight_decay", "lr_schedule", "warmup")
+    got = inherit_training(config(data, tmp_path / "next", unset=unset), manifest)
+    assert (got.lr, got.weight_decay, got.lr_schedule, got.warmup, got.optimizer) == (
+        2e-3,
+        0.1,
+        "cosine",
+        2,
+        "adamw",
+    )
+    kept = inherit_training(config(data, tmp_path / "next", lr=5e-4, unset=unset[1:]), manifest)
+    assert kept.lr == 5e-4 and kept.weight_decay == 0.1
+    assert inherit_training(config(data, tmp_path / "next", unset=unset), None).lr == 3e-3
