@@ -100,8 +100,8 @@ def recommend_command(
     --kind local: around each checkpoint where the target is 'suboptimal', one domain goes up before it and
     down after (predicted, not measured).
 
-    Writes schedule.json/.csv, for `commute train --init CHECKPOINT --schedule`, and recommend.json; prints
-    the command that applies the schedule.
+    Writes recommend.json (what was measured or predicted) and, when a schedule is proposed,
+    schedule.json/.csv for `commute train --init CHECKPOINT --schedule`, with the command that applies it.
 
     Example: commute recommend --target ru --kind local
 
