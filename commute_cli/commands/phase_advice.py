@@ -385,7 +385,15 @@ def verify(
     if seeds < 1:
         raise CommuteError(f"--seeds must be at least 1, got {seeds}", hint="3 or more for an interval")
     began = time.monotonic()
-    start = continuations.load_start(checkpoint, advice.last, note, device=device)
+    try:
+        start = continuations.load_start(checkpoint, advice.last, note, device=device)
+    except CommuteError as err:
+        if "no training domains" not in err.message:
+            raise
+        raise CommuteError(
+            f"cannot continue {checkpoint}: no commute.json beside it names the run's training data",
+            hint="verification trains the run further; --no-verify gives the unverified ranking",
+        ) from err
     if start.setup.step != advice.start:
         raise CommuteError(f"{checkpoint} is at step {start.setup.step}, not {advice.start}")
     if start.setup.batch_size != advice.candidates[0].batch_size:
