@@ -67,6 +67,26 @@ def eval_blocks_of(setup: Setup, n: int) -> dict[str, torch.Tensor]:
     return {k: b if b.shape[0] <= n else sampling.sample_blocks(b, n, 0) for k, b in out.items()}
 
 
+def start_fingerprint(setup: Setup, state: training.TrainingState) -> list[Any]:
+    """What a continuation of ``setup``'s checkpoint depends on, for cache keys: the checkpoint's files,
+    the data, the sequence length, the batch, the stream positions, the rates, the optimizer, torch."""
+    return [
+        str(setup.checkpoint.resolve()),
+        [
+            store.file_signature(setup.checkpoint / f)
+            for f in ("model.safetensors", "pytorch_model.bin", "optimizer.pt")
+        ],
+        {n: domain_data.source_fingerprint(s, domain=n) for n, s in setup.train_sources.items()},
+        {n: domain_data.source_fingerprint(s, domain=n) for n, s in setup.eval_sources.items()},
+        setup.seq_len,
+        state.batch_size,
+        [s.position for s in state.streams],
+        setup.lrs,
+        type(state.optimizer).__name__,
+        torch.__version__,
+    ]
+
+
 def prepare_branches(setup: Setup, opts: ValidateOptions) -> Branches:
     """Load the training state (model, optimizer, positioned streams), build the schedules, eval once."""
     state = load_state(setup, training.resolve_device(opts.device))
@@ -81,21 +101,9 @@ def prepare_branches(setup: Setup, opts: ValidateOptions) -> Branches:
             raise CommuteError(f"non-finite {name} loss at {setup.checkpoint}: the weights are broken")
     payload = [
         VALIDATE_FORMAT,
-        str(setup.checkpoint.resolve()),
-        [
-            store.file_signature(setup.checkpoint / f)
-            for f in ("model.safetensors", "pytorch_model.bin", "optimizer.pt")
-        ],
-        {n: domain_data.source_fingerprint(s, domain=n) for n, s in setup.train_sources.items()},
-        {n: domain_data.source_fingerprint(s, domain=n) for n, s in setup.eval_sources.items()},
+        *start_fingerprint(setup, state),
         opts.eval_samples,
-        setup.seq_len,
-        state.batch_size,
-        [s.position for s in state.streams],
         {b: s.to_records() for b, s in schedules.items()},
-        setup.lrs,
-        type(state.optimizer).__name__,
-        torch.__version__,
     ]
     key = hashlib.sha256(json.dumps(payload, default=str).encode()).hexdigest()[:20]
     return Branches(state, schedules, eval_blocks, loss0, realized, key)
