@@ -15,6 +15,8 @@ import pytest
 from commute_cli.commands import continuations
 from commute_cli.core.schedule import Schedule
 
+from tiny_run import sample_shards
+
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "sample_checkpoints"
 COMMUTE = str(Path(sys.executable).parent / "commute")
@@ -39,18 +41,7 @@ def run(tmp_path_factory) -> Path:
     """24 steps of a 1-layer GPT-2 on the first documents of the shipped shards, saved every 8 steps."""
     root = tmp_path_factory.mktemp("advice")
     run = root / "run"
-    for lang in ("en", "ru"):
-        for split, limit in (("train", 12_000), ("validation", 3_000)):
-            lines, total = [], 0
-            with (SAMPLES / "data" / lang / f"{split}.jsonl").open(encoding="utf-8") as f:
-                for line in f:
-                    text = json.loads(line)["text"][:2000]
-                    lines.append(json.dumps({"text": text}, ensure_ascii=False))
-                    total += len(text)
-                    if total >= limit:
-                        break
-            (run / "data" / lang).mkdir(parents=True, exist_ok=True)
-            (run / "data" / lang / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    sample_shards(run / "data", 12_000, 3_000, 2000)
     (root / "tiny.json").write_text(json.dumps(TINY))
     d = run / "data"
     res = commute(

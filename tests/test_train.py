@@ -30,6 +30,8 @@ from commute_cli.engine import training as T
 from commute_cli.errors import CommuteError
 from commute_cli.io import checkpoints
 
+from tiny_run import sample_shards
+
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "sample_checkpoints"
 TOKENIZER = SAMPLES / "tokenizer"
@@ -42,19 +44,7 @@ TINY = {"n_layer": 1, "n_embd": 16, "n_head": 2}
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     """The first documents of the shipped shards (about 20k characters per domain), in a temporary folder."""
-    root = tmp_path_factory.mktemp("data")
-    for lang in ("en", "ru"):
-        for split, limit in (("train", 20_000), ("validation", 4_000)):
-            lines, total = [], 0
-            with (SAMPLES / "data" / lang / f"{split}.jsonl").open(encoding="utf-8") as f:
-                for line in f:
-                    text = json.loads(line)["text"][:3000]
-                    lines.append(json.dumps({"text": text}, ensure_ascii=False))
-                    total += len(text)
-                    if total >= limit:
-                        break
-            (root / lang).mkdir(exist_ok=True)
-            (root / lang / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    root = sample_shards(tmp_path_factory.mktemp("data"), 20_000, 4_000, 3000)
     (root / "tiny.json").write_text(json.dumps(TINY))
     return root
 

@@ -169,3 +169,22 @@ def pool_grad(model, pool: torch.Tensor) -> list[torch.Tensor]:
         for t, gi in zip(total, g, strict=True):
             t.add_(gi)
     return total
+
+
+def sample_shards(root: Path, train_chars: int, validation_chars: int, doc_chars: int) -> Path:
+    """``root/{en,ru}/{train,validation}.jsonl``: the first documents of the shipped shards (each cut to
+    ``doc_chars``) until each file holds the given number of characters. Returns ``root``."""
+    samples = Path(__file__).resolve().parents[1] / "sample_checkpoints" / "data"
+    for lang in ("en", "ru"):
+        for split, limit in (("train", train_chars), ("validation", validation_chars)):
+            lines, total = [], 0
+            with (samples / lang / f"{split}.jsonl").open(encoding="utf-8") as f:
+                for line in f:
+                    text = json.loads(line)["text"][:doc_chars]
+                    lines.append(json.dumps({"text": text}, ensure_ascii=False))
+                    total += len(text)
+                    if total >= limit:
+                        break
+            (root / lang).mkdir(parents=True, exist_ok=True)
+            (root / lang / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return root
