@@ -3,6 +3,7 @@ analyze's results, ``recommend`` and ``plot``, and ``help``."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,12 @@ def recommend_command(
         help="phases: no training; the bracket's best candidate as an unverified hypothesis (size unknown).",
     ),
     device: Device = typer.Option(Device.cpu, "--device", help="phases: where continuations train."),
-    jobs: int = typer.Option(1, "--jobs", help="phases: continuations trained at once, one CPU thread each."),
+    jobs: int | None = typer.Option(
+        None,
+        "--jobs",
+        help="phases: continuations trained at once, one thread each (default: a CPU's cores, at most 4; "
+        "on a GPU 1).",
+    ),
     max_shift: float = typer.Option(0.1, "--max-shift", help="local: largest change of a domain's weight."),
     out: Path | None = typer.Option(
         None, "--out", help="Folder for schedule.json, schedule.csv, recommend.json (default: --from)."
@@ -198,7 +204,7 @@ def _recommend_phases(
     candidates: int | None,
     verify: bool,
     device: str,
-    jobs: int,
+    jobs: int | None,
     batch_size: int | None,
     until: int | None,
     quiet: bool,
@@ -216,6 +222,10 @@ def _recommend_phases(
     first = start if start is not None else phase_advice.default_start(result, last)
     batch = batch_size if batch_size is not None else phase_advice.run_batch_size(result)
     advice = phase_advice.plan(result, target, first, last, batch, max_candidates=candidates)
+    if jobs is None:
+        jobs = 1 if device != "cpu" else max(1, min(os.cpu_count() or 1, 4))
+    if jobs < 1:
+        raise CommuteError(f"--jobs must be at least 1, got {jobs}")
     if verify:
         quiet_libraries()
         checkpoint = phase_advice.checkpoint_folder(result, first)
