@@ -326,10 +326,10 @@ def plan(
             hint="pass an earlier --start",
         )
     predicted: dict[str, dict[str, tuple[float, float]]] = {}
+    rows_of = {t: res[res["target"].astype(str) == t].to_dict("records") for t in available}
     for c in cands:
         for t in available:
-            rows = res[res["target"].astype(str) == t].to_dict("records")
-            p = phases.bracket_prediction(original, c, rows)
+            p = phases.bracket_prediction(original, c, rows_of[t])
             if p is not None:
                 predicted.setdefault(c.label, {})[t] = p
 
