@@ -53,7 +53,7 @@ def recommend_command(
         "--start",
         help="phases: the checkpoint step the change starts at (default: the earliest analysed).",
     ),
-    seeds: int = typer.Option(3, "--seeds", help="phases: stream seeds of the finalists (paired per seed)."),
+    seeds: int = typer.Option(5, "--seeds", help="phases: stream seeds of the finalists (paired per seed)."),
     finalists: int = typer.Option(
         2, "--finalists", help="phases: candidates confirmed on every seed after the one-seed screen."
     ),

@@ -27,12 +27,11 @@ from typing import Any
 
 import torch
 
-from commute_cli.commands.validate_branches import eval_blocks_of, load_state
+from commute_cli.commands.validate_branches import eval_blocks_of, load_state, start_fingerprint
 from commute_cli.commands.validate_inputs import Setup, ValidateOptions, resolve_setup
 from commute_cli.core.schedule import Schedule
 from commute_cli.engine import training
-from commute_cli.io import atomic, store
-from commute_cli.io import data as domain_data
+from commute_cli.io import atomic
 
 FORMAT = "commute-continue/1"
 
@@ -67,20 +66,9 @@ def load_start(
     blocks = eval_blocks_of(setup, eval_samples)
     payload = [
         FORMAT,
-        str(setup.checkpoint.resolve()),
-        [
-            store.file_signature(setup.checkpoint / f)
-            for f in ("model.safetensors", "pytorch_model.bin", "optimizer.pt")
-        ],
-        {n: domain_data.source_fingerprint(s, domain=n) for n, s in setup.train_sources.items()},
-        {n: domain_data.source_fingerprint(s, domain=n) for n, s in setup.eval_sources.items()},
+        *start_fingerprint(setup, state),
         {n: int(b.shape[0]) for n, b in blocks.items()},
-        setup.seq_len,
-        setup.batch_size,
-        [s.position for s in state.streams],
-        setup.lrs,
         last,
-        torch.__version__,
     ]
     key = hashlib.sha256(json.dumps(payload, default=str).encode()).hexdigest()[:16]
     return Start(setup, state, blocks, int(last), key)

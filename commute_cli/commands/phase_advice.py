@@ -367,7 +367,7 @@ def verify(
     advice: PhaseAdvice,
     checkpoint: Path,
     *,
-    seeds: int = 3,
+    seeds: int = 5,
     finalists: int = 2,
     cache: Path | None = None,
     device: str = "cpu",
