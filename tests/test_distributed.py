@@ -166,8 +166,14 @@ def _reduce_worker(rank: int, init_file: str, out_dir: str) -> None:
             },
             os.path.join(out_dir, f"rank{rank}.pt"),
         )
+        dist.barrier()  # both ranks finished: no traffic in flight when the group goes
     finally:
         dist.destroy_process_group()
+    # a finished rank leaves without interpreter finalization, as the CLI's ranks do: gloo's threads can
+    # abort it there ("terminate called without an active exception"; engine.distributed.ended_own_group)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
