@@ -95,7 +95,8 @@ def phase_report(advice: Any) -> Group:
             (measured if advice.verified else "")
             + "bracket: the criterion along the run summed over the displaced data "
             "(docs/MATH.md 'Schedules of useful size'), far outside its regime at these sizes: "
-            "a ranking and a hypothesis, not a size (benchmarks/advice.py reports its realised/predicted ratio).",
+            "a ranking and a hypothesis, not a size (benchmarks/advice.py reports its realised/predicted "
+            "ratio).",
             style="dim",
         )
     )
