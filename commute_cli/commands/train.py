@@ -51,7 +51,7 @@ from commute_cli.core.mixing import batch_counts, uneven_split
 from commute_cli.core.schedule import Schedule
 from commute_cli.engine import training
 from commute_cli.errors import CommuteError
-from commute_cli.io import checkpoints, run_inputs, runfiles
+from commute_cli.io import checkpoints, discovery, run_inputs, runfiles
 from commute_cli.render.progress import StepProgress
 
 
@@ -213,6 +213,14 @@ def train(config: TrainConfig) -> Path:
                 on_step=on_step,
             )
     except KeyboardInterrupt:
+        # an interrupt between a save and the lines after it: the checkpoint on disk is complete (saves are
+        # atomic), so it counts, and the marker names it
+        steps = [discovery.name_step(p.name) for p in out.glob("checkpoint-*") if p.is_dir()]
+        on_disk = [s for s in steps if s is not None and s > start_step]
+        if on_disk and max(on_disk) > (log.saved or -1):
+            log.saved = max(on_disk)
+        if log.saved is not None:
+            runfiles.mark_incomplete(out, resume_command(config, out / f"checkpoint-{log.saved}"))
         if log.saved is None:
             kept = f"nothing was saved in {out}; run the same command again to start over"
         else:
