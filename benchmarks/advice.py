@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import subprocess
 import sys
 import time
@@ -38,12 +37,12 @@ from benchenv import environment
 
 
 def paired(arm: dict[int, float], base: dict[int, float]) -> dict[str, float]:
-    seeds = sorted(set(arm) & set(base))
-    d = [arm[s] - base[s] for s in seeds]
-    n = len(d)
-    mean = sum(d) / n
-    se = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1)) / math.sqrt(n) if n > 1 else math.nan
-    return {"mean": mean, "se": se, "n": n}
+    """Mean and SE of the paired differences (``phase_advice.paired_gain``, what recommend quotes)."""
+    from commute_cli.commands.phase_advice import paired_gain
+
+    g = paired_gain(arm, base, 0.95)
+    assert g is not None, "no common seed"
+    return {"mean": g.mean, "se": g.se, "n": g.n}
 
 
 def main() -> None:

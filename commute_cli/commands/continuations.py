@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -192,8 +192,3 @@ def run_many(
             if on_done is not None:
                 on_done(start.steps)
     return [r for r in results if r is not None]
-
-
-def mixture(losses: Mapping[str, float], weights: Mapping[str, float]) -> float:
-    """``sum_k c_k L_k`` over the domains of ``weights``."""
-    return float(sum(float(weights[n]) * float(losses[n]) for n in weights))

@@ -38,6 +38,7 @@ from typing import Any
 from commute_cli.core import phases
 from commute_cli.core.power import t_critical
 from commute_cli.core.schedule import Schedule
+from commute_cli.core.shifts import domain_totals
 from commute_cli.errors import CommuteError
 from commute_cli.io.store import AnalysisRun
 
@@ -248,14 +249,9 @@ def _mnat(mean: float, half_width: float) -> str:
 def mixture_weights(schedule: Schedule, last: int) -> dict[str, float]:
     """The run's mixture: each domain's share of all data over ``[0, last)`` (what ``mix`` means for final
     losses; the schedule's constant weights when it is constant)."""
-    totals = {n: 0.0 for n in schedule.domains}
-    bounds = [*schedule.steps, last]
-    for k, (s, w) in enumerate(schedule.entries):
-        span = max(0, min(bounds[k + 1], last) - s)
-        for n in schedule.domains:
-            totals[n] += w[n] * span
+    totals = domain_totals(schedule, last)
     total = sum(totals.values())
-    return {n: v / total for n, v in totals.items()}
+    return {n: float(v / total) for n, v in totals.items()}
 
 
 def heuristic_names(cands: Sequence[phases.Phase], original: Schedule, start: int) -> dict[str, str]:
@@ -508,10 +504,9 @@ def run_last_step(analysis: AnalysisRun) -> int:
 
 
 def run_batch_size(analysis: AnalysisRun) -> int:
-    """Rows per step of the run (its manifest's ``batch_size``); without one, weights are on a 1/1000 grid
+    """Rows per step of the run (``AnalysisRun.run_batch_size``); without one, weights are on a 1/1000 grid
     (1000 rows), which ``commute train`` realises with its own batch size only approximately."""
-    value = analysis.run_manifest().get("batch_size")
-    return int(value) if isinstance(value, int) and value > 0 else 1000
+    return analysis.run_batch_size() or 1000
 
 
 def measured_table(advice: PhaseAdvice) -> Any:

@@ -369,9 +369,8 @@ def load_block_stats(analysis: AnalysisRun) -> dict[int, CheckpointStats]:
 
 
 def run_batch_size(analysis: AnalysisRun) -> int | None:
-    """The analysed run's batch size from its ``commute.json`` (``AnalysisRun.run_manifest``), when found."""
-    value = analysis.run_manifest().get("batch_size")
-    return int(value) if isinstance(value, int) and value > 0 else None
+    """The analysed run's batch size (``AnalysisRun.run_batch_size``), when its commute.json has one."""
+    return analysis.run_batch_size()
 
 
 def first_change(rec: Recommendation) -> int:

@@ -300,6 +300,11 @@ class AnalysisRun:
                     break
         return found
 
+    def run_batch_size(self) -> int | None:
+        """Rows per step of the analysed run (its ``commute.json``'s ``batch_size``), or None."""
+        value = self.run_manifest().get("batch_size")
+        return int(value) if isinstance(value, int) and value > 0 else None
+
     def run_manifest(self) -> dict[str, Any]:
         """The ``commute.json`` of the analysed run (beside its checkpoints, or one folder up), as a dict;
         empty when there is none or it cannot be read. Read without torch: ``recommend`` and ``plot`` start
