@@ -67,6 +67,21 @@ def test_a_continuation_of_the_run_schedule_reproduces_the_run(run):
     assert other["ru"] != pytest.approx(losses["ru"], abs=1e-5)
 
 
+def test_a_retrain_from_scratch_of_the_run_schedule_reproduces_the_run(run):
+    """From step 0 (the model built from checkpoint-8's config and the run's seed, a fresh optimizer with the
+    manifest's settings, the streams at their beginnings), 24 steps reproduce the losses ``commute train``
+    logged at step 24; a schedule that differs from step 0 gives another model."""
+    start = continuations.load_start(run / "checkpoint-8", 24, lambda _m: None, scratch=True)
+    assert (start.setup.step, start.steps, start.label) == (0, 24, "scratch")
+    original = Schedule.constant({"en": 0.75, "ru": 0.25})
+    losses = continuations.continue_run(start, original, seed=0)
+    assert losses == pytest.approx(final_losses(run, 24), abs=2e-6)
+    late = Schedule.from_entries([(0, {"en": 0.875, "ru": 0.125}), (12, {"en": 0.625, "ru": 0.375})])
+    assert continuations.continue_run(start, late, seed=0)["ru"] != pytest.approx(
+        final_losses(run, 24)["ru"], abs=1e-5
+    )
+
+
 @pytest.mark.slow
 def test_recommend_measures_its_candidates_and_its_printed_command_realises_them(run, tmp_path):
     analysis = tmp_path / "a"
@@ -125,4 +140,37 @@ def test_recommend_measures_its_candidates_and_its_printed_command_realises_them
     assert mine  # the independent recomputation above ran
     assert got["ru"] - base["ru"] == pytest.approx(
         continuations.continue_run(start, chosen, seed=0)["ru"] - base["ru"], abs=2e-6
+    )
+
+
+@pytest.mark.slow
+def test_recommend_from_scratch_prints_a_train_command_that_retrains_the_run_with_its_schedule(run, tmp_path):
+    """``--start 0``: the candidates are retrains; the printed command (the run's model config and seed, no
+    checkpoint) trains exactly the retrain that the continuations measure."""
+    analysis = tmp_path / "a"
+    res = commute(
+        *["analyze", run, "--samples", "12", "--blocks", "2", "--seq-len", "32", "-q", "--out", analysis],
+        cwd=tmp_path,
+    )
+    assert res.returncode == 0, res.stderr
+    lines = {}
+    for target in ("ru", "en", "mix"):
+        res = commute("recommend", "--target", target, "--from", analysis, "--start", "0", "--no-verify",
+                      "--out", tmp_path / target, cwd=tmp_path)  # fmt: skip
+        assert res.returncode == 0, res.stderr
+        assert "from scratch" in res.stdout
+        found = [x for x in res.stderr.splitlines() if x.startswith("apply with")]
+        if found:
+            lines[target] = found[0]
+    assert lines, "no target had a candidate the bracket favours"
+    target, line = next(iter(lines.items()))
+    assert "trains from scratch with the run's model config and seed" in line
+    cmd = shlex.split(line.split(": ", 1)[1])
+    assert "--init" in cmd and cmd[cmd.index("--init") + 1].endswith("config.json")
+    done = subprocess.run([COMMUTE, *cmd[1:]], cwd=tmp_path, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    start = continuations.load_start(run / "checkpoint-8", 24, lambda _m: None, scratch=True)
+    chosen = Schedule.from_records(json.loads((tmp_path / target / "schedule.json").read_text()))
+    assert final_losses(tmp_path / cmd[2], 24) == pytest.approx(
+        continuations.continue_run(start, chosen, seed=0), abs=2e-6
     )

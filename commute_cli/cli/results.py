@@ -51,7 +51,8 @@ def recommend_command(
     start: int | None = typer.Option(
         None,
         "--start",
-        help="phases: the checkpoint step the change starts at (default: the earliest analysed).",
+        help="phases: the checkpoint step the change starts at (default: the earliest analysed); 0 retrains "
+        "from scratch (advice for the next run of the recipe; each arm costs the whole run).",
     ),
     seeds: int = typer.Option(5, "--seeds", help="phases: stream seeds of the finalists (paired per seed)."),
     finalists: int = typer.Option(
@@ -182,13 +183,25 @@ def _apply_line(result: Any, schedule_file: Path, first_change: int, last: int, 
     given = str(result.run.get("options", {}).get("ckpt_dir") or result.checkpoint_dir)
     manifest_dir = given if Path(given).is_dir() else str(result.checkpoint_dir)
     init = result.checkpoint_before(first_change)
+    model_config, seed = None, None
+    if init is None:  # from scratch: the run's model config (its first checkpoint's) and seed
+        earliest = min((s for s in result.checkpoint_steps if s > 0), default=None)
+        first = result.checkpoint_before(earliest) if earliest is not None else None
+        model_config = str(first[1] / "config.json") if first else None
+        seed = int(result.run_manifest().get("seed") or 0)
     line = train_line(
-        manifest_dir, str(init[1]) if init else None, str(schedule_file), last, f"runs/{target}-recommended"
+        manifest_dir,
+        str(init[1]) if init else None,
+        str(schedule_file),
+        last,
+        f"runs/{target}-recommended",
+        model_config=model_config,
+        seed=seed,
     )
     where = (
         f"continues checkpoint {init[0]}"
         if init
-        else "trains from scratch (no saved checkpoint before the change)"
+        else "trains from scratch with the run's model config and seed"
     )
     return f"apply with ({where}): {line}"
 
@@ -228,7 +241,7 @@ def _recommend_phases(
         raise CommuteError(f"--jobs must be at least 1, got {jobs}")
     if verify:
         quiet_libraries()
-        checkpoint = phase_advice.checkpoint_folder(result, first)
+        checkpoint, _scratch = phase_advice.start_checkpoint(result, first)
         with StepProgress("recommend: continuations", enabled=not quiet and fmt is Format.table) as bar:
             advice = phase_advice.verify(
                 advice, checkpoint, seeds=seeds, finalists=finalists, cache=result.folder / "cache",

@@ -10,6 +10,10 @@ says what the move realises.
   positions (``validate_branches.load_state``); every arm is a fork of it, so all arms at one seed read the
   same rows of every domain in the same order up to where their schedules differ, and the unchanged arm at
   the run's own seed reproduces the run.
+- Or the start is the run's step 0 (``scratch``): the model ``commute train`` would build from the run's
+  model config and seed, a fresh optimizer with the manifest's settings, the streams at their beginnings
+  (``train_setup.model_and_optimizer``, the code path of a run from scratch). A retrain costs the whole run
+  per arm, and measures schedules that differ from the first step.
 - Learning rates: the run's manifest schedule (``--lr``-free), as ``commute train --init`` would continue.
 - Each (start, schedule, seed) result is cached in ``OUT/cache/continue-<key>.json``, so a rerun or another
   target reuses it; the key covers the checkpoint files, the data, the eval sample, the schedule and the seed.
@@ -21,17 +25,19 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from commute_cli.commands.train_setup import UNSET, TrainConfig, inherit_training, model_and_optimizer
 from commute_cli.commands.validate_branches import eval_blocks_of, load_state, start_fingerprint
 from commute_cli.commands.validate_inputs import Setup, ValidateOptions, resolve_setup
 from commute_cli.core.schedule import Schedule
 from commute_cli.engine import training
-from commute_cli.io import atomic
+from commute_cli.errors import CommuteError
+from commute_cli.io import atomic, checkpoints, run_inputs
 
 FORMAT = "commute-continue/1"
 
@@ -45,6 +51,12 @@ class Start:
     eval_blocks: dict[str, torch.Tensor]
     last: int
     key: str
+    scratch: bool = False
+
+    @property
+    def label(self) -> str:
+        """``scratch`` or the checkpoint's folder name (cache file names, messages)."""
+        return "scratch" if self.scratch else self.setup.checkpoint.name
 
     @property
     def steps(self) -> int:
@@ -56,27 +68,57 @@ class Start:
 
 
 def load_start(
-    checkpoint: Path, last: int, note: Callable[[str], None], device: str = "cpu", eval_samples: int = 100_000
+    checkpoint: Path,
+    last: int,
+    note: Callable[[str], None],
+    device: str = "cpu",
+    eval_samples: int = 100_000,
+    scratch: bool = False,
 ) -> Start:
     """Resolve and load ``checkpoint`` (with its run's manifest, data and tokenizer) for continuations to
-    ``last``. Raises ``CommuteError`` (one line) for what ``commute validate`` refuses."""
+    ``last``; with ``scratch``, the run's step 0 instead (``checkpoint`` supplies the run's model config,
+    manifest, data and tokenizer). Raises ``CommuteError`` (one line) for what ``commute validate`` refuses,
+    and, with ``scratch``, for a run whose manifest records no optimizer and learning-rate schedule."""
     opts = ValidateOptions(checkpoint=Path(checkpoint), eval_samples=eval_samples, device=device)
-    setup = resolve_setup(opts, note, until=last)
-    state = load_state(setup, training.resolve_device(device))
+    setup = resolve_setup(opts, note, until=last, scratch=scratch)
+    dev = training.resolve_device(device)
+    state = scratch_state(setup, dev) if scratch else load_state(setup, dev)
     blocks = eval_blocks_of(setup, eval_samples)
     payload = [
         FORMAT,
         *start_fingerprint(setup, state),
         {n: int(b.shape[0]) for n, b in blocks.items()},
         last,
+        *(["scratch"] if scratch else []),
     ]
     key = hashlib.sha256(json.dumps(payload, default=str).encode()).hexdigest()[:16]
-    return Start(setup, state, blocks, int(last), key)
+    return Start(setup, state, blocks, int(last), key, scratch)
+
+
+def scratch_state(setup: Setup, device: torch.device) -> training.TrainingState:
+    """The run's step 0 as ``commute train`` builds it without ``--init``: the model from the checkpoint's
+    ``config.json`` initialized from the run's seed, the optimizer with the manifest's settings, every
+    stream at its beginning. A one-line error when the run folder has no manifest."""
+    manifest = checkpoints.read_manifest(setup.checkpoint)
+    if manifest is None:
+        raise CommuteError(
+            f"cannot retrain {setup.checkpoint}'s run from scratch: no commute.json beside it",
+            hint="continue from a saved checkpoint instead (--start STEP)",
+        )
+    config = TrainConfig(out_dir=setup.checkpoint, domains=dict(setup.train_sources), seed=setup.seed)
+    config = inherit_training(replace(config, unset=UNSET), manifest)
+    tokenizer = checkpoints.load_tokenizer(Path(setup.tokenizer_path))
+    model, optimizer = model_and_optimizer(
+        config, tokenizer, setup.seq_len, setup.checkpoint / "config.json", None, None, device
+    )
+    blocks = run_inputs.load_blocks(setup.train_sources, tokenizer, setup.seq_len, setup.base_dir)
+    streams = [training.DomainStream(n, blocks[n], setup.seed, 0) for n in setup.names]
+    return training.TrainingState(model, optimizer, streams, 0, setup.batch_size, config.max_grad_norm)
 
 
 def _cache_file(cache: Path, start: Start, schedule: Schedule, seed: int) -> Path:
     sched = hashlib.sha256(json.dumps(schedule.to_records()).encode()).hexdigest()[:12]
-    return cache / f"continue-{start.setup.checkpoint.name}-{start.key}-{sched}-seed{seed}.json"
+    return cache / f"continue-{start.label}-{start.key}-{sched}-seed{seed}.json"
 
 
 def cached_losses(cache: Path | None, start: Start, schedule: Schedule, seed: int) -> dict[str, float] | None:

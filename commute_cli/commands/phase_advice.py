@@ -154,20 +154,27 @@ class PhaseAdvice:
         top_n = max(g.n for _, g in found)
         return min(((lab, g) for lab, g in found if g.n == top_n), key=lambda x: x[1].mean)
 
+    @property
+    def origin(self) -> str:
+        """Where the candidates start, in words: "checkpoint N", or "scratch" for a retrain (start 0)."""
+        return "scratch" if self.start == 0 else f"checkpoint {self.start}"
+
     def summary(self) -> str:
         """The bottom line in one sentence."""
         if not self.verified:
             if self.chosen is None:
                 return f"no candidate schedule for target {self.target} (see notes)"
             return (
-                f"unverified hypothesis for target {self.target}: {self.chosen.label} (from checkpoint "
-                f"{self.start}); its size is not known until measured (rerun without --no-verify)"
+                f"unverified hypothesis for target {self.target}: {self.chosen.label} (from {self.origin}); "
+                "its size is not known until measured (rerun without --no-verify)"
             )
         best = self.best_measured()
         if self.chosen is not None and best is not None:
             g = best[1]
             return (
-                f"for target {self.target}: {self.chosen.label}, continued from checkpoint {self.start}: "
+                f"for target {self.target}: {self.chosen.label}, "
+                + ("retrained from scratch" if self.start == 0 else f"continued from checkpoint {self.start}")
+                + ": "
                 f"measured change of L_{self.target} {_mnat(g.mean, g.half_width)} "
                 f"({self.confidence:.0%} interval, {g.n} seeds, paired with the run's schedule)"
             )
@@ -176,7 +183,7 @@ class PhaseAdvice:
         g = best[1]
         bound = -(g.mean - g.half_width) if math.isfinite(g.half_width) else -g.mean
         return (
-            f"no late-phase schedule from checkpoint {self.start} beats the run's for target {self.target} "
+            f"no late-phase schedule from {self.origin} beats the run's for target {self.target} "
             f"by more than {max(bound, 0.0) * 1e3:.3g} mnat (measured: best {best[0]}, "
             f"{_mnat(g.mean, g.half_width)}, {g.n} seeds); the run's schedule is kept"
         )
@@ -282,6 +289,18 @@ def default_start(analysis: AnalysisRun, last: int) -> int:
     return min(steps)
 
 
+def start_checkpoint(analysis: AnalysisRun, start: int) -> tuple[Path, bool]:
+    """Where the continuations of ``start`` begin: (the analysed checkpoint at ``start``, False), or for
+    ``start`` 0 (a retrain from scratch) the earliest analysed checkpoint, which supplies the run's model
+    config, manifest, data and tokenizer, and True."""
+    if start == 0:
+        steps = [s for s in analysis.checkpoint_steps if s > 0]
+        if not steps:
+            raise CommuteError("no analysed checkpoint to take the run's model config from")
+        return checkpoint_folder(analysis, min(steps)), True
+    return checkpoint_folder(analysis, start), False
+
+
 def checkpoint_folder(analysis: AnalysisRun, step: int) -> Path:
     """The folder of the analysed checkpoint at ``step`` (``run.json``), or a one-line error."""
     root = analysis.checkpoint_dir
@@ -343,7 +362,12 @@ def plan(
     advice.heuristics = heuristic_names(cands, original, start)
     advice.analysis_seconds = float(analysis.run.get("elapsed_seconds") or math.nan)
     earlier = [s for s in analysis.checkpoint_steps if 0 < s < start]
-    if earlier:
+    if start == 0:
+        advice.notes.append(
+            "from scratch: each arm retrains the whole run (the run's initialization, seed and optimizer); "
+            "advice for the next run of this recipe, not a continuation of this one"
+        )
+    elif earlier:
         advice.notes.append(
             f"changes before step {start} are not tried: --start {min(earlier)} moves data over more steps "
             "(more room, and more compute to measure)"
@@ -381,8 +405,9 @@ def verify(
     if seeds < 1:
         raise CommuteError(f"--seeds must be at least 1, got {seeds}", hint="3 or more for an interval")
     began = time.monotonic()
+    scratch = advice.start == 0
     try:
-        start = continuations.load_start(checkpoint, advice.last, note, device=device)
+        start = continuations.load_start(checkpoint, advice.last, note, device=device, scratch=scratch)
     except CommuteError as err:
         if "no training domains" not in err.message:
             raise
@@ -407,8 +432,13 @@ def verify(
     per_step = continuations.seconds_per_step(start, advice.original)
     advice.seconds_per_step = per_step
     note(
-        f"verifying {len(advice.candidates)} candidate schedules on real continuations from {checkpoint} to "
-        f"step {advice.last}: up to {n_runs} continuations of {start.steps} steps "
+        f"verifying {len(advice.candidates)} candidate schedules on real "
+        + (
+            f"retrains from scratch (seed {seed0}, model config of {checkpoint})"
+            if scratch
+            else f"continuations from {checkpoint}"
+        )
+        + f" to step {advice.last}: up to {n_runs} continuations of {start.steps} steps "
         f"({n_runs * start.steps / advice.last:.2g}x "
         f"the run's {advice.last} training steps; cached ones are reused), about "
         f"{_duration(n_runs * start.steps * per_step)} in one process at {per_step:.3g} s/step measured here"

@@ -72,6 +72,10 @@ class TrainConfig:
     model_overrides: dict[str, Any] = field(default_factory=dict)
 
 
+UNSET = ("lr", "optimizer", "weight_decay", "lr_schedule", "warmup")
+"""Every setting :func:`inherit_training` can take from a run's manifest."""
+
+
 def inherit_training(config: TrainConfig, manifest: Any) -> TrainConfig:
     """``config`` with every setting in ``config.unset`` taken from ``manifest`` (an
     ``io.checkpoints.Manifest`` or None) where it records one: a continuation trains as the run did (its

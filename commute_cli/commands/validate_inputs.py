@@ -170,12 +170,18 @@ def _learning_rates(
     )
 
 
-def resolve_setup(opts: ValidateOptions, note: Note, until: int | None = None) -> Setup:
+def resolve_setup(
+    opts: ValidateOptions, note: Note, until: int | None = None, scratch: bool = False
+) -> Setup:
     """Checkpoint, domains, schedule, pair, learning rates: all checked before any long work.
 
     ``until``: a continuation to this global step instead of validate's intervention (no pair or ``dw`` to
     check; the rates cover every step from the checkpoint to ``until``). Raises ``CommuteError`` when
-    ``until`` is not after the checkpoint's step."""
+    ``until`` is not after the checkpoint's step.
+
+    ``scratch`` (with ``until``): the run retrained from step 0 instead of continued: the checkpoint only
+    supplies the run's manifest, data, tokenizer and model config; the rates are the manifest's from step 0
+    (a one-line error when the manifest records no optimizer and schedule)."""
     opts.validate()
     pending: list[str] = []  # notes are shown only once every input is known to be good
     emit, note = note, pending.append
@@ -198,7 +204,7 @@ def resolve_setup(opts: ValidateOptions, note: Note, until: int | None = None) -
         seed=opts.seed,
         note=note,
     )
-    step = checkpoints.discover(folder)[0].step or 0
+    step = 0 if scratch else checkpoints.discover(folder)[0].step or 0
     names = inputs.names
     if not names:
         raise CommuteError(
@@ -244,9 +250,15 @@ def resolve_setup(opts: ValidateOptions, note: Note, until: int | None = None) -
             if limit > 0
             else "pick a pair whose weights are both inside (0, 1)",
         )
-    has_state = (folder / "optimizer.pt").is_file()
+    has_state = scratch or (folder / "optimizer.pt").is_file()  # from scratch: the manifest's optimizer
     n_total = 2 * opts.steps if until is None else until - step
     lrs, source = _learning_rates(opts, folder, step, inputs.manifest, has_state, n_total)
+    if scratch and not source.startswith("manifest"):
+        raise CommuteError(
+            f"cannot retrain {folder}'s run from scratch: its commute.json records no optimizer and "
+            "learning-rate schedule",
+            hint="continue from a saved checkpoint instead (--start STEP)",
+        )
     if not has_state:
         note(f"note: {folder} has no optimizer state: the branches use plain SGD at lr {lrs[0]:g}")
     if opts.metric == "adam":

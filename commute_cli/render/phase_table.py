@@ -18,12 +18,26 @@ from rich.text import Text
 from commute_cli.render.formats import make_table
 
 
-def train_line(manifest_dir: str, init: str | None, schedule: str, last: int, out: str) -> str:
+def train_line(
+    manifest_dir: str,
+    init: str | None,
+    schedule: str,
+    last: int,
+    out: str,
+    *,
+    model_config: str | None = None,
+    seed: int | None = None,
+) -> str:
     """The ``commute train`` command that trains a schedule file from ``init`` (a checkpoint folder; None:
-    from scratch) to step ``last`` with the run's data, tokenizer and batch size (its ``commute.json``)."""
+    from scratch, with ``model_config`` and ``seed`` when given) to step ``last`` with the run's data,
+    tokenizer, optimizer and batch size (its ``commute.json``)."""
     parts = ["commute", "train", out, "--manifest", manifest_dir]
     if init is not None:
         parts += ["--init", init]
+    elif model_config is not None:
+        parts += ["--init", model_config]
+    if init is None and seed:
+        parts += ["--seed", str(seed)]
     parts += ["--schedule", schedule, "--steps", str(last)]
     return " ".join(shlex.quote(p) for p in parts)
 
@@ -47,7 +61,7 @@ def phase_report(advice: Any) -> Group:
     """The human output for a :class:`commute_cli.commands.phase_advice.PhaseAdvice`."""
     parts: list[RenderableType] = [Text(advice.summary(), style="bold")]
     targets = advice.targets
-    columns = [f"candidate (from checkpoint {advice.start})", "", *[f"ΔL_{t} measured" for t in targets]]
+    columns = [f"candidate (from {advice.origin})", "", *[f"ΔL_{t} measured" for t in targets]]
     columns.append(f"ΔL_{advice.target} bracket")
     rows = []
     for c in advice.candidates:
