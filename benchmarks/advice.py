@@ -110,8 +110,12 @@ def main() -> None:
     measured: dict[str, dict[int, dict[str, float]]] = {}
     cache = analysis / "cache"
     for start_step in sorted(starts):
-        ckpt = next(p for p in args.run.glob("*") if p.is_dir() and p.name.endswith(f"-{start_step}"))
-        start = continuations.load_start(ckpt, first["last_step"], lambda m: print(m, file=sys.stderr))
+        scratch = start_step == 0  # a retrain: the earliest checkpoint gives the run's model config
+        steps = {int(p.name.rsplit("-", 1)[1]): p for p in args.run.glob("*-*") if p.name[-1].isdigit()}
+        ckpt = steps[min(s for s in steps if s > 0)] if scratch else steps[start_step]
+        start = continuations.load_start(
+            ckpt, first["last_step"], lambda m: print(m, file=sys.stderr), scratch=scratch
+        )
         arms = {"the run's schedule": original}
         arms.update(
             {
