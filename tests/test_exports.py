@@ -257,3 +257,32 @@ def test_recommend_export_errors_are_one_line(tmp_path, capsys):
     code, _, err = cli([*LOCAL, "--target", "xx", "--from", res, "--export", "megatron"], capsys)
     assert code == 2 and "--export needs the run's batch size" in err and "--batch-size" in err
     assert not (Path(res) / "schedule.json").exists()  # refused before anything was written
+
+
+def test_recommend_phases_exports_the_run_data_per_domain(tmp_path, capsys):
+    """The default kind (a late phase, here unverified: no training) exports its schedule; the late phase
+    moves data, it does not add any: the totals are those of the run's own schedule."""
+    res = synthetic_results(tmp_path / "res")
+    argv = [
+        "recommend",
+        "--target",
+        "xx",
+        "--from",
+        res,
+        "--no-verify",
+        "--batch-size",
+        "10",
+        "--until",
+        "400",
+    ]
+    code, _, err = cli([*argv, "--export", "hf-interleave", "-q"], capsys)
+    assert code == 0, err
+    assert f"exported {res / 'schedule_hf_interleave.json'}" in err
+    spec = json.loads((res / "schedule_hf_interleave.json").read_text())
+    chosen = Schedule.from_records(json.loads((res / "schedule.json").read_text()))
+    assert len(spec["phases"]) == len(schedule_stages(chosen, 400, 10)) >= 2
+    assert (
+        spec["totals"]
+        == exact_rows(chosen, 400, 10)
+        == exact_rows(Schedule.constant({"en": 0.7, "xx": 0.3}), 400, 10)
+    )
