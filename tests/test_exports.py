@@ -22,6 +22,7 @@ from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from hypothesis import given, settings
@@ -285,4 +286,32 @@ def test_recommend_phases_exports_the_run_data_per_domain(tmp_path, capsys):
         spec["totals"]
         == exact_rows(chosen, 400, 10)
         == exact_rows(Schedule.constant({"en": 0.7, "xx": 0.3}), 400, 10)
+    )
+
+
+def test_without_a_proposal_the_exports_of_an_earlier_answer_are_removed(tmp_path, capsys):
+    """recommend --kind phases removes the schedule files of an earlier answer when it proposes nothing
+    (a schedule of another answer must not be taken for this one), and their exports with them."""
+    res = synthetic_results(tmp_path / "res")
+    argv = [
+        "recommend",
+        "--target",
+        "xx",
+        "--from",
+        res,
+        "--no-verify",
+        "--batch-size",
+        "10",
+        "--until",
+        "400",
+    ]
+    assert cli([*argv, "--export", "csv-steps", "--export", "nanotron", "-q"], capsys)[0] == 0
+    assert (res / "schedule_steps.csv").is_file() and (res / "schedule_nanotron.yaml").is_file()
+    flat = pd.read_csv(res / "results.csv").assign(el_ij=0.0)  # the bracket favours no late phase now
+    flat.to_csv(res / "results.csv", index=False)
+    code, _, err = cli([*argv, "--export", "csv-steps", "-q"], capsys)
+    assert code == 0, err
+    assert "nothing exported (csv-steps): no schedule proposed;" in err
+    assert not any(
+        (res / f).exists() for f in ("schedule.json", "schedule_steps.csv", "schedule_nanotron.yaml")
     )
