@@ -23,7 +23,10 @@ whole rows of each domain per batch of ``B``), so each keeps the rows per domain
 - ``nanotron`` (``schedule_nanotron.yaml``): ``data_stages`` as nanotron's ``DatasetStageArgs`` documents
   them: ``name``, ``start_training_step`` (nanotron counts steps from 1: commute's step ``s`` is its
   ``s + 1``) and ``data.dataset`` with ``dataset_folder`` / ``dataset_weights`` (a Nanoset per domain,
-  ``{en}`` standing for its folder).
+  ``{en}`` standing for its folder). The weights are exact (``rows / B``), but a Nanoset shuffles its
+  blended index with ``data.seed``: within a stage the rows per domain match them in expectation, not
+  row for row (exactly only over a whole epoch of the blend). nanotron on PyPI (0.4) predates data stages
+  and Nanosets: the test checks the structure that nanotron's ``Config`` checks, read back with PyYAML.
 - ``torchtitan`` is refused: its dataloader reads one dataset and has no data stages.
 """
 
@@ -178,7 +181,8 @@ def nanotron_text(stages: Sequence[Stage], seed: int | None = None) -> str:
     head = [
         "# nanotron data_stages (commute recommend --export nanotron): merge into your config.",
         f"# Replace {names} by each domain's Nanoset folder; with tokens.train_steps: {last} and a global",
-        f"# batch of {batch} sequences (micro_batch_size x batch_accumulation_per_replica x dp).",
+        f"# batch of {batch} sequences (micro_batch_size x batch_accumulation_per_replica x dp). A Nanoset",
+        "# shuffles its blend with data.seed: a stage's rows per domain match the weights in expectation.",
     ]
     body = yaml.safe_dump(nanotron_record(stages, seed), sort_keys=False, default_flow_style=False)
     return "\n".join(head) + "\n" + body
