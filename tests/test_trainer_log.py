@@ -125,3 +125,25 @@ def test_analyze_reads_the_trainers_log_and_says_so(hf_run, tmp_path, capsys):
     rows = pd.read_csv(tmp_path / "a" / "results.csv")
     w_en = {int(s): float(w) for s, w in rows[rows.domain_i == "en"][["step", "w_i"]].itertuples(index=False)}
     assert w_en == {10: pytest.approx(0.7), 20: pytest.approx(0.5)}
+
+
+def test_without_any_schedule_analyze_says_how_to_give_one(hf_run, tmp_path, capsys):
+    bare = tmp_path / "bare"
+    shutil.copytree(hf_run, bare)
+    state_file = bare / "checkpoint-20" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state["log_history"] = [h for h in state["log_history"] if not any(k.startswith("commute/") for k in h)]
+    state_file.write_text(json.dumps(state))
+    d = bare / "data"
+    argv = [
+        "analyze",
+        bare,
+        "--domains",
+        f"en={d}/en.jsonl",
+        f"xx={d}/xx.jsonl",
+        "--tokenizer",
+        bare / "tokenizer",
+    ]
+    code, _, err = cli([*argv, "--dry-run"], capsys)
+    assert code == 2 and err.startswith("error: no weight schedule") and len(err.strip().splitlines()) == 1
+    assert "--weights en=0.5 xx=0.5" in err and "commute/weight/<domain>" in err

@@ -203,7 +203,7 @@ def resolve_inputs(opts: AnalyzeOptions) -> Inputs:
             "no weight schedule: the criterion is evaluated around the schedule the run used",
             hint="pass --weights "
             + " ".join(f"{n}={1 / len(names):.2g}" for n in names)
-            + " or --schedule FILE",
+            + " or --schedule FILE (or log commute/weight/<domain> in the Trainer's trainer_state.json)",
         )
     schedule = Schedule.from_entries(run.schedule.entries, names)
     targets = parse_targets(opts.targets, names)
