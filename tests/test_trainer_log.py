@@ -70,13 +70,16 @@ def test_a_log_that_does_not_fit_is_refused():
 def hf_run(tmp_path_factory) -> Path:
     """A Trainer-like folder: checkpoint-{0,10,20} (SGD on en 0.7, xx 0.3 by tiny_run), no commute.json;
     the last checkpoint's trainer_state.json logs the weights, changed to 0.5/0.5 at step 12 (the log, not
-    the training, is what analyze reads: the test checks which weights it evaluates at)."""
+    the training, is what analyze reads: the test checks which weights it evaluates at). The file is written
+    by transformers' own ``TrainerState.save_to_json``, as the Trainer saves it."""
+    from transformers import TrainerState
+
     run = make_run(tmp_path_factory.mktemp("hf") / "run", steps=(0, 10, 20))
     (run / "commute.json").unlink()
     state_file = run / "checkpoint-20" / "trainer_state.json"
-    state = json.loads(state_file.read_text())
-    state["log_history"] = [weights(5, 0.7, 0.3), weights(12, 0.5, 0.5), *state["log_history"]]
-    state_file.write_text(json.dumps(state))
+    state = TrainerState.load_from_json(str(state_file))
+    state.log_history = [weights(5, 0.7, 0.3), weights(12, 0.5, 0.5), *state.log_history]
+    state.save_to_json(str(state_file))
     return run
 
 
