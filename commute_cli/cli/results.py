@@ -96,6 +96,12 @@ def recommend_command(
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     fmt: Format = typer.Option(Format.table, "--format", help="table, or csv/json (data to stdout)."),
+    export: list[str] = typer.Option(
+        [],
+        "--export",
+        help="Also write the proposed schedule for another trainer, beside schedule.json (repeatable): "
+        "csv-steps, hf-interleave, megatron, nanotron. Needs the run's batch size.",
+    ),
 ) -> None:
     """Turn the analysis into one schedule with the same data per domain, and say what it gains.
 
@@ -113,19 +119,22 @@ def recommend_command(
     Example: commute recommend --target ru --kind local
 
     Example: commute recommend --target mix --no-verify --out runs/advice
+
+    Example: commute recommend --target mix --no-verify --out runs/advice --export nanotron --export megatron
     """
     import json
 
-    from commute_cli.io import store
+    from commute_cli.io import exports, store
 
     result = store.load_analysis(from_dir)
     folder = out if out is not None else from_dir
+    exporting = exports.ExportPlan.check(export, folder, batch_size, result.run_manifest())  # before training
     typer.echo(f"recommendation for {result.label()}", err=True)
     if kind is AdviceKind.phases:
         _recommend_phases(
             result, target, folder, start=start, seeds=seeds, finalists=finalists, candidates=candidates,
             verify=not no_verify, device=device.value, jobs=jobs, batch_size=batch_size, until=until,
-            quiet=quiet, fmt=fmt,
+            quiet=quiet, fmt=fmt, exporting=exporting,
         )  # fmt: skip
         return
     from commute_cli.commands import recommend
@@ -173,6 +182,7 @@ def recommend_command(
         tables.emit_dataframe(rec.table(), fmt.value)
     else:
         typer.echo(json.dumps(rec.to_dict(), indent=2, ensure_ascii=False, default=str))
+    _export(exporting, rec.schedule if rec.proposed else None, rec.last_step, rec.summary())
 
 
 def _apply_line(result: Any, schedule_file: Path, first_change: int, last: int, target: str) -> str:
@@ -222,6 +232,7 @@ def _recommend_phases(
     until: int | None,
     quiet: bool,
     fmt: Format,
+    exporting: Any,
 ) -> None:
     import json
 
@@ -259,6 +270,18 @@ def _recommend_phases(
         tables.emit_dataframe(phase_advice.measured_table(advice), fmt.value)
     else:
         typer.echo(json.dumps(advice.to_dict(), indent=2, ensure_ascii=False, default=str))
+    _export(exporting, advice.chosen.schedule if advice.chosen else None, advice.last, advice.summary())
+
+
+def _export(plan: Any, schedule: Any, last: int, why: str) -> None:
+    """``recommend --export``: the proposed schedule in each format asked for (``io.exports``), or why not."""
+    if not plan.formats:
+        return
+    if schedule is None:
+        typer.echo(f"nothing exported ({', '.join(plan.formats)}): no schedule proposed; {why}", err=True)
+        return
+    files = plan.write(schedule, last)
+    typer.echo(f"exported {', '.join(str(f) for f in files)}", err=True)
 
 
 @help_paragraphs

@@ -330,6 +330,7 @@ def _run_analysis(
         "min_effect": opts.min_effect,
         "optimizer": optimizer,
         "size_note": size_note,
+        "schedule_from": inputs.schedule_from,
     }
 
     def write_outputs() -> dict[str, Any]:

@@ -142,6 +142,7 @@ class Inputs:
     manifest: checkpoints.Manifest | None
     text_fields: dict[str, str] = field(default_factory=dict)  # domain -> text column (default "text")
     notes: list[str] = field(default_factory=list)  # stderr notes: --samples rounded, pairs left out
+    schedule_from: str = ""  # where the schedule came from (run_inputs.RunInputs.schedule_from)
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -159,7 +160,8 @@ def resolve_inputs(opts: AnalyzeOptions) -> Inputs:
     if not ckpt_dir.exists():
         raise CommuteError(f"checkpoint folder {ckpt_dir} does not exist", hint="check the path")
     runfiles.check_complete(ckpt_dir)
-    refs = checkpoints.select(checkpoints.discover(ckpt_dir), steps=opts.steps, every=opts.every)
+    found = checkpoints.discover(ckpt_dir)
+    refs = checkpoints.select(found, steps=opts.steps, every=opts.every)
     checkpoints.check_compatible(refs)
     for ref in refs:  # preflight: a truncated or corrupt weight file fails now, not hours into the run
         checkpoints.validate_weights(ref.path)
@@ -172,6 +174,10 @@ def resolve_inputs(opts: AnalyzeOptions) -> Inputs:
         schedule=opts.schedule,
         seq_len=opts.seq_len,
         note=lambda text: print(text, file=sys.stderr),
+        # a Trainer's logged weights: the run folder's trainer_state.json, or its latest checkpoint's
+        trainer_logs=[ckpt_dir, *[r.path for r in found[-1:] if r.path.is_dir()]]
+        if ckpt_dir.is_dir()
+        else [],
     )
     sources = run.eval_domains or run.domains if run.domains_from.startswith("manifest") else run.domains
     if not sources:
@@ -197,11 +203,17 @@ def resolve_inputs(opts: AnalyzeOptions) -> Inputs:
             "no weight schedule: the criterion is evaluated around the schedule the run used",
             hint="pass --weights "
             + " ".join(f"{n}={1 / len(names):.2g}" for n in names)
-            + " or --schedule FILE",
+            + " or --schedule FILE (or log commute/weight/<domain> in the Trainer's trainer_state.json)",
         )
     schedule = Schedule.from_entries(run.schedule.entries, names)
     targets = parse_targets(opts.targets, names)
     notes = [n for n in [opts.samples_note()] if n is not None]
+    if run.schedule_logged:  # a trainer's log (io.trainer_log): say what was read, and where
+        words = ", ".join(
+            " ".join(f"{n}={w:g}" for n, w in weights.items()) + f" from step {step}"
+            for step, weights in schedule.entries
+        )
+        notes.append(f"note: the run's schedule ({words}) read from {run.schedule_from}")
     notes += check_shifts(schedule, names, [r.step if r.step is not None else 0 for r in refs], opts.dw)
     return Inputs(
         refs,
@@ -216,6 +228,7 @@ def resolve_inputs(opts: AnalyzeOptions) -> Inputs:
         run.manifest,
         text_fields,
         notes,
+        run.schedule_from,
     )
 
 

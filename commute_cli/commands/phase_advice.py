@@ -40,6 +40,7 @@ from commute_cli.core.power import t_critical
 from commute_cli.core.schedule import Schedule
 from commute_cli.core.shifts import domain_totals
 from commute_cli.errors import CommuteError
+from commute_cli.io.exports import FILES as EXPORT_FILES
 from commute_cli.io.store import AnalysisRun
 
 RUN = "the run's schedule"
@@ -501,7 +502,8 @@ def unverified(advice: PhaseAdvice) -> PhaseAdvice:
 
 def write_advice(advice: PhaseAdvice, out: Path) -> list[Path]:
     """``schedule.json``, ``schedule.csv`` (what ``commute train --schedule`` reads) when a schedule is
-    proposed, and ``recommend.json`` always (what was measured, proposed or not), each atomically."""
+    proposed, and ``recommend.json`` always (what was measured, proposed or not), each atomically. Without
+    a proposal, the schedule files and exports (``io.exports.FILES``) of an earlier answer are removed."""
     import json
 
     from commute_cli.io import atomic
@@ -517,6 +519,9 @@ def write_advice(advice: PhaseAdvice, out: Path) -> list[Path]:
             files.append(save_schedule(advice.chosen.schedule, out / name))
         elif (out / name).is_file():
             (out / name).unlink()  # a schedule of an earlier answer must not be taken for this one
+    if advice.chosen is None:  # nor its exports for other trainers (recommend --export)
+        for name in EXPORT_FILES.values():
+            (out / name).unlink(missing_ok=True)
     target = out / "recommend.json"
     atomic.write_text(target, json.dumps(advice.to_dict(), indent=2, ensure_ascii=False, default=str) + "\n")
     return [*files, target]

@@ -21,6 +21,7 @@ from commute_cli.io.tokenizer import has_tokenizer
 DEFAULT_SEQ_LEN = 128  # a new model's context when nothing else says
 DEFAULT_BATCH_SIZE = 16
 Note = Callable[[str], None]
+LOGGED = " (log_history commute/weight/*)"  # the end of schedule_from for weights logged by a trainer
 
 __all__ = ["DEFAULT_BATCH_SIZE", "DEFAULT_SEQ_LEN", "RunInputs", "load_blocks", "resolve_run_inputs"]
 
@@ -44,6 +45,11 @@ class RunInputs:
     batch_size: int | None
     seed: int | None
     saved: dict[str, Any] = field(default_factory=dict)
+    schedule_from: str = "none"
+    """Where the schedule came from: ``--weights``, ``--schedule FILE``, the checkpoint's or the manifest's
+    file, or a ``trainer_state.json`` log (``io.trainer_log``)."""
+    schedule_logged: bool = False
+    """True when the schedule was read from a trainer's log (``trainer_state.json``)."""
 
     @property
     def names(self) -> list[str]:
@@ -83,6 +89,7 @@ def resolve_run_inputs(
     seed: int | None = None,
     note: Note | None = None,
     schedule_use: str = "the criterion is evaluated around the schedule given",
+    trainer_logs: Sequence[Path] = (),
 ) -> RunInputs:
     """One precedence for every command: flag, then the checkpoint, then the manifest, then a default.
 
@@ -91,6 +98,9 @@ def resolve_run_inputs(
       the last seq_len. The manifest is ``manifest`` (file or folder) or the one next to the checkpoint.
     - domains: the flag, the manifest's ``domains``, else its ``external_sources`` (data that ``train``
       read from outside the run folder, used when it still exists; ``note`` says so).
+    - schedule: ``weights``/``schedule``, then the checkpoint's ``commute_state.json``, the manifest, then
+      the weights logged in the ``trainer_state.json`` of ``trainer_logs`` (``io.trainer_log``: what a
+      Trainer with the ``commute watch`` callback records); ``schedule_from`` says which.
     - Without anything: ``schedule`` None (the caller decides: train uses uniform weights, analyze
       refuses), ``seq_len`` None only when there is no checkpoint (train: ``DEFAULT_SEQ_LEN``).
     Raises ``CommuteError`` for a missing manifest given explicitly, or weights and a schedule both given.
@@ -140,20 +150,23 @@ def resolve_run_inputs(
 
     names = list(train)
     sched: Schedule | None = None
+    sched_from = "none"
     if weights and schedule is not None:
         raise CommuteError("both weights and a schedule given", "pass --weights or --schedule, not both")
     if not names:
         pass  # no domains: the caller says so; weights cannot be checked against nothing
     elif isinstance(schedule, Schedule):
-        sched = Schedule.from_entries(schedule.entries, names)
+        sched, sched_from = Schedule.from_entries(schedule.entries, names), "--schedule"
     elif schedule is not None:
-        sched = load_schedule(Path(schedule), names)
+        sched, sched_from = load_schedule(Path(schedule), names), f"--schedule {schedule}"
     elif isinstance(weights, Mapping):
-        sched = Schedule.constant(check_weights(weights, names), names)
+        sched, sched_from = Schedule.constant(check_weights(weights, names), names), "--weights"
     elif weights:
-        sched = Schedule.constant(parse_weights(weights, names), names)
+        sched, sched_from = Schedule.constant(parse_weights(weights, names), names), "--weights"
     elif len(names) >= 2:  # one domain: nothing to mix; a run's saved schedule cannot be for it
-        sched, _ = _recorded_schedule(saved, found, ckpt, names)
+        sched, sched_from = _recorded_schedule(saved, found, ckpt, names)
+        if sched is None:
+            sched, sched_from = _logged_schedule(trainer_logs, names, note)
     if sched is not None and (weights or schedule is not None) and note is not None and len(names) >= 2:
         own, where = _recorded_schedule(saved, found, ckpt, names)
         if own is not None and own.entries != sched.entries:
@@ -192,6 +205,8 @@ def resolve_run_inputs(
         batch_size=batch_size or saved.get("batch_size") or manifest_batch,
         seed=seed if seed is not None else saved.get("seed", manifest_seed),
         saved=saved,
+        schedule_from=sched_from if sched is not None else "none",
+        schedule_logged=sched is not None and sched_from.endswith(LOGGED),
     )
 
 
@@ -219,6 +234,24 @@ def _recorded_schedule(
     if found is not None and found.schedule:
         return Schedule.from_records(found.schedule, names, context=str(found.path)), str(found.path)
     return None, ""
+
+
+def _logged_schedule(
+    folders: Sequence[Path], names: Sequence[str], note: Note | None
+) -> tuple[Schedule | None, str]:
+    """The schedule logged in a ``trainer_state.json`` of ``folders`` and where (``io.trainer_log``);
+    ``(None, "")`` when none logs one. Notes when the first weights are logged after step 0."""
+    from commute_cli.io.trainer_log import read_logged_schedule
+
+    found = read_logged_schedule(folders, names)
+    if found is None:
+        return None, ""
+    if found.first_logged > 0 and note is not None:
+        note(
+            f"note: {found.file} logs the domain weights first at step {found.first_logged}; they are taken "
+            "as the weights from step 0"
+        )
+    return found.schedule, f"{found.file}{LOGGED}"
 
 
 def _describe(schedule: Schedule) -> str:
