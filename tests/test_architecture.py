@@ -37,6 +37,8 @@ ALWAYS = {"errors", "__init__"}  # the error type and the version string are the
 #: service that analyze and validate share, validate's inputs and branches and train's set-up (split out of
 #: validate.py and train.py to keep each module one idea); a command may import these, never another command
 COMMAND_SERVICES = {
+    "outputs",
+    "watch",
     "options",
     "stats",
     "validate_inputs",
