@@ -103,6 +103,8 @@ class Watcher:
         options: analyze's options (``--samples``, ``--blocks``, ``--batch-size``, ``--dw``, ``--target``,
             ``--confidence``, ...); ``ckpt_dir`` is where the trainer saves its checkpoints (``run.json``'s
             checkpoint folder: ``recommend`` finds them there). ``--metric euclid`` only.
+        base_dir: the folder relative data sources are read from (a manifest's folder; default: the working
+            directory).
         note: where notes go (default: stderr, rank 0 only).
 
     Raises:
@@ -120,6 +122,7 @@ class Watcher:
         every: int | None = None,
         cost: float = DEFAULT_COST,
         options: AnalyzeOptions | None = None,
+        base_dir: Path | None = None,
         note: Callable[[str], None] | None = None,
     ) -> None:
         names = list(domains)
@@ -154,6 +157,7 @@ class Watcher:
         self.seq_len = int(seq_len)
         self.targets = parse_targets(self.opts.targets, names)
         self.root = Path(out)
+        self.base_dir = base_dir
         self.every = every
         self.cost = cost
         self.interval_reason = "given" if every is not None else f"cost target {cost:.2%} of training time"
@@ -199,7 +203,7 @@ class Watcher:
         """The fixed per-domain samples (drawn once by rank 0 and sent to the others), the run's identity
         and folder, and the rows an earlier session of the same run left there."""
         inputs = Inputs(
-            refs=[], names=self.names, sources=self.sources, base_dir=None, tokenizer=self.tokenizer,
+            refs=[], names=self.names, sources=self.sources, base_dir=self.base_dir, tokenizer=self.tokenizer,
             tokenizer_path=self.tokenizer_path, seq_len=self.seq_len, schedule=self.schedule,
             targets=self.targets, manifest=None,
         )  # fmt: skip
