@@ -189,11 +189,17 @@ def test_recommend_reads_the_watched_folder(runs: dict, capsys, tmp_path: Path) 
 
 
 def test_interval_from_cost() -> None:
-    # one measurement = 30 steps: at 1% every 3000 steps; the 1-2-5 series rounds 3000 up to 5000
-    assert interval_for_cost(3.0, 0.1, 0.01) == 5000
-    assert interval_for_cost(2.0, 0.1, 0.01) == 2000
+    # one measurement = 30 steps: at 1% every 3000 steps; above 100 steps two significant digits, rounded up
+    assert interval_for_cost(3.0, 0.1, 0.01) == 3000
+    assert interval_for_cost(2.378, 0.1, 0.01) == 2400
+    assert interval_for_cost(0.372, 0.1, 0.01) == 380
+    assert interval_for_cost(0.0372, 0.1, 0.01) == 38
     assert interval_for_cost(0.001, 1.0, 0.01) == 1
     assert interval_for_cost(1.0, 1.0, 0.5) == 2
+    for measure, step in ((0.7, 0.013), (5.0, 0.27), (0.05, 0.05)):
+        every = interval_for_cost(measure, step, 0.01)
+        assert measure / (every * step) <= 0.01 + 1e-12  # at or under the target
+        assert measure / (every * step) > 0.01 * 0.9 or every <= 100  # and not far under it
     with pytest.raises(ValueError):
         interval_for_cost(1.0, 0.0)
     assert planned_steps(8, 24) == [0, 8, 16, 24]

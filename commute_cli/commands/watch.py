@@ -15,9 +15,10 @@ watch_callback``), and ``commute train --watch N`` (``commands.train``).
 
 Interval. ``every`` steps when given; otherwise a cost target (``cost``, default 1% of training time): the
 first measurement (step 0) is timed, then the next :data:`CALIBRATION_STEPS` training steps, and
-``every`` is the smallest 1-2-5 number of steps whose training takes at least ``measurement / cost``
-(:func:`interval_for_cost`), shown when it is chosen. The paper's own estimate: every 1000 steps costs under
-half a percent of training.
+``every`` is the number of steps whose training takes ``measurement / cost``, rounded up
+(:func:`interval_for_cost`), shown when it is chosen. The step-0 measurement is one more on top: over a run
+of ``n`` intervals the cost is ``(n + 1) / n`` times the target. The paper's own estimate: every 1000 steps
+costs under half a percent of training.
 
 Horizon. Each measurement's intervention spans half the spacing to the next planned measurement
 (``core.regime.choose_horizon`` over the planned steps ``0, every, 2 every, ..., max_steps``), as analyze
@@ -65,21 +66,19 @@ CALIBRATION_STEPS = 5
 def interval_for_cost(measure_s: float, step_s: float, cost: float = DEFAULT_COST) -> int:
     """Steps between measurements so that measuring costs at most ``cost`` of training time.
 
-    ``measure_s``: seconds of one measurement; ``step_s``: seconds of one training step; the result is the
-    smallest number of the 1-2-5 series (1, 2, 5, 10, 20, ...) at or above ``measure_s / (cost x
-    step_s)``. Rounding up keeps the cost at or under the target and puts measurements on round steps.
+    ``measure_s``: seconds of one measurement; ``step_s``: seconds of one training step; the result is
+    ``need = measure_s / (cost x step_s)`` rounded up to a whole step, and above 100 steps up to two
+    significant digits (2378 -> 2400): measurements land on round steps and the cost stays at or just
+    under the target.
 
     Raises:
-        ValueError: a non-positive cost or time.
+        ValueError: a non-positive cost or step time, a negative measurement time.
     """
     if not (cost > 0 and measure_s >= 0 and step_s > 0):
         raise ValueError(f"need cost > 0, measure_s >= 0, step_s > 0; got {cost}, {measure_s}, {step_s}")
     need = max(1.0, measure_s / (cost * step_s))
-    decade = 10 ** math.floor(math.log10(need))
-    for m in (1, 2, 5, 10):
-        if m * decade >= need - 1e-9:
-            return int(m * decade)
-    return int(10 * decade)  # pragma: no cover - the loop always returns
+    unit = 1 if need <= 100 else 10 ** (math.floor(math.log10(need)) - 1)
+    return int(math.ceil(need / unit - 1e-9) * unit)
 
 
 def planned_steps(every: int, max_steps: int, start: int = 0) -> list[int]:

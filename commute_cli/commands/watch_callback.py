@@ -73,6 +73,8 @@ class CommuteCallback(TrainerCallback):
         self._last_end: float | None = None
         self._timed: list[float] = []
         self._first_measure_s: float | None = None
+        self.seconds = 0.0
+        """Wall seconds spent in this callback so far (measurements, files, bookkeeping): its cost."""
 
     # ------------------------------------------------------------------------------------------ set-up
 
@@ -87,6 +89,7 @@ class CommuteCallback(TrainerCallback):
         return self
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        entered = time.perf_counter()
         w = self.watcher
         if not self._ckpt_dir_given:
             w.opts.ckpt_dir = Path(args.output_dir)
@@ -103,6 +106,7 @@ class CommuteCallback(TrainerCallback):
             w.measure(model, 0, _learning_rate(optimizer))
             self._first_measure_s = time.perf_counter() - t0
         self._last_end = time.perf_counter()
+        self.seconds += self._last_end - entered
 
     # ------------------------------------------------------------------------------------------ steps
 
@@ -121,6 +125,7 @@ class CommuteCallback(TrainerCallback):
                 self._pending, self._pending_step = scalars, step
                 control.should_log = True
         self._last_end = time.perf_counter()
+        self.seconds += self._last_end - now
         return control
 
     def on_log(
