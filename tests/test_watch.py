@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from commute_cli.commands.options import AnalyzeOptions
-from commute_cli.commands.watch import interval_for_cost, planned_steps
+from commute_cli.commands.watch import CALIBRATION_STEPS, interval_for_cost, planned_steps
 from commute_cli.io import store
 
 from cli_runner import cli
@@ -186,6 +186,39 @@ def test_recommend_reads_the_watched_folder(runs: dict, capsys, tmp_path: Path) 
     assert code == 0, err
     assert (tmp_path / "phases" / "recommend.json").is_file()  # ranked from the watched rows
     assert "checkpoint 8" in out + err  # the Trainer's checkpoint-8/ (run.json's checkpoint folder)
+
+
+def test_default_interval_from_the_cost_target(setting: dict, tmp_path: Path, capsys) -> None:
+    """No ``every``: step 0 is measured and timed, then the first training steps, and the interval follows
+    from the cost target (0.5 here, so that it falls inside a short run); the step-0 rows wait for it."""
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments, default_data_collator
+
+    from commute_cli.commands.watch_callback import CommuteCallback
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(setting["tok"]), n_positions=32, n_embd=16, n_layer=1,
+                                       n_head=2, bos_token_id=0, eos_token_id=0))  # fmt: skip
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "run"), max_steps=STEPS, per_device_train_batch_size=8, learning_rate=5e-3,
+        lr_scheduler_type="constant", logging_steps=100, save_strategy="no", report_to="none", use_cpu=True,
+        seed=0, disable_tqdm=True,
+    )  # fmt: skip
+    trainer = Trainer(
+        model=model, args=args, train_dataset=setting["dataset"], data_collator=default_data_collator
+    )
+    opts = AnalyzeOptions(ckpt_dir=tmp_path / "run", samples=12, blocks=2, batch_size=4)
+    cb = CommuteCallback(setting["data"], setting["tok"], WEIGHTS, seq_len=SEQ, out=tmp_path / "w", cost=0.5,
+                         options=opts).attach(trainer)  # fmt: skip
+    trainer.train()
+    w = cb.watcher
+    assert w.every == interval_for_cost(cb._first_measure_s or 0.0, w.step_seconds or 1.0, 0.5)
+    assert "measuring every" in capsys.readouterr().err
+    results = store.load_analysis(cb.folder).results
+    measured = sorted(set(results["step"]))
+    calibrated = CALIBRATION_STEPS + 1  # the first step warms up, the next ones are timed
+    assert measured == [s for s in planned_steps(w.every, STEPS) if s == 0 or s >= calibrated]
+    assert set(results[results["step"] == 0]["horizon"]) == {max(1, w.every // 2)}
+    assert 0 < cb.seconds < trainer.state.log_history[-1]["train_runtime"]
 
 
 def test_interval_from_cost() -> None:

@@ -309,8 +309,10 @@ class Watcher:
 
     def _record(self, step: int, lr: float, stats: Any, info: dict[str, Any]) -> dict[str, float]:
         assert self.every is not None and self.max_steps is not None
+        # the planned measurements, and the one after this step even past the run's end: a run shorter than
+        # one interval still gets half the interval as its horizon
         plan = planned_steps(self.every, max(self.max_steps, step), 0)
-        steps = sorted({*plan, step})
+        steps = sorted({*plan, step, step - step % self.every + self.every})
         horizon, reason = choose_horizon(steps, steps.index(step), self.opts.horizon)
         wbar = self._wbar(step)
         rows = self.tables.add(
