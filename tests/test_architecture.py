@@ -3,8 +3,8 @@
 - ``core``: pure math (numpy); imports nothing of the package but ``errors``, and no torch.
 - ``engine`` (torch) and ``io`` (files): import only ``core`` (and their own layer).
 - ``commands``: import ``core``, ``engine``, ``io`` and ``render``, and the services of their layer
-  (``commands.options``, ``commands.stats``, ``commands.validate_inputs``, ``commands.validate_branches``,
-  ``commands.train_setup``);
+  (``commands.options``, ``commands.stats``, ``commands.outputs``, ``commands.watch``,
+  ``commands.validate_inputs``, ``commands.validate_branches``, ``commands.train_setup``);
   never ``cli``, never a command.
 - ``render``: imports ``core`` only (and its own layer).
 - nothing but ``__main__`` imports ``cli``.
