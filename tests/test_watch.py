@@ -163,7 +163,7 @@ def test_rows_equal_analyze_on_the_saved_checkpoints(runs: dict, setting: dict, 
     assert list(watched["verdict"]) == list(analysed.loc[watched.index, "verdict"])
 
 
-def test_recommend_reads_the_watched_folder(runs: dict, capsys, tmp_path: Path) -> None:
+def test_recommend_and_plot_read_the_watched_folder(runs: dict, capsys, tmp_path: Path) -> None:
     folder = runs["callback"].folder
     run_id = store.load_analysis(folder).run_id[:8]
     for target in ("en", "mix"):
@@ -185,6 +185,9 @@ def test_recommend_reads_the_watched_folder(runs: dict, capsys, tmp_path: Path) 
     code, out, err = cli(argv, capsys)
     assert code == 0, err
     assert (tmp_path / "phases" / "recommend.json").is_file()  # ranked from the watched rows
+    code, _, err = cli(["plot", "--from", folder, "-o", tmp_path / "watched.png"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "watched.png").stat().st_size > 10_000
     assert "checkpoint 8" in out + err  # the Trainer's checkpoint-8/ (run.json's checkpoint folder)
 
 
