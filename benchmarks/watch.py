@@ -176,7 +176,7 @@ def main() -> None:
         summary = {
             "benchmark": "watch",
             "what": "HF Trainer + CommuteCallback vs the same run unwatched, one process, same seed",
-            "model": "GPT-2 of sample_checkpoints (2 layers, n_embd 64, vocab 4096), fresh init",
+            "model": "GPT-2, 1 layer, n_embd 32, vocab 4096 (the shipped tokenizer), fresh init",
             "steps": steps,
             "seq_len": args.seq_len,
             "batch_size": args.batch_size,
@@ -189,7 +189,7 @@ def main() -> None:
             "unwatched_seconds": [results["unwatched"], results["unwatched2"]],
             "noise_between_unwatched": noise,
             **record,
-            "environment": environment(args.threads),
+            "environment": environment(args.threads, load_average=os.getloadavg()),
         }
     print(
         f"overhead at the default interval (every {record['default']['every']} steps, {steps} steps): "
