@@ -224,6 +224,69 @@ def test_default_interval_from_the_cost_target(setting: dict, tmp_path: Path, ca
     assert 0 < cb.seconds < trainer.state.log_history[-1]["train_runtime"]
 
 
+def test_warmup_from_zero_times_a_real_measurement(setting: dict, tmp_path: Path) -> None:
+    """With a warmup the rate at step 0 is 0: no row there (as analyze skips it), and the interval is set
+    from a measurement that ran (at the end of the calibration steps), not from the skip."""
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments, default_data_collator
+
+    from commute_cli.commands.watch_callback import CommuteCallback
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(setting["tok"]), n_positions=32, n_embd=16, n_layer=1,
+                                       n_head=2, bos_token_id=0, eos_token_id=0))  # fmt: skip
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "run"), max_steps=12, per_device_train_batch_size=8, learning_rate=5e-3,
+        warmup_steps=4, logging_steps=100, save_strategy="no", report_to="none", use_cpu=True, seed=0,
+        disable_tqdm=True,
+    )  # fmt: skip
+    data, collate = setting["dataset"], default_data_collator
+    trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collate)
+    opts = AnalyzeOptions(ckpt_dir=tmp_path / "run", samples=12, blocks=2, batch_size=4)
+    cb = CommuteCallback(setting["data"], setting["tok"], WEIGHTS, seq_len=SEQ, out=tmp_path / "w", cost=0.01,
+                         options=opts).attach(trainer)  # fmt: skip
+    trainer.train()
+    w = cb.watcher
+    assert cb._first_measure_s is not None and cb._first_measure_s > 0.01  # a measurement, not a skip
+    assert w.every == interval_for_cost(cb._first_measure_s, w.step_seconds or 1.0, 0.01)
+    analysis = store.load_analysis(cb.folder)
+    assert 0 not in set(analysis.results["step"])
+    assert CALIBRATION_STEPS + 1 in set(analysis.results["step"])  # the timed measurement has its rows
+    assert [c["step"] for c in analysis.run["skipped_checkpoints"]] == [0]
+
+
+def test_a_resumed_trainer_keeps_the_earlier_rows(runs: dict, setting: dict, tmp_path: Path) -> None:
+    """Resume the watched run from its checkpoint-16 with the folder it left: rows of steps 0 and 8 are
+    kept, 16 and 24 measured again, and all equal the uninterrupted run's."""
+    import shutil
+
+    from transformers import GPT2LMHeadModel, Trainer, TrainingArguments, default_data_collator
+
+    from commute_cli.commands.watch_callback import CommuteCallback
+
+    full = store.load_analysis(runs["callback"].folder)
+    shutil.copytree(runs["callback"].folder, tmp_path / "watch")
+    shutil.copytree(runs["out"] / "checkpoint-16", tmp_path / "checkpoint-16")
+    model = GPT2LMHeadModel.from_pretrained(str(tmp_path / "checkpoint-16"))
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=STEPS, per_device_train_batch_size=8, learning_rate=5e-3,
+        lr_scheduler_type="constant", logging_steps=4, save_strategy="no", report_to="none", use_cpu=True,
+        seed=0, disable_tqdm=True,
+    )  # fmt: skip
+    data, collate = setting["dataset"], default_data_collator
+    trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collate)
+    opts = AnalyzeOptions(ckpt_dir=runs["out"], samples=12, blocks=2, batch_size=4)
+    cb = CommuteCallback(setting["data"], setting["tok"], WEIGHTS, seq_len=SEQ, out=tmp_path / "watch",
+                         every=EVERY, options=opts).attach(trainer)  # fmt: skip
+    trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-16"))
+    resumed = store.load_analysis(cb.folder)
+    assert cb.folder == tmp_path / "watch"  # the same run: the same folder
+    assert [c["step"] for c in resumed.run["checkpoints"]] == [0, 8, 16, 24]
+    keys = ["step", "target", "domain_i", "domain_j"]
+    a, b = resumed.results.set_index(keys).sort_index(), full.results.set_index(keys).sort_index()
+    assert list(a.index) == list(b.index)
+    np.testing.assert_array_equal(a["el_ij"].to_numpy(float), b["el_ij"].to_numpy(float))
+
+
 def test_interval_from_cost() -> None:
     # one measurement = 30 steps: at 1% every 3000 steps; above 100 steps two significant digits, rounded up
     assert interval_for_cost(3.0, 0.1, 0.01) == 3000

@@ -168,6 +168,8 @@ class Watcher:
         self.per_step: list[dict[str, Any]] = []
         self.skipped: list[dict[str, Any]] = []
         self.step_seconds: float | None = None
+        self.measured_at: int | None = None
+        """The step of the last measurement that ran (None before the first; a skip at lr 0 is none)."""
         self._ready = False
         self._pending: list[
             tuple[int, float, Any, dict[str, Any]]
@@ -280,6 +282,7 @@ class Watcher:
             self.skipped.append({"name": f"checkpoint-{step}", "step": step, "reason": f"lr = {lr:g}"})
             return {}
         t0 = time.perf_counter()
+        self.measured_at = step
         wbar = self._wbar(step)
         coefs = np.stack([t.coefs_at(wbar) for t in self.targets]) if self.plan == "target" else None
         with live.borrowed(model) as m:

@@ -73,6 +73,7 @@ class CommuteCallback(TrainerCallback):
         self._last_end: float | None = None
         self._timed: list[float] = []
         self._first_measure_s: float | None = None
+        self._measured_step: int | None = None
         self.seconds = 0.0
         """Wall seconds spent in this callback so far (measurements, files, bookkeeping): its cost."""
 
@@ -101,12 +102,20 @@ class CommuteCallback(TrainerCallback):
                 "(use CommuteCallback.attach(trainer))"
             )
         optimizer = kwargs.get("optimizer")
-        if state.global_step == 0 and optimizer is not None:  # the initial model, timed for the interval
-            t0 = time.perf_counter()
-            w.measure(model, 0, _learning_rate(optimizer))
-            self._first_measure_s = time.perf_counter() - t0
+        start = state.global_step
+        if optimizer is not None and (w.every is None or w.due(start)):  # the first step of this session
+            self._timed_measure(model, start, optimizer)
         self._last_end = time.perf_counter()
         self.seconds += self._last_end - entered
+
+    def _timed_measure(self, model: Any, step: int, optimizer: Any) -> dict[str, float]:
+        """Measure at ``step``; keep the seconds of the first real measurement (not a skip at lr 0)."""
+        t0 = time.perf_counter()
+        scalars = self.watcher.measure(model, step, _learning_rate(optimizer))
+        if self._first_measure_s is None and self.watcher.measured_at == step:
+            self._first_measure_s = time.perf_counter() - t0
+        self._measured_step = step
+        return scalars
 
     # ------------------------------------------------------------------------------------------ steps
 
@@ -114,19 +123,31 @@ class CommuteCallback(TrainerCallback):
         w = self.watcher
         now = time.perf_counter()
         step = state.global_step
+        optimizer = kwargs["optimizer"]
         if w.every is None and self._last_end is not None:
             self._timed.append(now - self._last_end)
             if len(self._timed) > CALIBRATION_STEPS:  # the first step warms up: left out
-                step_s = sum(self._timed[1:]) / (len(self._timed) - 1)
-                w.choose_interval(self._first_measure_s or 0.0, step_s)
-        if w.due(step) and (step > 0 or self._first_measure_s is None):
-            scalars = w.measure(model, step, _learning_rate(kwargs["optimizer"]))
+                if self._first_measure_s is None:  # the first one was skipped (lr 0, warmup): time one now
+                    self._timed_measure(model, step, optimizer)
+                if self._first_measure_s is not None:
+                    step_s = sum(self._timed[1:]) / (len(self._timed) - 1)
+                    w.choose_interval(self._first_measure_s, step_s)
+        if w.due(step) and step != self._measured_step:
+            scalars = self._timed_measure(model, step, optimizer)
             if scalars:
                 self._pending, self._pending_step = scalars, step
                 control.should_log = True
         self._last_end = time.perf_counter()
         self.seconds += self._last_end - now
         return control
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """A run that ended before the interval was chosen: choose it from the steps timed so far, so the
+        rows measured so far are written."""
+        w = self.watcher
+        if w.every is None and self._first_measure_s is not None and self._timed:
+            timed = self._timed[1:] or self._timed
+            w.choose_interval(self._first_measure_s, sum(timed) / len(timed))
 
     def on_log(
         self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any
