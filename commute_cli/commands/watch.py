@@ -126,15 +126,11 @@ class Watcher:
     ) -> None:
         names = list(domains)
         if len(names) < 2:
-            raise CommuteError(
-                f"watch needs at least two domains, got {names}", hint="pass domains={a:..., b:...}"
-            )
+            raise CommuteError(f"watch needs at least two domains, got {names}")
         if every is not None and every < 1:
             raise CommuteError(f"the watch interval must be a positive number of steps, got {every}")
         if not (0.0 < cost < 1.0):
-            raise CommuteError(
-                f"the watch cost target must be in (0, 1), got {cost:g}", hint="e.g. 0.01 (1%)"
-            )
+            raise CommuteError(f"the watch cost target must be in (0, 1), got {cost:g}", hint="e.g. 0.01")
         self.opts = options or AnalyzeOptions(ckpt_dir=Path(out))
         self.opts = AnalyzeOptions(**{**asdict(self.opts), "seq_len": seq_len})
         self.opts.validate()
@@ -162,6 +158,7 @@ class Watcher:
         self.interval_reason = "given" if every is not None else f"cost target {cost:.2%} of training time"
         self._note = note
         self.max_steps: int | None = None
+        self.start = 0
         self.ctx = distributed.DistContext()
         self.device = torch.device("cpu")
         self.tables = RowTables()
