@@ -3,8 +3,8 @@
 - ``core``: pure math (numpy); imports nothing of the package but ``errors``, and no torch.
 - ``engine`` (torch) and ``io`` (files): import only ``core`` (and their own layer).
 - ``commands``: import ``core``, ``engine``, ``io`` and ``render``, and the services of their layer
-  (``commands.options``, ``commands.stats``, ``commands.validate_inputs``, ``commands.validate_branches``,
-  ``commands.train_setup``);
+  (``commands.options``, ``commands.stats``, ``commands.outputs``, ``commands.watch``,
+  ``commands.validate_inputs``, ``commands.validate_branches``, ``commands.train_setup``);
   never ``cli``, never a command.
 - ``render``: imports ``core`` only (and its own layer).
 - nothing but ``__main__`` imports ``cli``.
@@ -37,6 +37,8 @@ ALWAYS = {"errors", "__init__"}  # the error type and the version string are the
 #: service that analyze and validate share, validate's inputs and branches and train's set-up (split out of
 #: validate.py and train.py to keep each module one idea); a command may import these, never another command
 COMMAND_SERVICES = {
+    "outputs",
+    "watch",
     "options",
     "stats",
     "validate_inputs",

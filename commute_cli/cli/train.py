@@ -81,6 +81,13 @@ def train_command(
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Replace checkpoints of another run in OUT_DIR."
     ),
+    watch: int | None = typer.Option(
+        None,
+        "--watch",
+        metavar="N",
+        help="Measure the criterion on the live model every N steps, into OUT_DIR/watch/ (read it with "
+        "commute recommend --from OUT_DIR/watch) and the run's log_history.",
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or messages."),
 ) -> None:
     """Train a small causal LM (a tiny GPT-2 by default) on a weighted mixture of domains.
@@ -120,6 +127,7 @@ def train_command(
         threads=threads,
         device=device.value,
         overwrite=overwrite,
+        watch=watch,
         quiet=quiet,
         argv=list(INVOCATION.argv),
     )

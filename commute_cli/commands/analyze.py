@@ -38,6 +38,7 @@ from commute_cli.commands.options import (  # resolve_inputs, parse_steps: re-ex
     parse_steps,
     resolve_inputs,
 )
+from commute_cli.commands.outputs import RowTables, write_folder
 from commute_cli.commands.stats import (  # noqa: F401 (re-exported: benchmarks and tests use them here)
     checkpoint_stats,
     domain_seed,
@@ -49,7 +50,6 @@ from commute_cli.commands.stats import (  # noqa: F401 (re-exported: benchmarks 
     stats_key,
     versions,
 )
-from commute_cli.core import baselines as first_order_baselines
 from commute_cli.core import criterion
 from commute_cli.core.known_sizes import known_size_error
 from commute_cli.core.regime import (
@@ -60,11 +60,10 @@ from commute_cli.core.regime import (
     choose_horizon,
     parse_targets,
 )
-from commute_cli.core.rows import loss_rows, summarize_checkpoint, why_rows
 from commute_cli.engine import distributed
 from commute_cli.engine.training import resolve_device
 from commute_cli.errors import CommuteError
-from commute_cli.io import atomic, checkpoints, saved_optimizer, store
+from commute_cli.io import checkpoints, saved_optimizer, store
 from commute_cli.io.learning_rate import find_learning_rate
 from commute_cli.io.store import check_writable
 
@@ -190,10 +189,7 @@ def _run_analysis(
     # the horizon comes from the spacing of ALL the run's checkpoints, not only the selected ones (--steps,
     # --every), so that selecting checkpoints never changes the question asked at them
     all_steps = sorted({r.step for r in checkpoints.discover(Path(opts.ckpt_dir)) if r.step is not None})
-    result_rows: list[dict] = []
-    loss_table: list[dict] = []
-    baseline_table: list[dict] = []
-    decomposition_table: list[dict] = []
+    tables = RowTables()
     per_ckpt: list[dict] = []
     lr_found = {ref.name: find_learning_rate(ref, opts.lr) for ref in inputs.refs}  # before any long work
     for ref in inputs.refs:
@@ -245,18 +241,10 @@ def _run_analysis(
             if ref.step in all_steps
             else choose_horizon([ref.step], 0, opts.horizon)
         )
-        result_rows += summarize_checkpoint(
-            stats, step=ref.step, names=inputs.names, wbar=wbar, targets=inputs.targets, lr=float(lr),
-            horizon=horizon, dw=opts.dw, confidence=opts.confidence, min_effect=opts.min_effect,
-            horizon_reason=reason,
+        tables.add(
+            stats, opts, step=ref.step, names=inputs.names, wbar=wbar, targets=inputs.targets, lr=float(lr),
+            horizon=horizon, horizon_reason=reason,
         )  # fmt: skip
-        loss_table += loss_rows(stats, ref.step, inputs.names, opts.confidence)
-        baselines, decomposition = why_rows(
-            stats, ref.step, inputs.names, wbar, inputs.targets, opts.confidence, opts.decompose is not None,
-            dw=opts.dw, dt=float(lr) * horizon,
-        )  # fmt: skip
-        baseline_table += first_order_baselines.attach_second_order(baselines, result_rows)
-        decomposition_table += decomposition
         per_ckpt.append(
             {
                 "name": ref.name,
@@ -277,16 +265,12 @@ def _run_analysis(
     )
     known = known_size_error(optimizer, opts.metric)
     size_note = known.note() if known is not None else None
-    saturated = any(r["regime"] == Regime.SATURATED for r in result_rows)
+    saturated = any(r["regime"] == Regime.SATURATED for r in tables.results)
     if known is not None and known.family == "sgd" and not saturated:
         # the SGD record was measured on saturated windows (dt x curvature 1.5-35); inside the regime plain
         # SGD matches real interventions within a factor 0.6-0.9 (tests/test_intervention.py)
         size_note = None
-    results = pd.DataFrame(result_rows)
-    results.insert(0, "run_id", run_id[:8])
-    losses = pd.DataFrame(loss_table)
-    baselines_df = pd.DataFrame(baseline_table)
-    decomposition_df = pd.DataFrame(decomposition_table) if opts.decompose is not None else None
+    results, losses, baselines_df, decomposition_df = tables.frames(run_id, opts.decompose is not None)
     run = {
         "format": store.ANALYSIS_FORMAT,
         "command": "analyze",
@@ -335,10 +319,7 @@ def _run_analysis(
 
     def write_outputs() -> dict[str, Any]:
         merged = store.merge_rerun(store.read_run_json(out), run)
-        atomic.write_text(out / "baselines.csv", baselines_df.to_csv(index=False))
-        if decomposition_df is not None:
-            atomic.write_text(out / "decomposition.csv", decomposition_df.to_csv(index=False))
-        store.AnalysisRun(out, results, losses, merged).write()  # run.json last: the run is complete
+        write_folder(out, results, losses, baselines_df, decomposition_df, merged)  # run.json last
         return merged
 
     run = ctx.agree(write_outputs, main_only=True) or run

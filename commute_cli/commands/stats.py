@@ -168,6 +168,44 @@ def stats_key(
     return store.content_key(payload)
 
 
+def estimate_model(
+    model: torch.nn.Module,
+    opts: AnalyzeOptions,
+    *,
+    parts: list,
+    plan: str,
+    coefs: np.ndarray | None,
+    D: torch.Tensor | None,
+    ctx: distributed.DistContext,
+    on_block: Callable[[int], None] | None = None,
+) -> tuple[CheckpointStats, bool]:
+    """The statistics of one model as it is now (``engine.estimator.estimate_checkpoint``) with analyze's
+    options: micro-batches, HVP method, offloading (:func:`offload_stacks`), ``--decompose`` groups and the
+    data-parallel reduce of ``ctx``. Returns the statistics and whether the stacks were offloaded.
+
+    The one place both ``analyze`` (a loaded checkpoint, :func:`checkpoint_stats`) and ``watch`` (the live
+    model of a running trainer, ``commands.watch``) measure a model; ``parts[k][b][p]`` is this process's
+    slice of the sample (``[n, seq_len]`` token ids), the model is in eval mode with eager attention.
+    """
+    offload = offload_stacks(opts, model, len(parts), 0 if coefs is None else len(coefs), plan)
+    groups = None if opts.decompose is None else param_groups.param_groups(model, opts.decompose)
+    stats = estimate_checkpoint(
+        model,
+        parts,
+        plan=plan,
+        target_coefs=coefs,
+        D=D,
+        method=cast("HVPMethod", opts.hvp),
+        micro_batch=opts.batch_size,
+        hvp_micro_batch=hvp_micro_batch(opts),
+        offload=offload,
+        on_block=on_block,
+        reduce=ctx.reduce_fn(),
+        groups=groups,
+    )
+    return stats, offload
+
+
 @dataclass
 class StatsEntry:
     """One checkpoint's statistics, where they are cached, and what computing them cost (``run.json``)."""
@@ -224,23 +262,8 @@ def checkpoint_stats(
     got = ctx.agree(functools.partial(checkpoint_metric, ref, model, opts.metric))
     assert got is not None
     D, info = got
-    K = len(parts)
-    offload = offload_stacks(opts, model, K, 0 if coefs is None else len(coefs), plan)
-    groups = None if opts.decompose is None else param_groups.param_groups(model, opts.decompose)
-    stats = estimate_checkpoint(
-        model,
-        parts,
-        plan=plan,
-        target_coefs=coefs,
-        D=D,
-        method=cast("HVPMethod", opts.hvp),
-        micro_batch=opts.batch_size,
-        hvp_micro_batch=hvp_micro_batch(opts),
-        offload=offload,
-        on_block=on_block,
-        reduce=ctx.reduce_fn(),
-        groups=groups,
-    )
+    stats, offload = estimate_model(model, opts, parts=parts, plan=plan, coefs=coefs, D=D, ctx=ctx,
+                                    on_block=on_block)  # fmt: skip
     del model, D
     info = {**info, "offload": offload, "seconds": time.perf_counter() - tc}
     if ctx.is_main:

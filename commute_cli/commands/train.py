@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from commute_cli.commands.options import AnalyzeOptions
 from commute_cli.commands.train_setup import (
     TrainConfig,
     clashing_checkpoints,
@@ -47,6 +48,7 @@ from commute_cli.commands.train_setup import (
     run_manifest,
     validate_config,
 )
+from commute_cli.commands.watch import Watcher
 from commute_cli.core.mixing import batch_counts, uneven_split
 from commute_cli.core.schedule import Schedule
 from commute_cli.engine import training
@@ -157,14 +159,24 @@ def train(config: TrainConfig) -> Path:
 
     if start_step == 0 and eval_blocks:
         history.append({"step": 0, "epoch": 0.0, **_eval_entry(training.evaluate(model, eval_blocks))})
+    watcher = _watcher(config, inputs, tokenizer, schedule, seq_len, out, start_step, model, log)
     acc = training.LossLog(names)
 
     def lr_fn(s: int) -> float:
         return training.lr_at(s, config.lr, config.lr_schedule, config.steps, config.warmup)
 
+    def watch(step: int) -> None:  # before the step's log entry and save: the checkpoint's log has it
+        if watcher is not None and watcher.due(step):
+            scalars = watcher.measure(model, step, lr_fn(step))
+            if scalars:
+                history.append({"step": step, "epoch": epoch(), **scalars})
+
+    watch(start_step)
+
     def on_step(r: training.StepResult) -> None:
         acc.add(r)
         log.step(r)
+        watch(r.step)
         saving = r.step % config.save_every == 0 or r.step == config.steps
         if r.step % config.logging_steps == 0 or saving:  # every checkpoint has its rate in the log
             history.append({"step": r.step, "epoch": epoch(), "learning_rate": lr_fn(r.step), **acc.flush()})
@@ -232,6 +244,31 @@ def train(config: TrainConfig) -> Path:
     )
     runfiles.mark_complete(out)
     return out
+
+
+def _watcher(
+    config: TrainConfig,
+    inputs: run_inputs.RunInputs,
+    tokenizer: object,
+    schedule: Schedule,
+    seq_len: int,
+    out: Path,
+    start_step: int,
+    model: torch.nn.Module,
+    log: _Logger,
+) -> Watcher | None:
+    """``--watch N``: the criterion every N steps on the held-out domains (the training domains when there
+    are none), with analyze's default options, into ``out/watch/`` (checkpoint folder: ``out``)."""
+    if config.watch is None:
+        return None
+    sources = inputs.eval_domains or inputs.domains
+    options = AnalyzeOptions(ckpt_dir=out, seed=config.seed, device=config.device)
+    watcher = Watcher(
+        sources, tokenizer, schedule, seq_len=seq_len, out=out / "watch", every=config.watch, options=options,
+        base_dir=inputs.base_dir or config.base_dir, note=log.note,
+    )  # fmt: skip
+    watcher.begin(config.steps, start=start_step, model=model)
+    return watcher
 
 
 def _at_most(blocks: torch.Tensor, n: int, seed: int) -> torch.Tensor:

@@ -63,6 +63,9 @@ class TrainConfig:
     ``warmup``): taken from the run being continued or named (``--init``'s or ``--manifest``'s
     ``commute.json``) by :func:`inherit_training`, else the defaults above."""
     base_dir: Path | None = None
+    watch: int | None = None
+    """``--watch N``: measure the criterion on the live model every N steps (``commands.watch``), into
+    ``out_dir/watch/``."""
     overwrite: bool = False
     quiet: bool = False
     progress: bool | None = None
@@ -116,6 +119,7 @@ def validate_config(config: TrainConfig) -> None:
         (math.isfinite(config.lr) and config.lr > 0, f"--lr must be a positive number, got {config.lr}"),
         (config.warmup >= 0, f"--warmup must be non-negative, got {config.warmup}"),
         (config.logging_steps >= 1, f"logging_steps must be at least 1, got {config.logging_steps}"),
+        (config.watch is None or config.watch >= 1, f"--watch must be at least 1 step, got {config.watch}"),
         (config.optimizer in ("adamw", "sgd"), f"unknown optimizer {config.optimizer!r} (adamw or sgd)"),
         (config.lr_schedule in ("constant", "cosine"), f"unknown --lr-schedule {config.lr_schedule!r}"),
         (
