@@ -28,6 +28,7 @@ ALLOWED = {
     "render": {"core", "render"},
     "commands": {"core", "engine", "io", "render"},
     "cli": {"core", "engine", "io", "render", "commands", "cli"},
+    "api": {"core", "engine", "io", "commands"},
     "__main__": {"cli"},
     "__init__": set(),
     "errors": set(),

@@ -179,7 +179,7 @@ def resolve_inputs(opts: AnalyzeOptions) -> Inputs:
         if ckpt_dir.is_dir()
         else [],
     )
-    sources = run.eval_domains or run.domains if run.domains_from.startswith("manifest") else run.domains
+    sources = run.analysis_sources
     if not sources:
         raise CommuteError(
             "no domains given and no commute.json manifest next to the checkpoints",

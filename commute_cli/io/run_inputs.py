@@ -55,6 +55,14 @@ class RunInputs:
     def names(self) -> list[str]:
         return list(self.domains)
 
+    @property
+    def analysis_sources(self) -> dict[str, str]:
+        """The data ``analyze`` measures on: the manifest's held-out domains when it names them (the
+        criterion is about held-out losses), else the training domains."""
+        if self.domains_from.startswith("manifest"):
+            return dict(self.eval_domains or self.domains)
+        return dict(self.domains)
+
     def load_tokenizer(self) -> Any:
         if self.tokenizer_path is None:
             raise CommuteError("no tokenizer", hint="pass --tokenizer FOLDER")
