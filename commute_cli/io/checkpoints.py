@@ -30,9 +30,10 @@ from typing import Any
 import torch
 
 from commute_cli.errors import CommuteError
-from commute_cli.io import nanogpt
+from commute_cli.io import dcp_checkpoints, nanogpt
 from commute_cli.io.discovery import (  # noqa: F401 (re-exported for callers that import them here)
     CheckpointRef,
+    dcp_layout,
     discover,
     foreign_layout,
     is_checkpoint_dir,
@@ -119,6 +120,9 @@ def validate_weights(ref: CheckpointRef | Path) -> dict[str, tuple[int, ...]]:
     and placeholder (0-element) tensors, the mark of a DeepSpeed ZeRO-3 save without gathered weights.
     """
     path = Path(ref.path if isinstance(ref, CheckpointRef) else ref).expanduser()
+    layout = dcp_layout(path) if path.is_dir() else None
+    if layout is not None:  # torch DCP: the metadata, read through the weights_only unpickler
+        return dcp_checkpoints.shapes(layout)
     shapes: dict[str, tuple[int, ...]] = {}
     for file in weight_files(path):
         if file.name.endswith(".json"):
@@ -224,6 +228,27 @@ def _from_pretrained(path: Path, dtype: torch.dtype) -> torch.nn.Module:
     return model
 
 
+def _from_dcp(layout: dcp_checkpoints.DcpLayout, dtype: torch.dtype) -> torch.nn.Module:
+    """A torch distributed checkpoint (:mod:`commute_cli.io.dcp_checkpoints`) in its transformers class;
+    a tied output embedding saved separately must equal the input embedding."""
+    config = layout.fmt.config(layout)
+    model = _build(config, dtype)
+    state = dcp_checkpoints.hf_state(layout, config)
+    canonical = {id(p): n for n, p in model.named_parameters()}
+    for alias, param in model.named_parameters(remove_duplicate=False):
+        name = canonical[id(param)]
+        if alias != name and alias in state:
+            if name in state and not torch.equal(state[alias], state[name]):
+                raise CommuteError(
+                    f"{layout.weights}: {alias} differs from {name}, but config.json ties them",
+                    hint="use the config the run was trained with (tie_word_embeddings)",
+                )
+            state.setdefault(name, state[alias])
+            del state[alias]
+    _assign(model, state, layout.weights)
+    return model
+
+
 def load_model(
     ref: CheckpointRef | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> torch.nn.Module:
@@ -252,7 +277,10 @@ def load_model(
                 problem or f"{path} is not a model folder", hint="it needs config.json and weights"
             )
         names = validate_weights(path)
-        if any(n.startswith(nanogpt.WRAPPER_PREFIXES) for n in names):  # torch.compile / DDP state dict
+        layout = dcp_layout(path)
+        if layout is not None:
+            model = _from_dcp(layout, dtype)
+        elif any(n.startswith(nanogpt.WRAPPER_PREFIXES) for n in names):  # torch.compile / DDP state dict
             model = _build(read_config(path), dtype)
             _assign(model, _read_state(path), path)
         else:
@@ -268,6 +296,9 @@ def read_config(ref: CheckpointRef | Path):
     path = Path(ref.path if isinstance(ref, CheckpointRef) else ref).expanduser()
     if path.is_file():
         return nanogpt.gpt2_config(nanogpt.read(path), path)
+    layout = dcp_layout(path)
+    if layout is not None:
+        return layout.fmt.config(layout)
     try:
         return AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     except Exception as err:

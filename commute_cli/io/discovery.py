@@ -63,13 +63,25 @@ class CheckpointRef:
 
 
 def is_checkpoint_dir(path: Path) -> bool:
-    """A folder with ``config.json`` and weights (single file, sharded index, or ``pytorch_model.bin``)."""
+    """A folder with ``config.json`` and weights (single file, sharded index, or ``pytorch_model.bin``), or
+    a checkpoint in a torch distributed-checkpoint layout commute reads (:func:`dcp_layout`)."""
     path = Path(path)
-    return (
+    if (
         path.is_dir()
         and (path / "config.json").is_file()
         and any((path / name).is_file() for name in WEIGHT_FILES)
-    )
+    ):
+        return True
+    return dcp_layout(path) is not None
+
+
+def dcp_layout(path: Path):
+    """The :class:`commute_cli.io.dcp_checkpoints.DcpLayout` of a folder saved as a torch distributed
+    checkpoint by the HF Trainer/accelerate (FSDP ``SHARDED_STATE_DICT``), torchtitan or OLMo-core; else
+    None."""
+    from commute_cli.io import dcp_checkpoints
+
+    return dcp_checkpoints.find(Path(path))
 
 
 def trainer_state(folder: Path):
@@ -141,6 +153,9 @@ def foreign_layout(folder: Path) -> str | None:
     megatron = sorted(folder.glob("mp_rank_*/model_optim_rng.pt")) + sorted(
         folder.glob("iter_*/mp_rank_*/model_optim_rng.pt")
     )
+    unknown = _unknown_dcp(folder)
+    if unknown:
+        return unknown
     if megatron or (folder / "latest_checkpointed_iteration.txt").is_file():
         where = megatron[-1] if megatron else folder / "iter_N/mp_rank_00/model_optim_rng.pt"
         return (
@@ -151,6 +166,26 @@ def foreign_layout(folder: Path) -> str | None:
             "config.json and pytorch_model.bin beside the file), then analyze that folder"
         )
     return None
+
+
+def _unknown_dcp(folder: Path) -> str | None:
+    """One line for a torch distributed checkpoint none of the readers recognise, with its conversion."""
+    from commute_cli.io import dcp
+
+    if not folder.is_dir() or dcp_layout(folder) is not None:
+        return None
+    candidates = (folder, *sorted(p for p in folder.iterdir() if p.is_dir()))
+    where = next((p for p in candidates if dcp.is_dcp(p) and dcp_layout(p) is None), None)
+    if where is None:
+        return None
+    keys = sorted(dcp.entries(where))[:3]
+    return (
+        f"{where} is a torch distributed checkpoint (DCP) in a layout commute does not read (keys "
+        f"{', '.join(keys)} ...; it reads the HF Trainer/accelerate FSDP, torchtitan and OLMo-core layouts): "
+        "convert it once, in a trusted environment, with `python -m "
+        f"torch.distributed.checkpoint.format_utils dcp_to_torch {where} OUT.pt`, load the model's "
+        "entries into its transformers class and save_pretrained it with config.json"
+    )
 
 
 def _same_weights(a: Path, b: Path) -> bool:
@@ -323,6 +358,11 @@ def weight_files(ref: CheckpointRef | Path) -> list[Path]:
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (path / name).is_file():
             return [path / name]
+    layout = dcp_layout(path)
+    if layout is not None:
+        from commute_cli.io import dcp_checkpoints
+
+        return dcp_checkpoints.weight_files(layout)
     raise CommuteError(
         f"no model weights in {path}", hint="expected model.safetensors (or an index) or pytorch_model.bin"
     )

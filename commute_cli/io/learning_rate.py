@@ -95,6 +95,11 @@ def _from_scheduler(folder: Path) -> float | None:
 
 
 def _from_optimizer(folder: Path) -> float | None:
+    from commute_cli.io import dcp_checkpoints
+
+    layout = dcp_checkpoints.find(folder)
+    if layout is not None:  # a torch distributed checkpoint: the lr of its saved param groups
+        return dcp_checkpoints.learning_rate(layout)
     saved = saved_optimizer(folder) if folder.is_dir() else None
     groups = saved.get("param_groups") if saved is not None else None
     if isinstance(groups, list) and groups and isinstance(groups[0], dict):

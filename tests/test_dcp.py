@@ -1,0 +1,396 @@
+"""Torch distributed checkpoints (DCP): the HF Trainer/accelerate FSDP SHARDED_STATE_DICT layout and
+torchtitan's step-N/, written with ``torch.distributed.checkpoint.save`` the way those trainers write them.
+
+References are independent of the loader: the original transformers model (FSDP: the names are the
+model's own), and for torchtitan a minimal re-implementation of torchtitan's Llama (``models/llama3/model``:
+RMSNorm, rotary embedding by complex multiplication of interleaved pairs, grouped-query attention, SwiGLU)
+written here with torch.nn; it shares no code with ``commute_cli.io.torchtitan``.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+import warnings
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import torch.distributed.checkpoint as dist_cp
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+)
+
+from commute_cli.errors import CommuteError
+from commute_cli.io import checkpoints as ck
+from commute_cli.io import dcp
+from commute_cli.io.learning_rate import find_learning_rate
+from commute_cli.io.saved_optimizer import optimizer_name
+
+from cli_runner import cli
+from tiny_run import make_run
+
+FAST = ["--samples", "12", "--blocks", "2", "--target", "mix", "-q"]
+
+
+def _save(state: dict, folder: Path) -> None:
+    """``dcp.save`` in one process without a process group (what a 1-rank job writes)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dist_cp.save(state, storage_writer=dist_cp.FileSystemWriter(str(folder)), no_dist=True)
+
+
+def _adam_step(model: nn.Module, seed: int, lr: float = 1e-3) -> torch.optim.AdamW:
+    """One real AdamW step on random gradients: distinct second moments per element."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), eps=1e-7, weight_decay=0.1)
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=g)
+    opt.step()
+    return opt
+
+
+# ------------------------------------------------------------------------------------ HF Trainer + FSDP
+
+
+def save_hf_fsdp(model: nn.Module, folder: Path, step: int, lr: float, opt=None, tokenizer=None) -> Path:
+    """A ``checkpoint-N/`` as the HF Trainer writes it with FSDP SHARDED_STATE_DICT: config.json,
+    trainer_state.json, and accelerate's ``save_fsdp_model`` / ``save_fsdp_optimizer`` DCP folders
+    (``{"model": state_dict}`` in pytorch_model_fsdp_0/, ``{"optimizer": optim_state}`` in optimizer_0/)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(str(folder))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(folder))
+    state = {"global_step": step, "log_history": [{"step": step, "learning_rate": lr, "loss": 0.0}]}
+    (folder / "trainer_state.json").write_text(json.dumps(state))
+    _save({"model": get_model_state_dict(model)}, folder / "pytorch_model_fsdp_0")
+    if opt is not None:
+        _save({"optimizer": get_optimizer_state_dict(model, opt)}, folder / "optimizer_0")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    return make_run(tmp_path_factory.mktemp("run") / "run", steps=(0, 10), n_docs=120)
+
+
+def _flags(run: Path) -> list:
+    return [
+        "--domains", f"en={run / 'data' / 'en.jsonl'}", f"xx={run / 'data' / 'xx.jsonl'}",
+        "--weights", "en=0.7", "xx=0.3", "--tokenizer", run / "tokenizer",
+    ]  # fmt: skip
+
+
+def test_hf_fsdp_logits_and_adam_moments_equal_the_originals(run_dir, tmp_path):
+    from transformers import GPT2LMHeadModel
+
+    model = GPT2LMHeadModel.from_pretrained(str(run_dir / "checkpoint-10")).eval()
+    opt = _adam_step(model, seed=4)
+    folder = save_hf_fsdp(model, tmp_path / "run" / "checkpoint-10", 10, 1e-3, opt=opt)
+    (ref,) = ck.discover(tmp_path / "run")
+    assert (ref.step, ref.name) == (10, "checkpoint-10")
+    assert ck.is_checkpoint_dir(folder)
+    loaded = ck.load_model(ref)
+    ids = torch.randint(0, model.config.vocab_size, (3, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = model(ids).logits, loaded(ids).logits
+    assert torch.allclose(got, want, atol=1e-6, rtol=0), (got - want).abs().max()  # sdpa vs eager attention
+    saved = model.state_dict()
+    assert all(torch.equal(v, saved[k]) for k, v in loaded.state_dict().items() if k in saved)
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight
+    state = ck.load_adam_state(ref, loaded)
+    assert state is not None and not state.missing
+    for name, param in model.named_parameters():
+        assert torch.equal(state.exp_avg_sq[name], opt.state[param]["exp_avg_sq"]), name
+    assert (state.step, state.betas, state.eps, state.lr) == (1, (0.9, 0.95), 1e-7, 1e-3)
+    assert optimizer_name(ref) == "adamw"
+    assert [f.name for f in ck.weight_files(ref)] == [".metadata", "__0_0.distcp"]
+    assert set(ck.validate_weights(ref)) == set(model.state_dict())
+
+
+def test_hf_fsdp_run_analyzed_like_its_transformers_copy(run_dir, tmp_path, capsys):
+    """`commute analyze` on a Trainer+FSDP run gives the numbers of the same weights saved by
+    save_pretrained (the Adam metric too: the moments of optimizer_0/ against optimizer.safetensors)."""
+    from transformers import GPT2LMHeadModel
+
+    from commute_cli.io.optimizer_state import AdamState, param_names, save_adam_state
+
+    for step in (0, 10):
+        model = GPT2LMHeadModel.from_pretrained(str(run_dir / f"checkpoint-{step}")).eval()
+        opt = _adam_step(model, seed=step)
+        save_hf_fsdp(model, tmp_path / "fsdp" / f"checkpoint-{step}", step, 0.05, opt=opt)
+        hf = tmp_path / "hf" / f"checkpoint-{step}"
+        shutil.copytree(run_dir / f"checkpoint-{step}", hf)
+        model.save_pretrained(str(hf))
+        moments = {n: opt.state[p]["exp_avg_sq"] for n, p in model.named_parameters()}
+        adam = AdamState(moments, step=1, betas=(0.9, 0.95), eps=1e-7, lr=0.05)
+        adam.exp_avg_sq = {n: moments[n] for n in param_names(model)}
+        save_adam_state(adam, hf / "optimizer.safetensors")
+    for metric in ("euclid", "adam"):
+        outs = []
+        for name in ("fsdp", "hf"):
+            out = tmp_path / f"out-{name}-{metric}"
+            code, _, err = cli(
+                ["analyze", tmp_path / name, "--out", out, "--metric", metric, *_flags(run_dir), *FAST],
+                capsys,
+            )
+            assert code == 0, err
+            outs.append(pd.read_csv(out / "results.csv").drop(columns="run_id"))
+        assert list(outs[0]["step"].unique()) == [0, 10]
+        pd.testing.assert_frame_equal(outs[0], outs[1], rtol=1e-6, atol=1e-12)
+
+
+def test_config_without_weights_still_refused_and_unknown_dcp_named(tmp_path):
+    (tmp_path / "run" / "checkpoint-5").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoint-5" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(CommuteError, match="no model weights"):
+        ck.discover(tmp_path / "run")
+    # a DCP of a layout none of the readers knows: the format and the one conversion command
+    other = tmp_path / "other" / "step-3"
+    _save({"encoder": {"w": torch.ones(2, 2)}}, other)
+    with pytest.raises(
+        CommuteError, match=r"torch distributed checkpoint \(DCP\).*format_utils dcp_to_torch"
+    ):
+        ck.discover(tmp_path / "other")
+
+
+def test_metadata_with_a_pickle_payload_is_refused(tmp_path):
+    """``.metadata`` is a pickle: anything outside the DCP metadata allowlist is refused, nothing runs."""
+
+    class Evil:
+        def __reduce__(self):
+            return (exec, (f"open({str(tmp_path / 'pwned')!r}, 'w').close()",))
+
+    folder = tmp_path / "step-1"
+    _save({"tok_embeddings.weight": torch.ones(2, 2)}, folder)
+    meta = pickle.loads((folder / ".metadata").read_bytes())  # our own file, written just above
+    meta.planner_data = {"x": Evil()}
+    (folder / ".metadata").write_bytes(pickle.dumps(meta, protocol=4))
+    with pytest.raises(CommuteError, match="weights_only unpickler"):
+        dcp.read_metadata(folder)
+    assert not (tmp_path / "pwned").exists()
+    (folder / ".metadata").write_bytes(pickle.dumps(Evil(), protocol=2))
+    with pytest.raises(CommuteError, match="weights_only unpickler"):
+        dcp.entries(folder)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_metadata_reencoding_keeps_every_value(tmp_path):
+    """The protocol-2 re-encoding reads exactly what pickle itself reads (nested keys, bytes entries)."""
+    state = {
+        "model": {"a.weight": torch.randn(3, 4), "b": torch.tensor(2)},
+        "optimizer": {"param_groups": [{"lr": 0.1, "betas": (0.9, 0.95), "params": ["a.weight"]}]},
+    }
+    _save(state, tmp_path / "ck")
+    want = pickle.loads((tmp_path / "ck" / ".metadata").read_bytes())  # our own file
+    assert dcp.read_metadata(tmp_path / "ck") == want
+    got = dcp.load(tmp_path / "ck", ["model.a.weight", "optimizer.param_groups.0.betas"])
+    assert torch.equal(got["model.a.weight"], state["model"]["a.weight"])
+    assert tuple(got["optimizer.param_groups.0.betas"]) == (0.9, 0.95)
+
+
+# ------------------------------------------------------------------------------------------- torchtitan
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, dim // n_heads
+        self.wq = nn.Linear(dim, n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=False)
+
+    def forward(self, x, freqs_cis):
+        bs, seq, _ = x.shape
+        q = self.wq(x).view(bs, seq, self.n_heads, self.head_dim)
+        k = self.wk(x).view(bs, seq, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(bs, seq, self.n_kv_heads, self.head_dim)
+        q, k = (  # torchtitan's apply_rotary_emb: interleaved pairs as complex numbers
+            torch.view_as_real(torch.view_as_complex(t.float().reshape(*t.shape[:-1], -1, 2)) * freqs_cis)
+            .flatten(3)
+            .type_as(t)
+            for t in (q, k)
+        )
+        rep = self.n_heads // self.n_kv_heads
+        k, v = (t.repeat_interleave(rep, dim=2) for t in (k, v))
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.wo(out.transpose(1, 2).reshape(bs, seq, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, a: dict):
+        super().__init__()
+        self.attention = Attention(a["dim"], a["n_heads"], a["n_kv_heads"])
+        self.feed_forward = FeedForward(a["dim"], a["hidden"])
+        self.attention_norm = RMSNorm(a["dim"], a["eps"])
+        self.ffn_norm = RMSNorm(a["dim"], a["eps"])
+
+    def forward(self, x, freqs_cis):
+        h = x + self.attention(self.attention_norm(x), freqs_cis)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class TitanLlama(nn.Module):
+    """torchtitan's Llama 3 (``Transformer``) in miniature, with its parameter names."""
+
+    def __init__(self, a: dict):
+        super().__init__()
+        self.tok_embeddings = nn.Embedding(a["vocab"], a["dim"])
+        self.layers = nn.ModuleDict({str(i): Block(a) for i in range(a["n_layers"])})
+        self.norm = RMSNorm(a["dim"], a["eps"])
+        self.output = nn.Linear(a["dim"], a["vocab"], bias=False)
+        hd = a["dim"] // a["n_heads"]
+        freqs = 1.0 / (a["theta"] ** (torch.arange(0, hd, 2)[: hd // 2].float() / hd))
+        angles = torch.outer(torch.arange(a["seq"]).float(), freqs)
+        self.register_buffer("freqs_cis", torch.polar(torch.ones_like(angles), angles), persistent=True)
+        with torch.no_grad():  # non-trivial norm weights, so a mix-up of the norms shows
+            for name, p in self.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.add_(0.3 * torch.randn(p.shape))
+
+    def forward(self, ids):
+        h = self.tok_embeddings(ids)
+        freqs = self.freqs_cis[: ids.shape[1]].view(1, ids.shape[1], 1, -1)
+        for layer in self.layers.values():
+            h = layer(h, freqs)
+        return self.output(self.norm(h))
+
+
+TITAN = {"vocab": 61, "dim": 32, "n_heads": 4, "n_kv_heads": 2, "hidden": 48, "n_layers": 2, "eps": 1e-5}
+TITAN |= {"theta": 10000.0, "seq": 32}
+
+
+def llama_config(a: dict):
+    """The transformers config of the same sizes (what the run's HF assets config.json holds)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=a["vocab"],
+        hidden_size=a["dim"],
+        intermediate_size=a["hidden"],
+        num_hidden_layers=a["n_layers"],
+        num_attention_heads=a["n_heads"],
+        num_key_value_heads=a["n_kv_heads"],
+        rms_norm_eps=a["eps"],
+        rope_theta=a["theta"],
+        max_position_embeddings=a["seq"],
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+
+
+def save_torchtitan(model: TitanLlama, folder: Path, step: int, lr: float, seed: int, prefix: bool = False):
+    """``step-N/`` as torchtitan's CheckpointManager saves it: the model's state dict merged at the top
+    level (or under ``model.`` for releases before the merge), the optimizer flattened by parameter name,
+    and the train state."""
+    opt = _adam_step(model, seed, lr)
+    model_sd = get_model_state_dict(model)
+    optim_sd = get_optimizer_state_dict(
+        model, opt, options=StateDictOptions(flatten_optimizer_state_dict=True)
+    )
+    state = {"model": model_sd} if prefix else dict(model_sd)
+    state |= {"optimizer": optim_sd, "train_state": {"step": torch.tensor(step, dtype=torch.int32)}}
+    _save(state, folder)
+    return opt
+
+
+@pytest.mark.parametrize("prefix", [False, True])
+def test_torchtitan_logits_equal_its_own_forward(tmp_path, prefix):
+    torch.manual_seed(1)
+    model = TitanLlama(TITAN).eval()
+    ckpt = tmp_path / "checkpoint"
+    opt = save_torchtitan(model, ckpt / "step-20", 20, lr=3e-4, seed=2, prefix=prefix)
+    # torchtitan keeps sizes in its Python flavours: without config.json the one line says what to do
+    with pytest.raises(CommuteError, match=r"torchtitan.*config\.json"):
+        ck.load_model(ck.discover(ckpt)[0])
+    llama_config(TITAN).save_pretrained(str(ckpt))
+    (ref,) = ck.discover(ckpt)
+    assert (ref.step, ref.name) == (20, "step-20")
+    loaded = ck.load_model(ref)
+    assert type(loaded).__name__ == "LlamaForCausalLM"
+    ids = torch.randint(0, TITAN["vocab"], (3, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = model(ids), loaded(ids).logits
+    assert torch.allclose(got, want, atol=1e-5, rtol=0), (got - want).abs().max()
+    assert find_learning_rate(ref).value == pytest.approx(3e-4)
+    # Adam's moments move with their weights: the row order found by matching q_proj's rows to wq's
+    state = ck.load_adam_state(ref, loaded)
+    assert state is not None and not state.missing and state.step == 1 and state.betas == (0.9, 0.95)
+    params = dict(model.named_parameters())
+    hf = dict(loaded.named_parameters())
+    for i in range(TITAN["n_layers"]):
+        for tt, name in (("wq", "q_proj"), ("wk", "k_proj"), ("wv", "v_proj")):
+            w_tt, w_hf = (
+                params[f"layers.{i}.attention.{tt}.weight"],
+                hf[f"model.layers.{i}.self_attn.{name}.weight"],
+            )
+            rows = [int((w_tt == row).all(dim=1).nonzero()) for row in w_hf]  # rows of random weights differ
+            assert sorted(rows) == list(range(w_tt.shape[0])) and (rows != sorted(rows)) == (tt != "wv")
+            sq = opt.state[params[f"layers.{i}.attention.{tt}.weight"]]["exp_avg_sq"]
+            assert torch.equal(state.exp_avg_sq[f"model.layers.{i}.self_attn.{name}.weight"], sq[rows])
+    emb = opt.state[params["tok_embeddings.weight"]]["exp_avg_sq"]
+    assert torch.equal(state.exp_avg_sq["model.embed_tokens.weight"], emb)
+
+
+def test_torchtitan_config_that_does_not_fit_is_refused(tmp_path):
+    torch.manual_seed(0)
+    save_torchtitan(TitanLlama(TITAN), tmp_path / "step-5", 5, lr=1e-3, seed=0)
+    llama_config(dict(TITAN, n_kv_heads=4)).save_pretrained(str(tmp_path))
+    with pytest.raises(CommuteError, match="does not describe"):
+        ck.load_model(tmp_path / "step-5")
+
+
+def test_torchtitan_run_analyzed_like_its_transformers_copy(run_dir, tmp_path, capsys):
+    """`commute analyze` on torchtitan step-N/ folders gives the numbers of the same weights saved by
+    save_pretrained (learning rate from the saved param groups against trainer_state.json)."""
+    from transformers import AutoTokenizer
+
+    vocab = len(AutoTokenizer.from_pretrained(str(run_dir / "tokenizer")))
+    args = dict(TITAN, vocab=vocab)
+    llama_config(args).save_pretrained(str(tmp_path / "titan"))
+    for step, seed in ((100, 0), (200, 1)):
+        torch.manual_seed(seed)
+        model = TitanLlama(args).eval()
+        save_torchtitan(model, tmp_path / "titan" / f"step-{step}", step, lr=2e-3, seed=seed)
+        hf = tmp_path / "hf" / f"checkpoint-{step}"
+        ck.load_model(tmp_path / "titan" / f"step-{step}").save_pretrained(str(hf))
+        log = {"global_step": step, "log_history": [{"step": step, "learning_rate": 2e-3}]}
+        (hf / "trainer_state.json").write_text(json.dumps(log))
+    outs = []
+    for name in ("titan", "hf"):
+        code, _, err = cli(
+            ["analyze", tmp_path / name, "--out", tmp_path / f"o-{name}", *_flags(run_dir), *FAST], capsys
+        )
+        assert code == 0, err
+        outs.append(pd.read_csv(tmp_path / f"o-{name}" / "results.csv").drop(columns="run_id"))
+    assert list(outs[0]["step"].unique()) == [100, 200]
+    pd.testing.assert_frame_equal(outs[0], outs[1], rtol=1e-6, atol=1e-12)
