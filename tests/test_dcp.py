@@ -341,7 +341,8 @@ def test_torchtitan_logits_equal_its_own_forward(tmp_path, prefix):
     with torch.no_grad():
         want, got = model(ids), loaded(ids).logits
     assert torch.allclose(got, want, atol=1e-5, rtol=0), (got - want).abs().max()
-    assert find_learning_rate(ref).value == pytest.approx(3e-4)
+    lr = find_learning_rate(ref)
+    assert (lr.value, lr.source, lr.step) == (pytest.approx(3e-4), "step-20/ param_groups (torch DCP)", 20)
     # Adam's moments move with their weights: the row order found by matching q_proj's rows to wq's
     state = ck.load_adam_state(ref, loaded)
     assert state is not None and not state.missing and state.step == 1 and state.betas == (0.9, 0.95)
@@ -461,3 +462,199 @@ def test_two_rank_fsdp2_sharded_save_assembled(tmp_path):
     assert state is not None and not state.missing and state.betas == (0.9, 0.95)
     for name in state.exp_avg_sq:
         assert torch.equal(state.exp_avg_sq[name], ref["exp_avg_sq"][name]), name
+
+
+# -------------------------------------------------------------------------------------------- OLMo-core
+
+
+def olmo_core_config(a: dict, block: str = "reordered_norm") -> dict:
+    """``stepN/config.json`` as OLMo-core's ConfigSaverCallback writes it: the experiment config, whose
+    ``model`` is ``TransformerConfig.as_config_dict()`` (the form of OLMo-core 3.0's ``olmo2_*``
+    factories)."""
+    norm = {"name": "rms", "eps": a["eps"], "bias": False, "dtype": "float32"}
+    mixer = {
+        "name": "default",
+        "n_heads": a["n_heads"],
+        "n_kv_heads": a["n_kv_heads"],
+        "bias": False,
+        "rope": {
+            "name": "default",
+            "theta": a["theta"],
+            "full_precision": True,
+            "partial_rotary_factor": 1.0,
+        },
+        "dtype": "float32",
+        "use_head_qk_norm": False,
+        "type": "attention",
+    }
+    if block == "reordered_norm":
+        mixer["qk_norm"] = dict(norm)
+    model = {
+        "d_model": a["dim"],
+        "vocab_size": a["vocab"],
+        "n_layers": a["n_layers"],
+        "block": {
+            "sequence_mixer": mixer,
+            "layer_norm": dict(norm),
+            "feed_forward": {
+                "hidden_size": a["hidden"],
+                "name": "default",
+                "bias": False,
+                "activation": "silu",
+            },
+            "name": block,
+        },
+        "lm_head": {"name": "default", "layer_norm": dict(norm), "bias": False},
+        "name": "default",
+        "tie_word_embeddings": False,
+    }
+    return {"model": model, "dataset": {"sequence_length": a["seq"]}, "trainer": {"save_folder": "run"}}
+
+
+class OlmoAttention(nn.Module):
+    """OLMo-core's ``Attention`` with QK norm over the whole projection and half-split rotary embedding."""
+
+    def __init__(self, a: dict, qk_norm: bool):
+        super().__init__()
+        d, h, kv = a["dim"], a["n_heads"], a["n_kv_heads"]
+        self.h, self.kv, self.hd = h, kv, d // h
+        self.w_q, self.w_k = nn.Linear(d, d, bias=False), nn.Linear(d, kv * self.hd, bias=False)
+        self.w_v, self.w_out = nn.Linear(d, kv * self.hd, bias=False), nn.Linear(d, d, bias=False)
+        if qk_norm:
+            self.q_norm, self.k_norm = RMSNorm(d, a["eps"]), RMSNorm(kv * self.hd, a["eps"])
+        self.theta = a["theta"]
+
+    def rope(self, x):
+        seq, hd = x.shape[1], x.shape[-1]
+        inv = 1.0 / (self.theta ** (torch.arange(0, hd, 2).float() / hd))
+        ang = torch.cat([torch.outer(torch.arange(seq).float(), inv)] * 2, dim=-1)[None, :, None, :]
+        x1, x2 = x[..., : hd // 2], x[..., hd // 2 :]
+        return x * ang.cos() + torch.cat([-x2, x1], dim=-1) * ang.sin()
+
+    def forward(self, x):
+        bs, seq, _ = x.shape
+        q, k, v = self.w_q(x), self.w_k(x), self.w_v(x)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = self.rope(q.view(bs, seq, self.h, self.hd))
+        k = self.rope(k.view(bs, seq, self.kv, self.hd))
+        v = v.view(bs, seq, self.kv, self.hd)
+        k, v = (t.repeat_interleave(self.h // self.kv, dim=2) for t in (k, v))
+        out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), is_causal=True)
+        return self.w_out(out.transpose(1, 2).reshape(bs, seq, -1))
+
+
+class OlmoBlock(nn.Module):
+    def __init__(self, a: dict, reordered: bool):
+        super().__init__()
+        self.reordered = reordered
+        self.attention = OlmoAttention(a, qk_norm=reordered)
+        self.feed_forward = FeedForward(a["dim"], a["hidden"])
+        self.attention_norm, self.feed_forward_norm = RMSNorm(a["dim"], a["eps"]), RMSNorm(a["dim"], a["eps"])
+
+    def forward(self, x):
+        if self.reordered:  # OLMo 2: the norm on each sub-layer's output, inside the residual
+            h = x + self.attention_norm(self.attention(x))
+            return h + self.feed_forward_norm(self.feed_forward(h))
+        h = x + self.attention(self.attention_norm(x))
+        return h + self.feed_forward(self.feed_forward_norm(h))
+
+
+class LMHead(nn.Module):
+    def __init__(self, a: dict):
+        super().__init__()
+        self.norm, self.w_out = RMSNorm(a["dim"], a["eps"]), nn.Linear(a["dim"], a["vocab"], bias=False)
+
+    def forward(self, x):
+        return self.w_out(self.norm(x))
+
+
+class OlmoTransformer(nn.Module):
+    """OLMo-core's ``Transformer`` in miniature, with its parameter names."""
+
+    def __init__(self, a: dict, reordered: bool = True):
+        super().__init__()
+        self.embeddings = nn.Embedding(a["vocab"], a["dim"])
+        self.blocks = nn.ModuleDict({str(i): OlmoBlock(a, reordered) for i in range(a["n_layers"])})
+        self.lm_head = LMHead(a)
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if "norm" in name:
+                    p.add_(0.3 * torch.randn(p.shape))
+
+    def forward(self, ids):
+        h = self.embeddings(ids)
+        for block in self.blocks.values():
+            h = block(h)
+        return self.lm_head(h)
+
+
+def save_olmo_core(model: OlmoTransformer, folder: Path, config: dict, lr: float, seed: int):
+    """``stepN/`` as OLMo-core's Checkpointer writes it: ``model_and_optim/`` (the train module's
+    ``{"model": ..., "optim": ...}``, optimizer flattened), ``train/rank0.pt``, and config.json."""
+    opt = _adam_step(model, seed, lr)
+    options = StateDictOptions(flatten_optimizer_state_dict=True)
+    state = {
+        "model": get_model_state_dict(model),
+        "optim": get_optimizer_state_dict(model, opt, options=options),
+    }
+    _save(state, folder / "model_and_optim")
+    (folder / "train").mkdir(parents=True, exist_ok=True)
+    torch.save({"global_step": int(folder.name.removeprefix("step"))}, folder / "train" / "rank0.pt")
+    (folder / "config.json").write_text(json.dumps(config))
+    return opt
+
+
+@pytest.mark.parametrize("block", ["reordered_norm", "default"])
+def test_olmo_core_logits_equal_its_own_forward(tmp_path, block):
+    torch.manual_seed(3)
+    model = OlmoTransformer(TITAN, reordered=block == "reordered_norm").eval()
+    opt = save_olmo_core(model, tmp_path / "run" / "step300", olmo_core_config(TITAN, block), 4e-4, seed=1)
+    (ref,) = ck.discover(tmp_path / "run")
+    assert (ref.step, ref.name) == (300, "step300")
+    loaded = ck.load_model(ref)
+    want_class = "Olmo2ForCausalLM" if block == "reordered_norm" else "LlamaForCausalLM"
+    assert type(loaded).__name__ == want_class
+    ids = torch.randint(0, TITAN["vocab"], (3, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = model(ids), loaded(ids).logits
+    assert torch.allclose(got, want, atol=1e-5, rtol=0), (got - want).abs().max()
+    state = ck.load_adam_state(ref, loaded)
+    assert state is not None and not state.missing and state.lr == pytest.approx(4e-4)
+    params = dict(model.named_parameters())
+    q = opt.state[params["blocks.1.attention.w_q.weight"]]["exp_avg_sq"]
+    assert torch.equal(state.exp_avg_sq["model.layers.1.self_attn.q_proj.weight"], q)
+    assert find_learning_rate(ref).value == pytest.approx(4e-4)
+
+
+def test_olmo_core_model_transformers_cannot_express_is_refused(tmp_path):
+    torch.manual_seed(0)
+    config = olmo_core_config(TITAN)
+    config["model"]["block"]["sequence_mixer"]["rope"]["name"] = "complex"
+    save_olmo_core(OlmoTransformer(TITAN), tmp_path / "step5", config, 1e-3, seed=0)
+    with pytest.raises(CommuteError, match="OLMo-core checkpoint .*cannot express .*'complex'") as info:
+        ck.load_model(tmp_path / "step5")
+    assert "convert_checkpoint_to_hf.py --checkpoint-input-path" in str(info.value.hint)
+    (tmp_path / "step5" / "config.json").unlink()
+    with pytest.raises(CommuteError, match=r"without its experiment config\.json"):
+        ck.read_config(tmp_path / "step5")
+
+
+def test_olmo_core_written_by_olmo_core_itself(tmp_path):
+    """With OLMo-core installed: its own model, saved as its train module saves, against its own forward."""
+    olmo = pytest.importorskip("olmo_core.nn.transformer")
+    for cfg in (
+        olmo.TransformerConfig.olmo2_30M(vocab_size=64),
+        olmo.TransformerConfig.llama_like(d_model=64, vocab_size=64, n_layers=2, n_heads=4, n_kv_heads=2),
+    ):
+        torch.manual_seed(0)
+        model = cfg.build(init_device="cpu").eval()
+        folder = tmp_path / cfg.block.name / "step7"
+        _save({"model": get_model_state_dict(model)}, folder / "model_and_optim")
+        (folder / "config.json").write_text(json.dumps({"model": cfg.as_config_dict()}))
+        loaded = ck.load_model(ck.discover(folder.parent)[0])
+        ids = torch.randint(0, 64, (2, 20), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            out = model(ids)
+            want = getattr(out, "logits", out)
+            assert torch.allclose(loaded(ids).logits, want, atol=1e-5, rtol=0)

@@ -22,6 +22,7 @@ commute does neither:
 
 from __future__ import annotations
 
+import functools
 import io
 import pickletools
 import struct
@@ -138,11 +139,23 @@ def _protocol2(data: bytes) -> bytes:
 def read_metadata(folder: Path) -> Any:
     """The ``torch.distributed.checkpoint.metadata.Metadata`` of a DCP folder, read with torch's
     ``weights_only`` unpickler and an explicit allowlist (see the module docstring); CommuteError otherwise.
+    Read once per file version (path, size, mtime): discovery, preflight and loading all ask for it.
     """
+    file = Path(folder) / METADATA
+    try:
+        st = file.stat()
+    except OSError as err:
+        raise CommuteError(f"cannot read {file}: {err}", hint="the checkpoint is incomplete") from err
+    return _read_metadata(str(file), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _read_metadata(name: str, size: int, mtime_ns: int) -> Any:
     from torch import _weights_only_unpickler
     from torch.distributed.checkpoint.metadata import Metadata
 
-    file = Path(folder) / METADATA
+    del size, mtime_ns  # part of the cache key only
+    file = Path(name)
     try:
         data = file.read_bytes()
         encoded = _protocol2(data)
