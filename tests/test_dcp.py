@@ -146,6 +146,19 @@ def test_hf_fsdp_run_analyzed_like_its_transformers_copy(run_dir, tmp_path, caps
         pd.testing.assert_frame_equal(outs[0], outs[1], rtol=1e-6, atol=1e-12)
 
 
+def test_hf_fsdp_without_config_says_how_to_write_it(tmp_path):
+    from transformers import GPT2LMHeadModel
+
+    from tiny_run import tiny_config
+
+    folder = save_hf_fsdp(GPT2LMHeadModel(tiny_config(40)), tmp_path / "checkpoint_3", 3, 1e-3)
+    (folder / "config.json").unlink()  # accelerate's own save_state writes no config.json
+    (ref,) = ck.discover(tmp_path)
+    with pytest.raises(CommuteError, match=r"FSDP SHARDED_STATE_DICT model .* no config\.json") as info:
+        ck.load_model(ref)
+    assert "save_pretrained" in str(info.value.hint)
+
+
 def test_config_without_weights_still_refused_and_unknown_dcp_named(tmp_path):
     (tmp_path / "run" / "checkpoint-5").mkdir(parents=True)
     (tmp_path / "run" / "checkpoint-5" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
@@ -632,7 +645,7 @@ def test_olmo_core_model_transformers_cannot_express_is_refused(tmp_path):
     config = olmo_core_config(TITAN)
     config["model"]["block"]["sequence_mixer"]["rope"]["name"] = "complex"
     save_olmo_core(OlmoTransformer(TITAN), tmp_path / "step5", config, 1e-3, seed=0)
-    with pytest.raises(CommuteError, match="OLMo-core checkpoint .*cannot express .*'complex'") as info:
+    with pytest.raises(CommuteError, match=r"OLMo-core checkpoint .*cannot express .*'complex'") as info:
         ck.load_model(tmp_path / "step5")
     assert "convert_checkpoint_to_hf.py --checkpoint-input-path" in str(info.value.hint)
     (tmp_path / "step5" / "config.json").unlink()

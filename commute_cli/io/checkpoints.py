@@ -7,7 +7,9 @@ refused with the command to run).
 ``trust_remote_code`` is never enabled and nothing is fetched from the hub (``local_files_only=True``);
 ``training_args.bin``, which needs an arbitrary pickle, is never read. ``torch.compile`` (``_orig_mod.``) and
 DDP (``module.``) prefixes in weight names are stripped; nanoGPT files load as ``GPT2LMHeadModel``
-(:mod:`commute_cli.io.nanogpt`).
+(:mod:`commute_cli.io.nanogpt`); torch distributed checkpoints (FSDP ``SHARDED_STATE_DICT``, torchtitan,
+OLMo-core) load as their transformers class (:mod:`commute_cli.io.dcp_checkpoints`), the metadata read
+through the ``weights_only`` unpickler.
 
 Finding checkpoints lives in :mod:`commute_cli.io.discovery`, tokenizers in :mod:`commute_cli.io.tokenizer`,
 optimizer state in :mod:`commute_cli.io.optimizer_state`, learning rates in

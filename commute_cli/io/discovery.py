@@ -19,6 +19,10 @@ What counts as a checkpoint, and why:
   (``adapter_config.json`` without full weights: merge the adapter first), DeepSpeed ``global_stepN/``
   folders without consolidated weights (run ``zero_to_fp32.py``), Megatron-LM ``iter_N/mp_rank_*``
   checkpoints (their pickles hold an ``argparse.Namespace``, which ``weights_only`` refuses: convert them).
+- A **torch distributed checkpoint** (:mod:`commute_cli.io.dcp_checkpoints`): the HF Trainer / accelerate
+  with FSDP ``SHARDED_STATE_DICT`` (``checkpoint-N/pytorch_model_fsdp_0/``), torchtitan (``step-N/`` with
+  ``.metadata``), OLMo-core (``stepN/model_and_optim/``); a DCP of another layout is refused with torch's
+  ``format_utils dcp_to_torch`` conversion.
 - ``select(every=N)`` keeps the checkpoints whose step is a multiple of N.
 """
 
@@ -66,22 +70,25 @@ def is_checkpoint_dir(path: Path) -> bool:
     """A folder with ``config.json`` and weights (single file, sharded index, or ``pytorch_model.bin``), or
     a checkpoint in a torch distributed-checkpoint layout commute reads (:func:`dcp_layout`)."""
     path = Path(path)
-    if (
+    return _has_weight_files(path) or dcp_layout(path) is not None
+
+
+def _has_weight_files(path: Path) -> bool:
+    return (
         path.is_dir()
         and (path / "config.json").is_file()
         and any((path / name).is_file() for name in WEIGHT_FILES)
-    ):
-        return True
-    return dcp_layout(path) is not None
+    )
 
 
 def dcp_layout(path: Path):
     """The :class:`commute_cli.io.dcp_checkpoints.DcpLayout` of a folder saved as a torch distributed
     checkpoint by the HF Trainer/accelerate (FSDP ``SHARDED_STATE_DICT``), torchtitan or OLMo-core; else
-    None."""
+    None. A folder that also holds transformers weight files (``model.safetensors``) is read from those."""
     from commute_cli.io import dcp_checkpoints
 
-    return dcp_checkpoints.find(Path(path))
+    path = Path(path)
+    return None if _has_weight_files(path) else dcp_checkpoints.find(path)
 
 
 def trainer_state(folder: Path):

@@ -34,9 +34,10 @@ _WRAPPERS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.
 
 
 def detect(folder: Path) -> DcpLayout | None:
-    """``config.json`` beside a DCP ``pytorch_model_fsdp_0/``; the optimizer's ``optimizer_0/`` if saved."""
+    """A DCP ``pytorch_model_fsdp_0/`` (with ``config.json`` beside it: :func:`config` says when it is
+    missing, as after accelerate's own ``save_state``); the optimizer's ``optimizer_0/`` if saved."""
     weights = folder / MODEL_DIR
-    if not ((folder / "config.json").is_file() and dcp.is_dcp(weights)):
+    if not dcp.is_dcp(weights):
         return None
     optimizer = folder / OPTIMIZER_DIR
     return DcpLayout(
@@ -53,7 +54,22 @@ def config(layout: DcpLayout) -> Any:
     """The Trainer's ``config.json`` (read as every transformers folder is: no remote code)."""
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(str(layout.folder), local_files_only=True, trust_remote_code=False)
+    from commute_cli.errors import CommuteError
+
+    if not (layout.folder / "config.json").is_file():
+        raise CommuteError(
+            f"{layout.folder} holds an FSDP SHARDED_STATE_DICT model ({MODEL_DIR}/) but no config.json "
+            "(accelerate's save_state does not write one)",
+            hint="write the model's config beside it once: "
+            f"model.config.save_pretrained({str(layout.folder)!r})",
+        )
+    try:
+        return AutoConfig.from_pretrained(str(layout.folder), local_files_only=True, trust_remote_code=False)
+    except Exception as err:
+        raise CommuteError(
+            f"could not read config.json in {layout.folder}: {type(err).__name__}",
+            hint="the model type must be one transformers knows without custom code",
+        ) from err
 
 
 def clean(name: str) -> str:
