@@ -51,6 +51,25 @@ def files(folder: Path) -> list[Path]:
     return [folder / METADATA, *sorted(folder.glob("*.distcp"))]
 
 
+def mentions(folder: Path, *names: str) -> bool:
+    """Whether ``.metadata`` holds each of ``names`` as a pickled string (a flat key or a path element).
+
+    A byte search, nothing unpickled: what layout detection needs, cheaply, for every folder discovery
+    looks at (reading metadata in full costs seconds at pretraining scale; ``benchmarks/bench_dcp.py``).
+    The full, safe read (:func:`read_metadata`) checks what detection assumed.
+    """
+    try:
+        data = (Path(folder) / METADATA).read_bytes()
+    except OSError:
+        return False
+    for name in names:
+        raw = name.encode("utf-8")
+        short = b"\x8c" + bytes([len(raw)]) + raw if len(raw) < 256 else None  # SHORT_BINUNICODE
+        if not ((short is not None and short in data) or b"X" + struct.pack("<I", len(raw)) + raw in data):
+            return False
+    return True
+
+
 def _metadata_classes() -> list[Any]:
     import pathlib
 
@@ -73,66 +92,84 @@ def _metadata_classes() -> list[Any]:
     ]
 
 
+def _binunicode(text: str) -> bytes:
+    raw = text.encode("utf-8", "surrogatepass")
+    return b"X" + struct.pack("<I", len(raw)) + raw  # BINUNICODE
+
+
 def _protocol2(data: bytes) -> bytes:
     """The same pickle in protocol 2, the opcodes torch's ``weights_only`` unpickler reads; nothing is run.
 
-    Framing is dropped, strings are emitted inline (each memoized string is re-emitted where it is fetched:
-    strings are immutable, so the value is the same), ``STACK_GLOBAL`` of the two strings before it becomes
-    ``GLOBAL``, ``MEMOIZE`` becomes ``LONG_BINPUT`` with its own numbering. Raises ValueError on a stream it
-    does not understand.
+    Framing is dropped; ``STACK_GLOBAL`` becomes ``GLOBAL`` of the two strings pushed before it (those two
+    pushes are kept off the output stack; where such a string is fetched again it is written out again:
+    strings are immutable, so the value is the same); other strings become ``BINUNICODE``; ``MEMOIZE``
+    becomes ``LONG_BINPUT`` with its own numbering, fetches ``LONG_BINGET``. Raises ValueError on a stream
+    it does not understand.
     """
     ops = list(pickletools.genops(data))
+    operands: set[int] = set()  # positions of the pushes STACK_GLOBAL consumes
+    for j, (op, _, _) in enumerate(ops):
+        if op.name == "STACK_GLOBAL":
+            k, found = j - 1, 0
+            while k >= 0 and found < 2:
+                if ops[k][0].name != "MEMOIZE":
+                    operands.add(k)
+                    found += 1
+                k -= 1
+            if found < 2:
+                raise ValueError("STACK_GLOBAL without its module and name strings")
     out = bytearray(b"\x80\x02")
-    memo: dict[int, tuple[str, Any]] = {}  # memo index in ``data`` -> ("str", text) | ("obj", new index)
-    pending: list[str] = []  # strings pushed and not yet written (they may be STACK_GLOBAL's operands)
+    memo: dict[int, tuple[int | None, str | None]] = {}  # input memo index -> (output index, text if a str)
+    pending: list[str] = []  # STACK_GLOBAL's operands, off the output stack
     new_index = 0
-
-    def flush() -> None:
-        for text in pending:
-            raw = text.encode("utf-8")
-            out.extend(b"X" + struct.pack("<I", len(raw)) + raw)  # BINUNICODE
-        pending.clear()
-
+    last: tuple[bool, str | None] = (False, None)  # (the previous push was an operand, its text if a str)
     for i, (op, arg, pos) in enumerate(ops):
         name = op.name
         if name in ("PROTO", "FRAME"):
             continue
-        if name in _STRINGS:
-            pending.append(str(arg))
-            continue
-        if name in ("BINGET", "LONG_BINGET"):
-            if not isinstance(arg, int) or arg not in memo:
-                raise ValueError(f"memo index {arg} fetched before it was stored")
-            kind, value = memo[arg]
-            if kind == "str":
-                pending.append(value)
-                continue
-            flush()
-            out.extend(b"j" + struct.pack("<I", value))  # LONG_BINGET
+        ref = arg if isinstance(arg, int) else -1
+        if name in ("BINGET", "LONG_BINGET") and ref not in memo:
+            raise ValueError(f"memo index {arg} fetched before it was stored")
+        if i in operands:
+            text = (
+                str(arg) if name in _STRINGS else memo[ref][1] if name in ("BINGET", "LONG_BINGET") else None
+            )
+            if text is None:
+                raise ValueError("STACK_GLOBAL of something other than two strings")
+            pending.append(text)
+            last = (True, text)
             continue
         if name == "MEMOIZE":
-            if pending:
-                memo[len(memo)] = ("str", pending[-1])
+            if last[0]:
+                memo[len(memo)] = (None, last[1])
             else:
-                memo[len(memo)] = ("obj", new_index)
+                memo[len(memo)] = (new_index, last[1])
                 out.extend(b"r" + struct.pack("<I", new_index))  # LONG_BINPUT
                 new_index += 1
             continue
+        last = (False, None)
         if name == "STACK_GLOBAL":
-            if len(pending) < 2:
-                raise ValueError("STACK_GLOBAL without its module and name strings")
             module, attr = pending[-2], pending[-1]
             del pending[-2:]
-            flush()
             if "\n" in module or "\n" in attr:
                 raise ValueError("a global's name holds a newline")
             out.extend(b"c" + module.encode() + b"\n" + attr.encode() + b"\n")  # GLOBAL
-            continue
-        if name in ("BINPUT", "LONG_BINPUT", "PUT", "GET"):
+        elif name in _STRINGS:
+            out.extend(_binunicode(str(arg)))
+            last = (False, str(arg))
+        elif name in ("BINGET", "LONG_BINGET"):
+            index, text = memo[ref]
+            if index is not None:
+                out.extend(b"j" + struct.pack("<I", index))  # LONG_BINGET
+            elif text is not None:
+                out.extend(_binunicode(text))
+        elif name in ("BINPUT", "LONG_BINPUT", "PUT", "GET"):
             raise ValueError(f"{name} in a protocol-4 stream")
-        flush()
-        end = ops[i + 1][2] if i + 1 < len(ops) else len(data)
-        out.extend(data[pos:end])
+        else:
+            end = ops[i + 1][2] if i + 1 < len(ops) else len(data)
+            out.extend(data[pos:end])
+    if pending:
+        raise ValueError("strings left for a STACK_GLOBAL that never came")
     return bytes(out)
 
 

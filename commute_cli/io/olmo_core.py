@@ -93,15 +93,12 @@ def convert_command(folder: Path) -> str:
 def detect(folder: Path) -> DcpLayout | None:
     """``stepN/`` with a DCP ``model_and_optim/`` whose model tensors carry OLMo-core's names."""
     state = folder / STATE_DIR
-    if not dcp.is_dcp(state):
-        return None
-    paths = {e.path for e in dcp.entries(state).values()}
-    if ("model", "embeddings.weight") not in paths:
+    if not (dcp.is_dcp(state) and dcp.mentions(state, "model.embeddings.weight")):
         return None
     return DcpLayout(
         folder=folder,
         weights=state,
-        optimizer=state if any(p[0] == "optim" for p in paths) else None,
+        optimizer=state if dcp.mentions(state, "optim") else None,
         model_path=("model",),
         optim_key="optim",
         fmt=sys.modules[__name__],

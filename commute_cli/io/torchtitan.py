@@ -82,14 +82,12 @@ def detect(folder: Path) -> DcpLayout | None:
     ``model.``."""
     if not dcp.is_dcp(folder):
         return None
-    paths = {e.path for e in dcp.entries(folder).values() if e.shape is not None}
-    for prefix in ((), ("model",)):
-        if all((*prefix, name) in paths for name in _MARKERS):
-            has_optimizer = any(p[0] == "optimizer" for p in paths if len(p) > 1)
+    for prefix in (("model",), ()):
+        if dcp.mentions(folder, *(".".join((*prefix, name)) for name in _MARKERS)):
             return DcpLayout(
                 folder=folder,
                 weights=folder,
-                optimizer=folder if has_optimizer else None,
+                optimizer=folder if dcp.mentions(folder, "optimizer") else None,
                 model_path=prefix,
                 optim_key="optimizer",
                 fmt=sys.modules[__name__],
