@@ -233,8 +233,15 @@ def _from_pretrained(path: Path, dtype: torch.dtype) -> torch.nn.Module:
 def _from_dcp(layout: dcp_checkpoints.DcpLayout, dtype: torch.dtype) -> torch.nn.Module:
     """A torch distributed checkpoint (:mod:`commute_cli.io.dcp_checkpoints`) in its transformers class;
     a tied output embedding saved separately must equal the input embedding."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4
+        from transformers.modeling_utils import no_init_weights  # type: ignore[no-redef,attr-defined]
+
     config = layout.fmt.config(layout)
-    model = _build(config, dtype)
+    with no_init_weights():  # every weight is assigned below (a missing one is an error): skip random init
+        model = _build(config, dtype)
+    model.tie_weights()  # no_init_weights skips the tying that init_weights does
     state = dcp_checkpoints.hf_state(layout, config)
     canonical = {id(p): n for n, p in model.named_parameters()}
     for alias, param in model.named_parameters(remove_duplicate=False):
