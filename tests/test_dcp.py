@@ -671,3 +671,33 @@ def test_olmo_core_written_by_olmo_core_itself(tmp_path):
             out = model(ids)
             want = getattr(out, "logits", out)
             assert torch.allclose(loaded(ids).logits, want, atol=1e-5, rtol=0)
+
+
+def test_olmo_core_run_analyzed_like_its_transformers_copy(run_dir, tmp_path, capsys):
+    """`commute analyze` on OLMo-core stepN/ folders gives the numbers of the same weights saved by
+    save_pretrained, with the Adam metric (moments from model_and_optim/ against optimizer.safetensors)."""
+    from transformers import AutoTokenizer
+
+    from commute_cli.io.optimizer_state import save_adam_state
+
+    args = dict(TITAN, vocab=len(AutoTokenizer.from_pretrained(str(run_dir / "tokenizer"))))
+    for step, seed in ((1000, 0), (2000, 1)):
+        torch.manual_seed(seed)
+        folder = tmp_path / "olmo" / f"step{step}"
+        save_olmo_core(OlmoTransformer(args).eval(), folder, olmo_core_config(args), 3e-4, seed=seed)
+        hf = tmp_path / "hf" / f"checkpoint-{step}"
+        model = ck.load_model(folder)
+        model.save_pretrained(str(hf))
+        save_adam_state(ck.load_adam_state(folder, model), hf / "optimizer.safetensors")
+        log = {"global_step": step, "log_history": [{"step": step, "learning_rate": 3e-4}]}
+        (hf / "trainer_state.json").write_text(json.dumps(log))
+    outs = []
+    for name in ("olmo", "hf"):
+        out = tmp_path / f"o-{name}"
+        code, _, err = cli(
+            ["analyze", tmp_path / name, "--out", out, "--metric", "adam", *_flags(run_dir), *FAST], capsys
+        )
+        assert code == 0, err
+        outs.append(pd.read_csv(out / "results.csv").drop(columns="run_id"))
+    assert list(outs[0]["step"].unique()) == [1000, 2000]
+    pd.testing.assert_frame_equal(outs[0], outs[1], rtol=1e-6, atol=1e-12)
