@@ -159,6 +159,15 @@ def test_hf_fsdp_without_config_says_how_to_write_it(tmp_path):
     assert "save_pretrained" in str(info.value.hint)
 
 
+def test_fsdp_per_rank_shards_named(tmp_path):
+    folder = tmp_path / "run" / "checkpoint-4"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    torch.save({"flat_param": torch.zeros(8)}, folder / "pytorch_model_fsdp_0_rank0.bin")
+    with pytest.raises(CommuteError, match=r"FSDP per-rank shards .*SHARDED_STATE_DICT"):
+        ck.discover(tmp_path / "run")
+
+
 def test_config_without_weights_still_refused_and_unknown_dcp_named(tmp_path):
     (tmp_path / "run" / "checkpoint-5").mkdir(parents=True)
     (tmp_path / "run" / "checkpoint-5" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))

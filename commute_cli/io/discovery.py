@@ -163,6 +163,14 @@ def foreign_layout(folder: Path) -> str | None:
     unknown = _unknown_dcp(folder)
     if unknown:
         return unknown
+    ranks = sorted(folder.glob("pytorch_model_fsdp*_rank*.bin"))
+    if ranks:
+        return (
+            f"{folder} holds FSDP per-rank shards ({ranks[0].name}: LOCAL_STATE_DICT, or SHARDED_STATE_DICT "
+            "saved with use_dcp=False), flat parameters only the same FSDP setup can reassemble: load the "
+            "checkpoint in that setup and save it with fsdp_state_dict_type SHARDED_STATE_DICT (a torch "
+            "distributed checkpoint, which commute reads) or FULL_STATE_DICT"
+        )
     if megatron or (folder / "latest_checkpointed_iteration.txt").is_file():
         where = megatron[-1] if megatron else folder / "iter_N/mp_rank_00/model_optim_rng.pt"
         return (
