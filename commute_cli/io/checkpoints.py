@@ -240,9 +240,13 @@ def _from_dcp(layout: dcp_checkpoints.DcpLayout, dtype: torch.dtype) -> torch.nn
 
     config = layout.fmt.config(layout)
     with no_init_weights():  # every weight is assigned below (a missing one is an error): skip random init
-        model = _build(config, dtype)
+        model: Any = _build(config, dtype)  # a transformers PreTrainedModel
     model.tie_weights()  # no_init_weights skips the tying that init_weights does
     state = dcp_checkpoints.hf_state(layout, config)
+    persistent = set(model.state_dict())
+    for name, _ in model.named_buffers():  # buffers this transformers version recomputes (causal masks,
+        if name not in persistent:  # rotary inv_freq) but an older one saved: not weights
+            state.pop(name, None)
     canonical = {id(p): n for n, p in model.named_parameters()}
     for alias, param in model.named_parameters(remove_duplicate=False):
         name = canonical[id(param)]
