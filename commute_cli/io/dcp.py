@@ -13,9 +13,9 @@ Safety (docs/DECISIONS.md, "DCP metadata through the weights_only unpickler"): t
 commute does neither:
 
 - ``.metadata`` (a protocol-4 pickle of torch's metadata dataclasses) is re-encoded, without executing
-  anything, to protocol 2 (:func:`_protocol2`: drop ``FRAME``, strings inlined, ``STACK_GLOBAL`` ->
-  ``GLOBAL``, ``MEMOIZE`` -> ``LONG_BINPUT``) and read by torch's ``weights_only`` unpickler with an explicit
-  allowlist (:data:`_METADATA_CLASSES`); anything else in it is refused with one line.
+  anything, to protocol 2 (:func:`_protocol2`: drop ``FRAME``, ``STACK_GLOBAL`` -> ``GLOBAL``,
+  ``SHORT_BINUNICODE`` -> ``BINUNICODE``, ``MEMOIZE`` -> ``LONG_BINPUT``) and read by torch's ``weights_only``
+  unpickler with an explicit allowlist (``_metadata_classes``); anything else in it is refused with one line.
 - tensors are read by torch's ``FileSystemReader`` (which uses ``torch.load(weights_only=True)``); non-tensor
   entries (``param_groups``) by ``torch.load(weights_only=True)`` in :class:`_SafePlanner`.
 """
