@@ -146,7 +146,8 @@ def stats_key(
     (targets, ``--dw``, ``--horizon`` and the confidence are post-processing; docs/DECISIONS.md)."""
     files = [store.file_signature(p) for p in checkpoints.weight_files(ref)]
     if opts.metric == "adam" and ref.path.is_dir():  # a nanoGPT ckpt.pt holds its optimizer in the same file
-        files += [store.file_signature(p) for p in sorted(ref.path.glob("optimizer*"))]
+        for p in sorted(ref.path.glob("optimizer*")):  # a file, or a DCP folder (FSDP's optimizer_0/)
+            files += [store.file_signature(f) for f in (sorted(p.iterdir()) if p.is_dir() else [p])]
     payload = [
         store.CACHE_FORMAT,
         str(ref.path.resolve()),

@@ -7,7 +7,9 @@ refused with the command to run).
 ``trust_remote_code`` is never enabled and nothing is fetched from the hub (``local_files_only=True``);
 ``training_args.bin``, which needs an arbitrary pickle, is never read. ``torch.compile`` (``_orig_mod.``) and
 DDP (``module.``) prefixes in weight names are stripped; nanoGPT files load as ``GPT2LMHeadModel``
-(:mod:`commute_cli.io.nanogpt`).
+(:mod:`commute_cli.io.nanogpt`); torch distributed checkpoints (FSDP ``SHARDED_STATE_DICT``, torchtitan,
+OLMo-core) load as their transformers class (:mod:`commute_cli.io.dcp_checkpoints`), the metadata read
+through the ``weights_only`` unpickler.
 
 Finding checkpoints lives in :mod:`commute_cli.io.discovery`, tokenizers in :mod:`commute_cli.io.tokenizer`,
 optimizer state in :mod:`commute_cli.io.optimizer_state`, learning rates in
@@ -30,9 +32,10 @@ from typing import Any
 import torch
 
 from commute_cli.errors import CommuteError
-from commute_cli.io import nanogpt
+from commute_cli.io import dcp_checkpoints, nanogpt
 from commute_cli.io.discovery import (  # noqa: F401 (re-exported for callers that import them here)
     CheckpointRef,
+    dcp_layout,
     discover,
     foreign_layout,
     is_checkpoint_dir,
@@ -119,6 +122,9 @@ def validate_weights(ref: CheckpointRef | Path) -> dict[str, tuple[int, ...]]:
     and placeholder (0-element) tensors, the mark of a DeepSpeed ZeRO-3 save without gathered weights.
     """
     path = Path(ref.path if isinstance(ref, CheckpointRef) else ref).expanduser()
+    layout = dcp_layout(path) if path.is_dir() else None
+    if layout is not None:  # torch DCP: the metadata, read through the weights_only unpickler
+        return dcp_checkpoints.shapes(layout)
     shapes: dict[str, tuple[int, ...]] = {}
     for file in weight_files(path):
         if file.name.endswith(".json"):
@@ -224,6 +230,38 @@ def _from_pretrained(path: Path, dtype: torch.dtype) -> torch.nn.Module:
     return model
 
 
+def _from_dcp(layout: dcp_checkpoints.DcpLayout, dtype: torch.dtype) -> torch.nn.Module:
+    """A torch distributed checkpoint (:mod:`commute_cli.io.dcp_checkpoints`) in its transformers class;
+    a tied output embedding saved separately must equal the input embedding."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4
+        from transformers.modeling_utils import no_init_weights  # type: ignore[no-redef,attr-defined]
+
+    config = layout.fmt.config(layout)
+    with no_init_weights():  # every weight is assigned below (a missing one is an error): skip random init
+        model: Any = _build(config, dtype)  # a transformers PreTrainedModel
+    model.tie_weights()  # no_init_weights skips the tying that init_weights does
+    state = dcp_checkpoints.hf_state(layout, config)
+    persistent = set(model.state_dict())
+    for name, _ in model.named_buffers():  # buffers this transformers version recomputes (causal masks,
+        if name not in persistent:  # rotary inv_freq) but an older one saved: not weights
+            state.pop(name, None)
+    canonical = {id(p): n for n, p in model.named_parameters()}
+    for alias, param in model.named_parameters(remove_duplicate=False):
+        name = canonical[id(param)]
+        if alias != name and alias in state:
+            if name in state and not torch.equal(state[alias], state[name]):
+                raise CommuteError(
+                    f"{layout.weights}: {alias} differs from {name}, but config.json ties them",
+                    hint="use the config the run was trained with (tie_word_embeddings)",
+                )
+            state.setdefault(name, state[alias])
+            del state[alias]
+    _assign(model, state, layout.weights)
+    return model
+
+
 def load_model(
     ref: CheckpointRef | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> torch.nn.Module:
@@ -252,7 +290,10 @@ def load_model(
                 problem or f"{path} is not a model folder", hint="it needs config.json and weights"
             )
         names = validate_weights(path)
-        if any(n.startswith(nanogpt.WRAPPER_PREFIXES) for n in names):  # torch.compile / DDP state dict
+        layout = dcp_layout(path)
+        if layout is not None:
+            model = _from_dcp(layout, dtype)
+        elif any(n.startswith(nanogpt.WRAPPER_PREFIXES) for n in names):  # torch.compile / DDP state dict
             model = _build(read_config(path), dtype)
             _assign(model, _read_state(path), path)
         else:
@@ -268,6 +309,9 @@ def read_config(ref: CheckpointRef | Path):
     path = Path(ref.path if isinstance(ref, CheckpointRef) else ref).expanduser()
     if path.is_file():
         return nanogpt.gpt2_config(nanogpt.read(path), path)
+    layout = dcp_layout(path)
+    if layout is not None:
+        return layout.fmt.config(layout)
     try:
         return AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     except Exception as err:

@@ -19,6 +19,10 @@ What counts as a checkpoint, and why:
   (``adapter_config.json`` without full weights: merge the adapter first), DeepSpeed ``global_stepN/``
   folders without consolidated weights (run ``zero_to_fp32.py``), Megatron-LM ``iter_N/mp_rank_*``
   checkpoints (their pickles hold an ``argparse.Namespace``, which ``weights_only`` refuses: convert them).
+- A **torch distributed checkpoint** (:mod:`commute_cli.io.dcp_checkpoints`): the HF Trainer / accelerate
+  with FSDP ``SHARDED_STATE_DICT`` (``checkpoint-N/pytorch_model_fsdp_0/``), torchtitan (``step-N/`` with
+  ``.metadata``), OLMo-core (``stepN/model_and_optim/``); a DCP of another layout is refused with torch's
+  ``format_utils dcp_to_torch`` conversion.
 - ``select(every=N)`` keeps the checkpoints whose step is a multiple of N.
 """
 
@@ -63,13 +67,28 @@ class CheckpointRef:
 
 
 def is_checkpoint_dir(path: Path) -> bool:
-    """A folder with ``config.json`` and weights (single file, sharded index, or ``pytorch_model.bin``)."""
+    """A folder with ``config.json`` and weights (single file, sharded index, or ``pytorch_model.bin``), or
+    a checkpoint in a torch distributed-checkpoint layout commute reads (:func:`dcp_layout`)."""
     path = Path(path)
+    return _has_weight_files(path) or dcp_layout(path) is not None
+
+
+def _has_weight_files(path: Path) -> bool:
     return (
         path.is_dir()
         and (path / "config.json").is_file()
         and any((path / name).is_file() for name in WEIGHT_FILES)
     )
+
+
+def dcp_layout(path: Path):
+    """The :class:`commute_cli.io.dcp_checkpoints.DcpLayout` of a folder saved as a torch distributed
+    checkpoint by the HF Trainer/accelerate (FSDP ``SHARDED_STATE_DICT``), torchtitan or OLMo-core; else
+    None. A folder that also holds transformers weight files (``model.safetensors``) is read from those."""
+    from commute_cli.io import dcp_checkpoints
+
+    path = Path(path)
+    return None if _has_weight_files(path) else dcp_checkpoints.find(path)
 
 
 def trainer_state(folder: Path):
@@ -141,6 +160,17 @@ def foreign_layout(folder: Path) -> str | None:
     megatron = sorted(folder.glob("mp_rank_*/model_optim_rng.pt")) + sorted(
         folder.glob("iter_*/mp_rank_*/model_optim_rng.pt")
     )
+    unknown = _unknown_dcp(folder)
+    if unknown:
+        return unknown
+    ranks = sorted(folder.glob("pytorch_model_fsdp*_rank*.bin"))
+    if ranks:
+        return (
+            f"{folder} holds FSDP per-rank shards ({ranks[0].name}: LOCAL_STATE_DICT, or SHARDED_STATE_DICT "
+            "saved with use_dcp=False), flat parameters only the same FSDP setup can reassemble: load the "
+            "checkpoint in that setup and save it with fsdp_state_dict_type SHARDED_STATE_DICT (a torch "
+            "distributed checkpoint, which commute reads) or FULL_STATE_DICT"
+        )
     if megatron or (folder / "latest_checkpointed_iteration.txt").is_file():
         where = megatron[-1] if megatron else folder / "iter_N/mp_rank_00/model_optim_rng.pt"
         return (
@@ -151,6 +181,26 @@ def foreign_layout(folder: Path) -> str | None:
             "config.json and pytorch_model.bin beside the file), then analyze that folder"
         )
     return None
+
+
+def _unknown_dcp(folder: Path) -> str | None:
+    """One line for a torch distributed checkpoint none of the readers recognise, with its conversion."""
+    from commute_cli.io import dcp
+
+    if not folder.is_dir() or dcp_layout(folder) is not None:
+        return None
+    candidates = (folder, *sorted(p for p in folder.iterdir() if p.is_dir()))
+    where = next((p for p in candidates if dcp.is_dcp(p) and dcp_layout(p) is None), None)
+    if where is None:
+        return None
+    keys = sorted(dcp.entries(where))[:3]
+    return (
+        f"{where} is a torch distributed checkpoint (DCP) in a layout commute does not read (keys "
+        f"{', '.join(keys)} ...; it reads the HF Trainer/accelerate FSDP, torchtitan and OLMo-core layouts): "
+        "convert it once, in a trusted environment, with `python -m "
+        f"torch.distributed.checkpoint.format_utils dcp_to_torch {where} OUT.pt`, load the model's "
+        "entries into its transformers class and save_pretrained it with config.json"
+    )
 
 
 def _same_weights(a: Path, b: Path) -> bool:
@@ -323,6 +373,11 @@ def weight_files(ref: CheckpointRef | Path) -> list[Path]:
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (path / name).is_file():
             return [path / name]
+    layout = dcp_layout(path)
+    if layout is not None:
+        from commute_cli.io import dcp_checkpoints
+
+        return dcp_checkpoints.weight_files(layout)
     raise CommuteError(
         f"no model weights in {path}", hint="expected model.safetensors (or an index) or pytorch_model.bin"
     )

@@ -11,7 +11,9 @@ wanted is the one of the update that *starts* from the saved weights. Sources, i
    transformers 5 logs the rate of the update just made, one scheduler step earlier (the two differ by one
    step of the schedule, ``~lr/max_steps`` for a linear or cosine decay).
 4. ``optimizer.pt`` ``param_groups[0]["lr"]`` (``weights_only``, memory-mapped): the rate last written into
-   the optimizer (the HF Trainer's scheduler writes the next update's rate there).
+   the optimizer (the HF Trainer's scheduler writes the next update's rate there); for a torch distributed
+   checkpoint (torchtitan's ``step-N/``, FSDP's ``optimizer_0/``), the ``lr`` of its saved param groups
+   (:func:`commute_cli.io.dcp_checkpoints.learning_rate`).
 5. ``trainer_state.json``, the nearest entry *before* the step (logging less often than saving), then the
    nearest after it; the result carries the step it was logged at, so a stale rate is visible.
 6. nanoGPT ``ckpt.pt``: its optimizer's ``param_groups`` (nanoGPT sets ``get_lr(iter_num)`` before it
@@ -95,6 +97,11 @@ def _from_scheduler(folder: Path) -> float | None:
 
 
 def _from_optimizer(folder: Path) -> float | None:
+    from commute_cli.io import dcp_checkpoints
+
+    layout = dcp_checkpoints.find(folder)
+    if layout is not None:  # a torch distributed checkpoint: the lr of its saved param groups
+        return dcp_checkpoints.learning_rate(layout)
     saved = saved_optimizer(folder) if folder.is_dir() else None
     groups = saved.get("param_groups") if saved is not None else None
     if isinstance(groups, list) and groups and isinstance(groups[0], dict):
@@ -142,7 +149,11 @@ def find_learning_rate(ref: CheckpointRef, override: float | None = None) -> Lea
         return _checked(LearningRate(at[-1], "trainer_state.json log_history", ref.step), ref)
     value = _from_optimizer(path)
     if value is not None:
-        return _checked(LearningRate(value, "optimizer.pt param_groups", ref.step), ref)
+        from commute_cli.io.discovery import dcp_layout
+
+        layout = dcp_layout(path)
+        where = f"{layout.optimizer.name}/ param_groups (torch DCP)" if layout and layout.optimizer else ""
+        return _checked(LearningRate(value, where or "optimizer.pt param_groups", ref.step), ref)
     if entries:
         target = ref.step
         if target is None:

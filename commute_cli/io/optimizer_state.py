@@ -166,6 +166,11 @@ def load_adam_state(ref: Any, model: torch.nn.Module) -> AdamState | None:
     folder = Path(getattr(ref, "path", ref))  # a CheckpointRef, a folder, or a nanoGPT .pt file
     if folder.is_file():
         return _load_adam_nanogpt(folder, model)
+    from commute_cli.io import dcp_checkpoints
+
+    layout = dcp_checkpoints.find(folder)
+    if layout is not None:  # torch DCP (HF-FSDP, torchtitan, OLMo-core): by parameter name
+        return dcp_checkpoints.adam_state(layout, model, getattr(model, "config", None))
     if (folder / "optimizer.safetensors").is_file():
         return _load_adam_safetensors(folder / "optimizer.safetensors", model)
     file = folder / "optimizer.pt"

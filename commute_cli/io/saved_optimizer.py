@@ -45,6 +45,11 @@ def optimizer_name(ref: Any, manifest_optimizer: Mapping[str, Any] | None = None
     """
     if manifest_optimizer and isinstance(manifest_optimizer.get("name"), str):
         return str(manifest_optimizer["name"]).lower()
+    from commute_cli.io import dcp_checkpoints
+
+    layout = dcp_checkpoints.find(Path(ref.path))
+    if layout is not None:
+        return dcp_checkpoints.optimizer_name(layout)
     saved = saved_optimizer(Path(ref.path))
     if not isinstance(saved, Mapping):
         return None
