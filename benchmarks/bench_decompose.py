@@ -11,7 +11,7 @@ d = 64, ``sample_checkpoints/checkpoint-1500``) and the README's sample (validat
     drifts on a shared machine hit all three alike; reported: median time per mode and the ratios to the
     plain run;
 (b) isolated: the extra work alone. With groups the estimator replaces each full product
-    (``estimator._gram``, ``B K`` calls of ``[B K, n] x [K-1, n]`` per checkpoint) by per-group products
+    (``freestack.gram``, ``B K`` calls of ``[B K, n] x [K-1, n]`` per checkpoint) by per-group products
     (:func:`segment_gram`) and sums them; the difference of the two, timed by themselves with the shapes one
     checkpoint uses (interleaved), as a fraction of the plain estimate -- less noisy than the difference of
     two end-to-end times.
@@ -39,7 +39,8 @@ sys.path.insert(0, str(ROOT))
 
 from commute_cli.commands import analyze as analysis  # noqa: E402
 from commute_cli.engine import curvature  # noqa: E402
-from commute_cli.engine.estimator import _gram, estimate_products  # noqa: E402
+from commute_cli.engine.estimator import estimate_products  # noqa: E402
+from commute_cli.engine.freestack import gram  # noqa: E402
 from commute_cli.engine.groups import param_groups, segment_gram  # noqa: E402
 from commute_cli.io import checkpoints  # noqa: E402
 
@@ -86,7 +87,7 @@ def main() -> None:
             t0 = time.perf_counter()
             for _call in range(B * K):
                 if g is None:
-                    _gram(free, hv)
+                    gram(free, hv)
                 else:
                     segment_gram(free, hv, g).sum(axis=0)
             gram_times[str(s)].append(time.perf_counter() - t0)
