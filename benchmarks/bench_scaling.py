@@ -6,10 +6,11 @@ factors) must not grow faster. Each configuration runs in its own child process 
 ``torch.set_num_threads(THREADS)`` (1 by default), and reports, all measured in that child:
 
 - ``t_grad``: one gradient pass over one sequence (median of 5 after a warm-up) and ``t_hvp``: one HVP pass
-  over one sequence with one vector;
+  over one sequence with the plan's vectors (1 in the target plan, ``K - 1`` in the pair plan);
 - ``seconds``: :func:`~commute_cli.engine.estimator.estimate_products`, target plan (one target, the
-  plan ``--plan auto`` picks for K >= 2 and one target), ``B = 8`` blocks, one sequence per part (24
-  sequences per domain, as in the issue), random tokens (synthetic domains);
+  plan ``--plan auto`` picks for K >= 2 and one target; the pair plan at ``--pair-ks``), ``B = 8``
+  blocks, one sequence per part (24 sequences per domain, as in the issue), random tokens (synthetic
+  domains);
 - ``floor_dry_run = gradient_equivalents x t_grad`` (what ``--dry-run`` counts) and ``floor_measured =
   gradient sequences x t_grad + HVP sequences x t_hvp`` (the passes as they run here), and ``seconds`` as a
   ratio to each;
@@ -29,7 +30,7 @@ Times are CPU seconds of the child process (``time.process_time``; one thread, s
 else loads a shared machine); ``wall_seconds`` beside them.
 
 Usage: ``python benchmarks/bench_scaling.py [--threads 1] [--ks 2,8,16,32] [--lens 64,128,256,512]
-[--old-ks 2,8] [--quick]``; about 8 minutes on a shared 2-core CPU. Writes
+[--old-ks 2,8] [--pair-ks 8] [--quick]``; about 10 minutes on a shared 2-core CPU. Writes
 ``benchmarks/results/bench_scaling.json`` with the environment.
 """
 
@@ -130,7 +131,9 @@ def child(cfg: dict[str, Any]) -> dict[str, Any]:
         curvature.loss_and_grad(model, one, 1)
         times.append(CLOCK() - t0)
     t_grad = float(np.median(times))
-    v = torch.randn(1, n)
+    plan = cfg.get("plan", "target")
+    cost = analysis_cost(3 * BLOCKS * SEQS_PER_PART, BLOCKS, K, plan, n_targets=1)
+    v = torch.randn(cost.vectors_per_hvp, n)
     hvp(model, one, v, 1)
     times = []
     for _ in range(3):
@@ -140,18 +143,20 @@ def child(cfg: dict[str, Any]) -> dict[str, Any]:
     t_hvp = float(np.median(times))
     coefs = np.zeros((1, K))
     coefs[0, 0] = 1.0
+    if plan == "pair":
+        coefs = None
     fn = old_estimator(cfg["old_rev"]).estimate_products if cfg["path"] == "old" else estimate_products
     before = rss_kb("VmRSS")
     w0, t0 = time.perf_counter(), CLOCK()
-    prod = fn(model, parts, plan="target", target_coefs=coefs, micro_batch=1)
+    prod = fn(model, parts, plan=plan, target_coefs=coefs, micro_batch=1)
     seconds, wall = CLOCK() - t0, time.perf_counter() - w0
     peak = rss_kb("VmHWM")
-    cost = analysis_cost(3 * BLOCKS * SEQS_PER_PART, BLOCKS, K, "target", n_targets=1)
     floor_dry = cost.gradient_equivalents * t_grad
     floor_meas = cost.gradient_sequences * t_grad + cost.hvp_sequences * t_hvp
     vec_mb = 4 * n / 2**20
     out = {
         **cfg,
+        "plan": plan,
         "params": n,
         "t_grad": t_grad,
         "t_hvp": t_hvp,
@@ -192,6 +197,7 @@ def main() -> None:
     ap.add_argument("--ks", default="2,8,16,32")
     ap.add_argument("--lens", default="64,128,256,512")
     ap.add_argument("--old-ks", default="2,8")
+    ap.add_argument("--pair-ks", default="8", help="K of the pair-plan runs (old path too where in --old-ks)")
     ap.add_argument("--old-rev", default=OLD_REV)
     ap.add_argument("--len-k", type=int, default=4, help="K of the sequence-length sweep")
     ap.add_argument("--quick", action="store_true", help="K = 2, 8 and lengths 64, 256 only")
@@ -214,6 +220,17 @@ def main() -> None:
                 f"K={K:3d} L=256 {path}: {r['seconds']:7.1f} s  /dry-run floor {r['ratio_dry_run_floor']:.2f}"
                 f"  /measured floor {r['ratio_measured_floor']:.2f}  extra RSS {r['extra_rss_mb']:7.1f} MB "
                 f"({r['extra_rss_vectors']:.0f} vectors; stack {r['stack_vectors']})",
+                flush=True,
+            )
+    by_pair: list[dict[str, Any]] = []
+    for K in [int(x) for x in args.pair_ks.split(",") if x] if not args.quick else []:
+        for path in ["new", *(["old"] if K in old_ks else [])]:
+            r = run_child({**base, "K": K, "L": 256, "path": path, "plan": "pair"})
+            by_pair.append(r)
+            print(
+                f"K={K:3d} L=256 {path} pair plan: {r['seconds']:7.1f} s"
+                f"  /dry-run floor {r['ratio_dry_run_floor']:.2f}"
+                f"  /measured floor {r['ratio_measured_floor']:.2f}  extra RSS {r['extra_rss_mb']:7.1f} MB",
                 flush=True,
             )
     by_len: list[dict[str, Any]] = []
@@ -254,6 +271,7 @@ def main() -> None:
                 "design": {"blocks": BLOCKS, "seqs_per_part": SEQS_PER_PART, "plan": "target", "targets": 1},
                 "by_k": by_k,
                 "by_len": by_len,
+                "by_k_pair_plan": by_pair,
                 "summary": summary,
             },
             indent=1,

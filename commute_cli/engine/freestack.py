@@ -4,8 +4,9 @@ The block-design estimator (:mod:`commute_cli.engine.estimator`) pairs each *uni
 gradient of the unit's part) with the free factor of every design block: ``R = B K`` parameter-sized
 float32 vectors kept from phase one. Forming those products one unit vector at a time against the whole
 stack (``A @ B.T`` per call, each call converting the stack to float64 chunk by chunk) costs ``R n``
-conversions per call: ``B^2 K^2 n`` of them per checkpoint, which grew faster with ``K`` than the gradient
-and HVP passes (issue 24: analysis time ratio K = 8 / K = 2 of 10.6 where the passes' is 4.0).
+conversions per call, ``2 B K`` calls: ``2 B^2 K^2 n`` conversions per checkpoint (either plan), which
+grew faster with ``K`` than the gradient and HVP passes (issue 24: analysis time ratio K = 8 / K = 2 of 10.6
+where the passes' is 4.0).
 
 :class:`FreeStack` queues the unit vectors (:meth:`FreeStack.dot`) and forms the products of up to
 ``pending_rows`` of them in one pass over the parameter axis (:meth:`FreeStack.flush`): per chunk of the
