@@ -10,11 +10,12 @@ d = 64, ``sample_checkpoints/checkpoint-1500``) and the README's sample (validat
     (4 groups) and with ``module`` (8 groups), interleaved ``--reps`` times (A B C A B C ...) so that load
     drifts on a shared machine hit all three alike; reported: median time per mode and the ratios to the
     plain run;
-(b) isolated: the extra work alone. With groups the estimator replaces each full product
-    (``estimator._gram``, ``B K`` calls of ``[B K, n] x [K-1, n]`` per checkpoint) by per-group products
-    (:func:`segment_gram`) and sums them; the difference of the two, timed by themselves with the shapes one
-    checkpoint uses (interleaved), as a fraction of the plain estimate -- less noisy than the difference of
-    two end-to-end times.
+(b) isolated: the extra work alone. With groups the estimator's products run segment by segment and are
+    summed; modelled here with the per-call products of the estimator before issue 24's batching
+    (``freestack.gram``, ``B K`` calls of ``[B K, n] x [K-1, n]`` per checkpoint) against per-group products
+    (:func:`segment_gram`); the difference of the two, timed by themselves with the shapes one checkpoint
+    used (interleaved), as a fraction of the plain estimate -- less noisy than the difference of two
+    end-to-end times. (Today's estimator forms the products in batches, ``engine.freestack.FreeStack``.)
 
 Usage: ``python benchmarks/bench_decompose.py [--reps 5] [--threads 1]`` (about 2 minutes). Writes
 ``benchmarks/results/bench_decompose.json`` with the environment.
@@ -39,7 +40,8 @@ sys.path.insert(0, str(ROOT))
 
 from commute_cli.commands import analyze as analysis  # noqa: E402
 from commute_cli.engine import curvature  # noqa: E402
-from commute_cli.engine.estimator import _gram, estimate_products  # noqa: E402
+from commute_cli.engine.estimator import estimate_products  # noqa: E402
+from commute_cli.engine.freestack import gram  # noqa: E402
 from commute_cli.engine.groups import param_groups, segment_gram  # noqa: E402
 from commute_cli.io import checkpoints  # noqa: E402
 
@@ -86,7 +88,7 @@ def main() -> None:
             t0 = time.perf_counter()
             for _call in range(B * K):
                 if g is None:
-                    _gram(free, hv)
+                    gram(free, hv)
                 else:
                     segment_gram(free, hv, g).sum(axis=0)
             gram_times[str(s)].append(time.perf_counter() - t0)

@@ -92,8 +92,10 @@ def test_cost_counts_the_estimators_passes() -> None:
             )
 
         coefs = np.eye(K)[:T] if plan == "target" else None
-        estimate_products(model, parts, plan=plan, target_coefs=coefs, micro_batch=2, loss_fn=loss_fn)
+        prod = estimate_products(model, parts, plan=plan, target_coefs=coefs, micro_batch=2, loss_fn=loss_fn)
         cost = power.analysis_cost(samples, B, K, plan, n_targets=T)
+        # every entry of the tables is one float64 product, but the pair plan's a == l (never formed)
+        assert cost.dot_products == prod.first.size + prod.W.size - (B * B * K * K if plan == "pair" else 0)
         assert cost.samples_used == 18 and cost.seqs_per_part == 3
         assert seen == {"grad": cost.gradient_sequences, "hvp": cost.hvp_sequences}, (plan, seen)
         assert cost.vectors_per_hvp == (K - 1 if plan == "pair" else T)
@@ -102,6 +104,15 @@ def test_cost_counts_the_estimators_passes() -> None:
         )
     assert power.analysis_cost(96, 8, 2, "pair", checkpoints=5).gradient_equivalents == 5 * (2 * 64 + 64 * 3)
     assert power.estimated_seconds(power.analysis_cost(24, 4, 2, "pair"), 0.5) == 0.5 * (32 + 16 * 3)
+    # the issue-24 configuration (B = 8, one sequence per part, one target, 256 tokens): products' FLOPs
+    # 2 n B^2 K^2 (T + 1) against the passes' 6 n 256 (2 B K + 3 B K), i.e. K / 240
+    for K in (2, 8, 32):
+        share = power.dot_product_share(power.analysis_cost(24, 8, K, "target"), 256)
+        assert share == pytest.approx(2 * 64 * K * K * 2 / (6 * 256 * 5 * 8 * K)) and share == pytest.approx(
+            K / 240
+        )
+    with pytest.raises(ValueError):
+        power.dot_product_share(power.analysis_cost(24, 8, 2, "target"), 0)
     with pytest.raises(ValueError):
         power.analysis_cost(10, 4, 2, "pair")
 
@@ -168,6 +179,7 @@ def test_dry_run_prints_the_cost_and_writes_nothing(tmp_path, capsys) -> None:
     assert f"gradient passes: {cost.gradient_sequences} sequences" in stdout
     assert f"HVP passes: {cost.hvp_sequences} sequences, 1 vector(s) each" in stdout
     assert f"total: {cost.gradient_equivalents:.0f} gradient-sequence equivalents" in stdout
+    assert f"dot products: {cost.dot_products} of parameter-sized vectors in float64" in stdout
     assert "estimated compute time:" in stdout
     assert not out.exists()
     code, _, err = cli(["analyze", run, "--dry-run", "--samples", "10", "--out", out], capsys)

@@ -232,6 +232,8 @@ def analyze_command(
             f"tokens per domain ({p['seqs_per_part']} per part x 3 parts x {blocks} blocks)\n"
             f"  gradient passes: {p['gradient_sequences']} sequences\n"
             f"  HVP passes: {p['hvp_sequences']} sequences, {p['vectors_per_hvp']} vector(s) each\n"
+            f"  dot products: {p['dot_products']} of parameter-sized vectors in float64, "
+            f"{100 * p['dot_product_share']:.1f}% of the passes' FLOPs\n"
             f"  total: {p['gradient_equivalents']:.0f} gradient-sequence equivalents; one gradient sequence "
             f"took {p['seconds_per_gradient_sequence'] * 1e3:.1f} ms on {p['device']}\n"
             f"  estimated compute time: {p['estimated_seconds']:.0f} s without the cache (plus loading and "

@@ -34,8 +34,8 @@ def preview(opts: AnalyzeOptions) -> dict[str, Any]:
     (:func:`commute_cli.core.power.analysis_cost`), and times two gradients of one micro-batch of random
     tokens on the first checkpoint (the second is kept) to estimate the compute time. Nothing is sampled,
     cached or written. Returns the numbers as a dict (``seconds_per_gradient_sequence``,
-    ``estimated_seconds``, the :class:`~commute_cli.core.power.Cost` fields, ``checkpoints``, ``plan``,
-    ``domains``, ``targets``).
+    ``estimated_seconds``, the :class:`~commute_cli.core.power.Cost` fields, ``dot_product_share``,
+    ``checkpoints``, ``plan``, ``domains``, ``targets``).
     """
     quiet_libraries()
     inputs = resolve_inputs(opts)
@@ -68,6 +68,7 @@ def preview(opts: AnalyzeOptions) -> dict[str, Any]:
         "device": str(device),
         "seconds_per_gradient_sequence": per_seq,
         "estimated_seconds": power.estimated_seconds(cost, per_seq),
+        "dot_product_share": power.dot_product_share(cost, inputs.seq_len),
     }
 
 

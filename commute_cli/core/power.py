@@ -147,6 +147,9 @@ class Cost:
         gradient_equivalents: total in units of one gradient pass over one sequence, counting an HVP pass
             with ``v`` vectors as ``1 + 2 v`` gradients (an exact reverse-on-reverse HVP: the forward and
             backward once, then ``2`` per vector; the FLOP count measured by tests/test_curvature.py).
+        dot_products: float64 inner products of two parameter-sized vectors, all checkpoints: every entry of
+            the estimator's ``B x B`` tables, ``B^2 K^2 (v + 1)`` per checkpoint (``v`` vectors per HVP; the
+            ``+ 1`` is ``first``), whatever ``m`` (engine.estimator; docs/MATH.md "Cost and memory").
     """
 
     samples_used: int
@@ -155,6 +158,7 @@ class Cost:
     hvp_sequences: int
     vectors_per_hvp: int
     gradient_equivalents: float
+    dot_products: int
 
 
 def analysis_cost(
@@ -186,7 +190,22 @@ def analysis_cost(
         hvp_sequences=hvp,
         vectors_per_hvp=vectors,
         gradient_equivalents=float(grad + hvp * (1 + 2 * vectors)),
+        dot_products=blocks * blocks * K * K * (vectors + 1) * checkpoints,
     )
+
+
+def dot_product_share(cost: Cost, seq_len: int) -> float:
+    """The dot products' FLOPs as a fraction of the passes': ``2 n`` per product against ``6 n seq_len`` per
+    gradient-sequence equivalent (a gradient pass's matrix-multiply FLOPs per token and parameter), i.e.
+    ``dot_products / (3 seq_len gradient_equivalents)``. They run in float64, at about half the float32
+    rate of the passes on a CPU (benchmarks/bench_scaling.py measures the time).
+
+    Raises:
+        ValueError: ``seq_len < 1``.
+    """
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    return cost.dot_products / (3.0 * seq_len * cost.gradient_equivalents)
 
 
 def estimated_seconds(cost: Cost, seconds_per_gradient_sequence: float) -> float:

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -54,7 +55,8 @@ from torch import nn
 
 from commute_cli.core.checkpoint_stats import CheckpointStats
 from commute_cli.engine import curvature
-from commute_cli.engine.groups import ParamGroups, segment_gram
+from commute_cli.engine.freestack import FreeStack
+from commute_cli.engine.groups import ParamGroups
 from commute_cli.engine.hvp import HVPMethod, hvp
 from commute_cli.engine.metric import apply_preconditioner
 
@@ -159,31 +161,6 @@ class Products:
         )
 
 
-#: entries of the parameter axis per float64 chunk in :func:`_gram` (8 MB per row and chunk on CUDA, 2 on CPU)
-_GRAM_CHUNK_CPU = 1 << 18
-_GRAM_CHUNK_CUDA = 1 << 20
-
-
-def _gram(A: Tensor, B: Tensor, compute: torch.device | None = None) -> np.ndarray:
-    """``A @ B.T`` accumulated in float64 (dot products of long float32 vectors lose digits otherwise).
-
-    Chunked over the parameter axis: float64 copies of whole ``[K, n]`` stacks would cost ``16 K n`` bytes,
-    more than the gradients themselves (1.5 GB for K = 8 and a 12M-parameter model). ``A`` and ``B`` may
-    live on different devices (a stack offloaded to host memory against HVPs on the GPU): each chunk is
-    moved to ``compute`` (default ``A``'s device), so offloading changes where vectors wait, not the
-    arithmetic -- the same chunks are summed in the same order on the same device.
-    """
-    dev = A.device if compute is None else compute
-    out = torch.zeros(A.shape[0], B.shape[0], dtype=torch.float64, device=dev)
-    n = A.shape[-1]
-    step = _GRAM_CHUNK_CUDA if dev.type == "cuda" else _GRAM_CHUNK_CPU
-    for start in range(0, n, step):
-        a = A[:, start : start + step].to(dev, non_blocking=True).double()
-        b = B[:, start : start + step].to(dev, non_blocking=True).double()
-        out += a @ b.T
-    return out.cpu().numpy()
-
-
 def estimate_checkpoint(
     model: nn.Module,
     parts: Sequence[Sequence[Sequence[Tensor]]],
@@ -260,25 +237,33 @@ def estimate_products(
         hvp_micro_batch: sequences per forward pass of the HVPs (default ``micro_batch``). A
             reverse-on-reverse HVP keeps ~3x the autograd memory of a gradient at the same micro-batch.
         offload: keep the free factors' ``[B*K, n]`` stack in host memory instead of on the model's device
-            (``--offload``); dot products still run on the model's device, in the same chunks.
+            (``--offload``); dot products still run on the model's device, chunk by chunk.
         groups: a partition of the flat parameter vector (:func:`commute_cli.engine.groups.param_groups`):
-            every product of ``W`` is summed over each group's entries alone
-            (:func:`~commute_cli.engine.groups.segment_gram`) into :attr:`Products.W_groups`, and ``W`` is
-            then the sum of its groups (the same float64 chunked products, summed in another order: equal
-            to the plain path to float64 rounding). No gradient or HVP pass is added; without ``groups``
-            nothing changes.
+            every product of ``W`` is summed over each group's entries alone (the free stack's products run
+            segment by segment, :class:`~commute_cli.engine.freestack.FreeStack`) into
+            :attr:`Products.W_groups`, and ``W`` is then the sum of its groups (the same float64 chunked
+            products, summed in another order: equal to the plain path to float64 rounding). No gradient or
+            HVP pass is added; without ``groups`` nothing changes.
 
     Two phases. (1) The free factor of every block: ``BK`` gradient passes over one part each (part 2 in the
     pair plan, part 0 in the target plan), kept as a ``[B*K, n]`` stack (preconditioned). (2) Per unit block:
     ``K`` gradient passes over the other gradient part (the HVP vectors ``D g_l^(0)`` in the pair plan; the
     target vectors ``u_t`` in the target plan), then ``K`` HVP passes with ``K-1`` (pair) or ``T`` (target)
     vectors each, sharing one forward pass per micro-batch; every HVP is dotted with the whole free stack.
-    Gradient and HVP passes are exactly those of the per-block design; only dot products are added
-    (``B`` times more, negligible next to an HVP).
+    Gradient and HVP passes are exactly those of the per-block design; only dot products are added.
+
+    Dot products: every unit vector (the unit's gradients for ``first``, the HVP outputs for ``W``) is queued
+    on the free stack (:class:`~commute_cli.engine.freestack.FreeStack`) and up to ``2K`` of them are formed
+    together, in one float64 GEMM per chunk of the parameter axis; each block's products are complete before
+    ``on_block``. ``B^2 K^2 (T + 1)`` (target) or ``B^2 K^3`` (pair) inner products of length ``n``, which
+    every entry of the tables needs, and the stack converted to float64 about ``B`` (target) or ``B K / 2``
+    (pair) times per checkpoint, not once per unit vector (issue 24; benchmarks/bench_scaling.py).
 
     Memory: the free stack, ``B K`` parameter-sized float32 vectors (``2K`` in the per-block design; with
-    ``offload``, in host memory), plus ``K`` (pair) or ``T`` (target) vectors of the unit in progress, the HVP
-    outputs and chunked float64 dot products (:func:`_gram`).
+    ``offload``, in host memory), plus ``K`` (pair) or ``T`` (target) vectors of the unit in progress, at most
+    ``2K`` queued unit vectors besides the HVP call's outputs, and float64 chunk buffers of a fixed size
+    (:data:`~commute_cli.engine.freestack.CHUNK_BYTES_CPU`). Why the stack itself must be kept whole:
+    docs/DECISIONS.md "The free stack is kept whole".
     """
     K = len(parts)
     B = len(parts[0])
@@ -306,43 +291,67 @@ def estimate_products(
         return g
 
     # (1) free factors: D g_k^(2,d) (pair) or D g_l^(0,e) (target), row d*K + k
-    FREE: Tensor | None = None
+    FREE: FreeStack | None = None
     for d in range(B):
         for k in range(K):
             g = grad(k, d, free_part)
             if FREE is None:
-                FREE = g.new_empty((B * K, g.shape[0]), device=store)
-            FREE[d * K + k] = g if Dd is None else apply_preconditioner(Dd, g)  # copies to ``store``
+                FREE = FreeStack(
+                    B * K,
+                    g.shape[0],
+                    dtype=g.dtype,
+                    store=store,
+                    compute=device,
+                    segments=None if groups is None else groups.segments,
+                    n_groups=max(G, 1),
+                    pending_rows=2 * K,
+                )
+            FREE.set_row(d * K + k, g if Dd is None else apply_preconditioner(Dd, g))  # copies to ``store``
             del g
     assert FREE is not None
 
-    # (2) units
+    # (2) units: every product with the free stack is queued and formed in batches (engine.freestack);
+    # the sinks below only file a [G, m, B*K] block of products into the tables
+    def first_row(c: int, ell: int, r: np.ndarray) -> None:  # first[c, d, l, k] = < g_l^(0,c), D g_k^(2,d) >
+        first[c, :, ell, :] = r.sum(axis=0)[0].reshape(B, K)
+
+    def first_col(c: int, k: int, r: np.ndarray) -> None:  # first[e, c, l, k] = < D g_l^(0,e), g_k^(2,c) >
+        first[:, c, :, k] = r.sum(axis=0)[0].reshape(B, K)
+
+    def pair_w(c: int, a: int, others: list[int], r: np.ndarray) -> None:
+        # < D g_k^(2,d), H_a^(1,c) D g_l^(0,c) > for every d, k and l != a; r is [G, K-1, B*K]
+        gdots = r.transpose(0, 2, 1).reshape(-1, B, K, K - 1)
+        dots = gdots.sum(axis=0)
+        for idx, ell in enumerate(others):
+            W[:, c, :, a, ell] = dots[:, :, idx]
+            if Wg is not None:
+                Wg[:, c, :, :, a, ell] = gdots[:, :, :, idx].transpose(1, 0, 2)
+
+    def target_w(c: int, a: int, r: np.ndarray) -> None:
+        # < H_a^(1,c) u_t^(c), D g_l^(0,e) > for every t, e and l; r is [G, T, B*K]
+        gdots = r.reshape(-1, T, B, K)
+        W[:, c, :, a, :] = gdots.sum(axis=0).transpose(1, 0, 2)
+        W[:, c, :, a, a] = 0.0
+        if Wg is not None:
+            Wg[:, c, :, :, a, :] = gdots.transpose(2, 0, 1, 3)
+            Wg[:, c, :, :, a, a] = 0.0
+
     for c in range(B):
         if plan == "pair":
             DX = None  # D g_l^(0,c): the HVP vectors
             for ell in range(K):
                 g = grad(ell, c, unit_part)
-                # first[c, d, l, k'] = < g_l^(0,c), D g_k'^(2,d) >
-                first[c, :, ell, :] = _gram(g.unsqueeze(0), FREE, compute=device)[0].reshape(B, K)
                 if DX is None:
                     DX = g.new_empty((K, g.shape[0]))
                 DX[ell] = g if Dd is None else apply_preconditioner(Dd, g)
+                # without D the row of DX is g itself: queue the view (DX is not changed in place later)
+                FREE.dot(DX[ell : ell + 1] if Dd is None else g.unsqueeze(0), partial(first_row, c, ell))
                 del g
             assert DX is not None
             for a in range(K):
                 others = [ell for ell in range(K) if ell != a]
                 res = hvp(model, parts[a][c][HVP], DX[others], hvp_mb, method, loss_fn, reduce)
-                # < D g_k^(2,d), H_a^(1,c) D g_l^(0,c) > for every d, k and l != a
-                if groups is None:
-                    dots = _gram(FREE, res.hvps, compute=device).reshape(B, K, K - 1)
-                else:  # one pass: per-group sums, the total their sum
-                    assert Wg is not None
-                    gdots = segment_gram(FREE, res.hvps, groups, compute=device).reshape(G, B, K, K - 1)
-                    dots = gdots.sum(axis=0)
-                    for idx, ell in enumerate(others):
-                        Wg[:, c, :, :, a, ell] = gdots[:, :, :, idx].transpose(1, 0, 2)
-                for idx, ell in enumerate(others):
-                    W[:, c, :, a, ell] = dots[:, :, idx]
+                FREE.dot(res.hvps, partial(pair_w, c, a, others))
                 losses[c, a, HVP] = res.loss
                 del res
             del DX
@@ -351,8 +360,7 @@ def estimate_products(
             U = None  # u_t = D sum_k c_tk g_k^(2,c)
             for k in range(K):
                 g = grad(k, c, unit_part)
-                # first[e, c, l, k] = < g_l^(0,e), D g_k^(2,c) > = < D g_l^(0,e), g_k^(2,c) >
-                first[:, c, :, k] = _gram(FREE, g.unsqueeze(0), compute=device)[:, 0].reshape(B, K)
+                FREE.dot(g.unsqueeze(0), partial(first_col, c, k))
                 if U is None:
                     U = g.new_zeros((T, g.shape[0]))
                 for t in range(T):
@@ -364,20 +372,11 @@ def estimate_products(
                 U = apply_preconditioner(Dd, U)
             for a in range(K):
                 res = hvp(model, parts[a][c][HVP], U, hvp_mb, method, loss_fn, reduce)
-                # < H_a^(1,c) u_t^(c), D g_l^(0,e) > for every t, e and l
-                if groups is None:
-                    dots = _gram(res.hvps, FREE, compute=device).reshape(T, B, K)
-                else:  # one pass: per-group sums, the total their sum
-                    assert Wg is not None
-                    gdots = segment_gram(res.hvps, FREE, groups, compute=device).reshape(G, T, B, K)
-                    dots = gdots.sum(axis=0)
-                    Wg[:, c, :, :, a, :] = gdots.transpose(2, 0, 1, 3)
-                    Wg[:, c, :, :, a, a] = 0.0
-                W[:, c, :, a, :] = dots.transpose(1, 0, 2)
-                W[:, c, :, a, a] = 0.0
+                FREE.dot(res.hvps, partial(target_w, c, a))
                 losses[c, a, HVP] = res.loss
                 del res
             del U
+        FREE.flush()  # this block's products are complete before its progress is reported
         if on_block is not None:
             on_block(c)
     del FREE
