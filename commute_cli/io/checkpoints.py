@@ -183,19 +183,19 @@ def _assign(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) 
         raise CommuteError(f"checkpoint {path} has {what}", hint="the weights do not match its config")
 
 
-def _build(config: Any, dtype: torch.dtype) -> torch.nn.Module:
+def _build(config: Any, dtype: torch.dtype, attn: str = "eager") -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_config(config, attn_implementation="eager", **{_dtype_kw(): dtype})
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attn, **{_dtype_kw(): dtype})
 
 
-def _from_pretrained(path: Path, dtype: torch.dtype) -> torch.nn.Module:
+def _from_pretrained(path: Path, dtype: torch.dtype, attn: str = "eager") -> torch.nn.Module:
     import inspect
 
     from transformers import AutoModelForCausalLM, PreTrainedModel
 
     kwargs: dict[str, Any] = {
-        "attn_implementation": "eager",
+        "attn_implementation": attn,
         "trust_remote_code": False,
         "local_files_only": True,
         "output_loading_info": True,
@@ -225,9 +225,15 @@ def _from_pretrained(path: Path, dtype: torch.dtype) -> torch.nn.Module:
 
 
 def load_model(
-    ref: CheckpointRef | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    ref: CheckpointRef | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "eager",
 ) -> torch.nn.Module:
     """The checkpoint's causal LM for curvature work: eager attention, ``dtype`` (upcasts half), eval mode.
+
+    ``attn_implementation="sdpa"`` (fused attention, no double backward) is for first-order work only:
+    finite-difference HVPs (``--hvp fd``, ``engine.fd_hvp``); exact HVPs need ``"eager"``.
 
     ``ref`` is a :class:`CheckpointRef`, a transformers folder, or a nanoGPT ``.pt`` file. The preflight
     (:func:`validate_weights`) always runs first. Missing or shape-mismatched weights are an error, not a
@@ -240,7 +246,7 @@ def load_model(
         ckpt = nanogpt.read(path)
         config = nanogpt.gpt2_config(ckpt, path)
         state, frozen = nanogpt.gpt2_state_dict(ckpt, config)
-        model = _build(config, dtype)
+        model = _build(config, dtype, attn_implementation)
         _assign(model, state, path)
         for name, param in model.named_parameters():
             if name in frozen:
@@ -253,10 +259,10 @@ def load_model(
             )
         names = validate_weights(path)
         if any(n.startswith(nanogpt.WRAPPER_PREFIXES) for n in names):  # torch.compile / DDP state dict
-            model = _build(read_config(path), dtype)
+            model = _build(read_config(path), dtype, attn_implementation)
             _assign(model, _read_state(path), path)
         else:
-            model = _from_pretrained(path, dtype)
+            model = _from_pretrained(path, dtype, attn_implementation)
     model.eval()
     return model.to(device)
 
