@@ -133,7 +133,7 @@ def test_float32_error_within_the_derived_bound(case) -> None:
     model64, ids, H, v, c = case
     model32 = copy_as(model64, torch.float32)
     rec = Recording()
-    fd = FD.fd_hvp(model32, ids, v.float()[None], ids.shape[0], rec)
+    fd = FD.fd_hvp(model32, ids, v.float()[None], ids.shape[0], rec, diagnose=True)
     eps = fd.eps[0]
     assert len(rec.weights) == 2  # one gradient at theta + eps v, one at theta - eps v
     plus, minus = (w.double() for w in rec.weights)

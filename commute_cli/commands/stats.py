@@ -294,7 +294,7 @@ def fd_agreement(
     blocks = parts[0][0][HVP]
     reference = hvp(exact, blocks, V, hvp_micro_batch(opts), "rr", reduce=reduce).hvps
     del exact
-    fd = fd_hvp(model, blocks, V, hvp_micro_batch(opts), curvature.causal_lm_loss, reduce)
+    fd = fd_hvp(model, blocks, V, hvp_micro_batch(opts), curvature.causal_lm_loss, reduce, diagnose=True)
     return compare(fd, reference)
 
 
