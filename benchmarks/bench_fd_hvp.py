@@ -6,7 +6,10 @@ Three parts, all in one process pinned to ``--threads`` (1 by default):
    1.8M parameters, batch 1, float32), at sequence lengths 256, 512, 1024 and 2048: time of one gradient pass
    with SDPA and with eager attention, of one finite-difference HVP with SDPA (``engine.hvp.hvp(...,
    "fd")``) and of one exact reverse-on-reverse HVP with eager attention (``"rr"``; SDPA has no double
-   backward). Every operation is warmed up once and then timed in interleaved rounds, and each ratio is the
+   backward). Rounds interleave the four operations; in each round every operation runs twice back to back
+   and the second run is timed (the first leaves the allocator and caches as that operation needs them;
+   timed once each, right after the exact HVP's large eager graph, the SDPA gradient came out slow enough
+   that an fd HVP measured 1.7-1.8 gradients, less than its two gradient passes). Each ratio is the
    median over rounds of (time / the SDPA gradient's time in the same round), so load from other processes
    on the shared machine hits all of them alike. The question (issue 24): is an fd HVP at most 2.2 SDPA
    gradient passes at 1024 tokens, and how much faster than the exact product is it?
@@ -89,10 +92,11 @@ def timing(repeats: int) -> dict:
     for seq in SEQ_LENS:
         x = torch.randint(0, MODEL["vocab_size"], (BATCH, seq), generator=torch.Generator().manual_seed(seq))
         times: dict[str, list[float]] = {k: [] for k in ops}
-        for fn in ops.values():  # warm-up
-            fn(x)
         for _ in range(repeats):
             for name, fn in ops.items():
+                fn(
+                    x
+                )  # back to back: the timed call finds the allocator as this op leaves it, not the last op
                 t0 = time.perf_counter()
                 fn(x)
                 times[name].append(time.perf_counter() - t0)
@@ -122,7 +126,17 @@ def timing(repeats: int) -> dict:
             f"{ratio['rr_eager']:10.2f} {rr_over_fd:8.2f}",
             flush=True,
         )
-    return {"model": MODEL, "params": n, "batch": BATCH, "repeats": repeats, "rows": rows}
+    at_1024 = next(r for r in rows if r["seq_len"] == 1024)["over_sdpa_grad"]["fd_sdpa"]
+    print(f"fd HVP at 1024 tokens: {at_1024:.2f} SDPA gradient passes (issue 24 asks <= 2.2)")
+    return {
+        "model": MODEL,
+        "params": n,
+        "batch": BATCH,
+        "repeats": repeats,
+        "rows": rows,
+        "fd_over_sdpa_grad_at_1024": at_1024,
+        "fd_at_1024_within_2_2_gradients": at_1024 <= 2.2,
+    }
 
 
 def shipped_inputs(ckpt: str):
@@ -224,7 +238,7 @@ def verdicts() -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--parts", nargs="*", choices=["timing", "agreement", "verdicts"], default=None)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds (each op twice per round)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_fd_hvp.json"))
     args = parser.parse_args()

@@ -108,7 +108,9 @@ def hvp(
       gradients per vector (``engine.fd_hvp.fd_hvp``; ``fr_chunk`` unused). Works with fused attention
       kernels and half-precision weights; its loss is the mean of the two perturbed losses less the even
       Taylor term and its gradient their mean (``O(eps^2)``). Its error is measured, not assumed
-      (docs/MATH.md "Finite-difference HVPs").
+      (docs/MATH.md "Finite-difference HVPs"). Measured (benchmarks/bench_fd_hvp.py, 2.1M GPT-2, 1 thread):
+      2.0 SDPA gradient passes per product at 256-1024 tokens, against 3.6-4.1 for "rr" with eager
+      attention (9.2 at 2048 tokens).
     """
     if method not in HVP_METHODS:
         raise CommuteError(f"unknown HVP method {method!r}", hint='use "rr", "fr" or "fd"')
