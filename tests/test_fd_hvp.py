@@ -297,3 +297,22 @@ def test_bad_method_names_the_choices() -> None:
     model = tiny_gpt2()
     with pytest.raises(CommuteError, match="unknown HVP method"):
         hvp(model, blocks(2), torch.zeros(1, C.num_params(model), dtype=torch.float64), 1, method="xx")  # type: ignore[arg-type]
+
+
+def test_reduce_hook_and_micro_batches(case) -> None:
+    """Under data parallelism the sums go through ``reduce`` (a fake two-process all-reduce doubling every sum
+    leaves the means, hence the steps and products, unchanged), and the micro-batch size changes only the
+    summation order (float64: agreement to rounding divided by the step)."""
+    model, ids, _, v, _ = case
+    ref = FD.fd_hvp(model, ids, v[None], 4, C.causal_lm_loss)
+    calls: list[int] = []
+
+    def twice(t: Tensor) -> Tensor:
+        calls.append(t.numel())
+        return 2 * t
+
+    doubled = FD.fd_hvp(model, ids, v[None], 4, C.causal_lm_loss, reduce=twice)
+    assert calls and doubled.eps == ref.eps and doubled.loss == pytest.approx(ref.loss, rel=1e-14)
+    assert torch.allclose(doubled.hvps, ref.hvps, rtol=0, atol=1e-12 * float(ref.hvps.abs().max()))
+    single = FD.fd_hvp(model, ids, v[None], 1, C.causal_lm_loss)
+    assert float((single.hvps - ref.hvps).norm()) <= 1e-9 * float(ref.hvps.norm())

@@ -283,6 +283,7 @@ def fd_agreement(
     analysis itself differentiates), the products ``H_0^(1)`` on domain 0's HVP part of block 0; the exact
     ones by reverse-on-reverse on a second, eager float32 copy of the checkpoint, which also computes the
     vectors (so both paths get the same ones), the finite differences on ``model`` (engine.fd_hvp).
+    The exact products run one sequence per pass, the least double-backward memory beside the fd model.
     Costs two gradients, two exact and two finite-difference products, once per analysis.
     """
     exact = checkpoints.load_model(ref, device=device)  # eager, float32
@@ -292,7 +293,7 @@ def fd_agreement(
         vectors.append(g if D is None else metric.apply_preconditioner(D.to(g.device), g))
     V = torch.stack(vectors)
     blocks = parts[0][0][HVP]
-    reference = hvp(exact, blocks, V, hvp_micro_batch(opts), "rr", reduce=reduce).hvps
+    reference = hvp(exact, blocks, V, 1, "rr", reduce=reduce).hvps  # one sequence: least memory beside fd's
     del exact
     fd = fd_hvp(model, blocks, V, hvp_micro_batch(opts), curvature.causal_lm_loss, reduce, diagnose=True)
     return compare(fd, reference)
