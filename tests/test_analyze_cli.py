@@ -340,7 +340,7 @@ def _bad_cases(run_dir: Path, tmp: Path) -> list[tuple[list[str], str]]:
         (["--batch-size", "0"], "--batch-size"),
         (["--steps", "5"], "5"),
         (["--metric", "fisher"], "--metric"),
-        (["--hvp", "fd"], "--hvp"),
+        (["--hvp", "xx"], "--hvp"),
         (["--confidence", "1.5"], "--confidence"),
         (["--lr", "-1"], "--lr"),
         (["--device", "tpu"], "device"),

@@ -417,7 +417,7 @@ def test_bad_inputs() -> None:
     with pytest.raises(CommuteError):
         hvp(model, blocks(2), torch.zeros(1, n + 1, dtype=torch.float64), 1)
     with pytest.raises(CommuteError):
-        hvp(model, blocks(2), torch.zeros(1, n, dtype=torch.float64), 1, method="fd")  # type: ignore[arg-type]
+        hvp(model, blocks(2), torch.zeros(1, n, dtype=torch.float64), 1, method="xx")  # type: ignore[arg-type]
     with pytest.raises(CommuteError):
         C.loss_and_grad(model, blocks(2).float(), 1)
     with pytest.raises(CommuteError):

@@ -64,6 +64,7 @@ class Metric(StrEnum):
 class Hvp(StrEnum):
     rr = "rr"
     fr = "fr"
+    fd = "fd"  # finite differences of two gradients (engine.fd_hvp): fused attention, checked against rr
 
 
 class Plan(StrEnum):

@@ -225,10 +225,13 @@ def _run_analysis(
             if on_checkpoint_start is None
             else (lambda c, i=idx, r=ref: on_checkpoint_start(i, r, opts.blocks, c, len(inputs.refs)))
         )
+        fd_check = opts.hvp == "fd" and not any("fd_check" in c for c in per_ckpt)  # once per analysis
         entry = checkpoint_stats(
             ref, opts, parts=local_parts, sample_digest=sample_digest, plan=plan, coefs=coefs, device=device,
-            cache_dirs=[cache_dir], ctx=ctx, on_start=start, on_block=on_block,
+            cache_dirs=[cache_dir], ctx=ctx, on_start=start, on_block=on_block, fd_check=fd_check,
         )  # fmt: skip
+        if fd_check and "fd_check" in entry.info and ctx.is_main:
+            print(fd_check_line(ref.name, entry.info["fd_check"]), file=sys.stderr)
         stats = entry.stats
         if not np.all(np.isfinite(stats.losses)):
             raise CommuteError(
@@ -316,6 +319,11 @@ def _run_analysis(
         "size_note": size_note,
         "schedule_from": inputs.schedule_from,
     }
+    if opts.hvp == "fd":  # the finite-difference products' measured agreement with exact ones
+        checked = [c for c in per_ckpt if "fd_check" in c]
+        run["fd_agreement"] = (
+            {"checkpoint": checked[0]["name"], **checked[0]["fd_check"]} if checked else None
+        )
 
     def write_outputs() -> dict[str, Any]:
         merged = store.merge_rerun(store.read_run_json(out), run)
@@ -327,6 +335,21 @@ def _run_analysis(
     if size_note:
         notes.append(f"note: {size_note}")
     return AnalysisResult(results, losses, run, out, notes, baselines_df, decomposition_df)
+
+
+def fd_check_line(name: str, check: dict[str, Any]) -> str:
+    """The one line every ``--hvp fd`` analysis prints: the finite-difference products' agreement with exact
+    ones (``commands.stats.fd_agreement``), a warning above the threshold."""
+    head = "warning: " if check["verdict"] != "ok" else ""
+    tail = (
+        f" (above {check['warn_above']:g}: compare with --hvp rr before relying on small effects)"
+        if check["verdict"] != "ok"
+        else ""
+    )
+    return (
+        f"{head}--hvp fd at {name}: finite-difference HVPs vs exact on {check['vectors']} vectors: "
+        f"relative error {check['max_rel_error']:.1e}, cosine {check['min_cosine']:.6f}{tail}"
+    )
 
 
 _check_writable = check_writable  # the names validate and older callers import

@@ -113,8 +113,8 @@ class AnalyzeOptions:
             )
         if self.metric not in ("euclid", "adam"):
             raise CommuteError(f"--metric must be euclid or adam, got {self.metric!r}")
-        if self.hvp not in ("rr", "fr"):
-            raise CommuteError(f"--hvp must be rr or fr, got {self.hvp!r}")
+        if self.hvp not in ("rr", "fr", "fd"):
+            raise CommuteError(f"--hvp must be rr, fr or fd, got {self.hvp!r}")
         if self.offload not in ("auto", "on", "off"):
             raise CommuteError(f"--offload must be auto, on or off, got {self.offload!r}")
         if self.plan not in ("auto", "pair", "target"):

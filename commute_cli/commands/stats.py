@@ -31,8 +31,9 @@ from commute_cli.commands.options import AnalyzeOptions, Inputs
 from commute_cli.core.checkpoint_stats import CheckpointStats
 from commute_cli.engine import curvature, distributed, metric
 from commute_cli.engine import groups as param_groups
-from commute_cli.engine.estimator import estimate_checkpoint
-from commute_cli.engine.hvp import HVPMethod
+from commute_cli.engine.estimator import HVP, VEC, estimate_checkpoint
+from commute_cli.engine.fd_hvp import FD_REFUSE_ERROR, FDAgreement, compare, fd_hvp
+from commute_cli.engine.hvp import HVPMethod, hvp
 from commute_cli.errors import CommuteError
 from commute_cli.io import checkpoints, sampling, store
 
@@ -230,11 +231,15 @@ def checkpoint_stats(
     ctx: distributed.DistContext | None = None,
     on_start: Callable[[bool], None] | None = None,
     on_block: Callable[[int], None] | None = None,
+    fd_check: bool = False,
 ) -> StatsEntry:
     """The statistics of one checkpoint: from the first of ``cache_dirs`` that holds them, else estimated
     (and saved to ``cache_dirs[0]``). ``parts[k][b][p]`` is this process's slice of the sample.
 
     ``on_start(cached)`` is called once it is known whether the cache had them (progress bars).
+    With ``--hvp fd`` the model is loaded with fused (SDPA) attention; ``fd_check`` (analyze sets it at the
+    first checkpoint it computes) first compares finite-difference products with exact ones
+    (:func:`fd_agreement`), stores the comparison in ``info["fd_check"]`` and refuses a poor one.
     """
     ctx = ctx or distributed.DistContext()
     key = stats_key(ref, opts, plan, sample_digest, coefs, device, ctx.world)
@@ -258,11 +263,24 @@ def checkpoint_stats(
         return StatsEntry(stats, file, True, info)
     tc = time.perf_counter()
     # every rank loads its own copy; a failure on any rank stops all of them
-    model = ctx.agree(lambda: checkpoints.load_model(ref, device=device))
+    attn = "sdpa" if opts.hvp == "fd" else "eager"  # fused attention only where no double backward is taken
+    model = ctx.agree(lambda: checkpoints.load_model(ref, device=device, attn_implementation=attn))
     assert model is not None  # agree() raises on every rank when any rank failed
     got = ctx.agree(functools.partial(checkpoint_metric, ref, model, opts.metric))
     assert got is not None
     D, info = got
+    if opts.hvp == "fd":
+        info = {**info, "attn_implementation": attn}
+    if opts.hvp == "fd" and fd_check:
+        agreement = fd_agreement(ref, model, parts, opts, device, D, ctx.reduce_fn())
+        info = {**info, "fd_check": agreement.as_dict()}
+        if agreement.verdict == "refuse":
+            raise CommuteError(
+                f"finite-difference HVPs (--hvp fd) disagree with exact ones at {ref.name}: relative error "
+                f"{agreement.max_rel_error:.2g} (refused above {FD_REFUSE_ERROR:g}), cosine "
+                f"{agreement.min_cosine:.6f}",
+                hint="use the exact path: --hvp rr (eager attention, float32)",
+            )
     stats, offload = estimate_model(model, opts, parts=parts, plan=plan, coefs=coefs, D=D, ctx=ctx,
                                     on_block=on_block)  # fmt: skip
     del model, D
@@ -272,6 +290,37 @@ def checkpoint_stats(
     meta = {"checkpoint": str(ref.path), "info": json.dumps(info)}
     ctx.agree(lambda: store.save_stats(file, stats, meta), main_only=True)
     return StatsEntry(stats, file, False, info)
+
+
+def fd_agreement(
+    ref: checkpoints.CheckpointRef,
+    model: torch.nn.Module,
+    parts: list,
+    opts: AnalyzeOptions,
+    device: torch.device,
+    D: torch.Tensor | None,
+    reduce: curvature.Reduce | None,
+) -> FDAgreement:
+    """Finite-difference against exact products of the first design block's first unit (pair plan).
+
+    The vectors are ``D g_1^(0)`` and ``D g_0^(0)`` (domains 1 and 0, part 0 of block 0: the vectors the
+    analysis itself differentiates), the products ``H_0^(1)`` on domain 0's HVP part of block 0; the exact
+    ones by reverse-on-reverse on a second, eager float32 copy of the checkpoint, which also computes the
+    vectors (so both paths get the same ones), the finite differences on ``model`` (engine.fd_hvp).
+    The exact products run one sequence per pass, the least double-backward memory beside the fd model.
+    Costs two gradients, two exact and two finite-difference products, once per analysis.
+    """
+    exact = checkpoints.load_model(ref, device=device)  # eager, float32
+    vectors = []
+    for ell in (1, 0):
+        _, g = curvature.loss_and_grad(exact, parts[ell][0][VEC], opts.batch_size, reduce=reduce)
+        vectors.append(g if D is None else metric.apply_preconditioner(D.to(g.device), g))
+    V = torch.stack(vectors)
+    blocks = parts[0][0][HVP]
+    reference = hvp(exact, blocks, V, 1, "rr", reduce=reduce).hvps  # one sequence: least memory beside fd's
+    del exact
+    fd = fd_hvp(model, blocks, V, hvp_micro_batch(opts), curvature.causal_lm_loss, reduce, diagnose=True)
+    return compare(fd, reference)
 
 
 def quiet_libraries() -> None:

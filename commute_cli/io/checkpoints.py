@@ -189,19 +189,19 @@ def _assign(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) 
         raise CommuteError(f"checkpoint {path} has {what}", hint="the weights do not match its config")
 
 
-def _build(config: Any, dtype: torch.dtype) -> torch.nn.Module:
+def _build(config: Any, dtype: torch.dtype, attn: str = "eager") -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_config(config, attn_implementation="eager", **{_dtype_kw(): dtype})
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attn, **{_dtype_kw(): dtype})
 
 
-def _from_pretrained(path: Path, dtype: torch.dtype) -> torch.nn.Module:
+def _from_pretrained(path: Path, dtype: torch.dtype, attn: str = "eager") -> torch.nn.Module:
     import inspect
 
     from transformers import AutoModelForCausalLM, PreTrainedModel
 
     kwargs: dict[str, Any] = {
-        "attn_implementation": "eager",
+        "attn_implementation": attn,
         "trust_remote_code": False,
         "local_files_only": True,
         "output_loading_info": True,
@@ -230,7 +230,9 @@ def _from_pretrained(path: Path, dtype: torch.dtype) -> torch.nn.Module:
     return model
 
 
-def _from_dcp(layout: dcp_checkpoints.DcpLayout, dtype: torch.dtype) -> torch.nn.Module:
+def _from_dcp(
+    layout: dcp_checkpoints.DcpLayout, dtype: torch.dtype, attn_implementation: str = "eager"
+) -> torch.nn.Module:
     """A torch distributed checkpoint (:mod:`commute_cli.io.dcp_checkpoints`) in its transformers class;
     a tied output embedding saved separately must equal the input embedding."""
     try:
@@ -240,7 +242,7 @@ def _from_dcp(layout: dcp_checkpoints.DcpLayout, dtype: torch.dtype) -> torch.nn
 
     config = layout.fmt.config(layout)
     with no_init_weights():  # every weight is assigned below (a missing one is an error): skip random init
-        model: Any = _build(config, dtype)  # a transformers PreTrainedModel
+        model: Any = _build(config, dtype, attn_implementation)  # a transformers PreTrainedModel
     model.tie_weights()  # no_init_weights skips the tying that init_weights does
     state = dcp_checkpoints.hf_state(layout, config)
     persistent = set(model.state_dict())
@@ -263,9 +265,15 @@ def _from_dcp(layout: dcp_checkpoints.DcpLayout, dtype: torch.dtype) -> torch.nn
 
 
 def load_model(
-    ref: CheckpointRef | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    ref: CheckpointRef | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "eager",
 ) -> torch.nn.Module:
     """The checkpoint's causal LM for curvature work: eager attention, ``dtype`` (upcasts half), eval mode.
+
+    ``attn_implementation="sdpa"`` (fused attention, no double backward) is for first-order work only:
+    finite-difference HVPs (``--hvp fd``, ``engine.fd_hvp``); exact HVPs need ``"eager"``.
 
     ``ref`` is a :class:`CheckpointRef`, a transformers folder, or a nanoGPT ``.pt`` file. The preflight
     (:func:`validate_weights`) always runs first. Missing or shape-mismatched weights are an error, not a
@@ -278,7 +286,7 @@ def load_model(
         ckpt = nanogpt.read(path)
         config = nanogpt.gpt2_config(ckpt, path)
         state, frozen = nanogpt.gpt2_state_dict(ckpt, config)
-        model = _build(config, dtype)
+        model = _build(config, dtype, attn_implementation)
         _assign(model, state, path)
         for name, param in model.named_parameters():
             if name in frozen:
@@ -292,12 +300,12 @@ def load_model(
         names = validate_weights(path)
         layout = dcp_layout(path)
         if layout is not None:
-            model = _from_dcp(layout, dtype)
+            model = _from_dcp(layout, dtype, attn_implementation)
         elif any(n.startswith(nanogpt.WRAPPER_PREFIXES) for n in names):  # torch.compile / DDP state dict
-            model = _build(read_config(path), dtype)
+            model = _build(read_config(path), dtype, attn_implementation)
             _assign(model, _read_state(path), path)
         else:
-            model = _from_pretrained(path, dtype)
+            model = _from_pretrained(path, dtype, attn_implementation)
     model.eval()
     return model.to(device)
 
