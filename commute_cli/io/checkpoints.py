@@ -6,8 +6,9 @@ Every command loads weights through :func:`load_model`, which always runs :func:
 refused with the command to run).
 ``trust_remote_code`` is never enabled and nothing is fetched from the hub (``local_files_only=True``);
 ``training_args.bin``, which needs an arbitrary pickle, is never read. ``torch.compile`` (``_orig_mod.``) and
-DDP (``module.``) prefixes in weight names are stripped; nanoGPT files load as ``GPT2LMHeadModel``
-(:mod:`commute_cli.io.nanogpt`).
+DDP (``module.``) prefixes in weight names are stripped; nanoGPT files (:mod:`commute_cli.io.nanogpt`) and
+Megatron-LM ``iter_N`` folders (:mod:`commute_cli.io.megatron`, every tensor-parallel and pipeline rank
+merged) load as ``GPT2LMHeadModel``.
 
 Finding checkpoints lives in :mod:`commute_cli.io.discovery`, tokenizers in :mod:`commute_cli.io.tokenizer`,
 optimizer state in :mod:`commute_cli.io.optimizer_state`, learning rates in
@@ -30,7 +31,7 @@ from typing import Any
 import torch
 
 from commute_cli.errors import CommuteError
-from commute_cli.io import nanogpt
+from commute_cli.io import megatron, nanogpt
 from commute_cli.io.discovery import (  # noqa: F401 (re-exported for callers that import them here)
     CheckpointRef,
     discover,
@@ -119,6 +120,8 @@ def validate_weights(ref: CheckpointRef | Path) -> dict[str, tuple[int, ...]]:
     and placeholder (0-element) tensors, the mark of a DeepSpeed ZeRO-3 save without gathered weights.
     """
     path = Path(ref.path if isinstance(ref, CheckpointRef) else ref).expanduser()
+    if megatron.is_megatron_dir(path):
+        return megatron.shapes(path)
     shapes: dict[str, tuple[int, ...]] = {}
     for file in weight_files(path):
         if file.name.endswith(".json"):
@@ -229,7 +232,8 @@ def load_model(
 ) -> torch.nn.Module:
     """The checkpoint's causal LM for curvature work: eager attention, ``dtype`` (upcasts half), eval mode.
 
-    ``ref`` is a :class:`CheckpointRef`, a transformers folder, or a nanoGPT ``.pt`` file. The preflight
+    ``ref`` is a :class:`CheckpointRef`, a transformers folder, a nanoGPT ``.pt`` file, or a Megatron-LM
+    ``iter_N`` folder. The preflight
     (:func:`validate_weights`) always runs first. Missing or shape-mismatched weights are an error, not a
     silently re-initialized model. Parameters that exist only in the transformers form of a nanoGPT model
     (zero biases of a ``bias=False`` model) have ``requires_grad=False``. Call ``.train()`` to train it.
@@ -244,6 +248,14 @@ def load_model(
         _assign(model, state, path)
         for name, param in model.named_parameters():
             if name in frozen:
+                param.requires_grad_(False)
+    elif megatron.is_megatron_dir(path):
+        validate_weights(path)
+        merged = megatron.load(path)
+        model = _build(merged.config, dtype)
+        _assign(model, merged.state, path)
+        for name, param in model.named_parameters():
+            if name in merged.frozen:
                 param.requires_grad_(False)
     else:
         if not is_checkpoint_dir(path):
@@ -268,6 +280,8 @@ def read_config(ref: CheckpointRef | Path):
     path = Path(ref.path if isinstance(ref, CheckpointRef) else ref).expanduser()
     if path.is_file():
         return nanogpt.gpt2_config(nanogpt.read(path), path)
+    if megatron.is_megatron_dir(path):
+        return megatron.read_config(path)
     try:
         return AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     except Exception as err:
