@@ -13,7 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -386,3 +389,28 @@ def test_megatron_run_analyzed_like_its_transformers_copy(tmp_path, capsys):
     pd.testing.assert_frame_equal(a, b, rtol=1e-4, atol=1e-9)
     run = json.loads((tmp_path / "o1" / "run.json").read_text())
     assert run["checkpoints"][0]["lr_source"]["source"] == "model_optim_rng.pt optimizer param_groups"
+
+
+@pytest.mark.slow  # two processes that import megatron-core: ~20 s of CPU, more on a loaded machine
+def test_megatron_core_gptmodel_saved_by_megatron_core_logits_equal(tmp_path):
+    """A GPTModel of megatron-core itself, tensor-parallel over two gloo processes on the CPU, saved as
+    Megatron-LM saves it (tests/megatron_core_writer.py): commute's model gives Megatron's own logits."""
+    pytest.importorskip("megatron.core")
+    run = tmp_path / "run"
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
+    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += [str(Path(__file__).with_name("megatron_core_writer.py")), str(run)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    saved = torch.load(run / "logits.pt", weights_only=True)
+    (ref,) = ck.discover(run)
+    assert (ref.step, ref.name) == (7, "iter_0000007")
+    model = ck.load_model(ref)
+    with torch.no_grad():
+        got = model(input_ids=saved["input_ids"]).logits
+    assert got.shape == saved["logits"].shape
+    assert torch.allclose(got, saved["logits"], atol=1e-5, rtol=0), (got - saved["logits"]).abs().max()
+    assert find_learning_rate(ref).source == "model_optim_rng.pt args.lr (constant schedule)"
