@@ -18,7 +18,8 @@ What counts as a checkpoint, and why:
 - **Refused with one line saying what to run** (:func:`foreign_layout`): LoRA/PEFT adapter folders
   (``adapter_config.json`` without full weights: merge the adapter first), DeepSpeed ``global_stepN/``
   folders without consolidated weights (run ``zero_to_fp32.py``), Megatron-LM ``torch_dist`` folders
-  (re-save them in the torch format).
+  (re-save them in the torch format), LitGPT ``lit_model.pth`` folders (``litgpt convert_from_litgpt``,
+  :mod:`commute_cli.io.litgpt`).
 - A **Megatron-LM** ``iter_N`` folder (:mod:`commute_cli.io.megatron`): ``mp_rank_*/model_optim_rng.pt``; its
   step is ``iteration``. In a run folder, an ``iter_N`` past ``latest_checkpointed_iteration.txt`` is a save
   still being written (Megatron updates the file last) and is left out.
@@ -34,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from commute_cli.errors import CommuteError
-from commute_cli.io import megatron, nanogpt
+from commute_cli.io import litgpt, megatron, nanogpt
 from commute_cli.io.safefiles import read_json
 
 WEIGHT_FILES = (
@@ -146,6 +147,9 @@ def foreign_layout(folder: Path) -> str | None:
             "global_stepN/) and save the result with config.json, or save with "
             "stage3_gather_16bit_weights_on_model_save=true"
         )
+    lit = litgpt.describe(folder)
+    if lit:
+        return lit
     dist = [folder, *sorted(p for p in folder.glob("iter_*") if p.is_dir())]
     torch_dist = [p for p in dist if (p / "common.pt").is_file() and (p / "metadata.json").is_file()]
     if torch_dist:
@@ -228,6 +232,8 @@ def discover(path: Path) -> list[CheckpointRef]:
         )
     if path.is_file() and path.name == megatron.CHECKPOINT_FILE:  # one rank's file: its iter_N folder
         path = path.parent.parent
+    if path.is_file() and path.name == litgpt.WEIGHTS_FILE:
+        raise CommuteError(litgpt.describe(path.parent) or f"{path} is a LitGPT checkpoint")
     if path.is_file():
         if path.suffix in (".pt", ".pth"):
             return [_nanogpt_ref(path, path.stem if name_step(path.name) else path.parent.name or path.stem)]
