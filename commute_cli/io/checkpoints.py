@@ -8,7 +8,8 @@ refused with the command to run).
 ``training_args.bin``, which needs an arbitrary pickle, is never read. ``torch.compile`` (``_orig_mod.``) and
 DDP (``module.``) prefixes in weight names are stripped; nanoGPT files (:mod:`commute_cli.io.nanogpt`) and
 Megatron-LM ``iter_N`` folders (:mod:`commute_cli.io.megatron`, every tensor-parallel and pipeline rank
-merged) load as ``GPT2LMHeadModel``.
+merged) load as ``GPT2LMHeadModel``, Llama-like LitGPT folders (:mod:`commute_cli.io.litgpt`) as
+``LlamaForCausalLM``.
 
 Finding checkpoints lives in :mod:`commute_cli.io.discovery`, tokenizers in :mod:`commute_cli.io.tokenizer`,
 optimizer state in :mod:`commute_cli.io.optimizer_state`, learning rates in
@@ -31,7 +32,7 @@ from typing import Any
 import torch
 
 from commute_cli.errors import CommuteError
-from commute_cli.io import megatron, nanogpt
+from commute_cli.io import litgpt, megatron, nanogpt
 from commute_cli.io.discovery import (  # noqa: F401 (re-exported for callers that import them here)
     CheckpointRef,
     discover,
@@ -122,6 +123,8 @@ def validate_weights(ref: CheckpointRef | Path) -> dict[str, tuple[int, ...]]:
     path = Path(ref.path if isinstance(ref, CheckpointRef) else ref).expanduser()
     if megatron.is_megatron_dir(path):
         return megatron.shapes(path)
+    if litgpt.is_litgpt_dir(path):
+        return {k: tuple(v.shape) for k, v in litgpt.state_dict(litgpt.read(path)).items()}
     shapes: dict[str, tuple[int, ...]] = {}
     for file in weight_files(path):
         if file.name.endswith(".json"):
@@ -232,8 +235,8 @@ def load_model(
 ) -> torch.nn.Module:
     """The checkpoint's causal LM for curvature work: eager attention, ``dtype`` (upcasts half), eval mode.
 
-    ``ref`` is a :class:`CheckpointRef`, a transformers folder, a nanoGPT ``.pt`` file, or a Megatron-LM
-    ``iter_N`` folder. The preflight
+    ``ref`` is a :class:`CheckpointRef`, a transformers folder, a nanoGPT ``.pt`` file, a Megatron-LM
+    ``iter_N`` folder, or a LitGPT folder. The preflight
     (:func:`validate_weights`) always runs first. Missing or shape-mismatched weights are an error, not a
     silently re-initialized model. Parameters that exist only in the transformers form of a nanoGPT model
     (zero biases of a ``bias=False`` model) have ``requires_grad=False``. Call ``.train()`` to train it.
@@ -257,6 +260,11 @@ def load_model(
         for name, param in model.named_parameters():
             if name in merged.frozen:
                 param.requires_grad_(False)
+    elif litgpt.is_litgpt_dir(path):
+        validate_weights(path)
+        config = litgpt.llama_config(path)
+        model = _build(config, dtype)
+        _assign(model, litgpt.llama_state_dict(path, config), path)
     else:
         if not is_checkpoint_dir(path):
             problem = foreign_layout(path) if path.is_dir() else None
@@ -282,6 +290,8 @@ def read_config(ref: CheckpointRef | Path):
         return nanogpt.gpt2_config(nanogpt.read(path), path)
     if megatron.is_megatron_dir(path):
         return megatron.read_config(path)
+    if litgpt.is_litgpt_dir(path):
+        return litgpt.llama_config(path)
     try:
         return AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     except Exception as err:

@@ -18,11 +18,12 @@ What counts as a checkpoint, and why:
 - **Refused with one line saying what to run** (:func:`foreign_layout`): LoRA/PEFT adapter folders
   (``adapter_config.json`` without full weights: merge the adapter first), DeepSpeed ``global_stepN/``
   folders without consolidated weights (run ``zero_to_fp32.py``), Megatron-LM ``torch_dist`` folders
-  (re-save them in the torch format), LitGPT ``lit_model.pth`` folders (``litgpt convert_from_litgpt``,
-  :mod:`commute_cli.io.litgpt`).
+  (re-save them in the torch format).
 - A **Megatron-LM** ``iter_N`` folder (:mod:`commute_cli.io.megatron`): ``mp_rank_*/model_optim_rng.pt``; its
   step is ``iteration``. In a run folder, an ``iter_N`` past ``latest_checkpointed_iteration.txt`` is a save
   still being written (Megatron updates the file last) and is left out.
+- A **LitGPT** folder (:mod:`commute_cli.io.litgpt`): ``lit_model.pth`` + ``model_config.yaml``; its step is
+  ``step_count``, else its name (``step-00001000``).
 - ``select(every=N)`` keeps the checkpoints whose step is a multiple of N.
 """
 
@@ -126,6 +127,11 @@ def _megatron_step(folder: Path) -> int | None:
     return step if step is not None else name_step(folder.name)
 
 
+def _litgpt_step(folder: Path) -> int | None:
+    step = litgpt.step(folder)
+    return step if step is not None else name_step(folder.name)
+
+
 def foreign_layout(folder: Path) -> str | None:
     """One line for a folder that holds a model commute cannot read as it is (and what to run), else None."""
     if is_checkpoint_dir(folder):
@@ -147,9 +153,6 @@ def foreign_layout(folder: Path) -> str | None:
             "global_stepN/) and save the result with config.json, or save with "
             "stage3_gather_16bit_weights_on_model_save=true"
         )
-    lit = litgpt.describe(folder)
-    if lit:
-        return lit
     dist = [folder, *sorted(p for p in folder.glob("iter_*") if p.is_dir())]
     torch_dist = [p for p in dist if (p / "common.pt").is_file() and (p / "metadata.json").is_file()]
     if torch_dist:
@@ -207,6 +210,10 @@ def _entries(path: Path) -> list[CheckpointRef]:
             done = megatron.tracker_iteration(path)
             if step is not None and (done is None or step <= done):
                 out.append(CheckpointRef(path=entry, step=step, name=entry.name))
+        elif entry.is_dir() and litgpt.is_litgpt_dir(entry):
+            step = _litgpt_step(entry)
+            if step is not None:
+                out.append(CheckpointRef(path=entry, step=step, name=entry.name))
         elif entry.is_dir() and name_step(entry.name) is not None and not (entry / NANOGPT_FILE).is_file():
             problem = None if entry.name.lower().startswith("global_step") else foreign_layout(entry)
             if problem:
@@ -232,8 +239,8 @@ def discover(path: Path) -> list[CheckpointRef]:
         )
     if path.is_file() and path.name == megatron.CHECKPOINT_FILE:  # one rank's file: its iter_N folder
         path = path.parent.parent
-    if path.is_file() and path.name == litgpt.WEIGHTS_FILE:
-        raise CommuteError(litgpt.describe(path.parent) or f"{path} is a LitGPT checkpoint")
+    if path.is_file() and path.name == litgpt.WEIGHTS_FILE:  # LitGPT's file: its folder
+        path = path.parent
     if path.is_file():
         if path.suffix in (".pt", ".pth"):
             return [_nanogpt_ref(path, path.stem if name_step(path.name) else path.parent.name or path.stem)]
@@ -248,6 +255,8 @@ def discover(path: Path) -> list[CheckpointRef]:
         return [CheckpointRef(path=path, step=checkpoint_step(path), name=path.name)]
     if megatron.is_megatron_dir(path):
         return [CheckpointRef(path=path, step=_megatron_step(path), name=path.name)]
+    if litgpt.is_litgpt_dir(path):
+        return [CheckpointRef(path=path, step=_litgpt_step(path), name=path.name)]
     if (path / NANOGPT_FILE).is_file():
         return [_nanogpt_ref(path / NANOGPT_FILE, path.name)]
     problem = foreign_layout(path)
@@ -327,6 +336,8 @@ def weight_files(ref: CheckpointRef | Path) -> list[Path]:
         return [path]
     if megatron.is_megatron_dir(path):
         return [f for _, f in sorted(megatron.rank_files(path).items())]
+    if litgpt.is_litgpt_dir(path):
+        return [path / litgpt.WEIGHTS_FILE]
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index_file = path / index_name
         if index_file.is_file():
