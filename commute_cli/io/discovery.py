@@ -160,7 +160,8 @@ def foreign_layout(folder: Path) -> str | None:
             f"{torch_dist[0]} is a Megatron-LM torch_dist checkpoint, which commute does not read: save "
             "it in the torch format once, in a Megatron-LM checkout, by running your pretrain_gpt.py "
             f"command with --load {torch_dist[0].parent if torch_dist[0] != folder else folder.parent} "
-            "--ckpt-convert-format torch --ckpt-convert-save OUT, then analyze OUT"
+            "--ckpt-convert-format torch --ckpt-convert-save OUT, then analyze OUT/torch (where Megatron "
+            "writes it)"
         )
     return None
 

@@ -83,8 +83,9 @@ RESHARD = (
     "--target-tensor-parallel-size 1 --target-pipeline-parallel-size 1 --load-dir {src} --save-dir OUT"
 )
 EXPORT_HINT = (
-    "commute reads Megatron GPTs of GPT-2's architecture; export this model to a transformers folder "
-    "(config.json + model.safetensors) with Megatron-Bridge (AutoBridge ... export_ckpt) and analyze that"
+    "commute reads Megatron GPTs of GPT-2's architecture; export this one to a transformers folder with "
+    "Megatron-Bridge, AutoBridge.from_hf_pretrained(<the transformers model it follows>).export_ckpt(<iter_N "
+    "folder>, OUT), and analyze OUT"
 )
 
 
