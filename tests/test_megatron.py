@@ -414,3 +414,75 @@ def test_megatron_core_gptmodel_saved_by_megatron_core_logits_equal(tmp_path):
     assert got.shape == saved["logits"].shape
     assert torch.allclose(got, saved["logits"], atol=1e-5, rtol=0), (got - saved["logits"]).abs().max()
     assert find_learning_rate(ref).source == "model_optim_rng.pt args.lr (constant schedule)"
+
+
+def write_megatron_deepspeed(run: Path, w: dict, iteration: int, *, tp: int, sched: dict, pipe: bool = False):
+    """What Megatron-DeepSpeed's save_checkpoint writes with --deepspeed: DeepSpeed's engine files in
+    global_stepN/ (the flat module state dict under "module", Megatron's state as client state), DeepSpeed's
+    `latest`, and Megatron's tracker file."""
+    folder = run / f"global_step{iteration}"
+    folder.mkdir(parents=True)
+    for rank in range(tp):
+        nested = rank_state(w, range(LAYERS), tp, rank, layout="legacy", version=3.0, first=True, last=True)
+        module = _flat(nested)
+        state = {
+            "module": None if pipe else module,
+            "buffer_names": [],
+            "optimizer": None,  # ZeRO keeps it in zero_pp_rank_*_optim_states.pt
+            "param_shapes": [{k: v.shape for k, v in module.items()}],
+            "lr_scheduler": sched,
+            "sparse_tensor_module_names": set(),
+            "skipped_steps": 0,
+            "global_steps": iteration,
+            "global_samples": iteration * 8,
+            "dp_world_size": 1,
+            "mp_world_size": tp,
+            "ds_config": {
+                "train_batch_size": 8,
+                "zero_optimization": {"stage": 1},
+                "bf16": {"enabled": True},
+            },
+            "ds_version": "0.16.0",
+            "args": megatron_args(tp, 1, deepspeed=True),
+            "checkpoint_version": 3.0,
+            "iteration": iteration,
+            "tokens": iteration * 8 * T,
+            "rng_state": [{"np_rng_state": np.random.get_state(), "torch_rng_state": torch.get_rng_state()}],
+        }
+        torch.save(state, folder / f"mp_rank_{rank:02d}_model_states.pt")
+        torch.save(
+            {"optimizer_state_dict": {}}, folder / f"zero_pp_rank_0_mp_rank_{rank:02d}_optim_states.pt"
+        )
+        if pipe:
+            torch.save(module, folder / f"layer_01-model_{rank:02d}-model_states.pt")
+    (run / "latest").write_text(f"global_step{iteration}")
+    (run / "latest_checkpointed_iteration.txt").write_text(str(iteration))
+    return folder
+
+
+def _flat(tree, prefix=""):
+    out = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def test_megatron_deepspeed_engine_checkpoint(tmp_path):
+    """Megatron-DeepSpeed with --deepspeed (TP=2, ZeRO-1): logits equal; lr from DeepSpeed's lr_scheduler."""
+    w = megatron_weights(seed=7)
+    sched = {"max_lr": 3e-4, "min_lr": 3e-5, "lr_warmup_steps": 0, "num_steps": 300, "lr_decay_steps": 900,
+             "lr_decay_style": "linear", "lr_warmup_tokens": None, "num_tokens": 0,
+             "lr_decay_tokens": None}  # fmt: skip
+    folder = write_megatron_deepspeed(tmp_path / "run", w, 100, tp=2, sched=sched)
+    (ref,) = ck.discover(tmp_path / "run")
+    assert (ref.path, ref.step, ref.name) == (folder, 100, "global_step100")
+    with torch.no_grad():
+        got = ck.load_model(ref)(input_ids=IDX).logits
+    want = megatron_forward(w, IDX, tanh_gelu=True)
+    assert torch.allclose(got, want, atol=1e-5, rtol=0), (got - want).abs().max()
+    lr = find_learning_rate(ref)
+    assert lr.value == pytest.approx(3e-5 + (1 - 300 / 900) * (3e-4 - 3e-5), rel=1e-12)
+    pipe = write_megatron_deepspeed(tmp_path / "pipe", w, 100, tp=1, sched=sched, pipe=True)
+    with pytest.raises(CommuteError, match=r"deepspeed_to_megatron\.py --input_folder") as err:
+        ck.load_model(ck.discover(pipe)[0])
+    assert str(pipe) in err.value.one_line()

@@ -9,6 +9,12 @@ beside the ``iter_*`` folders. Each file is one ``torch.save`` of::
      "model": model.state_dict_for_save_checkpoint(),        # this rank's shard
      "optimizer": ..., "opt_param_scheduler": {...}, "rng_state": [...], ...}
 
+Megatron-DeepSpeed writes the same with ``--deepspeed`` through DeepSpeed's engine instead:
+``global_stepN/mp_rank_TT_model_states.pt`` with the model's flat state dict under ``module``, Megatron's
+entries (``args``, ``iteration``, ...) beside it and the scheduler under ``lr_scheduler``, plus the same
+tracker file (which tells it from a plain DeepSpeed save). Its pipeline engine (``module`` None, one
+``layer_*-model_states.pt`` per layer) is refused with Megatron-DeepSpeed's ``deepspeed_to_megatron.py``.
+
 **Reading it safely.** ``args`` is an ``argparse.Namespace`` and ``rng_state`` holds numpy arrays
 (``np.random.get_state()``); newer versions put Megatron enums into ``args``. The file is read with
 ``torch.load(weights_only=True)`` through :func:`commute_cli.io.safefiles.torch_load_allowing`: the one class
@@ -76,6 +82,8 @@ from commute_cli.io.safefiles import torch_load_allowing
 
 CHECKPOINT_FILE = "model_optim_rng.pt"
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
+DS_FILE_GLOB = "mp_rank_*_model_states.pt"
+_DS_RE = re.compile(r"^mp_rank_(\d{2})_model_states\.pt$")
 _RANK_RE = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
 #: run it in a Megatron-LM checkout: re-shards any checkpoint of a GPT to one tensor- and pipeline-rank
 RESHARD = (
@@ -90,8 +98,8 @@ EXPORT_HINT = (
 
 
 def _inert(name: str) -> bool:
-    """Globals kept as inert records: numpy's (the RNG state) and Megatron's own (enums in ``args``)."""
-    return name.startswith(("numpy.", "megatron.")) or name in ("_io.BytesIO", "io.BytesIO")
+    """Globals kept as inert records: numpy's (the RNG state), Megatron's and DeepSpeed's own (enums)."""
+    return name.startswith(("numpy.", "megatron.", "deepspeed.")) or name in ("_io.BytesIO", "io.BytesIO")
 
 
 # ----------------------------------------------------------------------------------------------- files
@@ -115,13 +123,31 @@ def rank_files(folder: Path) -> dict[tuple[int, int], Path]:
                 + RESHARD.format(src=folder.parent),
             )
         out[(int(match.group(1)), int(match.group(2) or 0))] = sub
+    if not out and is_deepspeed_dir(folder):
+        for file in sorted(folder.glob(DS_FILE_GLOB)):
+            found = _DS_RE.match(file.name)
+            if found is not None:
+                out[(int(found.group(1)), 0)] = file
     return out
 
 
-def is_megatron_dir(folder: Path) -> bool:
-    """An ``iter_N`` (or ``release``) folder with ``mp_rank_*/model_optim_rng.pt``."""
+def is_deepspeed_dir(folder: Path) -> bool:
+    """A Megatron-DeepSpeed ``global_stepN`` folder (``--deepspeed``): DeepSpeed's
+    ``mp_rank_TT_model_states.pt`` with Megatron's tracker file beside the folder (DeepSpeed alone writes
+    only ``latest``)."""
     folder = Path(folder)
-    return folder.is_dir() and any(folder.glob(f"mp_rank_*/{CHECKPOINT_FILE}"))
+    return (
+        folder.is_dir()
+        and (folder.parent / TRACKER_FILE).is_file()
+        and any(_DS_RE.match(f.name) for f in folder.glob(DS_FILE_GLOB))
+    )
+
+
+def is_megatron_dir(folder: Path) -> bool:
+    """An ``iter_N`` (or ``release``) folder with ``mp_rank_*/model_optim_rng.pt``, or a Megatron-DeepSpeed
+    ``global_stepN`` folder (:func:`is_deepspeed_dir`)."""
+    folder = Path(folder)
+    return folder.is_dir() and (any(folder.glob(f"mp_rank_*/{CHECKPOINT_FILE}")) or is_deepspeed_dir(folder))
 
 
 def tracker_iteration(run: Path) -> int | None:
@@ -143,6 +169,15 @@ def read_file(file: Path) -> dict[str, Any]:
         hint="convert it once, in a trusted environment, to a transformers folder (config.json + "
         "model.safetensors) and analyze that",
     )
+    if isinstance(saved, Mapping) and "module" in saved and "model" not in saved:  # DeepSpeed's engine
+        if saved["module"] is None:  # PipelineModule: one file per layer
+            raise CommuteError(
+                f"{file.parent} is a Megatron-DeepSpeed pipeline checkpoint (layer_*-model_states.pt), which "
+                "commute does not merge: convert it in a Megatron-DeepSpeed checkout with `python "
+                "tools/convert_checkpoint/deepspeed_to_megatron.py --input_folder "
+                f"{file.parent} --output_folder OUT --target_tp 1 --target_pp 1`, then analyze OUT",
+            )
+        saved = {**saved, "model": saved["module"]}
     if not isinstance(saved, Mapping) or not any(k in saved for k in ("model", "model0")):
         raise CommuteError(
             f"{file} is not a Megatron-LM checkpoint (no 'model' entry)",
@@ -514,6 +549,8 @@ def _scheduler_lr(sched: Mapping[str, Any], args: Mapping[str, Any]) -> float | 
         style = str(sched["lr_decay_style"])
     except (KeyError, TypeError, ValueError):
         return None
+    if sched.get("lr_decay_tokens") or sched.get("lr_warmup_tokens"):
+        return None  # Megatron-DeepSpeed's token-based schedule: not this formula
     init = float(args.get("lr_warmup_init", 0.0) or 0.0)
     if warm > 0 and steps <= warm:
         return init + (max_lr - init) * steps / warm
@@ -548,7 +585,7 @@ def learning_rate(folder: Path) -> tuple[float | None, str]:
     if isinstance(lr, (int, float)) and not isinstance(lr, bool):
         return float(lr), "model_optim_rng.pt optimizer param_groups"
     args = _args(ckpt)
-    sched = ckpt.get("opt_param_scheduler")
+    sched = ckpt.get("opt_param_scheduler", ckpt.get("lr_scheduler"))  # DeepSpeed: lr_scheduler
     if isinstance(sched, Mapping):
         value = _scheduler_lr(sched, args)
         if value is not None:
