@@ -28,7 +28,9 @@ import torch.nn.functional as F
 from commute_cli.engine.curvature import param_list
 from commute_cli.errors import CommuteError
 from commute_cli.io import checkpoints as ck
+from commute_cli.io import megatron
 from commute_cli.io.learning_rate import find_learning_rate
+from commute_cli.io.saved_optimizer import optimizer_name
 
 from cli_runner import cli
 from tiny_run import EN_WORDS, XX_WORDS, make_texts, make_tokenizer, write_jsonl
@@ -389,6 +391,11 @@ def test_megatron_run_analyzed_like_its_transformers_copy(tmp_path, capsys):
     pd.testing.assert_frame_equal(a, b, rtol=1e-4, atol=1e-9)
     run = json.loads((tmp_path / "o1" / "run.json").read_text())
     assert run["checkpoints"][0]["lr_source"]["source"] == "model_optim_rng.pt optimizer param_groups"
+    assert optimizer_name(ck.discover(tmp_path / "meg")[0]) == "adam"  # the saved torch Adam's param groups
+    # without --tokenizer (Megatron keeps none beside its weights): one line naming --tokenizer, exit 2
+    no_tok = [a for i, a in enumerate(common) if i not in (6, 7)]
+    code, _, err = cli(["analyze", tmp_path / "meg", "--out", tmp_path / "o3", *no_tok], capsys)
+    assert code == 2 and "--tokenizer" in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.slow  # two processes that import megatron-core: ~20 s of CPU, more on a loaded machine
@@ -486,3 +493,33 @@ def test_megatron_deepspeed_engine_checkpoint(tmp_path):
     with pytest.raises(CommuteError, match=r"deepspeed_to_megatron\.py --input_folder") as err:
         ck.load_model(ck.discover(pipe)[0])
     assert str(pipe) in err.value.one_line()
+
+
+def test_megatron_enum_in_args_is_kept_inert(tmp_path, monkeypatch):
+    """Newer Megatron-LM keeps enums in args (``attention_backend=AttnBackend.auto``): the pickle names
+    ``megatron.core.transformer.enums.AttnBackend``; it is read as an inert record: no Megatron code runs."""
+    import enum
+    import types
+
+    fake = types.ModuleType("megatron.core.transformer.enums")
+
+    class AttnBackend(enum.Enum):  # pickled under Megatron's name, exactly as Megatron-LM pickles it
+        auto = 5
+
+    AttnBackend.__module__, AttnBackend.__qualname__ = fake.__name__, "AttnBackend"
+    fake.AttnBackend = AttnBackend
+    monkeypatch.setitem(sys.modules, fake.__name__, fake)
+    w = megatron_weights(seed=8)
+    write_megatron(tmp_path / "run", w, 30, args=megatron_args(1, 1, attention_backend=AttnBackend.auto))
+    monkeypatch.delitem(sys.modules, fake.__name__)  # commute must not need Megatron to read it
+    ref = ck.discover(tmp_path / "run")[0]
+    with torch.no_grad():
+        got = ck.load_model(ref)(input_ids=IDX).logits
+    assert torch.allclose(got, megatron_forward(w, IDX, tanh_gelu=True), atol=1e-5, rtol=0)
+    saved = megatron.read_file(ref.path / "mp_rank_00" / "model_optim_rng.pt")
+    backend = saved["args"].attention_backend
+    assert (
+        type(backend).__name__ == "AttnBackend"
+        and backend.args == (5,)
+        and not isinstance(backend, enum.Enum)
+    )

@@ -234,6 +234,12 @@ def llama_state_dict(folder: Path, config: Any) -> dict[str, torch.Tensor]:
     return out
 
 
+def optimizer_state(folder: Path) -> Mapping[str, Any] | None:
+    """The torch optimizer state of a ``litgpt pretrain`` save; None for a bare state dict."""
+    opt = read(folder).get("optimizer")
+    return opt if isinstance(opt, Mapping) else None
+
+
 def learning_rate(folder: Path) -> tuple[float | None, str]:
     """(lr, where it came from): the optimizer's first param group in a ``litgpt pretrain`` save."""
     opt = read(folder).get("optimizer")

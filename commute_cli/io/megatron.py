@@ -525,15 +525,26 @@ def shapes(folder: Path) -> dict[str, tuple[int, ...]]:
 # ----------------------------------------------------------------------------------------------- lr
 
 
-def _param_groups(opt: Any) -> list[Mapping[str, Any]]:
-    """The param groups of Megatron's optimizer state: plain torch, ``{"optimizer": ...}`` (mixed precision,
-    distributed optimizer) or a list of those (``ChainedOptimizer``)."""
+def _torch_optimizer(opt: Any) -> Mapping[str, Any] | None:
+    """The torch optimizer state inside Megatron's: plain torch, ``{"optimizer": ...}`` (mixed precision,
+    distributed optimizer) or a list of those (``ChainedOptimizer``, the first)."""
     if isinstance(opt, (list, tuple)) and opt:
         opt = opt[0]
     if isinstance(opt, Mapping) and "param_groups" not in opt and isinstance(opt.get("optimizer"), Mapping):
         opt = opt["optimizer"]
-    groups = opt.get("param_groups") if isinstance(opt, Mapping) else None
+    return opt if isinstance(opt, Mapping) else None
+
+
+def _param_groups(opt: Any) -> list[Mapping[str, Any]]:
+    inner = _torch_optimizer(opt)
+    groups = inner.get("param_groups") if inner is not None else None
     return [g for g in groups if isinstance(g, Mapping)] if isinstance(groups, list) else []
+
+
+def optimizer_state(folder: Path) -> Mapping[str, Any] | None:
+    """The torch optimizer state saved in the rank-0 file (its param groups name the optimizer)."""
+    files = _files(folder)
+    return _torch_optimizer(read_file(files[min(files)]).get("optimizer"))
 
 
 def _scheduler_lr(sched: Mapping[str, Any], args: Mapping[str, Any]) -> float | None:
