@@ -330,7 +330,7 @@ def test_megatron_run_discovery_tracker_and_scheduler_lr(tmp_path):
 def test_megatron_refusals_are_one_line(tmp_path):
     w = megatron_weights(seed=4)
     rope = write_megatron(tmp_path / "rope", w, 10, args=megatron_args(1, 1, position_embedding_type="rope"))
-    with pytest.raises(CommuteError, match="rotary positions") as err:
+    with pytest.raises(CommuteError, match="a Megatron model with rope positions") as err:
         ck.load_model(ck.discover(rope)[0])
     assert "Megatron-Bridge" in err.value.one_line()
     # a pickled object that is neither plain data nor Megatron's/numpy's: refused by name, never run
@@ -506,12 +506,31 @@ def test_megatron_enum_in_args_is_kept_inert(tmp_path, monkeypatch):
     class AttnBackend(enum.Enum):  # pickled under Megatron's name, exactly as Megatron-LM pickles it
         auto = 5
 
+    class PositionEmbeddingType(enum.Enum):  # Megatron-DeepSpeed's megatron/enums.py
+        rotary = 1
+        absolute = 2
+
     AttnBackend.__module__, AttnBackend.__qualname__ = fake.__name__, "AttnBackend"
     fake.AttnBackend = AttnBackend
+    ds = types.ModuleType("megatron.enums")
+    PositionEmbeddingType.__module__, PositionEmbeddingType.__qualname__ = (
+        ds.__name__,
+        "PositionEmbeddingType",
+    )
+    ds.PositionEmbeddingType = PositionEmbeddingType
     monkeypatch.setitem(sys.modules, fake.__name__, fake)
+    monkeypatch.setitem(sys.modules, ds.__name__, ds)
     w = megatron_weights(seed=8)
-    write_megatron(tmp_path / "run", w, 30, args=megatron_args(1, 1, attention_backend=AttnBackend.auto))
+    args = megatron_args(
+        1, 1, attention_backend=AttnBackend.auto, position_embedding_type=PositionEmbeddingType.absolute
+    )
+    write_megatron(tmp_path / "run", w, 30, args=args)
+    args.position_embedding_type = PositionEmbeddingType.rotary
+    write_megatron(tmp_path / "rotary", w, 30, args=args)
     monkeypatch.delitem(sys.modules, fake.__name__)  # commute must not need Megatron to read it
+    monkeypatch.delitem(sys.modules, ds.__name__)
+    with pytest.raises(CommuteError, match=r"megatron\.enums\.PositionEmbeddingType\(1,\) positions"):
+        ck.load_model(tmp_path / "rotary" / "iter_0000030")
     ref = ck.discover(tmp_path / "run")[0]
     with torch.no_grad():
         got = ck.load_model(ref)(input_ids=IDX).logits

@@ -78,7 +78,7 @@ import torch
 
 from commute_cli.errors import CommuteError
 from commute_cli.io.nanogpt import strip_prefixes
-from commute_cli.io.safefiles import torch_load_allowing
+from commute_cli.io.safefiles import InertRecord, torch_load_allowing
 
 CHECKPOINT_FILE = "model_optim_rng.pt"
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
@@ -351,15 +351,28 @@ def _num(args: Mapping[str, Any], key: str, file: Path, default: Any = None) -> 
     return value
 
 
-def _refuse_unsupported(args: Mapping[str, Any], file: Path) -> None:
+def _position_type(args: Mapping[str, Any]) -> str:
+    """``learned_absolute`` for GPT-2's positions, else what ``args`` names (Megatron-DeepSpeed keeps an enum,
+    ``PositionEmbeddingType.absolute`` = 2, read as an inert record)."""
+    if args.get("use_rotary_position_embeddings"):
+        return "rope"
+    value = args.get("position_embedding_type", "learned_absolute")
+    if isinstance(value, InertRecord):
+        absolute = value.name.endswith("PositionEmbeddingType") and value.args == (2,)
+        return "learned_absolute" if absolute else f"{value.name}{value.args}"
+    return "learned_absolute" if str(value) in ("learned_absolute", "absolute") else str(value)
+
+
+def _refuse_unsupported(args: Mapping[str, Any], folder: Path) -> None:
     heads, hidden = args.get("num_attention_heads"), args.get("hidden_size")
+    experts = args.get("num_experts") or 0
+    experts = max(experts) if isinstance(experts, (list, tuple)) and experts else experts
+    position = _position_type(args)
+    norm = str(args.get("normalization", "LayerNorm"))
     checks = [
-        (
-            str(args.get("position_embedding_type", "learned_absolute")) != "learned_absolute",
-            "rotary positions",
-        ),
-        (str(args.get("normalization", "LayerNorm")) != "LayerNorm", f"{args.get('normalization')} norms"),
-        (bool(args.get("swiglu")), "a SwiGLU MLP"),
+        (position != "learned_absolute", f"{position} positions (not GPT-2's learned ones)"),
+        (norm.lower() != "layernorm", f"{norm} norms"),
+        (bool(args.get("swiglu")) or bool(args.get("glu_activation")), "a gated (GLU) MLP"),
         (bool(args.get("squared_relu")), "a squared-ReLU MLP"),
         (
             bool(args.get("group_query_attention")) and args.get("num_query_groups") not in (None, heads),
@@ -368,7 +381,7 @@ def _refuse_unsupported(args: Mapping[str, Any], file: Path) -> None:
         (bool(args.get("apply_residual_connection_post_layernorm")), "post-norm residuals"),
         (bool(args.get("apply_layernorm_1p")), "zero-centred norms (apply_layernorm_1p)"),
         (bool(args.get("qk_layernorm")), "query/key norms"),
-        ((args.get("num_experts") or 0) > 1, "a mixture of experts"),
+        (isinstance(experts, int) and experts > 1, "a mixture of experts"),
         (
             isinstance(heads, int)
             and isinstance(hidden, int)
@@ -379,7 +392,7 @@ def _refuse_unsupported(args: Mapping[str, Any], file: Path) -> None:
     ]
     for bad, what in checks:
         if bad:
-            raise CommuteError(f"{file.parent.parent} is a Megatron model with {what}", hint=EXPORT_HINT)
+            raise CommuteError(f"{folder} is a Megatron model with {what}", hint=EXPORT_HINT)
 
 
 def _activation(args: Mapping[str, Any]) -> str:
@@ -430,7 +443,7 @@ def read_config(folder: Path) -> Any:
     args = _args(ckpt)
     if not args:
         raise CommuteError(f"{file} has no args (argparse.Namespace)", hint=EXPORT_HINT)
-    _refuse_unsupported(args, file)
+    _refuse_unsupported(args, Path(folder))
     tree = _flatten(_model_tree(ckpt, file))
     wte = next((tree[k] for k in _TOP if _TOP[k][0] == "transformer.wte.weight" and k in tree), None)
     tp = max(t for t, _ in files) + 1
