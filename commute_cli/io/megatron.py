@@ -508,10 +508,10 @@ def load(folder: Path) -> MegatronModel:
             hint="the checkpoint is incomplete, or re-shard it: " + RESHARD.format(src=folder.parent),
         )
     out: dict[str, torch.Tensor] = {}
-    for name, tensor in state.items():
-        value = tensor.float() if tensor.is_floating_point() else tensor
+    for name in list(state):  # in the saved dtype: the model's parameters convert while they copy
+        tensor = state.pop(name)
         conv = name.endswith(("c_attn.weight", "attn.c_proj.weight", "c_fc.weight", "mlp.c_proj.weight"))
-        out[name] = value.t().contiguous() if conv else value.contiguous()
+        out[name] = tensor.t().contiguous() if conv else tensor
     frozen: set[str] = set()
     for i in range(config.n_layer):
         for module in ("ln_1", "ln_2", "attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
