@@ -157,6 +157,8 @@ def llama_config(folder: Path) -> Any:
         raise _refuse(folder, "lit_model.pth has no transformer.wte.weight")
     tied = head is None or (head.shape == wte.shape and torch.equal(head, wte))
     bias = bool(raw.get("bias", False))
+    if bool(raw.get("attn_bias", False)) and not bias:  # Qwen2's q/k/v biases without an o_proj bias
+        raise _refuse(folder, "attn_bias=True without bias (a Qwen2-like model)")
     theta = float(raw.get("rope_base", 10000))
     rope: dict[str, Any] = (  # transformers 5 keeps the rotary settings in rope_parameters
         {"rope_parameters": {"rope_type": "default", "rope_theta": theta}}
@@ -173,7 +175,7 @@ def llama_config(folder: Path) -> Any:
         head_dim=int(head_size),
         max_position_embeddings=_int(raw, "block_size", folder),
         rms_norm_eps=float(raw.get("norm_eps", 1e-5)),
-        attention_bias=bias or bool(raw.get("attn_bias", False)),
+        attention_bias=bias,
         mlp_bias=bias,
         tie_word_embeddings=tied,
         hidden_act="silu",
