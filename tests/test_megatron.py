@@ -11,6 +11,7 @@ loader.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -402,7 +403,10 @@ def test_megatron_run_analyzed_like_its_transformers_copy(tmp_path, capsys):
 def test_megatron_core_gptmodel_saved_by_megatron_core_logits_equal(tmp_path):
     """A GPTModel of megatron-core itself, tensor-parallel over two gloo processes on the CPU, saved as
     Megatron-LM saves it (tests/megatron_core_writer.py): commute's model gives Megatron's own logits."""
-    pytest.importorskip("megatron.core")
+    if (
+        importlib.util.find_spec("megatron") is None
+    ):  # found, not imported: its enums stay out of this process
+        pytest.skip("megatron-core is not installed")
     run = tmp_path / "run"
     env = {
         k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT")

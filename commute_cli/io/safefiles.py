@@ -118,7 +118,8 @@ def torch_load_allowing(
     own name, so the objects they describe (an RNG's numpy state, a trainer's enum) are kept as arguments
     and nothing of theirs runs. Any other global is refused with one line naming it. The pickle's globals
     are found the way torch reports them (one per refused load; at most 32), so the rules hold for old and
-    zip-format files alike.
+    zip-format files alike. A class that a library imported in this process allowlisted itself
+    (``torch.serialization.add_safe_globals``) is built as that class; commute imports none that do.
     """
     import torch
 
