@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import io
 import json
 import math
 import os
@@ -106,7 +107,10 @@ def rank_state(
     def row(t):  # row-parallel: input columns split
         return t.chunk(tp, dim=1)[rank].clone()
 
-    core = layout == "core"
+    core, te = (
+        layout in ("core", "te"),
+        layout == "te",
+    )  # te: Transformer Engine fuses the norms into the linears
     names = {
         "ln1": "input_layernorm",
         "qkv": "self_attention.linear_qkv" if core else "self_attention.query_key_value",
@@ -121,12 +125,14 @@ def rank_state(
     layer_sd = {}
     for local, i in enumerate(layers):
         p, pre = w[i], f"layers.{local}."
-        layer_sd[pre + names["ln1"] + ".weight"] = p["ln1_w"].clone()
-        layer_sd[pre + names["ln1"] + ".bias"] = p["ln1_b"].clone()
+        ln1 = pre + (names["qkv"] + ".layer_norm_" if te else names["ln1"] + ".")
+        ln2 = pre + (names["fc1"] + ".layer_norm_" if te else names["ln2"] + ".")
+        layer_sd[ln1 + "weight"] = p["ln1_w"].clone()
+        layer_sd[ln1 + "bias"] = p["ln1_b"].clone()
         layer_sd[pre + names["qkv"] + ".weight"] = fuse_qkv(col(p["q"]), col(p["k"]), col(p["v"]), version)
         layer_sd[pre + names["proj"] + ".weight"] = row(p["proj"])
-        layer_sd[pre + names["ln2"] + ".weight"] = p["ln2_w"].clone()
-        layer_sd[pre + names["ln2"] + ".bias"] = p["ln2_b"].clone()
+        layer_sd[ln2 + "weight"] = p["ln2_w"].clone()
+        layer_sd[ln2 + "bias"] = p["ln2_b"].clone()
         layer_sd[pre + names["fc1"] + ".weight"] = col(p["fc1"])
         layer_sd[pre + names["fc2"] + ".weight"] = row(p["fc2"])
         if "bq" in p:
@@ -136,9 +142,11 @@ def rank_state(
             layer_sd[pre + names["proj"] + ".bias"] = p["bproj"].clone()
             layer_sd[pre + names["fc1"] + ".bias"] = col(p["bfc1"])
             layer_sd[pre + names["fc2"] + ".bias"] = p["bfc2"].clone()
-        if core:  # Megatron-core keeps (empty) extra state per linear layer
+        if (
+            core
+        ):  # Megatron-core keeps extra state per linear layer (TE: a pickled io.BytesIO of its FP8 meta)
             for op in ("qkv", "proj", "fc1", "fc2"):
-                layer_sd[pre + names[op] + "._extra_state"] = None
+                layer_sd[pre + names[op] + "._extra_state"] = io.BytesIO(b"fp8-meta") if te else None
     if core:
         sd = {"decoder." + k: v for k, v in layer_sd.items()}
         if first:
@@ -262,6 +270,7 @@ IDX = torch.randint(0, VOCAB, (3, T), generator=torch.Generator().manual_seed(0)
         ("legacy", 3.0, 2, 3),
         ("core", 3.0, 2, 1),
         ("core", 3.0, 4, 2),
+        ("te", 3.0, 2, 1),
     ],
 )
 def test_megatron_logits_equal_megatron_forward(tmp_path, layout, version, tp, pp):
