@@ -6,10 +6,12 @@ Every command loads weights through :func:`load_model`, which always runs :func:
 refused with the command to run).
 ``trust_remote_code`` is never enabled and nothing is fetched from the hub (``local_files_only=True``);
 ``training_args.bin``, which needs an arbitrary pickle, is never read. ``torch.compile`` (``_orig_mod.``) and
-DDP (``module.``) prefixes in weight names are stripped; nanoGPT files load as ``GPT2LMHeadModel``
-(:mod:`commute_cli.io.nanogpt`); torch distributed checkpoints (FSDP ``SHARDED_STATE_DICT``, torchtitan,
-OLMo-core) load as their transformers class (:mod:`commute_cli.io.dcp_checkpoints`), the metadata read
-through the ``weights_only`` unpickler.
+DDP (``module.``) prefixes in weight names are stripped; nanoGPT files (:mod:`commute_cli.io.nanogpt`) and
+Megatron-LM ``iter_N`` folders (:mod:`commute_cli.io.megatron`, every tensor-parallel and pipeline rank
+merged) load as ``GPT2LMHeadModel``, Llama-like LitGPT folders (:mod:`commute_cli.io.litgpt`) as
+``LlamaForCausalLM``; torch distributed checkpoints (FSDP ``SHARDED_STATE_DICT``, torchtitan, OLMo-core) load
+as their transformers class (:mod:`commute_cli.io.dcp_checkpoints`), the metadata read through the
+``weights_only`` unpickler.
 
 Finding checkpoints lives in :mod:`commute_cli.io.discovery`, tokenizers in :mod:`commute_cli.io.tokenizer`,
 optimizer state in :mod:`commute_cli.io.optimizer_state`, learning rates in
@@ -32,7 +34,7 @@ from typing import Any
 import torch
 
 from commute_cli.errors import CommuteError
-from commute_cli.io import dcp_checkpoints, nanogpt
+from commute_cli.io import dcp_checkpoints, litgpt, megatron, nanogpt
 from commute_cli.io.discovery import (  # noqa: F401 (re-exported for callers that import them here)
     CheckpointRef,
     dcp_layout,
@@ -125,6 +127,10 @@ def validate_weights(ref: CheckpointRef | Path) -> dict[str, tuple[int, ...]]:
     layout = dcp_layout(path) if path.is_dir() else None
     if layout is not None:  # torch DCP: the metadata, read through the weights_only unpickler
         return dcp_checkpoints.shapes(layout)
+    if megatron.is_megatron_dir(path):
+        return megatron.shapes(path)
+    if litgpt.is_litgpt_dir(path):
+        return {k: tuple(v.shape) for k, v in litgpt.state_dict(litgpt.read(path)).items()}
     shapes: dict[str, tuple[int, ...]] = {}
     for file in weight_files(path):
         if file.name.endswith(".json"):
@@ -275,7 +281,8 @@ def load_model(
     ``attn_implementation="sdpa"`` (fused attention, no double backward) is for first-order work only:
     finite-difference HVPs (``--hvp fd``, ``engine.fd_hvp``); exact HVPs need ``"eager"``.
 
-    ``ref`` is a :class:`CheckpointRef`, a transformers folder, or a nanoGPT ``.pt`` file. The preflight
+        ``ref`` is a :class:`CheckpointRef`, a transformers folder, a nanoGPT ``.pt`` file, a Megatron-LM
+    ``iter_N`` folder, or a LitGPT folder. The preflight
     (:func:`validate_weights`) always runs first. Missing or shape-mismatched weights are an error, not a
     silently re-initialized model. Parameters that exist only in the transformers form of a nanoGPT model
     (zero biases of a ``bias=False`` model) have ``requires_grad=False``. Call ``.train()`` to train it.
@@ -291,6 +298,19 @@ def load_model(
         for name, param in model.named_parameters():
             if name in frozen:
                 param.requires_grad_(False)
+    elif megatron.is_megatron_dir(path):
+        validate_weights(path)
+        merged = megatron.load(path)
+        model = _build(merged.config, dtype, attn_implementation)
+        _assign(model, merged.state, path)
+        for name, param in model.named_parameters():
+            if name in merged.frozen:
+                param.requires_grad_(False)
+    elif litgpt.is_litgpt_dir(path):
+        validate_weights(path)
+        config = litgpt.llama_config(path)
+        model = _build(config, dtype, attn_implementation)
+        _assign(model, litgpt.llama_state_dict(path, config), path)
     else:
         if not is_checkpoint_dir(path):
             problem = foreign_layout(path) if path.is_dir() else None
@@ -320,6 +340,10 @@ def read_config(ref: CheckpointRef | Path):
     layout = dcp_layout(path)
     if layout is not None:
         return layout.fmt.config(layout)
+    if megatron.is_megatron_dir(path):
+        return megatron.read_config(path)
+    if litgpt.is_litgpt_dir(path):
+        return litgpt.llama_config(path)
     try:
         return AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     except Exception as err:

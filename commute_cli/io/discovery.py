@@ -17,12 +17,17 @@ What counts as a checkpoint, and why:
   byte-identical, else the run is ambiguous and refused. Files (DeepSpeed's ``latest``) are ignored.
 - **Refused with one line saying what to run** (:func:`foreign_layout`): LoRA/PEFT adapter folders
   (``adapter_config.json`` without full weights: merge the adapter first), DeepSpeed ``global_stepN/``
-  folders without consolidated weights (run ``zero_to_fp32.py``), Megatron-LM ``iter_N/mp_rank_*``
-  checkpoints (their pickles hold an ``argparse.Namespace``, which ``weights_only`` refuses: convert them).
+  folders without consolidated weights (run ``zero_to_fp32.py``), Megatron-LM ``torch_dist`` folders
+  (re-save them in the torch format).
 - A **torch distributed checkpoint** (:mod:`commute_cli.io.dcp_checkpoints`): the HF Trainer / accelerate
   with FSDP ``SHARDED_STATE_DICT`` (``checkpoint-N/pytorch_model_fsdp_0/``), torchtitan (``step-N/`` with
   ``.metadata``), OLMo-core (``stepN/model_and_optim/``); a DCP of another layout is refused with torch's
   ``format_utils dcp_to_torch`` conversion.
+- A **Megatron-LM** ``iter_N`` folder (:mod:`commute_cli.io.megatron`): ``mp_rank_*/model_optim_rng.pt``; its
+  step is ``iteration``. In a run folder, an ``iter_N`` past ``latest_checkpointed_iteration.txt`` is a save
+  still being written (Megatron updates the file last) and is left out.
+- A **LitGPT** folder (:mod:`commute_cli.io.litgpt`): ``lit_model.pth`` + ``model_config.yaml``; its step is
+  ``step_count``, else its name (``step-00001000``).
 - ``select(every=N)`` keeps the checkpoints whose step is a multiple of N.
 """
 
@@ -35,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from commute_cli.errors import CommuteError
-from commute_cli.io import nanogpt
+from commute_cli.io import litgpt, megatron, nanogpt
 from commute_cli.io.safefiles import read_json
 
 WEIGHT_FILES = (
@@ -136,6 +141,16 @@ def _nanogpt_ref(file: Path, name: str) -> CheckpointRef:
     return CheckpointRef(path=file, step=step if step is not None else name_step(file.name), name=name)
 
 
+def _megatron_step(folder: Path) -> int | None:
+    step = megatron.step(folder)
+    return step if step is not None else name_step(folder.name)
+
+
+def _litgpt_step(folder: Path) -> int | None:
+    step = litgpt.step(folder)
+    return step if step is not None else name_step(folder.name)
+
+
 def foreign_layout(folder: Path) -> str | None:
     """One line for a folder that holds a model commute cannot read as it is (and what to run), else None."""
     if is_checkpoint_dir(folder):
@@ -157,9 +172,16 @@ def foreign_layout(folder: Path) -> str | None:
             "global_stepN/) and save the result with config.json, or save with "
             "stage3_gather_16bit_weights_on_model_save=true"
         )
-    megatron = sorted(folder.glob("mp_rank_*/model_optim_rng.pt")) + sorted(
-        folder.glob("iter_*/mp_rank_*/model_optim_rng.pt")
-    )
+    dist = [folder, *sorted(p for p in folder.glob("iter_*") if p.is_dir())]
+    torch_dist = [p for p in dist if (p / "common.pt").is_file() and (p / "metadata.json").is_file()]
+    if torch_dist:  # a DCP too: Megatron's own conversion, before the generic DCP refusal
+        return (
+            f"{torch_dist[0]} is a Megatron-LM torch_dist checkpoint, which commute does not read: save "
+            "it in the torch format once, in a Megatron-LM checkout, by running your pretrain_gpt.py "
+            f"command with --load {torch_dist[0].parent if torch_dist[0] != folder else folder.parent} "
+            "--ckpt-convert-format torch --ckpt-convert-save OUT, then analyze OUT/torch (where Megatron "
+            "writes it)"
+        )
     unknown = _unknown_dcp(folder)
     if unknown:
         return unknown
@@ -170,15 +192,6 @@ def foreign_layout(folder: Path) -> str | None:
             "saved with use_dcp=False), flat parameters only the same FSDP setup can reassemble: load the "
             "checkpoint in that setup and save it with fsdp_state_dict_type SHARDED_STATE_DICT (a torch "
             "distributed checkpoint, which commute reads) or FULL_STATE_DICT"
-        )
-    if megatron or (folder / "latest_checkpointed_iteration.txt").is_file():
-        where = megatron[-1] if megatron else folder / "iter_N/mp_rank_00/model_optim_rng.pt"
-        return (
-            f"{folder} is a Megatron-LM checkpoint; its pickle stores the training arguments as an "
-            "argparse.Namespace, which commute does not unpickle: convert it once, in a trusted environment "
-            "with transformers<5, `python -m "
-            f"transformers.models.megatron_gpt2.convert_megatron_gpt2_checkpoint {where}` (it writes "
-            "config.json and pytorch_model.bin beside the file), then analyze that folder"
         )
     return None
 
@@ -243,6 +256,15 @@ def _entries(path: Path) -> list[CheckpointRef]:
             step = checkpoint_step(entry)
             if step is not None:
                 out.append(CheckpointRef(path=entry, step=step, name=entry.name))
+        elif entry.is_dir() and megatron.is_megatron_dir(entry):
+            step = _megatron_step(entry)
+            done = megatron.tracker_iteration(path)
+            if step is not None and (done is None or step <= done):
+                out.append(CheckpointRef(path=entry, step=step, name=entry.name))
+        elif entry.is_dir() and litgpt.is_litgpt_dir(entry):
+            step = _litgpt_step(entry)
+            if step is not None:
+                out.append(CheckpointRef(path=entry, step=step, name=entry.name))
         elif entry.is_dir() and name_step(entry.name) is not None and not (entry / NANOGPT_FILE).is_file():
             problem = None if entry.name.lower().startswith("global_step") else foreign_layout(entry)
             if problem:
@@ -266,6 +288,10 @@ def discover(path: Path) -> list[CheckpointRef]:
         raise CommuteError(
             f"checkpoint path {path} does not exist", hint="pass a checkpoint folder or a run folder"
         )
+    if path.is_file() and path.name == megatron.CHECKPOINT_FILE:  # one rank's file: its iter_N folder
+        path = path.parent.parent
+    if path.is_file() and path.name == litgpt.WEIGHTS_FILE:  # LitGPT's file: its folder
+        path = path.parent
     if path.is_file():
         if path.suffix in (".pt", ".pth"):
             return [_nanogpt_ref(path, path.stem if name_step(path.name) else path.parent.name or path.stem)]
@@ -278,6 +304,10 @@ def discover(path: Path) -> list[CheckpointRef]:
         return _dedupe(refs)
     if is_checkpoint_dir(path):
         return [CheckpointRef(path=path, step=checkpoint_step(path), name=path.name)]
+    if megatron.is_megatron_dir(path):
+        return [CheckpointRef(path=path, step=_megatron_step(path), name=path.name)]
+    if litgpt.is_litgpt_dir(path):
+        return [CheckpointRef(path=path, step=_litgpt_step(path), name=path.name)]
     if (path / NANOGPT_FILE).is_file():
         return [_nanogpt_ref(path / NANOGPT_FILE, path.name)]
     problem = foreign_layout(path)
@@ -355,6 +385,10 @@ def weight_files(ref: CheckpointRef | Path) -> list[Path]:
     path = _path(ref)
     if path.is_file():
         return [path]
+    if megatron.is_megatron_dir(path):
+        return [f for _, f in sorted(megatron.rank_files(path).items())]
+    if litgpt.is_litgpt_dir(path):
+        return [path / litgpt.WEIGHTS_FILE]
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index_file = path / index_name
         if index_file.is_file():

@@ -18,6 +18,10 @@ wanted is the one of the update that *starts* from the saved weights. Sources, i
    nearest after it; the result carries the step it was logged at, so a stale rate is visible.
 6. nanoGPT ``ckpt.pt``: its optimizer's ``param_groups`` (nanoGPT sets ``get_lr(iter_num)`` before it
    saves: the next update's rate), else its ``config`` (:func:`commute_cli.io.nanogpt.learning_rate`).
+7. Megatron-LM ``iter_N``: its optimizer's param group (set for the next update after each step), else its
+   ``opt_param_scheduler`` through Megatron's formula, else a constant ``args.lr``
+   (:func:`commute_cli.io.megatron.learning_rate`).
+8. LitGPT ``lit_model.pth``: its optimizer's param group (:func:`commute_cli.io.litgpt.learning_rate`).
 
 **A rate that changes inside the prediction window** (warmup, cosine): the prediction uses the rate at the
 checkpoint, the one of the update that starts from these weights, for the whole horizon: ``dt = lr * N``.
@@ -44,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from commute_cli.errors import CommuteError
-from commute_cli.io import nanogpt
+from commute_cli.io import litgpt, megatron, nanogpt
 from commute_cli.io.discovery import CheckpointRef, trainer_state
 from commute_cli.io.safefiles import torch_load
 from commute_cli.io.saved_optimizer import saved_optimizer
@@ -139,6 +143,9 @@ def find_learning_rate(ref: CheckpointRef, override: float | None = None) -> Lea
     path = Path(ref.path)
     if path.is_file():
         value, source = nanogpt.learning_rate(nanogpt.read(path))
+        return _checked(LearningRate(value, source, ref.step if value is not None else None), ref)
+    if megatron.is_megatron_dir(path) or litgpt.is_litgpt_dir(path):
+        value, source = (megatron if megatron.is_megatron_dir(path) else litgpt).learning_rate(path)
         return _checked(LearningRate(value, source, ref.step if value is not None else None), ref)
     value = _from_scheduler(path)
     if value is not None:

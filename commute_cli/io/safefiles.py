@@ -1,9 +1,11 @@
 """Reading files a trainer wrote, safely: JSON, safetensors headers, and pickles through ``weights_only``.
 
-Every reader of checkpoint files goes through these three functions, so the safety rules live in one place:
+Every reader of checkpoint files goes through these functions, so the safety rules live in one place:
 
 - a ``.pt``/``.bin`` pickle is only ever read with ``torch.load(weights_only=True)``, which admits tensors,
-  plain containers and numbers and refuses any other global (no code runs);
+  plain containers and numbers and refuses any other global (no code runs); a format whose pickle names a
+  few other globals (Megatron-LM's ``argparse.Namespace``) is read by :func:`torch_load_allowing`, which
+  builds only the plain-data classes its caller names and keeps the rest as inert records, never running them;
 - a safetensors file is opened with ``safetensors.safe_open``, which checks the header, the tensor offsets
   and the file size without reading the tensor data;
 - a JSON file that does not parse is one line naming the file, never a traceback.
@@ -12,7 +14,9 @@ Every reader of checkpoint files goes through these three functions, so the safe
 from __future__ import annotations
 
 import json
+import re
 import zipfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,3 +74,68 @@ def torch_load(file: Path, what: str = "file", hint: str | None = None, mmap: bo
             hint=hint
             or "it may contain code; convert the checkpoint to safetensors from a trusted environment",
         ) from err
+
+
+class InertRecord:
+    """What a pickle built from a global that commute does not run: the arguments it was called with and the
+    state it was given, kept as data. Subclasses carry the global's dotted name in ``name``."""
+
+    name = ""
+    args: tuple[Any, ...]
+    state: Any
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> InertRecord:
+        record = object.__new__(cls)
+        record.args = args
+        record.state = None
+        return record
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"<{self.name} (not unpickled)>"
+
+
+_UNSUPPORTED_GLOBAL = re.compile(r"GLOBAL (\S+) was not an allowed global")
+
+
+def torch_load_allowing(
+    file: Path,
+    what: str,
+    allow: Sequence[type],
+    inert: Callable[[str], bool],
+    hint: str,
+    mmap: bool | None = None,
+) -> Any:
+    """``torch.load(weights_only=True)`` of a pickle that also holds a few named non-tensor objects.
+
+    ``allow``: classes built as themselves (``torch.serialization.safe_globals``; each must be plain
+    data, e.g. ``argparse.Namespace``). ``inert(name)``: globals read as :class:`InertRecord` under their
+    own name, so the objects they describe (an RNG's numpy state, a trainer's enum) are kept as arguments
+    and nothing of theirs runs. Any other global is refused with one line naming it. The pickle's globals
+    are found the way torch reports them (one per refused load; at most 32), so the rules hold for old and
+    zip-format files alike. A class that a library imported in this process allowlisted itself
+    (``torch.serialization.add_safe_globals``) is built as that class; commute imports none that do.
+    """
+    import torch
+
+    file = Path(file)
+    use_mmap = zipfile.is_zipfile(file) if mmap is None else mmap
+    records: dict[str, type] = {}
+    for _ in range(32):
+        safe: list[Any] = [*allow, *((cls, name) for name, cls in records.items())]
+        try:
+            with torch.serialization.safe_globals(safe):
+                return torch.load(file, map_location="cpu", weights_only=True, mmap=use_mmap)
+        except Exception as err:
+            found = _UNSUPPORTED_GLOBAL.search(str(err))
+            name = found.group(1) if found else None
+            if name is None or name in records or not inert(name):
+                detail = f"it needs {name}, which commute does not unpickle" if name else _one_line(err, 160)
+                raise CommuteError(f"refusing to load {what} {file}: {detail}", hint=hint) from err
+            records[name] = type(name.rsplit(".", 1)[-1], (InertRecord,), {"name": name})
+    raise CommuteError(f"refusing to load {what} {file}: it names too many globals", hint=hint)

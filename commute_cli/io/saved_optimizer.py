@@ -9,13 +9,23 @@ from pathlib import Path
 from typing import Any
 
 from commute_cli.errors import CommuteError
+from commute_cli.io import litgpt, megatron
 from commute_cli.io.safefiles import torch_load
 
 
 def saved_optimizer(path: Path) -> Mapping[str, Any] | None:
     """The optimizer state saved with a checkpoint (``torch.load(weights_only=True)``): ``optimizer.pt`` in a
-    checkpoint folder, the ``"optimizer"`` entry of a nanoGPT ``ckpt.pt``; None when there is none or it
-    cannot be read safely."""
+    checkpoint folder, the ``"optimizer"`` entry of a nanoGPT ``ckpt.pt``, of a Megatron-LM rank-0 file or of
+    a LitGPT ``lit_model.pth``; None when there is none or it cannot be read safely."""
+    if path.is_dir() and (megatron.is_megatron_dir(path) or litgpt.is_litgpt_dir(path)):
+        try:
+            return (
+                megatron.optimizer_state(path)
+                if megatron.is_megatron_dir(path)
+                else litgpt.optimizer_state(path)
+            )
+        except CommuteError:
+            return None
     if path.is_dir():
         path = path / "optimizer.pt"
         if not path.is_file():
