@@ -8,7 +8,6 @@ LitGPT state dict with torch.nn.functional; it shares no code with the loader.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -22,7 +21,14 @@ from commute_cli.io import checkpoints as ck
 from commute_cli.io.learning_rate import find_learning_rate
 
 from cli_runner import cli
-from tiny_run import EN_WORDS, XX_WORDS, make_texts, make_tokenizer, write_jsonl
+from tiny_run import (
+    EN_WORDS,
+    XX_WORDS,
+    analyze_like_transformers_copy,
+    make_texts,
+    make_tokenizer,
+    write_jsonl,
+)
 
 LLAMA = dict(
     name="micro-llama-test", block_size=32, vocab_size=60, padding_multiple=64, padded_vocab_size=64,
@@ -196,22 +202,10 @@ def test_litgpt_run_analyzed_like_its_transformers_copy(tmp_path, capsys):
     write_jsonl(tmp_path / "en.jsonl", en)
     write_jsonl(tmp_path / "xx.jsonl", xx)
     cfg = dict(LLAMA, vocab_size=300, padded_vocab_size=320)
-    for it, seed in ((100, 5), (200, 6)):
-        folder = write_lit(tmp_path / "lit" / f"step-{it:08d}", cfg, lit_state(cfg, seed), step=it, lr=3e-4)
-        hf = tmp_path / "hf" / f"checkpoint-{it}"
-        ck.load_model(folder).save_pretrained(hf)
-        (hf / "trainer_state.json").write_text(
-            json.dumps({"global_step": it, "log_history": [{"step": it, "learning_rate": 3e-4}]})
-        )
-    common = [
-        "--domains", f"en={tmp_path / 'en.jsonl'}", f"xx={tmp_path / 'xx.jsonl'}", "--weights", "en=0.6",
-        "xx=0.4", "--tokenizer", tmp_path / "tok", "--samples", "12", "--blocks", "2", "--seq-len", "16",
-        "--target", "mix", "-q",
-    ]  # fmt: skip
-    code, _, err = cli(["analyze", tmp_path / "lit", "--out", tmp_path / "o1", *common], capsys)
-    assert code == 0, err
-    code, _, err = cli(["analyze", tmp_path / "hf", "--out", tmp_path / "o2", *common], capsys)
-    assert code == 0, err
-    a, b = (pd.read_csv(tmp_path / o / "results.csv").drop(columns="run_id") for o in ("o1", "o2"))
+    saved = {
+        it: write_lit(tmp_path / "lit" / f"step-{it:08d}", cfg, lit_state(cfg, seed), step=it, lr=3e-4)
+        for it, seed in ((100, 5), (200, 6))
+    }
+    a, b, _ = analyze_like_transformers_copy(tmp_path, capsys, tmp_path / "lit", saved, 3e-4)
     assert list(a["step"]) == [100, 200]
     pd.testing.assert_frame_equal(a, b, rtol=1e-4, atol=1e-9)

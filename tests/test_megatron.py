@@ -35,7 +35,14 @@ from commute_cli.io.learning_rate import find_learning_rate
 from commute_cli.io.saved_optimizer import optimizer_name
 
 from cli_runner import cli
-from tiny_run import EN_WORDS, XX_WORDS, make_texts, make_tokenizer, write_jsonl
+from tiny_run import (
+    EN_WORDS,
+    XX_WORDS,
+    analyze_like_transformers_copy,
+    make_texts,
+    make_tokenizer,
+    write_jsonl,
+)
 
 C, HEADS, LAYERS, T, VOCAB, FFN = 16, 4, 3, 24, 64, 48
 
@@ -379,24 +386,11 @@ def test_megatron_run_analyzed_like_its_transformers_copy(tmp_path, capsys):
     assert len(tok) < padded
     write_jsonl(tmp_path / "en.jsonl", en)
     write_jsonl(tmp_path / "xx.jsonl", xx)
+    saved = {}
     for it, seed in ((100, 5), (200, 6)):
         w, args = megatron_weights(seed, vocab=padded), megatron_args(2, 1, padded_vocab_size=padded)
-        folder = write_megatron(tmp_path / "meg", w, it, tp=2, layout="core", lr=3e-4, args=args)
-        hf = tmp_path / "hf" / f"checkpoint-{it}"
-        ck.load_model(folder).save_pretrained(hf)
-        (hf / "trainer_state.json").write_text(
-            json.dumps({"global_step": it, "log_history": [{"step": it, "learning_rate": 3e-4}]})
-        )
-    common = [
-        "--domains", f"en={tmp_path / 'en.jsonl'}", f"xx={tmp_path / 'xx.jsonl'}", "--weights", "en=0.6",
-        "xx=0.4", "--tokenizer", tmp_path / "tok", "--samples", "12", "--blocks", "2", "--seq-len", "16",
-        "--target", "mix", "-q",
-    ]  # fmt: skip
-    code, _, err = cli(["analyze", tmp_path / "meg", "--out", tmp_path / "o1", *common], capsys)
-    assert code == 0, err
-    code, _, err = cli(["analyze", tmp_path / "hf", "--out", tmp_path / "o2", *common], capsys)
-    assert code == 0, err
-    a, b = (pd.read_csv(tmp_path / o / "results.csv").drop(columns="run_id") for o in ("o1", "o2"))
+        saved[it] = write_megatron(tmp_path / "meg", w, it, tp=2, layout="core", lr=3e-4, args=args)
+    a, b, common = analyze_like_transformers_copy(tmp_path, capsys, tmp_path / "meg", saved, 3e-4)
     assert list(a["step"]) == [100, 200]
     pd.testing.assert_frame_equal(a, b, rtol=1e-4, atol=1e-9)
     run = json.loads((tmp_path / "o1" / "run.json").read_text())

@@ -21,7 +21,14 @@ from commute_cli.io import checkpoints as ck
 from commute_cli.io.learning_rate import find_learning_rate
 
 from cli_runner import cli
-from tiny_run import EN_WORDS, XX_WORDS, make_texts, make_tokenizer, write_jsonl
+from tiny_run import (
+    EN_WORDS,
+    XX_WORDS,
+    analyze_like_transformers_copy,
+    make_texts,
+    make_tokenizer,
+    write_jsonl,
+)
 
 
 def nanogpt_state(args: dict, seed: int, *, mask_buffer: bool = True) -> dict[str, torch.Tensor]:
@@ -187,23 +194,11 @@ def test_nanogpt_run_analyzed_like_its_transformers_copy(tmp_path, capsys):
     write_jsonl(tmp_path / "xx.jsonl", xx)
     # bias=True: no frozen zero biases, so the saved transformers copy has exactly the same parameters
     args = dict(ARGS, vocab_size=len(tok), bias=True)
-    for it, seed in ((100, 0), (200, 1)):
-        file = save_nanogpt(tmp_path / "nano" / f"ckpt_{it}.pt", args, nanogpt_state(args, seed), it, lr=3e-4)
-        hf = tmp_path / "hf" / f"checkpoint-{it}"
-        ck.load_model(file).save_pretrained(hf)
-        (hf / "trainer_state.json").write_text(
-            json.dumps({"global_step": it, "log_history": [{"step": it, "learning_rate": 3e-4}]})
-        )
-    common = [
-        "--domains", f"en={tmp_path / 'en.jsonl'}", f"xx={tmp_path / 'xx.jsonl'}", "--weights", "en=0.6",
-        "xx=0.4", "--tokenizer", tmp_path / "tok", "--samples", "12", "--blocks", "2", "--seq-len", "16",
-        "--target", "mix", "-q",
-    ]  # fmt: skip
-    code, _, err = cli(["analyze", tmp_path / "nano", "--out", tmp_path / "o1", *common], capsys)
-    assert code == 0, err
-    code, _, err = cli(["analyze", tmp_path / "hf", "--out", tmp_path / "o2", *common], capsys)
-    assert code == 0, err
-    a, b = (pd.read_csv(tmp_path / o / "results.csv").drop(columns="run_id") for o in ("o1", "o2"))
+    saved = {
+        it: save_nanogpt(tmp_path / "nano" / f"ckpt_{it}.pt", args, nanogpt_state(args, seed), it, lr=3e-4)
+        for it, seed in ((100, 0), (200, 1))
+    }
+    a, b, common = analyze_like_transformers_copy(tmp_path, capsys, tmp_path / "nano", saved, 3e-4)
     assert list(a["step"]) == [100, 200]
     pd.testing.assert_frame_equal(a, b, rtol=1e-4, atol=1e-9)
     la, lb = pd.read_csv(tmp_path / "o1" / "losses.csv"), pd.read_csv(tmp_path / "o2" / "losses.csv")

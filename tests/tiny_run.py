@@ -188,3 +188,32 @@ def sample_shards(root: Path, train_chars: int, validation_chars: int, doc_chars
             (root / lang).mkdir(parents=True, exist_ok=True)
             (root / lang / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return root
+
+
+def analyze_like_transformers_copy(tmp_path: Path, capsys, foreign: Path, steps: dict[int, Path], lr: float):
+    """Analyze a foreign-format run (``foreign``: its folder) and the same weights saved by
+    ``save_pretrained`` as Trainer-like ``checkpoint-N`` folders (``steps``: step -> the foreign checkpoint,
+    loaded by commute's one loader), on ``tmp_path``'s ``en.jsonl``/``xx.jsonl`` and ``tok``; returns both
+    results.csv (without ``run_id``) and the common analyze arguments. Asserts both commands exit 0."""
+    import pandas as pd
+
+    from commute_cli.io import checkpoints
+
+    from cli_runner import cli
+
+    for step, folder in steps.items():
+        hf = tmp_path / "hf" / f"checkpoint-{step}"
+        checkpoints.load_model(folder).save_pretrained(hf)
+        (hf / "trainer_state.json").write_text(
+            json.dumps({"global_step": step, "log_history": [{"step": step, "learning_rate": lr}]})
+        )
+    common = [
+        "--domains", f"en={tmp_path / 'en.jsonl'}", f"xx={tmp_path / 'xx.jsonl'}", "--weights", "en=0.6",
+        "xx=0.4", "--tokenizer", tmp_path / "tok", "--samples", "12", "--blocks", "2", "--seq-len", "16",
+        "--target", "mix", "-q",
+    ]  # fmt: skip
+    for folder, out in ((foreign, "o1"), (tmp_path / "hf", "o2")):
+        code, _, err = cli(["analyze", folder, "--out", tmp_path / out, *common], capsys)
+        assert code == 0, err
+    a, b = (pd.read_csv(tmp_path / o / "results.csv").drop(columns="run_id") for o in ("o1", "o2"))
+    return a, b, common
