@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from commute_cli.cli.app import Device, Format, Hvp, Metric, Offload, Plan, alias, help_paragraphs
 from commute_cli.errors import CommuteError
+
+if TYPE_CHECKING:
+    from commute_cli.commands.analyze import AnalysisResult
 
 
 @help_paragraphs
@@ -282,5 +286,20 @@ def analyze_command(
         files = "results.csv, losses.csv, baselines.csv" + (", decomposition.csv" if decompose else "")
         where = f"results in {result.out}/ ({files}, run.json)"
         typer.echo(where + (f"; plot in {plot}" if plot else ""), err=True)
+        _print_bottom_line(result)
     else:
         tables.emit_dataframe(result.results, fmt_value)
+
+
+def _print_bottom_line(result: AnalysisResult) -> None:
+    """The table's last lines (stdout): the one change the rows support, or that none is (issue 21)."""
+    from commute_cli.core.bottom_line import bottom_line
+    from commute_cli.render.bottom_line import bottom_line_lines
+    from commute_cli.render.tables import table_confidence
+
+    results, run = result.results, result.run
+    line = bottom_line(
+        results.to_dict("records"), run.get("optimizer"), str(run.get("options", {}).get("metric", "euclid"))
+    )
+    for text in bottom_line_lines(line, str(result.out), table_confidence(results)):
+        typer.echo(text)
