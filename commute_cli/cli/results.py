@@ -120,6 +120,7 @@ def recommend_command(
     result = store.load_analysis(from_dir)
     folder = out if out is not None else from_dir
     typer.echo(f"recommendation for {result.label()}", err=True)
+    _name_other_runs(from_dir)
     if kind is AdviceKind.phases:
         _recommend_phases(
             result, target, folder, start=start, seeds=seeds, finalists=finalists, candidates=candidates,
@@ -283,6 +284,7 @@ def plot_command(
         _plot_heatmap(kind, output, from_dir, target)
         return
     result = store.load_analysis(from_dir)
+    _name_other_runs(from_dir)
     losses = store.load_losses(from_dir)
     vfile = validate_csv if validate_csv is not None else from_dir / "validate.csv"
     validate = None
@@ -306,6 +308,7 @@ def _plot_heatmap(kind: PlotKind, output: Path, from_dir: Path, target: str | No
     from commute_cli.render import heatmaps
 
     result = store.load_analysis(from_dir)
+    _name_other_runs(from_dir)
     needs = {PlotKind.decomposition: "decomposition.csv", PlotKind.orders: "baselines.csv"}.get(kind)
     extra = None
     if needs is not None:
@@ -338,6 +341,23 @@ def _plot_heatmap(kind: PlotKind, output: Path, from_dir: Path, target: str | No
                 )
             heatmaps.plot_decomposition_heatmap(extra, tmp, name)
     typer.echo(f"wrote {output} ({result.label()})", err=True)
+
+
+def _name_other_runs(from_dir: Path) -> None:
+    """One line when ``--from`` holds other analyses in subfolders (``run-<id>/``, ``--name``): which, how
+    they differ from the one read, and the flag that picks one (issue 21: no silent choice)."""
+    from commute_cli.io import store
+
+    others = store.other_analyses(from_dir)
+    if not others:
+        return
+    shown = [f"{path}/" + (f" ({'; '.join(differs)})" if differs else "") for path, differs in others[:3]]
+    more = f" and {len(others) - 3} more" if len(others) > 3 else ""
+    typer.echo(
+        f"note: this reads {from_dir}/; it also holds {', '.join(shown)}{more}: choose one with "
+        f"--from {others[0][0]}",
+        err=True,
+    )
 
 
 @help_paragraphs
