@@ -230,17 +230,34 @@ def analyze_command(
         from commute_cli.commands.preview import preview
 
         p = preview(opts)
+        n_cached = len(p["cached"])
+        cache_words = (
+            f"{n_cached} of {p['checkpoints']} checkpoint(s) already in {out}/cache (read in seconds)"
+            if n_cached
+            else (
+                f"none of the {p['checkpoints']} checkpoint(s) in {out}/cache"
+                if not no_cache
+                else "--no-cache: every checkpoint is computed"
+            )
+        )
+        timing = (
+            f"one gradient sequence took {p['seconds_per_gradient_sequence'] * 1e3:.1f} ms on {p['device']} "
+            f"(median of 3), loading one {p['load_seconds']:.1f} s"
+            if n_cached < p["checkpoints"]
+            else "nothing to compute"
+        )
         typer.echo(
             f"dry run: {p['checkpoints']} checkpoint(s), domains {', '.join(p['domains'])}, targets "
             f"{', '.join(p['targets'])}, {p['plan']} plan; {p['samples_used']} sequences of {p['seq_len']} "
             f"tokens per domain ({p['seqs_per_part']} per part x 3 parts x {blocks} blocks)\n"
             f"  gradient passes: {p['gradient_sequences']} sequences\n"
             f"  HVP passes: {p['hvp_sequences']} sequences, {p['vectors_per_hvp']} vector(s) each\n"
-            f"  total: {p['gradient_equivalents']:.0f} gradient-sequence equivalents; one gradient sequence "
-            f"took {p['seconds_per_gradient_sequence'] * 1e3:.1f} ms on {p['device']}\n"
-            f"  estimated compute time: {p['estimated_seconds']:.0f} s without the cache (plus loading and "
-            "sampling; checkpoints already in --out's cache take seconds; the FLOP-count model is an upper "
-            "bound where HVPs run faster than 1+2v gradients)"
+            f"  total: {p['gradient_equivalents']:.0f} gradient-sequence equivalents; {timing}\n"
+            f"  cache: {cache_words}\n"
+            f"  estimated time: {p['estimated_seconds']:.0f} s (start-up {p['startup_seconds']:.0f} s, the "
+            f"sample {p['sampling_seconds']:.0f} s, {p['checkpoints'] - n_cached} checkpoint(s) to load and "
+            "compute; "
+            "benchmarks/bench_estimates.py measures this estimate against real runs)"
         )
         return
     try:

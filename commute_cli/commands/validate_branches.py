@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import statistics
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -153,20 +154,21 @@ def pending_repeats(setup: Setup, opts: ValidateOptions, prepared: Branches) -> 
     )
 
 
-def time_one_step(prepared: Branches, lr: float) -> float:
-    """Seconds of one training step at this size, measured on a throwaway fork (the second of two steps,
-    so that one-time costs do not count)."""
+def time_one_step(prepared: Branches, lr: float, timed: int = 3) -> float:
+    """Seconds of one training step at this size, measured on a throwaway fork: one warm-up step (one-time
+    costs), then the median of ``timed`` steps (one step slowed by another job swung the estimate 2.7x,
+    issue 21)."""
     fork = prepared.state.fork()
     w = [1.0 / len(fork.streams)] * len(fork.streams)
     times = []
-    for _ in range(2):
+    for _ in range(timed + 1):
         t0 = time.perf_counter()
         training.train_step(fork.model, fork.optimizer, fork.streams, w, fork.batch_size, lr)
         if training.model_device(fork.model).type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     del fork
-    return times[-1]
+    return statistics.median(times[1:])
 
 
 def observe(
