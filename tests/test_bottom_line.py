@@ -96,6 +96,10 @@ def test_choice_direction_and_left_out_rows(analysed, capsys):
     text = "\n".join(bottom_line_lines(line))
     assert "1 of them outside the local regime, left out" in text
     assert "right sign in 6 of 10 real interventions" in text  # the AdamW record of core.known_sizes
+    sgd = "\n".join(bottom_line_lines(bottom_line(res.to_dict("records"), "SGD")))
+    assert "plain-SGD run inside the local regime" in sgd and "9 of 13 signs right" in sgd
+    unknown = "\n".join(bottom_line_lines(bottom_line(res.to_dict("records"), "Lion")))
+    assert "not measured for this run's optimizer" in unknown
     # nothing usable: none supported, and the command still runs recommend on a target of the run
     res.loc[pos, "regime"] = "saturated"
     none = bottom_line(res.to_dict("records"), "SGD")

@@ -299,7 +299,20 @@ def plot_command(
         raise CommuteError(f"{vfile} does not exist", hint="run `commute validate` or leave out --validate")
     fig = figures.criterion_figure(result.results, losses, validate, run=result.run)
     path = atomic.write_bytes(output, figures.png_bytes(fig))
-    typer.echo(f"wrote {path} ({result.label()})", err=True)
+    drawn = f"; loss plane from {vfile}{_validation_words(vfile)}" if validate is not None else ""
+    typer.echo(f"wrote {path} ({result.label()}{drawn})", err=True)
+
+
+def _validation_words(vfile: Path) -> str:
+    """`` (checkpoint-1000, horizon 100)``: which validation the loss plane draws, from the validate.json
+    beside ``vfile`` ('' when it is not there): a later validate into the same folder replaces it."""
+    import json
+
+    try:
+        run = json.loads(vfile.with_suffix(".json").read_text(encoding="utf-8"))["run"]
+        return f" ({Path(str(run['checkpoint'])).name}, horizon {run['options']['steps']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
 
 
 def _plot_heatmap(kind: PlotKind, output: Path, from_dir: Path, target: str | None) -> None:
