@@ -59,8 +59,11 @@ def test_preview_estimate_is_its_parts(tmp_path):
     run = make_run(tmp_path / "run", steps=(0, 10))
     p = preview(AnalyzeOptions(ckpt_dir=run, samples=24, blocks=4, out=tmp_path / "out", device="cpu"))
     assert p["cached"] == [] and p["seconds_per_gradient_sequence"] > 0
-    per_seq = p["seconds_per_gradient_sequence"]
-    assert p["compute_seconds"] == pytest.approx(p["gradient_equivalents"] * per_seq)
+    per_seq, per_hvp = p["seconds_per_gradient_sequence"], p["seconds_per_hvp_sequence"]
+    assert per_hvp > 0
+    assert p["compute_seconds"] == pytest.approx(
+        p["gradient_sequences"] * per_seq + p["hvp_sequences"] * per_hvp
+    )
     parts = p["startup_seconds"] + p["sampling_seconds"] + p["first_load_seconds"] + p["load_seconds"]
     assert p["estimated_seconds"] == pytest.approx(parts + p["compute_seconds"])
 

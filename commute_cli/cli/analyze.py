@@ -241,8 +241,13 @@ def analyze_command(
             )
         )
         timing = (
-            f"one gradient sequence took {p['seconds_per_gradient_sequence'] * 1e3:.1f} ms on {p['device']} "
-            f"(median of 3), loading one {p['load_seconds']:.1f} s"
+            f"one gradient sequence took {p['seconds_per_gradient_sequence'] * 1e3:.1f} ms on {p['device']}"
+            + (
+                f", one HVP sequence {p['seconds_per_hvp_sequence'] * 1e3:.1f} ms"
+                if p["seconds_per_hvp_sequence"]
+                else ""
+            )
+            + f" (medians of 3), loading one {p['load_seconds']:.1f} s"
             if n_cached < p["checkpoints"]
             else "nothing to compute"
         )

@@ -22,14 +22,15 @@ import torch
 
 from commute_cli import STARTED
 from commute_cli.commands.options import AnalyzeOptions, Inputs, resolve_inputs
-from commute_cli.commands.stats import prepare_samples, quiet_libraries, stats_key
+from commute_cli.commands.stats import hvp_micro_batch, prepare_samples, quiet_libraries, stats_key
 from commute_cli.core import criterion, power
 from commute_cli.engine import curvature
+from commute_cli.engine.hvp import hvp
 from commute_cli.engine.training import resolve_device
 from commute_cli.errors import CommuteError
 from commute_cli.io import checkpoints, store
 
-__all__ = ["cached_checkpoints", "preview", "time_gradient"]
+__all__ = ["cached_checkpoints", "preview", "time_gradient", "time_hvp"]
 
 TIMED_PASSES = 3
 """Timed gradient passes after one warm-up; their median is the time per sequence (one pass swung 10x
@@ -43,6 +44,26 @@ def time_gradient(model: torch.nn.Module, ids: torch.Tensor, device: torch.devic
     for k in range(TIMED_PASSES + 1):
         t0 = time.perf_counter()
         curvature.loss_and_grad(model, ids, ids.shape[0])
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if k:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times) / ids.shape[0]
+
+
+def time_hvp(
+    model: torch.nn.Module, ids: torch.Tensor, vectors: int, method: str, device: torch.device
+) -> float:
+    """Seconds per sequence of one Hessian-vector-product pass over ``ids`` (``[batch, seq_len]``) with
+    ``vectors`` random vectors at once (``engine.hvp.hvp``, as the estimator runs it): one warm-up pass, then
+    the median of :data:`TIMED_PASSES`. Measured rather than taken as ``1 + 2v`` gradients: on the shipped
+    run the FLOP count overstated the analysis 1.5x (benchmarks/bench_estimates.py)."""
+    n = curvature.num_params(model)
+    v = torch.randn(vectors, n, generator=torch.Generator().manual_seed(0))
+    times = []
+    for k in range(TIMED_PASSES + 1):
+        t0 = time.perf_counter()
+        hvp(model, ids, v, ids.shape[0], method)  # type: ignore[arg-type]  # "rr" or "fr", checked by options
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if k:
@@ -77,12 +98,13 @@ def preview(opts: AnalyzeOptions, *, look_up_cache: bool = True) -> dict[str, An
     Resolves and checks every input as the real run does, draws the sample (timed: the run draws the same
     one) and looks its checkpoints up in ``--out``'s cache under the run's own keys, counts the gradient
     and HVP passes (:func:`commute_cli.core.power.analysis_cost`), and times gradients of one micro-batch
-    of random tokens on the first checkpoint left to compute (:func:`time_gradient`). The estimate, in
-    seconds of wall time, is ``start-up + sampling + first load + (uncached - 1) x later load + passes of
-    the uncached checkpoints x time per gradient sequence``, where start-up is this process's own time from
+    of random tokens on the first checkpoint left to compute (:func:`time_gradient`) and HVPs with the
+    run's vector count (:func:`time_hvp`). The estimate, in seconds of wall time, is ``start-up +
+    sampling + first load + (uncached - 1) x later load + the uncached checkpoints' gradient and HVP
+    sequences x their measured times``, where start-up is this process's own time from
     importing commute to the end of the input checks (the cached checkpoints' reads are left out). Nothing
-    is cached or written. ``look_up_cache=False`` (``--budget``): no sample and no cache look-up, every
-    checkpoint counted and timed.
+    is cached or written. ``look_up_cache=False`` (``--budget``): no sample, no cache look-up and no HVP
+    timing: every checkpoint counted, and compute from the FLOP-count model (:func:`power.estimated_seconds`).
 
     Returns the numbers as a dict: ``seconds_per_gradient_sequence``, ``estimated_seconds``, ``cached``
     (checkpoint names), ``startup_seconds``, ``sampling_seconds``, ``first_load_seconds``, ``load_seconds``,
@@ -108,6 +130,7 @@ def preview(opts: AnalyzeOptions, *, look_up_cache: bool = True) -> dict[str, An
         cached = cached_checkpoints(inputs, opts, plan, digest, device)
     todo = n - len(cached)
     per_seq = load = load_first = 0.0
+    per_hvp_seq: float | None = None
     if todo:
         first = next(r for r in inputs.refs if r.name not in cached)
         t0 = time.perf_counter()
@@ -120,9 +143,17 @@ def preview(opts: AnalyzeOptions, *, look_up_cache: bool = True) -> dict[str, An
             load = time.perf_counter() - t0
         vocab = int(getattr(model.config, "vocab_size", 2))
         gen = torch.Generator().manual_seed(0)
-        ids = torch.randint(0, vocab, (opts.batch_size, inputs.seq_len), generator=gen)
+        # the run's forward passes: a part's sequences in micro-batches (never more than the part holds)
+        mb = opts.batch_size if not look_up_cache else min(opts.batch_size, cost.seqs_per_part)
+        ids = torch.randint(0, vocab, (mb, inputs.seq_len), generator=gen)
         per_seq = time_gradient(model, ids, device)
-    compute = power.estimated_seconds(cost, per_seq) * todo / n if todo else 0.0
+        if look_up_cache:  # --budget keeps the FLOP-count model of core.power (one timed quantity)
+            hvp_ids = ids[: min(hvp_micro_batch(opts), cost.seqs_per_part)]
+            per_hvp_seq = time_hvp(model, hvp_ids, cost.vectors_per_hvp, opts.hvp, device)
+    if per_hvp_seq is None:
+        compute = power.estimated_seconds(cost, per_seq) * todo / n if todo else 0.0
+    else:
+        compute = (cost.gradient_sequences * per_seq + cost.hvp_sequences * per_hvp_seq) * todo / n
     return {
         **asdict(cost),
         "checkpoints": n,
@@ -133,6 +164,7 @@ def preview(opts: AnalyzeOptions, *, look_up_cache: bool = True) -> dict[str, An
         "seq_len": inputs.seq_len,
         "device": str(device),
         "seconds_per_gradient_sequence": per_seq,
+        "seconds_per_hvp_sequence": per_hvp_seq,
         "startup_seconds": startup,
         "sampling_seconds": sampling,
         "load_seconds": load,
