@@ -55,7 +55,7 @@ def dry_run_estimate(text: str) -> float:
 
 
 def validate_estimate(text: str) -> float:
-    m = re.search(r"about (\d+(?:\.\d+)?) min", text)
+    m = re.search(r"about (\d+(?:\.\d+)?) min in all", text)
     if m is None:
         raise SystemExit(f"no cost line in validate's output:\n{text}")
     return 60.0 * float(m.group(1))

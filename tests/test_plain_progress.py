@@ -86,3 +86,6 @@ def test_train_and_validate_print_lines_when_piped(tmp_path):
     assert lines and lines[0].startswith("validate: branches: step 0/24"), res.stderr
     assert all(LINE.match(ln) for ln in lines) and "━" not in res.stderr
     assert res.stderr.index("validate: branches: step") < res.stderr.index("results in")
+    # the cost line announces the whole command: set-up so far + training + the prediction's analysis
+    cost = r"one step measured \S+ s \(median of 3\).*about \d+ s when not cached\): about \d+\.\d min in all"
+    assert re.search(cost, res.stderr), res.stderr

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from commute_cli import STARTED
+from commute_cli import __started__
 from commute_cli.commands.options import AnalyzeOptions, Inputs, resolve_inputs
 from commute_cli.commands.stats import hvp_micro_batch, prepare_samples, quiet_libraries, stats_key
 from commute_cli.core import criterion, power
@@ -121,7 +121,7 @@ def preview(opts: AnalyzeOptions, *, look_up_cache: bool = True) -> dict[str, An
     n = len(inputs.refs)
     cost = power.analysis_cost(opts.samples, opts.blocks, K, plan, n_targets=T, checkpoints=n)
     device = resolve_device(opts.device)
-    startup = time.perf_counter() - STARTED  # imports and input checks: the real run pays them as well
+    startup = time.perf_counter() - __started__  # imports and input checks: the real run pays them as well
     sampling, cached = 0.0, []
     if look_up_cache:
         t0 = time.perf_counter()
