@@ -152,5 +152,6 @@ def test_every_help_example_runs_as_written(tmp_path):
             assert "Traceback" not in res.stderr
     assert (tmp_path / "runs" / "example" / "commute.json").is_file()
     assert (tmp_path / "commute_out" / "results.csv").is_file()
-    assert (tmp_path / "commute_out" / "validate.csv").is_file() and (tmp_path / "criterion.png").is_file()
+    assert (tmp_path / "runs" / "h10" / "validate.csv").is_file() and (tmp_path / "criterion.png").is_file()
+    assert not (tmp_path / "commute_out" / "validate.csv").exists()  # the tour's validation is left alone
     assert (tmp_path / "runs" / "advice" / "schedule.csv").is_file()  # recommend proposed a change

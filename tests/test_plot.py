@@ -296,8 +296,15 @@ def test_cli_plot_on_real_analyze_output(analyzed, tmp_path, capsys):
         check_png(wide, (1500, 1000))
         with Image.open(out) as a, Image.open(wide) as b:
             assert b.size[0] > a.size[0]
+        assert f"loss plane from {analyzed / 'validate.csv'}" in err  # which validation it drew
+        (analyzed / "validate.json").write_text(
+            '{"run": {"checkpoint": "/r/checkpoint-10", "options": {"steps": 5}}}', encoding="utf-8"
+        )
+        code, _, err = cli(["plot", "--from", analyzed, "-o", wide], capsys)
+        assert code == 0 and "validate.csv (checkpoint-10, horizon 5))" in err, err
     finally:
         (analyzed / "validate.csv").unlink()
+        (analyzed / "validate.json").unlink(missing_ok=True)
 
 
 def test_analyze_plot_and_plot_draw_the_same_figure(analyzed, tmp_path, capsys):

@@ -180,7 +180,7 @@ def test_dry_run_prints_the_cost_and_writes_nothing(tmp_path, capsys) -> None:
     assert f"HVP passes: {cost.hvp_sequences} sequences, 1 vector(s) each" in stdout
     assert f"total: {cost.gradient_equivalents:.0f} gradient-sequence equivalents" in stdout
     assert f"dot products: {cost.dot_products} of parameter-sized vectors in float64" in stdout
-    assert "estimated compute time:" in stdout
+    assert "estimated time:" in stdout and "cache: none of the 5 checkpoint(s)" in stdout
     assert not out.exists()
     code, _, err = cli(["analyze", run, "--dry-run", "--samples", "10", "--out", out], capsys)
     assert code == 2 and "--samples 10" in err  # the same input checks as a real run

@@ -94,11 +94,13 @@ def test_optimizer_family_from_the_saved_state():
 
 def test_budget_sets_the_samples_before_the_run(run_dir, tmp_path, capsys):
     """--budget picks --samples from one timed gradient (as --dry-run) before any estimate is made."""
-    code, out, err = cli(["analyze", run_dir, "--budget", "3", "--blocks", "4", "--dry-run"], capsys)
-    assert code == 0, err
+    code, out, err = cli(["analyze", run_dir, "--budget", "1", "--blocks", "4", "--dry-run"], capsys)
     chosen = int(err.split("--samples ")[1].split()[0])
     assert chosen >= 12 and chosen % 12 == 0
-    assert f"{chosen} sequences of" in out
+    if code == 0:
+        assert f"{chosen} sequences of" in out
+    else:  # a fast machine: more sequences than the tiny run's data holds; the dry run draws the sample
+        assert code == 2 and f"fewer than the {chosen} blocks the sample needs" in err, err
     code, _, err = cli(["analyze", run_dir, "--budget", "3", "--samples", "24"], capsys)
     assert code == 2 and "either --samples or --budget" in err and len(err.strip().splitlines()) == 1
     code, _, err = cli(["analyze", run_dir, "--budget", "-1"], capsys)

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from commute_cli.cli.app import Device, Format, Hvp, Metric, Offload, Plan, alias, help_paragraphs
 from commute_cli.errors import CommuteError
+
+if TYPE_CHECKING:
+    from commute_cli.commands.analyze import AnalysisResult
 
 
 @help_paragraphs
@@ -231,6 +235,27 @@ def analyze_command(
         from commute_cli.commands.preview import preview
 
         p = preview(opts)
+        n_cached = len(p["cached"])
+        cache_words = (
+            f"{n_cached} of {p['checkpoints']} checkpoint(s) already in {out}/cache (read in seconds)"
+            if n_cached
+            else (
+                f"none of the {p['checkpoints']} checkpoint(s) in {out}/cache"
+                if not no_cache
+                else "--no-cache: every checkpoint is computed"
+            )
+        )
+        timing = (
+            f"one gradient sequence took {p['seconds_per_gradient_sequence'] * 1e3:.1f} ms on {p['device']}"
+            + (
+                f", one HVP sequence {p['seconds_per_hvp_sequence'] * 1e3:.1f} ms"
+                if p["seconds_per_hvp_sequence"]
+                else ""
+            )
+            + f" (medians of 3), loading one {p['load_seconds']:.1f} s"
+            if n_cached < p["checkpoints"]
+            else "nothing to compute"
+        )
         typer.echo(
             f"dry run: {p['checkpoints']} checkpoint(s), domains {', '.join(p['domains'])}, targets "
             f"{', '.join(p['targets'])}, {p['plan']} plan; {p['samples_used']} sequences of {p['seq_len']} "
@@ -239,11 +264,12 @@ def analyze_command(
             f"  HVP passes: {p['hvp_sequences']} sequences, {p['vectors_per_hvp']} vector(s) each\n"
             f"  dot products: {p['dot_products']} of parameter-sized vectors in float64, "
             f"{100 * p['dot_product_share']:.1f}% of the passes' FLOPs\n"
-            f"  total: {p['gradient_equivalents']:.0f} gradient-sequence equivalents; one gradient sequence "
-            f"took {p['seconds_per_gradient_sequence'] * 1e3:.1f} ms on {p['device']}\n"
-            f"  estimated compute time: {p['estimated_seconds']:.0f} s without the cache (plus loading and "
-            "sampling; checkpoints already in --out's cache take seconds; the FLOP-count model is an upper "
-            "bound where HVPs run faster than 1+2v gradients)"
+            f"  total: {p['gradient_equivalents']:.0f} gradient-sequence equivalents; {timing}\n"
+            f"  cache: {cache_words}\n"
+            f"  estimated time: {p['estimated_seconds']:.0f} s (start-up {p['startup_seconds']:.0f} s, the "
+            f"sample {p['sampling_seconds']:.0f} s, {p['checkpoints'] - n_cached} checkpoint(s) to load and "
+            "compute; "
+            "benchmarks/bench_estimates.py measures this estimate against real runs)"
         )
         return
     try:
@@ -289,5 +315,20 @@ def analyze_command(
         files = "results.csv, losses.csv, baselines.csv" + (", decomposition.csv" if decompose else "")
         where = f"results in {result.out}/ ({files}, run.json)"
         typer.echo(where + (f"; plot in {plot}" if plot else ""), err=True)
+        _print_bottom_line(result)
     else:
         tables.emit_dataframe(result.results, fmt_value)
+
+
+def _print_bottom_line(result: AnalysisResult) -> None:
+    """The table's last lines (stdout): the one change the rows support, or that none is (issue 21)."""
+    from commute_cli.core.bottom_line import bottom_line
+    from commute_cli.render.bottom_line import bottom_line_lines
+    from commute_cli.render.tables import table_confidence
+
+    results, run = result.results, result.run
+    line = bottom_line(
+        results.to_dict("records"), run.get("optimizer"), str(run.get("options", {}).get("metric", "euclid"))
+    )
+    for text in bottom_line_lines(line, str(result.out), table_confidence(results)):
+        typer.echo(text)

@@ -130,6 +130,7 @@ def recommend_command(
     folder = out if out is not None else from_dir
     exporting = exports.ExportPlan.check(export, folder, batch_size, result.run_manifest())  # before training
     typer.echo(f"recommendation for {result.label()}", err=True)
+    _name_other_runs(from_dir)
     if kind is AdviceKind.phases:
         _recommend_phases(
             result, target, folder, start=start, seeds=seeds, finalists=finalists, candidates=candidates,
@@ -319,6 +320,7 @@ def plot_command(
         _plot_heatmap(kind, output, from_dir, target)
         return
     result = store.load_analysis(from_dir)
+    _name_other_runs(from_dir)
     losses = store.load_losses(from_dir)
     vfile = validate_csv if validate_csv is not None else from_dir / "validate.csv"
     validate = None
@@ -333,7 +335,20 @@ def plot_command(
         raise CommuteError(f"{vfile} does not exist", hint="run `commute validate` or leave out --validate")
     fig = figures.criterion_figure(result.results, losses, validate, run=result.run)
     path = atomic.write_bytes(output, figures.png_bytes(fig))
-    typer.echo(f"wrote {path} ({result.label()})", err=True)
+    drawn = f"; loss plane from {vfile}{_validation_words(vfile)}" if validate is not None else ""
+    typer.echo(f"wrote {path} ({result.label()}{drawn})", err=True)
+
+
+def _validation_words(vfile: Path) -> str:
+    """`` (checkpoint-1000, horizon 100)``: which validation the loss plane draws, from the validate.json
+    beside ``vfile`` ('' when it is not there): a later validate into the same folder replaces it."""
+    import json
+
+    try:
+        run = json.loads(vfile.with_suffix(".json").read_text(encoding="utf-8"))["run"]
+        return f" ({Path(str(run['checkpoint'])).name}, horizon {run['options']['steps']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
 
 
 def _plot_heatmap(kind: PlotKind, output: Path, from_dir: Path, target: str | None) -> None:
@@ -342,6 +357,7 @@ def _plot_heatmap(kind: PlotKind, output: Path, from_dir: Path, target: str | No
     from commute_cli.render import heatmaps
 
     result = store.load_analysis(from_dir)
+    _name_other_runs(from_dir)
     needs = {PlotKind.decomposition: "decomposition.csv", PlotKind.orders: "baselines.csv"}.get(kind)
     extra = None
     if needs is not None:
@@ -374,6 +390,23 @@ def _plot_heatmap(kind: PlotKind, output: Path, from_dir: Path, target: str | No
                 )
             heatmaps.plot_decomposition_heatmap(extra, tmp, name)
     typer.echo(f"wrote {output} ({result.label()})", err=True)
+
+
+def _name_other_runs(from_dir: Path) -> None:
+    """One line when ``--from`` holds other analyses in subfolders (``run-<id>/``, ``--name``): which, how
+    they differ from the one read, and the flag that picks one (issue 21: no silent choice)."""
+    from commute_cli.io import store
+
+    others = store.other_analyses(from_dir)
+    if not others:
+        return
+    shown = [f"{path}/" + (f" ({'; '.join(differs)})" if differs else "") for path, differs in others[:3]]
+    more = f" and {len(others) - 3} more" if len(others) > 3 else ""
+    typer.echo(
+        f"note: this reads {from_dir}/; it also holds {', '.join(shown)}{more}: choose one with "
+        f"--from {others[0][0]}",
+        err=True,
+    )
 
 
 @help_paragraphs

@@ -200,7 +200,7 @@ def validate_command(
     Says its cost before it starts (3 x 2N x repeats steps, timed from one measured step). Finished repeats
     are cached in --out: Ctrl-C, then the same command, resumes.
 
-    Example: commute validate sample_checkpoints/checkpoint-1000 --quick --horizon 10
+    Example: commute validate sample_checkpoints/checkpoint-1000 --quick --horizon 10 --out runs/h10
     """
     from commute_cli.commands import validate
     from commute_cli.render import tables

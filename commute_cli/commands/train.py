@@ -287,7 +287,7 @@ class _Logger:
 
     def __init__(self, config: TrainConfig, names: Sequence[str], start_step: int) -> None:
         self.quiet = config.quiet
-        show = config.progress if config.progress is not None else sys.stderr.isatty()
+        show = config.progress if config.progress is not None else True  # bars, or lines when piped
         self.names = list(names)
         self.start = start_step
         self.saved: int | None = None

@@ -43,12 +43,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from commute_cli import __version__
+from commute_cli import __started__, __version__
 from commute_cli.commands.validate_branches import (
-    Branches,
+    cost_line,
     load_state,
     observe,
     pending_repeats,
+    prediction_seconds,
     prepare_branches,
     run_branches,
     time_one_step,
@@ -292,7 +293,9 @@ def run_validate(
     pending = pending_repeats(setup, opts, prepared)
     steps_left = pending * len(BRANCHES) * 2 * opts.steps
     per_step = time_one_step(prepared, setup.lrs[0]) if steps_left else 0.0
-    note(cost_line(opts, prepared, pending, steps_left, per_step, setup.seq_len))
+    predicting = prediction_seconds(opts, len(setup.names), per_step, prepared.state.batch_size)
+    spent = time.perf_counter() - __started__  # start-up and set-up so far: part of the command's time
+    note(cost_line(opts, prepared, pending, steps_left, per_step, setup.seq_len, spent, predicting))
     if on_start is not None:
         on_start(steps_left)
     try:
@@ -360,26 +363,6 @@ def replaced_validation(previous: Path, run: Mapping[str, Any]) -> str | None:
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return None if _question(old) == _question(run) else f"the validation of {_question(old)}"
-
-
-# ------------------------------------------------------------------------------------------------ cost
-
-
-def cost_line(
-    opts: ValidateOptions, prepared: Branches, pending: int, steps_left: int, per_step: float, seq_len: int
-) -> str:
-    """What the run will cost, said before it starts: steps, sequences and a time from a measured step."""
-    batch = prepared.state.batch_size
-    if not steps_left:
-        return f"validate: all {opts.repeats} repeats are cached; computing the prediction"
-    minutes = steps_left * per_step / 60.0
-    return (
-        f"validate: {pending} repeat(s) x {len(BRANCHES)} branches x {2 * opts.steps} steps = {steps_left} "
-        f"training steps of {batch} sequences x {seq_len} tokens ({steps_left * batch} sequences); "
-        f"one step measured {per_step:.3g} s, so about {minutes:.1f} min of training"
-        + (" (--quick)" if opts.quick else " (--quick: about half)")
-        + f", then the prediction (the checkpoint's statistics, from or into {Path(opts.out) / 'cache'})"
-    )
 
 
 __all__ = [

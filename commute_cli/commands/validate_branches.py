@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import statistics
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -153,20 +154,21 @@ def pending_repeats(setup: Setup, opts: ValidateOptions, prepared: Branches) -> 
     )
 
 
-def time_one_step(prepared: Branches, lr: float) -> float:
-    """Seconds of one training step at this size, measured on a throwaway fork (the second of two steps,
-    so that one-time costs do not count)."""
+def time_one_step(prepared: Branches, lr: float, timed: int = 3) -> float:
+    """Seconds of one training step at this size, measured on a throwaway fork: one warm-up step (one-time
+    costs), then the median of ``timed`` steps (one step slowed by another job swung the estimate 2.7x,
+    issue 21)."""
     fork = prepared.state.fork()
     w = [1.0 / len(fork.streams)] * len(fork.streams)
     times = []
-    for _ in range(2):
+    for _ in range(timed + 1):
         t0 = time.perf_counter()
         training.train_step(fork.model, fork.optimizer, fork.streams, w, fork.batch_size, lr)
         if training.model_device(fork.model).type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     del fork
-    return times[-1]
+    return statistics.median(times[1:])
 
 
 def observe(
@@ -212,3 +214,52 @@ def observe(
                 )
         out.append(entry)
     return out
+
+
+# ------------------------------------------------------------------------------------------------ cost
+
+
+def prediction_seconds(opts: ValidateOptions, n_domains: int, per_step: float, batch: int) -> float:
+    """About how long the prediction's analysis of the checkpoint takes when not cached: its gradient-
+    sequence equivalents (``core.power.analysis_cost``, one checkpoint, every domain a target) x the time
+    per sequence of one measured training step (``per_step / batch``: a step is one gradient of ``batch``
+    sequences and an optimizer update)."""
+    from commute_cli.core import power
+    from commute_cli.core.criterion import choose_plan
+
+    samples = opts.samples if opts.samples is not None else 96  # analyze's default, as predict() uses
+    try:
+        cost = power.analysis_cost(
+            samples, opts.blocks, n_domains, choose_plan(n_domains, n_domains), n_domains
+        )
+    except ValueError:
+        return 0.0
+    return cost.gradient_equivalents * per_step / max(batch, 1)
+
+
+def cost_line(
+    opts: ValidateOptions,
+    prepared: Branches,
+    pending: int,
+    steps_left: int,
+    per_step: float,
+    seq_len: int,
+    setup_s: float = 0.0,
+    prediction_s: float = 0.0,
+) -> str:
+    """What the run will cost, said before it starts: steps, sequences and a time from a measured step,
+    and the whole command's time: ``setup_s`` (already spent) + training + ``prediction_s`` (when not
+    cached)."""
+    batch = prepared.state.batch_size
+    if not steps_left:
+        return f"validate: all {opts.repeats} repeats are cached; computing the prediction"
+    training_s = steps_left * per_step
+    total = (setup_s + training_s + prediction_s) / 60.0
+    return (
+        f"validate: {pending} repeat(s) x {len(BRANCHES)} branches x {2 * opts.steps} steps = {steps_left} "
+        f"training steps of {batch} sequences x {seq_len} tokens ({steps_left * batch} sequences); "
+        f"one step measured {per_step:.3g} s (median of 3), so about {training_s / 60.0:.1f} min of training"
+        + (" (--quick)" if opts.quick else " (--quick: about half)")
+        + f", then the prediction (the checkpoint's statistics, from or into {Path(opts.out) / 'cache'}; "
+        f"about {prediction_s:.0f} s when not cached): about {total:.1f} min in all"
+    )

@@ -7,7 +7,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["KNOWN_SIZES", "SizeRecord", "known_size_error", "optimizer_family"]
+__all__ = [
+    "FOLLOWED_LOCAL_SWAPS",
+    "KNOWN_SIZES",
+    "FollowedAdvice",
+    "SizeRecord",
+    "known_size_error",
+    "optimizer_family",
+]
 
 
 @dataclass(frozen=True)
@@ -70,6 +77,32 @@ KNOWN_SIZES: dict[tuple[str, str], SizeRecord] = {
 """Predicted / observed ``EL`` of ``commute analyze``'s bracket on significant real interventions, by
 optimizer family and ``--metric``: benchmarks/results/adamw_sizes.json ("summary", ``bracket-*``),
 docs/MATH.md "Resummed prediction", "Measurements". A test checks these numbers against that file."""
+
+
+@dataclass(frozen=True)
+class FollowedAdvice:
+    """What following a kind of advice end to end realised on a real run: the realised change of the
+    target over the predicted one, from ``low`` to ``high`` (fractions; 0.05 = 5%), with ``late_phase``
+    the realised / predicted ratio of the bracket summed over a late phase's displaced data (the best
+    measured late phase, the same run), and where it was measured."""
+
+    low: float
+    high: float
+    late_phase: float
+    source: str
+
+
+FOLLOWED_LOCAL_SWAPS = FollowedAdvice(
+    low=0.04,
+    high=0.07,
+    late_phase=0.056,
+    source="the shipped run, benchmarks/advice.py; docs/DECISIONS.md",
+)
+"""On the shipped run (AdamW, en/ru 0.8/0.2), ``recommend --kind local``'s swaps followed end to end moved
+their target by 4-7% of the prediction (docs/DECISIONS.md "recommend proposes a measured late phase, not a
+predicted local swap"), and the late phase ``ru late: 0.8 from 2000`` realised 0.056 of the bracket's
+summed prediction (benchmarks/results/advice_shipped.json, ``realised_over_predicted`` of target ``ru``).
+A test checks both against those files."""
 
 
 def optimizer_family(name: str | None) -> str | None:

@@ -444,6 +444,21 @@ def choose_folder(
     )
 
 
+def other_analyses(folder: str | os.PathLike[str]) -> list[tuple[Path, list[str]]]:
+    """The analyses in ``folder``'s subfolders (``run-<id>/`` and ``--name`` folders, each with its own
+    ``run.json``), sorted by name, each with what differs from ``folder``'s own analysis in words
+    (:func:`identity_difference`; empty when ``folder`` holds none). ``cache/`` is not an analysis."""
+    folder = Path(folder)
+    top = read_run_json(folder) or {}
+    found = []
+    if folder.is_dir():
+        for sub in sorted(p for p in folder.iterdir() if p.is_dir() and p.name != "cache"):
+            run = read_run_json(sub)
+            if run is not None and (sub / "results.csv").is_file():
+                found.append((sub, identity_difference(run, top) if top else []))
+    return found
+
+
 def merge_rerun(previous: dict[str, Any] | None, current: dict[str, Any]) -> dict[str, Any]:
     """``run.json`` of a fully cached rerun keeps the original run's time and memory and adds the rerun's.
 

@@ -6,7 +6,6 @@ a file or a log: at each checkpoint and at least every :data:`PLAIN_INTERVAL` se
 
 from __future__ import annotations
 
-import os
 import statistics
 import sys
 import threading
@@ -15,13 +14,9 @@ from types import TracebackType
 
 from rich.console import Console
 
-from commute_cli.render.progress import Bars, Clock, format_duration
+from commute_cli.render.progress import PLAIN_INTERVAL, Bars, Clock, format_duration, plain_interval
 
-PLAIN_INTERVAL = 60.0
-"""Seconds between two plain progress lines at most when stderr is not a terminal (environment variable
-``COMMUTE_PROGRESS_INTERVAL`` overrides it: a log that wants more, a test that cannot wait a minute)."""
-
-__all__ = ["AnalysisEta", "AnalysisProgress"]
+__all__ = ["PLAIN_INTERVAL", "AnalysisEta", "AnalysisProgress", "plain_interval"]
 
 
 class AnalysisEta:
@@ -117,15 +112,6 @@ class AnalysisEta:
         later = 0 if self.total is None else max(0, self.total - self.index - 1)
         measured_later = any(k != self._warmup for k, _ in self._firsts)
         return later > 0 and not measured_later
-
-
-def plain_interval() -> float:
-    """:data:`PLAIN_INTERVAL`, or ``COMMUTE_PROGRESS_INTERVAL`` when set to a positive number."""
-    try:
-        value = float(os.environ.get("COMMUTE_PROGRESS_INTERVAL", ""))
-    except ValueError:
-        return PLAIN_INTERVAL
-    return value if value > 0 else PLAIN_INTERVAL
 
 
 class AnalysisProgress:

@@ -4,8 +4,9 @@ The commands only call plain callbacks; this module decides how (and whether) to
 
 - :class:`Bars`: the one adapter around ``rich.progress`` (a bar = label, M/N, elapsed, ETA); every
   command's bars go through it.
-- :class:`StepProgress`: one bar over uniform steps (train's steps, validate's branch steps), with an ETA
-  from the mean measured time per step.
+- :class:`StepProgress`: one bar over uniform steps (train's steps, validate's branch steps, recommend's
+  continuations), with an ETA from the mean measured time per step; when stderr is not a terminal, plain
+  lines instead (at the start and at least every :data:`PLAIN_INTERVAL` seconds).
 - ``render.analysis_progress.AnalysisProgress``: analyze's two bars (checkpoints, sample blocks of the
   current checkpoint) with the ETA of ``AnalysisEta``, built from measured per-block and per-checkpoint
   times.
@@ -17,7 +18,9 @@ display moves smoothly instead of jumping with the last interval's speed.
 from __future__ import annotations
 
 import math
+import os
 import sys
+import threading
 import time
 from collections.abc import Callable
 from types import TracebackType
@@ -35,9 +38,22 @@ from rich.progress import (
 )
 from rich.text import Text
 
-__all__ = ["Bars", "StepProgress", "format_duration"]
+__all__ = ["PLAIN_INTERVAL", "Bars", "StepProgress", "format_duration", "plain_interval"]
 
 Clock = Callable[[], float]
+
+PLAIN_INTERVAL = 60.0
+"""Seconds between two plain progress lines at most when stderr is not a terminal (environment variable
+``COMMUTE_PROGRESS_INTERVAL`` overrides it: a log that wants more, a test that cannot wait a minute)."""
+
+
+def plain_interval() -> float:
+    """:data:`PLAIN_INTERVAL`, or ``COMMUTE_PROGRESS_INTERVAL`` when set to a positive number."""
+    try:
+        value = float(os.environ.get("COMMUTE_PROGRESS_INTERVAL", ""))
+    except ValueError:
+        return PLAIN_INTERVAL
+    return value if value > 0 else PLAIN_INTERVAL
 
 
 def format_duration(seconds: float) -> str:
@@ -143,6 +159,10 @@ class StepProgress:
     ``run_validate(..., on_start=p.start, on_step=p.step)``;
     train: ``p.start(total, completed=first_step)``, ``p.update(step, losses="en 4.1 ru 4.9")``,
     ``p.print(line)``, with ``fields=("losses",)`` to show a text column.
+
+    When ``enabled`` but stderr is not a terminal (a pipe, a log file), plain lines say the same instead
+    (``validate: branches: step 120/600, 0:31 elapsed, ETA 2:05``): one at :meth:`start` and, from a
+    background timer, whenever ``interval`` seconds (:func:`plain_interval`) passed without one.
     """
 
     def __init__(
@@ -154,43 +174,92 @@ class StepProgress:
         transient: bool = True,
         console: Console | None = None,
         clock: Clock = time.monotonic,
+        interval: float | None = None,
     ) -> None:
         self.label = label
         self.fields = fields
         extra = tuple(TextColumn(f"{{task.fields[{f}]}}") for f in fields)
         self.bars = Bars(enabled, transient=transient, console=console, clock=clock, extra=extra)
         self.clock = clock
+        self.plain = enabled and not self.bars.enabled
+        self.interval = plain_interval() if interval is None else float(interval)
+        self._file = console.file if console is not None else sys.stderr
         self._task: int | None = None
         self._total = 0
         self._done = 0
         self._first: tuple[float, int] | None = None  # (time, steps) when the first step ended
+        self._deadline: float | None = None
+        self._values: dict[str, Any] = {}
+        self._started = clock()
+        self._last_line: float | None = None  # None: no line yet (before start)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._timer: threading.Thread | None = None
 
     def __enter__(self) -> StepProgress:
         self.bars.__enter__()
+        self._started = self.clock()
+        if self.plain:
+            self._timer = threading.Thread(target=self._tick, name="commute-progress", daemon=True)
+            self._timer.start()
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._timer is not None:
+            self._timer.join()
         self.bars.__exit__(*exc)
+
+    def _tick(self) -> None:
+        """The timer: a line whenever ``interval`` seconds passed without one (after :meth:`start`)."""
+        while not self._stop.wait(min(self.interval, 1.0) / 2):
+            last = self._last_line
+            if last is not None and self.clock() - last >= self.interval:
+                self.line()
+
+    def line(self) -> str:
+        """Print one plain progress line (stderr) and return it."""
+        with self._lock:
+            now = self.clock()
+            if self._deadline is None:
+                when = "ETA estimating"
+            elif self._deadline <= now:
+                when = "ETA finishing"
+            else:
+                when = f"ETA {format_duration(self._deadline - now)}"
+            values = "".join(f", {v}" for f in self.fields if (v := self._values.get(f)))
+            text = (
+                f"{self.label}: step {self._done}/{self._total}{values}, "
+                f"{format_duration(now - self._started)} elapsed, {when}"
+            )
+            print(text, file=self._file, flush=True)
+            self._last_line = now
+            return text
 
     def start(self, total: int, completed: int = 0) -> None:
         self._total, self._done = int(total), int(completed)
         self._task = self.bars.add(
             self.label, total=total, completed=completed, deadline=None, **{f: "" for f in self.fields}
         )
+        if self.plain:
+            self.line()
 
     def step(self, n: int = 1, **fields: Any) -> None:
         self.update(self._done + n, **fields)
 
     def update(self, completed: int, **fields: Any) -> None:
         now = self.clock()
-        self._done = int(completed)
-        if self._first is None:
-            self._first = (now, self._done)
-            deadline = None
-        else:
-            t0, s0 = self._first
-            per = (now - t0) / (self._done - s0) if self._done > s0 else None
-            deadline = None if per is None else now + per * (self._total - self._done)
+        with self._lock:
+            self._done = int(completed)
+            self._values.update(fields)
+            if self._first is None:
+                self._first = (now, self._done)
+                deadline = None
+            else:
+                t0, s0 = self._first
+                per = (now - t0) / (self._done - s0) if self._done > s0 else None
+                deadline = None if per is None else now + per * (self._total - self._done)
+            self._deadline = deadline
         if self._task is not None:
             self.bars.update(self._task, completed=completed, deadline=deadline, **fields)
 
