@@ -174,3 +174,16 @@ def test_recommend_from_scratch_prints_a_train_command_that_retrains_the_run_wit
     assert final_losses(tmp_path / cmd[2], 24) == pytest.approx(
         continuations.continue_run(start, chosen, seed=0), abs=2e-6
     )
+
+
+def test_worker_processes_measure_the_same_arms_as_this_process(run):
+    """``run_many`` in two spawned workers (each loads the start itself) gives exactly the in-process
+    results, for a checkpoint start and for a retrain from scratch (the workers retrain too)."""
+    late = Schedule.from_entries([(0, {"en": 0.75, "ru": 0.25}), (16, {"en": 0.5, "ru": 0.5})])
+    original = Schedule.constant({"en": 0.75, "ru": 0.25})
+    for scratch in (False, True):
+        start = continuations.load_start(run / "checkpoint-8", 24, lambda _m: None, scratch=scratch)
+        jobs = [(original, 0), (late, 1)]
+        here = [continuations.continue_run(start, s, seed) for s, seed in jobs]
+        assert continuations.run_many(start, jobs, workers=2) == here
+    assert here[0] == pytest.approx(final_losses(run, 24), abs=2e-6)  # the scratch arm is a retrain

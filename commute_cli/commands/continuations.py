@@ -182,13 +182,13 @@ def seconds_per_step(start: Start, schedule: Schedule, n: int = 3) -> float:
 _WORKER: dict[str, Any] = {}
 
 
-def _worker_init(checkpoint: str, last: int, device: str, threads: int) -> None:
+def _worker_init(checkpoint: str, last: int, device: str, threads: int, scratch: bool) -> None:
     """A worker process: one thread, its own loaded start (spawned, so nothing is shared with the parent)."""
     from commute_cli.commands.stats import quiet_libraries
 
     torch.set_num_threads(threads)
     quiet_libraries()
-    _WORKER["start"] = load_start(Path(checkpoint), last, lambda _m: None, device=device)
+    _WORKER["start"] = load_start(Path(checkpoint), last, lambda _m: None, device=device, scratch=scratch)
 
 
 def _worker_run(records: list[dict[str, Any]], seed: int, cache: str | None) -> dict[str, float]:
@@ -220,7 +220,13 @@ def run_many(
     import concurrent.futures as cf
     import multiprocessing as mp
 
-    args = (str(start.setup.checkpoint), start.last, str(training.model_device(start.state.model)), 1)
+    args = (
+        str(start.setup.checkpoint),
+        start.last,
+        str(training.model_device(start.state.model)),
+        1,
+        start.scratch,
+    )
     results: list[dict[str, float] | None] = [None] * len(jobs)
     with cf.ProcessPoolExecutor(
         workers, mp_context=mp.get_context("spawn"), initializer=_worker_init, initargs=args
