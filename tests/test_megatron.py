@@ -549,3 +549,15 @@ def test_megatron_enum_in_args_is_kept_inert(tmp_path, monkeypatch):
         and backend.args == (5,)
         and not isinstance(backend, enum.Enum)
     )
+    # a library that allowlists its own classes process-wide (megatron-core registers its enums when
+    # imported) widens nothing: commute's loads build exactly commute's allowlist, and leave torch's as found
+    monkeypatch.setitem(sys.modules, fake.__name__, fake)
+    registered = torch.serialization.get_safe_globals()
+    torch.serialization.add_safe_globals([AttnBackend])
+    try:
+        again = megatron.read_file(ref.path / "mp_rank_00" / "model_optim_rng.pt")["args"].attention_backend
+        assert not isinstance(again, enum.Enum) and again.args == (5,)
+        assert AttnBackend in torch.serialization.get_safe_globals()
+    finally:
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(registered)

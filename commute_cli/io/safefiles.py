@@ -13,10 +13,11 @@ Every reader of checkpoint files goes through these functions, so the safety rul
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +104,21 @@ class InertRecord:
 _UNSUPPORTED_GLOBAL = re.compile(r"GLOBAL (\S+) was not an allowed global")
 
 
+@contextlib.contextmanager
+def _only_safe_globals(safe: Sequence[Any]) -> Iterator[None]:
+    """``torch.serialization.safe_globals(safe)`` with the process-wide allowlist set aside meanwhile, so
+    that what a load may build is ``safe`` and nothing another library registered."""
+    import torch
+
+    registered = torch.serialization.get_safe_globals()
+    torch.serialization.clear_safe_globals()
+    try:
+        with torch.serialization.safe_globals(list(safe)):
+            yield
+    finally:
+        torch.serialization.add_safe_globals(registered)
+
+
 def torch_load_allowing(
     file: Path,
     what: str,
@@ -118,8 +134,9 @@ def torch_load_allowing(
     own name, so the objects they describe (an RNG's numpy state, a trainer's enum) are kept as arguments
     and nothing of theirs runs. Any other global is refused with one line naming it. The pickle's globals
     are found the way torch reports them (one per refused load; at most 32), so the rules hold for old and
-    zip-format files alike. A class that a library imported in this process allowlisted itself
-    (``torch.serialization.add_safe_globals``) is built as that class; commute imports none that do.
+    zip-format files alike. The allowlist is exactly this one: classes that a library imported in this process
+    allowlisted for itself (``torch.serialization.add_safe_globals``, e.g. megatron-core's enums) are set
+    aside for the load and restored after it.
     """
     import torch
 
@@ -129,7 +146,7 @@ def torch_load_allowing(
     for _ in range(32):
         safe: list[Any] = [*allow, *((cls, name) for name, cls in records.items())]
         try:
-            with torch.serialization.safe_globals(safe):
+            with _only_safe_globals(safe):
                 return torch.load(file, map_location="cpu", weights_only=True, mmap=use_mmap)
         except Exception as err:
             found = _UNSUPPORTED_GLOBAL.search(str(err))
