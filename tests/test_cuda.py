@@ -22,7 +22,7 @@ from commute_cli.engine.hvp import hvp
 from commute_cli.io import checkpoints as ck
 
 from cli_runner import cli
-from test_estimator import check_block_values_dense
+from estimator_population import check_block_values_dense
 from tiny_run import make_run, tiny_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -1,7 +1,7 @@
 """Per-group decomposition of the bracket and first-order baselines (issue 16 parts 1 and 2).
 
 References are independent of the code judged: dense float64 gradients and Hessians from
-``torch.autograd.functional`` (tests/test_estimator.py's helpers), masked to each parameter group by the
+``torch.autograd.functional`` (tests/estimator_population.py), masked to each parameter group by the
 group's boolean mask, and exact population cosines/alignments from the population-mean gradients.
 """
 
@@ -23,8 +23,7 @@ from commute_cli.engine.estimator import HVP, PAIR, VEC, estimate_products
 from commute_cli.engine.groups import groups_from_names, label_names, param_groups, segment_gram
 from commute_cli.errors import CommuteError
 
-from references import dense_grad, dense_hess
-from test_estimator import (
+from estimator_population import (
     NAMES,
     TARGET_COEFS,
     TARGETS,
@@ -36,6 +35,7 @@ from test_estimator import (
     random_diag,
     tiny_gpt2,
 )
+from references import dense_grad, dense_hess
 
 
 def tiny_gpt2_two_layers(seed: int = 0) -> nn.Module:

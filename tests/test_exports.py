@@ -27,7 +27,6 @@ import pytest
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_recommend import LOCAL, synthetic_results
 
 from commute_cli.core.phases import window_rows
 from commute_cli.core.schedule import Schedule, parse_schedule_csv
@@ -35,6 +34,7 @@ from commute_cli.core.stages import schedule_stages, stage_totals
 from commute_cli.errors import CommuteError
 from commute_cli.io import exports
 
+from analysis_folders import LOCAL, synthetic_results
 from cli_runner import cli
 
 

@@ -24,7 +24,7 @@ from commute_cli.engine.groups import param_groups
 from commute_cli.engine.hvp import hvp
 from commute_cli.engine.metric import apply_preconditioner
 
-from test_estimator import random_diag, tiny_gpt2
+from estimator_population import random_diag, tiny_gpt2
 
 
 def rel_err(got: np.ndarray, want: np.ndarray) -> float:

@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.stats
-from test_criterion import Quad
 
 from commute_cli.core import criterion, multipair
 
 from cli_runner import cli
+from quadratic_cases import Quad
 from tiny_run import make_run
 
 # ---------------------------------------------------------------------------------------------- exact flows

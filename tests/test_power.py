@@ -1,7 +1,7 @@
 """Advice on samples and the cost model (commute_cli/power.py) against closed forms and the real estimator.
 
 The statistical check runs the real estimator (:func:`commute_cli.engine.estimator.estimate_products`, cross
-estimator) on the exact two-domain population of tests/test_estimator.py: the factor that
+estimator) on the exact two-domain population of tests/estimator_population.py: the factor that
 :func:`samples_factor` predicts from the reported standard error at a small sample must, when the run is
 repeated with that many more samples, flag the true effect at least as often as the requested power (the
 default law ``SE ~ 1/sqrt(samples)`` is conservative when products of two noise terms still matter).
@@ -19,7 +19,7 @@ from commute_cli.core import power
 from commute_cli.core.rows import summarize_checkpoint
 from commute_cli.engine.estimator import HVP, estimate_products
 
-import test_estimator as te  # the exact population and its helpers
+import estimator_population as te  # the exact population and its helpers
 
 
 def test_t_critical_and_closed_forms() -> None:
