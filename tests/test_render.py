@@ -362,6 +362,21 @@ def test_step_progress_eta_is_the_mean_pace():
         assert task.fields["deadline"] == pytest.approx(clock.now + 5 * 2.0)
 
 
+def test_step_progress_eta_of_chunks_is_the_pace_since_the_start():
+    """Continuations finish in worker processes, 2000 steps at a time and two nearly together: the pace is
+    the time since the start per step, not the few seconds between the first two chunks."""
+    clock = Clock()
+    p = progress.StepProgress("recommend: continuations", enabled=False, clock=clock)
+    with p:
+        p.start(10_000)
+        clock.now += 600.0
+        p.step(2000)
+        clock.now += 5.0
+        p.step(2000)
+        task = p.bars._progress.tasks[0]
+        assert task.fields["deadline"] == pytest.approx(clock.now + 6000 * 605.0 / 4000)
+
+
 def test_analysis_bars_show_the_real_total(analyzed, tmp_path):
     """Drawn on a (recording) terminal through a real analysis: the checkpoint bar counts to the real
     number of checkpoints (never '?'), the block bar to --blocks, and an ETA is shown."""

@@ -153,7 +153,9 @@ class Bars:
 
 class StepProgress:
     """One bar over uniform steps; ETA = remaining steps x the mean time per step measured since the
-    first step ended (so start-up cost, e.g. loading a model, does not count as a step).
+    first step ended (so start-up cost, e.g. loading a model, does not count as a step), or since the start
+    when the first update completes several steps at once (chunks of work done elsewhere, e.g. recommend's
+    continuations in worker processes: two chunks ending together say nothing about the pace).
 
     validate: ``with StepProgress("validate: branches", enabled) as p:`` then
     ``run_validate(..., on_start=p.start, on_step=p.step)``;
@@ -250,8 +252,12 @@ class StepProgress:
     def update(self, completed: int, **fields: Any) -> None:
         now = self.clock()
         with self._lock:
-            self._done = int(completed)
+            before, self._done = self._done, int(completed)
             self._values.update(fields)
+            if self._first is None and self._done - before > 1:
+                # a whole chunk at once (a continuation done in a worker process): its time is the time
+                # since the start, so the pace is measured from there
+                self._first = (self._started, before)
             if self._first is None:
                 self._first = (now, self._done)
                 deadline = None
