@@ -14,7 +14,14 @@ from types import TracebackType
 
 from rich.console import Console
 
-from commute_cli.render.progress import PLAIN_INTERVAL, Bars, Clock, format_duration, plain_interval
+from commute_cli.render.progress import (
+    PLAIN_INTERVAL,
+    Bars,
+    Clock,
+    eta_words,
+    format_duration,
+    plain_interval,
+)
 
 __all__ = ["PLAIN_INTERVAL", "AnalysisEta", "AnalysisProgress", "plain_interval"]
 
@@ -179,12 +186,7 @@ class AnalysisProgress:
             total = "?" if eta.total is None else str(eta.total)
             blocks = "cached" if eta.cached else f"sample blocks {eta.done}/{eta.n_blocks}"
             now = self.clock()
-            if self._deadline is None:
-                when = "ETA estimating"
-            elif self._deadline <= now:
-                when = "ETA finishing"
-            else:
-                when = f"ETA {'≤ ' if eta.upper_bound() else ''}{format_duration(self._deadline - now)}"
+            when = eta_words(self._deadline, now, eta.upper_bound())
             text = (
                 f"analyze: {self._where}, checkpoint {eta.index + 1}/{total}, {blocks}; "
                 f"{format_duration(now - self._started)} elapsed, {when}"

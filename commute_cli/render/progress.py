@@ -151,6 +151,16 @@ class Bars:
         return self._progress.get_renderable()
 
 
+def eta_words(deadline: float | None, now: float, bound: bool = False) -> str:
+    """A plain progress line's ETA: "ETA estimating" (no measurement yet), "ETA finishing" (the deadline
+    passed), else "ETA m:ss" counted down to ``deadline`` ("ETA ≤ m:ss" for an upper ``bound``)."""
+    if deadline is None:
+        return "ETA estimating"
+    if deadline <= now:
+        return "ETA finishing"
+    return f"ETA {'≤ ' if bound else ''}{format_duration(deadline - now)}"
+
+
 class StepProgress:
     """One bar over uniform steps; ETA = remaining steps x the mean time per step measured since the
     first step ended (so start-up cost, e.g. loading a model, does not count as a step), or since the start
@@ -223,12 +233,7 @@ class StepProgress:
         """Print one plain progress line (stderr) and return it."""
         with self._lock:
             now = self.clock()
-            if self._deadline is None:
-                when = "ETA estimating"
-            elif self._deadline <= now:
-                when = "ETA finishing"
-            else:
-                when = f"ETA {format_duration(self._deadline - now)}"
+            when = eta_words(self._deadline, now)
             values = "".join(f", {v}" for f in self.fields if (v := self._values.get(f)))
             text = (
                 f"{self.label}: step {self._done}/{self._total}{values}, "
