@@ -404,6 +404,8 @@ def test_ctrl_c_in_validate_keeps_finished_repeats_and_resumes(run, tmp_path):
                 "commute_cli.io",
                 "commute_cli.render",
                 "commute_cli.commands.train_setup",
+                "commute_cli.commands.options",  # --watch: analyze's options and the watch service
+                "commute_cli.commands.watch",
             ),
         ),
         (
