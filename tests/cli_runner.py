@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 from commute_cli.cli import main
 
 
@@ -14,3 +16,11 @@ def cli(argv: list, capsys) -> tuple[int, str, str]:
         code = int(ex.code or 0)
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+def terminal_sigint() -> None:
+    """In the child, before exec: SIGINT as a terminal delivers it (default action, not blocked). A test
+    runner's worker may ignore or block it, and a child inherits both; Python then never raises
+    KeyboardInterrupt, which is what these tests check."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from cli_runner import terminal_sigint
 from tiny_run import make_run
 
 FAST = ["--samples", "24", "--blocks", "4", "--quiet"]
@@ -145,6 +146,7 @@ def test_ctrl_c_says_where_the_results_are_and_how_to_resume(run_dir, tmp_path):
         stderr=subprocess.PIPE,
         text=True,
         env=_env(),
+        preexec_fn=terminal_sigint,
     )
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:

@@ -24,6 +24,7 @@ from commute_cli.engine.training import lr_at
 from commute_cli.errors import CommuteError
 from commute_cli.io import runfiles
 
+from cli_runner import terminal_sigint
 from tiny_run import make_run
 
 REPO = Path(__file__).resolve().parent.parent
@@ -326,8 +327,9 @@ def test_pickle_payload_is_refused_by_validate_and_train_init(run, tmp_path, whe
 def _interrupt(args: list, ready, timeout: float = 240) -> subprocess.CompletedProcess:
     """Start the console script, wait until ``ready()``, send SIGINT (Ctrl-C), collect it."""
     proc = subprocess.Popen(
-        [str(COMMUTE), *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env()
-    )
+        [str(COMMUTE), *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(),
+        preexec_fn=terminal_sigint,
+    )  # fmt: skip
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None and not ready():
         time.sleep(0.05)
